@@ -1,0 +1,214 @@
+"""Aggregation rules: the server step for the backbone, attention for key layers.
+
+All functions are pure and work on stacked flat parameter dicts (`{path: array}`
+with a leading node axis). Shapes: N children (client slots or federations of
+the level below), P aggregating nodes, M residual candidates, G key groups
+(one per key transformer block: attention weights are computed per block).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from worldlm_jax import tree_ops
+
+Params = Mapping[str, jax.Array]
+SIMILARITIES = ("cos_delta", "cos_param", "neg_l2")
+_EPS = 1e-12
+
+
+# ---- backbone: data-weighted mean of deltas through a server optimizer ------
+def init_server_states(txs: Sequence[optax.GradientTransformation], params_P: Params) -> tuple:
+    """One stacked optimizer state per optimizer kind used at a level."""
+    return tuple(jax.vmap(tx.init)(params_P) for tx in txs)
+
+
+def server_update(params_P: Params, mean_delta_P: Params, states: tuple, txs, choice_P, lr_P, apply_P):
+    """Apply each node's own server optimizer to the pseudo-gradient -mean_delta.
+
+    `choice_P` picks the optimizer kind of each node (autonomous federations
+    may differ); every kind is evaluated and the node's own is selected, which
+    keeps heterogeneous rules in one compiled program. Nodes where `apply_P`
+    is False (inactive this round, or no participating child) keep their
+    parameters and optimizer state. SGD with lr 1 gives FedAvg exactly.
+    """
+    grads = jax.tree.map(lambda d: -d, mean_delta_P)
+    new_params, new_states = params_P, []
+    for k, (tx, state) in enumerate(zip(txs, states)):
+        updates, next_state = jax.vmap(tx.update)(grads, state, params_P)
+        stepped = tree_ops.add(params_P, tree_ops.scale_rows(lr_P, updates))
+        take = apply_P & (choice_P == k)
+        new_params = tree_ops.where_rows(take, stepped, new_params)
+        new_states.append(tree_ops.where_rows(take, next_state, state))
+    return new_params, tuple(new_states)
+
+
+# ---- key layers: attention over children, residuals and the parent ----------
+class AttentionPolicy(NamedTuple):
+    """Per-node arrays (P,) of the key-layer rule of each federation."""
+
+    mode: jax.Array  # 0 attention, 1 mean, 2 local
+    tau: jax.Array
+    eta: jax.Array
+    residual_bias: jax.Array
+    parent_bias: jax.Array
+
+
+class AttentionInfo(NamedTuple):
+    child_weight_N: jax.Array  # (N,) weight of each child, averaged over groups
+    residual_weight_PxM: jax.Array  # (P, M)
+    parent_weight_P: jax.Array  # (P,)
+
+
+def _group_matrix(paths: Sequence[str], groups: Mapping[str, int], n_groups: int):
+    return {p: jax.nn.one_hot(groups[p], n_groups) for p in paths}
+
+
+def _rowdot(a: Params, b: Params, onehot) -> jax.Array:
+    """(N, G) per-group dot product of matching rows of a and b."""
+    out = 0.0
+    for p in a:
+        d = jnp.sum((a[p].astype(jnp.float32) * b[p].astype(jnp.float32)).reshape(a[p].shape[0], -1), axis=1)
+        out = out + d[:, None] * onehot[p]
+    return out
+
+
+def _gram(a_P: Params, b_M: Params, onehot) -> jax.Array:
+    """(P, M, G) per-group dot products between every row of a and of b."""
+    out = 0.0
+    for p in a_P:
+        x = a_P[p].astype(jnp.float32).reshape(a_P[p].shape[0], -1)
+        y = b_M[p].astype(jnp.float32).reshape(b_M[p].shape[0], -1)
+        out = out + (x @ y.T)[:, :, None] * onehot[p]
+    return out
+
+
+def _similarity(kind: str, dd, dm, mm, kd, km, kk):
+    """Similarity from dot products: d = candidate delta, m = query (mean
+    child delta), k = the node's current K; each argument is <x, y> per group.
+    Squared norms from expanded dot products can round below 0: clamp them."""
+    dd, mm, kk = jnp.maximum(dd, 0.0), jnp.maximum(mm, 0.0), jnp.maximum(kk, 0.0)
+    if kind == "cos_delta":
+        return dm / jnp.sqrt(dd * mm + _EPS)
+    if kind == "cos_param":  # cos(K + d, K + m): candidate vs the children's mean
+        num = kk + kd + km + dm
+        den = jnp.sqrt(jnp.maximum(kk + 2 * kd + dd, 0.0) * jnp.maximum(kk + 2 * km + mm, 0.0) + _EPS)
+        return num / den
+    if kind == "neg_l2":  # -|d - m| relative to |m|, so tau is scale-free
+        return -jnp.sqrt(jnp.maximum(dd - 2 * dm + mm, 0.0) / (mm + _EPS))
+    raise ValueError(f"unknown similarity {kind!r}; allowed: {', '.join(SIMILARITIES)}")
+
+
+def attend_keys(
+    node_K_P: Params,
+    child_K_N: Params,
+    child_weight_N: jax.Array,
+    child_parent_N: jax.Array,
+    policy: AttentionPolicy,
+    groups: Mapping[str, int],
+    similarity: str = "cos_delta",
+    residual_K_M: Params | None = None,
+    residual_mask_PxM: jax.Array | None = None,
+    parent_K_P: Params | None = None,
+):
+    """K_n <- K_n + eta * sum_j a_j (K_j - K_n), per key group (see WORLDLM.md).
+
+    Candidates j of node n: its children (prior = data share w_j / W_n), the
+    residual K of related federations (`residual_mask_PxM`, prior = one average
+    child, bias `residual_bias`) and its parent's K (prior = one average child,
+    bias `parent_bias`). Logits: similarity / tau + log prior + bias, softmax
+    over all candidates of the node. Mode `mean` drops the similarity and the
+    non-child candidates (the weighted mean, HierFAVG on K); mode `local` keeps
+    K_n. Residuals and the parent are never the query: the query is the
+    weighted mean of the children's deltas. Math in float32.
+    """
+    paths = sorted(node_K_P)
+    if not paths:
+        n = child_weight_N.shape[0]
+        return dict(node_K_P), AttentionInfo(jnp.zeros(n), jnp.zeros((0, 0)), jnp.zeros(0))
+    n_groups = max(groups[p] for p in paths) + 1
+    onehot = _group_matrix(paths, groups, n_groups)
+    P = node_K_P[paths[0]].shape[0]
+    w_N = child_weight_N.astype(jnp.float32)
+
+    delta_N = tree_ops.sub(child_K_N, tree_ops.gather(node_K_P, child_parent_N))
+    mean_P, total_P = tree_ops.weighted_mean(delta_N, w_N, child_parent_N, P)
+    K32 = {p: node_K_P[p].astype(jnp.float32) for p in paths}
+    n_children_P = jax.ops.segment_sum((w_N > 0).astype(jnp.float32), child_parent_N, num_segments=P)
+    ext_log_prior_P = -jnp.log(jnp.maximum(n_children_P, 1.0))
+
+    attention = (policy.mode == 0)[:, None]
+    inv_tau = jnp.where(attention, 1.0 / policy.tau[:, None], 0.0)  # (P, 1)
+    mm_P = _rowdot(mean_P, mean_P, onehot)
+    km_P = _rowdot(K32, mean_P, onehot)
+    kk_P = _rowdot(K32, K32, onehot)
+
+    # children
+    g = lambda x: jnp.take(x, child_parent_N, axis=0)
+    mean_N = tree_ops.gather(mean_P, child_parent_N)
+    K_N = tree_ops.gather(K32, child_parent_N)
+    sim_N = _similarity(similarity, _rowdot(delta_N, delta_N, onehot), _rowdot(delta_N, mean_N, onehot),
+                        g(mm_P), _rowdot(K_N, delta_N, onehot), g(km_P), g(kk_P))
+    share_N = w_N / jnp.maximum(g(total_P), _EPS)
+    logit_N = jnp.where((w_N > 0)[:, None], sim_N * g(inv_tau) + jnp.log(jnp.maximum(share_N, _EPS))[:, None],
+                        -jnp.inf)
+    max_P = jax.ops.segment_max(logit_N, child_parent_N, num_segments=P)
+
+    # residual candidates: delta_nm = R_m - K_n, all from dot products
+    use_res = residual_K_M is not None and residual_mask_PxM is not None
+    if use_res:
+        R = {p: residual_K_M[p].astype(jnp.float32) for p in paths}
+        rr_M = _rowdot(R, R, onehot)
+        kr = _gram(K32, R, onehot)
+        mr = _gram(mean_P, R, onehot)
+        dd = rr_M[None] - 2 * kr + kk_P[:, None]
+        dm = mr - km_P[:, None]
+        kd = kr - kk_P[:, None]
+        sim_R = _similarity(similarity, dd, dm, mm_P[:, None], kd, km_P[:, None], kk_P[:, None])
+        allowed = residual_mask_PxM[:, :, None] & attention[:, :, None]
+        logit_R = jnp.where(allowed, sim_R * inv_tau[:, :, None]
+                            + (ext_log_prior_P + policy.residual_bias)[:, None, None], -jnp.inf)
+        max_P = jnp.maximum(max_P, jnp.max(logit_R, axis=1))
+
+    use_parent = parent_K_P is not None
+    if use_parent:
+        Kp = {p: parent_K_P[p].astype(jnp.float32) for p in paths}
+        delta_p = tree_ops.sub(Kp, K32)
+        sim_p = _similarity(similarity, _rowdot(delta_p, delta_p, onehot), _rowdot(delta_p, mean_P, onehot),
+                            mm_P, _rowdot(K32, delta_p, onehot), km_P, kk_P)
+        logit_p = jnp.where(attention, sim_p * inv_tau + (ext_log_prior_P + policy.parent_bias)[:, None], -jnp.inf)
+        max_P = jnp.maximum(max_P, logit_p)
+
+    max_P = jnp.where(jnp.isfinite(max_P), max_P, 0.0)
+    e_N = jnp.exp(logit_N - g(max_P))
+    norm_P = jax.ops.segment_sum(e_N, child_parent_N, num_segments=P)
+    if use_res:
+        e_R = jnp.exp(logit_R - max_P[:, None, :])
+        norm_P = norm_P + jnp.sum(e_R, axis=1)
+    if use_parent:
+        e_p = jnp.exp(logit_p - max_P)
+        norm_P = norm_P + e_p
+    norm_P = jnp.maximum(norm_P, _EPS)
+    a_N = e_N / g(norm_P)  # (N, G)
+
+    step_P = jnp.where((policy.mode != 2) & (total_P > 0), policy.eta, 0.0)
+    out, res_w, par_w = {}, jnp.zeros((P, 0)), jnp.zeros(P)
+    for p in paths:
+        gi = groups[p]
+        move = tree_ops.weighted_sum({p: delta_N[p]}, a_N[:, gi], child_parent_N, P)[p]
+        if use_res:
+            a_R = e_R[:, :, gi] / norm_P[:, None, gi]
+            flat_R = R[p].reshape(R[p].shape[0], -1)
+            move = move + (a_R @ flat_R).reshape(move.shape) - tree_ops._expand(a_R.sum(1), K32[p]) * K32[p]
+        if use_parent:
+            a_p = e_p[:, gi] / norm_P[:, gi]
+            move = move + tree_ops._expand(a_p, K32[p]) * delta_p[p]
+        out[p] = (K32[p] + tree_ops._expand(step_P, move) * move).astype(node_K_P[p].dtype)
+    if use_res:
+        res_w = jnp.mean(e_R / norm_P[:, None, :], axis=2)
+    if use_parent:
+        par_w = jnp.mean(e_p / norm_P, axis=1)
+    return out, AttentionInfo(jnp.mean(a_N, axis=1), res_w, par_w)

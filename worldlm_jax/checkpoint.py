@@ -1,0 +1,336 @@
+"""Checkpoints of a run: the device state (any pytree of jax.Arrays) and the host state.
+
+One orbax ``CheckpointManager`` under ``workdir/checkpoints`` keeps two items per
+step: ``device`` (the pytree, orbax StandardSave: sharded, async) and ``host`` (a
+JSON dict: round, seeds, sampler position, accountant, ...).
+
+Why the extra bookkeeping: orbax happily restores whatever is on disk. A run that
+resumes from a silently damaged or mismatched checkpoint wastes a cluster-week, so
+the host JSON also stores a small fingerprint of the device state (per-leaf
+path, shape, dtype, sum and sum of |x|) and a SHA-256 over host state +
+fingerprint. ``restore`` checks the requested structure against the fingerprint
+*before* reading arrays (so a config change names the first differing leaf),
+wraps every read failure in a ``CheckpointError`` that names the step, the path
+and the fix, and re-checks the restored values against the fingerprint.
+
+The fingerprint is needed: tensorstore reports missing or truncated chunks, but
+a garbled byte inside a raw array chunk is read back silently (checked with
+orbax 0.12.8). It is a sanity check, not a cryptographic hash: it catches
+garbled, swapped or stale data, not e.g. a flipped low mantissa bit.
+
+Orbax notes (0.12.8):
+- optax NamedTuple states come back as NamedTuples only when restoring into an
+  abstract target; without one they come back as plain containers.
+- Small arrays are inlined in the OCDBT b-tree (``device/d/``); large ones live in
+  ``device/ocdbt.process_*/d/``. Either being damaged surfaces as a ValueError
+  from tensorstore, which we wrap.
+- A missing item surfaces as KeyError; garbled JSON as JSONDecodeError.
+- When a read fails, orbax closes its asyncio loop while other tensorstore reads
+  are pending; their late callbacks log "Event loop is closed" (harmless).
+- ``save`` copies arrays to host before returning (only the write is async), so
+  the caller may donate/delete the buffers right after.
+- ``all_steps``/``latest_step`` are cached: call ``reload`` after the directory
+  changes under a live manager (we do so before every restore).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+FORMAT_VERSION = 1
+# Relative tolerance on per-leaf sums: restoring onto another sharding changes the
+# float32 reduction order, which moves the sum by ~log2(n) * 1e-7 of sum(|x|).
+_SUM_RTOL = 1e-4
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or incomplete; the message says how to fix it."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint's structure differs from the requested one (the config changed)."""
+
+
+class LeafFingerprint(NamedTuple):
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+    sum: float
+    abs_sum: float
+
+
+class Checkpointer:
+    """Saves and restores ``(device_state, host_state)`` under ``workdir/checkpoints``.
+
+    ``save`` is asynchronous: it returns once arrays are copied off the device, and
+    ``wait``/``close`` make the checkpoint durable. Use as a context manager to
+    never lose the last save.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, max_to_keep: int | None = 3,
+                 save_interval_steps: int = 1, async_save: bool = True):
+        # max_to_keep=3 (not 1): fallback_to_previous needs an earlier good step.
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            save_interval_steps=save_interval_steps,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    # -- saving -------------------------------------------------------------------
+
+    def save(self, step: int, device_state: Any, host_state: dict, force: bool = False) -> bool:
+        """Saves ``step`` if the save interval says so (or ``force``); returns whether it did."""
+        if not force and not self._manager.should_save(step):
+            return False
+        record = {"host_state": _canonical_json(host_state),
+                  "device_fingerprint": [list(f) for f in fingerprint(device_state)]}
+        payload = {"format": FORMAT_VERSION, "sha256": _sha256(record), **record}
+        args = ocp.args.Composite(device=ocp.args.StandardSave(device_state),
+                                  host=ocp.args.JsonSave(payload))
+        return bool(self._manager.save(step, args=args, force=force))
+
+    def wait(self) -> None:
+        """Blocks until every pending save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves, then releases orbax's threads."""
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- querying -----------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def step_path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    # -- restoring ----------------------------------------------------------------
+
+    def restore(self, step: int | None = None, abstract_state: Any = None, *,
+                fallback_to_previous: bool = False) -> tuple[Any, dict]:
+        """Returns ``(device_state, host_state)`` of ``step`` (default: the latest).
+
+        ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with shardings
+        (``jax.eval_shape`` of the init + shardings); it fixes the container types
+        (optax NamedTuples) and where each array lands. Without it orbax returns
+        plain containers of arrays as saved.
+
+        A damaged step raises ``CheckpointError``. With ``fallback_to_previous``
+        it is skipped with a warning and the next earlier step is tried; a
+        structure mismatch (config change) is never skipped.
+        """
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"No checkpoint found in {self.directory}. Start a fresh run "
+                                  "or point the workdir at the run to resume.")
+        if step is None:
+            step = steps[-1]
+        if step not in steps:
+            raise CheckpointError(f"No checkpoint for step {step} in {self.directory}; "
+                                  f"available steps: {steps}.")
+        candidates = [s for s in reversed(steps) if s <= step] if fallback_to_previous else [step]
+        for candidate, previous in zip(candidates, candidates[1:]):
+            try:
+                return self._restore_step(candidate, abstract_state)
+            except CheckpointMismatchError:
+                raise  # a config change: every earlier step would mismatch too
+            except CheckpointError as err:
+                warnings.warn(f"{err} Falling back to step {previous}.", stacklevel=2)
+        return self._restore_step(candidates[-1], abstract_state)
+
+    def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        payload = self._read_host_payload(step)
+        stored = [LeafFingerprint(p, tuple(sh), dt, su, ab)
+                  for p, sh, dt, su, ab in payload["device_fingerprint"]]
+        if abstract_state is not None:
+            _check_structure(stored, abstract_state, step, self.step_path(step))
+        device_state = self._read(step, "device", ocp.args.StandardRestore(abstract_state))
+        _check_values(stored, fingerprint(device_state), step, self.step_path(step))
+        return device_state, payload["host_state"]
+
+    def _read_host_payload(self, step: int) -> dict:
+        payload = self._read(step, "host", ocp.args.JsonRestore())
+        path = os.path.join(self.step_path(step), "host")
+        fields = {"format", "sha256", "host_state", "device_fingerprint"}
+        if (not isinstance(payload, dict) or not fields <= payload.keys()
+                or payload["format"] != FORMAT_VERSION):
+            raise CheckpointError(_corrupt(step, path, "the host JSON is not a worldlm_jax "
+                                           f"checkpoint record (format {FORMAT_VERSION})"))
+        record = {k: payload[k] for k in ("host_state", "device_fingerprint")}
+        if _sha256(record) != payload["sha256"]:
+            raise CheckpointError(_corrupt(step, path, "the host record's checksum does not match"))
+        return payload
+
+    def _read(self, step: int, item: str, restore_args: Any) -> Any:
+        """Reads one item, turning orbax/tensorstore failures into a CheckpointError."""
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**{item: restore_args}))
+            value = restored[item]
+        except Exception as err:  # orbax raises KeyError/ValueError/JSONDecodeError/OSError...
+            path = os.path.join(self.step_path(step), item)
+            raise CheckpointError(_corrupt(step, path, f"{type(err).__name__}: "
+                                           f"{_first_line(err)}")) from err
+        if value is None:
+            path = os.path.join(self.step_path(step), item)
+            raise CheckpointError(_corrupt(step, path, f"item '{item}' is missing"))
+        return value
+
+
+# -- fingerprints ---------------------------------------------------------------------
+
+
+@jax.jit
+def _leaf_sums(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x = x.astype(jnp.float32)
+    return jnp.sum(x), jnp.sum(jnp.abs(x))
+
+
+def fingerprint(tree: Any) -> list[LeafFingerprint]:
+    """Per-leaf (path, shape, dtype, sum, sum|x|), computed on device, fetched in one go.
+
+    One small jit per leaf (not one for the whole tree) so leaves committed to
+    different device sets (a mesh vs a single device) are fine.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    sums = []
+    for _, leaf in leaves:
+        arr = jnp.asarray(leaf)
+        if jnp.issubdtype(arr.dtype, jax.dtypes.prng_key):
+            arr = jax.random.key_data(arr)
+        sums.append(_leaf_sums(arr))
+    sums = jax.device_get(sums)
+    return [LeafFingerprint(*meta, float(s), float(a))
+            for meta, (s, a) in zip(_leaf_meta(tree), sums)]
+
+
+def _leaf_meta(tree: Any) -> list[tuple[str, tuple[int, ...], str]]:
+    """(path, shape, dtype) per leaf; works for arrays, ShapeDtypeStructs and scalars."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [(_path(p), tuple(np.shape(x)), str(_dtype(x))) for p, x in leaves]
+
+
+def _dtype(x: Any) -> Any:
+    """A leaf's dtype; Python scalars get the dtype JAX gives them (int32 without x64)."""
+    return x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+
+
+def _check_structure(stored: list[LeafFingerprint], abstract_state: Any, step: int,
+                     path: str) -> None:
+    """Names the first leaf whose path, shape or dtype differs from the checkpoint."""
+    wanted = _leaf_meta(abstract_state)
+    have = [(f.path, f.shape, f.dtype) for f in stored]
+    for i in range(max(len(wanted), len(have))):
+        w = wanted[i] if i < len(wanted) else None
+        h = have[i] if i < len(have) else None
+        if w == h:
+            continue
+        if w is None:
+            what = f"leaf '{h[0]}' is in the checkpoint but not in the requested state"
+        elif h is None:
+            what = f"leaf '{w[0]}' is requested but not in the checkpoint"
+        elif w[0] != h[0]:
+            what = f"leaf #{i} is '{h[0]}' in the checkpoint but '{w[0]}' in the requested state"
+        else:
+            what = (f"leaf '{w[0]}' has shape {h[1]} dtype {h[2]} in the checkpoint but "
+                    f"shape {w[1]} dtype {w[2]} in the requested state")
+        raise CheckpointMismatchError(
+            f"Checkpoint step {step} at {path} does not match the requested state: {what}. "
+            "The config differs from the run's: resume with the run's own config "
+            "(config.json in the workdir) or start a new workdir.")
+
+
+def _check_values(stored: list[LeafFingerprint], restored: list[LeafFingerprint], step: int,
+                  path: str) -> None:
+    if [f.path for f in stored] != [f.path for f in restored]:
+        raise CheckpointError(_corrupt(step, path, "the restored tree differs from the one saved"))
+    for want, got in zip(stored, restored):
+        if want.shape != got.shape or not _close(want, got):
+            raise CheckpointError(_corrupt(
+                step, os.path.join(path, "device"),
+                f"leaf '{want.path}' does not match its saved fingerprint (sum {got.sum:.6g} vs "
+                f"{want.sum:.6g}, shape {got.shape} vs {want.shape})"))
+
+
+def _close(want: LeafFingerprint, got: LeafFingerprint) -> bool:
+    tol = _SUM_RTOL * max(want.abs_sum, got.abs_sum) + 1e-6
+    return all(a == b or (np.isnan(a) and np.isnan(b)) or abs(a - b) <= tol
+               for a, b in ((want.sum, got.sum), (want.abs_sum, got.abs_sum)))
+
+
+# -- small helpers --------------------------------------------------------------------
+
+
+def _path(keypath) -> str:
+    return jax.tree_util.keystr(keypath, simple=True, separator="/") or "<root>"
+
+
+def _canonical_json(host_state: dict) -> Any:
+    """JSON round trip, so the saved and restored host state (and checksum) are identical."""
+    if not isinstance(host_state, dict):
+        raise TypeError(f"host_state must be a dict, got {type(host_state).__name__}.")
+    try:
+        return json.loads(json.dumps(host_state))
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"host_state is not JSON-serialisable at {_find_bad(host_state)}: {err}. "
+                        "Convert it to int/float/str/list/dict (.item(), .tolist()).") from err
+
+
+def _find_bad(obj: Any, where: str = "host_state") -> str:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            bad = _find_bad(v, f"{where}[{k!r}]")
+            if bad:
+                return bad
+        return ""
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            bad = _find_bad(v, f"{where}[{i}]")
+            if bad:
+                return bad
+        return ""
+    try:
+        json.dumps(obj)
+        return ""
+    except (TypeError, ValueError):
+        return where
+
+
+def _sha256(record: Any) -> str:
+    blob = json.dumps(record, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0][:300] if text else "")
+
+
+def _corrupt(step: int, path: str, why: str) -> str:
+    step_dir = path if os.path.basename(path) == str(step) else os.path.dirname(path)
+    return (f"Checkpoint step {step} is corrupt or incomplete at {path}: {why}. Fix: delete "
+            f"{step_dir} to resume from the previous step, or restore an earlier step "
+            "(restore(step=...) or restore(..., fallback_to_previous=True)).")

@@ -1,0 +1,256 @@
+"""Typed, frozen experiment configuration, with YAML loading and `a.b=v` overrides.
+
+One dataclass per concept (model, data, algorithm, run, default federation
+policy) plus the tree spec (a mapping, compiled by `topology.build_topology`).
+Library functions take explicit arguments; only train.py and cli.py see the
+whole config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from typing import Any, Mapping
+
+import yaml
+
+from worldlm_jax.model import ModelConfig
+from worldlm_jax.partition import KeyLayers
+from worldlm_jax.topology import Policy
+
+
+class ConfigError(ValueError):
+    """A bad config value or override; the message names the key and the fix."""
+
+
+def _positive(obj, *names):
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{type(obj).__name__}.{name}={value!r}; expected an integer >= 1")
+
+
+def _choice(obj, name, allowed):
+    if getattr(obj, name) not in allowed:
+        raise ConfigError(f"algorithm.{name}={getattr(obj, name)!r}; allowed: {', '.join(allowed)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    tokenizer: str = "byte"  # byte | spm:VOCAB (trained on the clients' training text) | path/to/model
+    seq_len: int = 128
+    batch_size: int = 8  # sequences per local step
+    val_fraction: float = 0.1
+    eval_batches: int = 4  # validation windows per client = eval_batches * eval_batch_size
+    eval_batch_size: int = 8
+    max_bytes_per_source: int = 0  # 0 = the whole source; smaller = faster demos
+    data_dir: str = ""  # tfds data dir ('' = ~/.cache/worldlm_jax/tfds)
+
+    def __post_init__(self):
+        _positive(self, "seq_len", "batch_size", "eval_batches", "eval_batch_size")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction={self.val_fraction}; expected 0 < val_fraction < 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmConfig:
+    name: str = "worldlm"  # worldlm | fedavg | hierfavg | fedper | local | centralized
+    key_layers: KeyLayers = KeyLayers()
+    residuals: str = "siblings"  # none | siblings | all
+    similarity: str = "cos_delta"  # cos_delta | cos_param | neg_l2
+    use_parent: bool = True  # the parent's K is an attention candidate
+    client_optimizer: str = "adamw"
+    max_update_norm: float = math.inf  # a client update above this counts as diverged
+
+    def __post_init__(self):
+        from worldlm_jax import optimizers, strategies
+        from worldlm_jax.aggregation import SIMILARITIES
+
+        strategies.check_name(self.name)
+        _choice(self, "residuals", ("none", "siblings", "all"))
+        _choice(self, "similarity", SIMILARITIES)
+        _choice(self, "client_optimizer", optimizers.names())
+        if not self.max_update_norm > 0:
+            raise ConfigError(f"algorithm.max_update_norm={self.max_update_norm}; expected > 0 (inf = off)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    rounds: int = 10  # root rounds
+    seed: int = 0
+    eval_every: int = 0  # evaluate every N rounds (0 = only at the end)
+    checkpoint_every: int = 0  # checkpoint every N rounds (0 = only at the end)
+    devices: int = 0  # devices in the mesh (0 = all local devices)
+    chunk: int = -1  # clients at once per device: -1 auto, 0 all (vmap), k chunks
+    compilation_cache: str = ""  # persistent XLA compilation cache directory ('' = off)
+
+    def __post_init__(self):
+        _positive(self, "rounds")
+        for name in ("eval_every", "checkpoint_every", "devices"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"run.{name}={getattr(self, name)}; expected >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig(d_model=128, n_heads=4, n_layers=3, max_len=128)
+    data: DataConfig = DataConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    run: RunConfig = RunConfig()
+    policy: Policy = Policy()  # defaults every federation inherits
+    tree: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.data.seq_len > self.model.max_len:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_len={self.model.max_len}; "
+                              "lower data.seq_len or raise model.max_len")
+        self.policy.validate("config 'policy'")
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+
+def _to_plain(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+# ---- from plain data (YAML) and overrides ------------------------------------
+def _coerce(value, annotation, key: str):
+    """Convert a YAML value to the field's declared type, or fail naming the key."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(annotation, type) and isinstance(value, annotation):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping of {annotation.__name__} fields, got {value!r}")
+        return from_dict(annotation, value, prefix=key)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if annotation is float:
+        if isinstance(value, str) and value.lower() in ("inf", ".inf", "+inf"):
+            return math.inf
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected a string")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{key}[]") if inner is not Any else v for v in value)
+    if origin in (Mapping, dict) or annotation in (Mapping, dict) or origin is typing.Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}={value!r}: expected a mapping")
+        return dict(value)
+    return value
+
+
+def _hints(cls) -> dict[str, Any]:
+    import worldlm_jax.config as this_module
+    return typing.get_type_hints(cls, vars(this_module) | vars(typing))
+
+
+def from_dict(cls, data: Mapping[str, Any], prefix: str = ""):
+    """Build dataclass `cls` from a mapping, checking keys and types."""
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(_unknown_key(full, key, names, prefix))
+        values[key] = _coerce(value, hints[key], full)
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+
+
+def _unknown_key(full: str, key: str, valid, prefix: str) -> str:
+    near = difflib.get_close_matches(key, valid, n=3)
+    hint = f" Did you mean {', '.join((prefix + '.' if prefix else '') + n for n in near)}?" if near else ""
+    return f"unknown config key '{full}'.{hint} Valid keys here: {', '.join(valid)}"
+
+
+def load_yaml(path: str) -> Config:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return from_dict(Config, data)
+
+
+def apply_override(config, assignment: str):
+    """Apply one `a.b.c=value` (value parsed as YAML) with type checking."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key.path=value")
+    path, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return _set(config, path.strip().split("."), value, "")
+
+
+def _set(obj, keys: list[str], value, prefix: str):
+    key, rest = keys[0], keys[1:]
+    full = f"{prefix}.{key}" if prefix else key
+    if dataclasses.is_dataclass(obj):
+        names = [f.name for f in dataclasses.fields(obj)]
+        if key not in names:
+            raise ConfigError(_unknown_key(full, key, names, prefix))
+        current = getattr(obj, key)
+        new = _set(current, rest, value, full) if rest else _coerce(value, _hints(type(obj))[key], full)
+        try:
+            return dataclasses.replace(obj, **{key: new})
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{full}: {e}") from e
+    if isinstance(obj, Mapping):
+        copy = dict(obj)
+        copy[key] = _set(obj.get(key, {}), rest, value, full) if rest else value
+        return copy
+    raise ConfigError(f"cannot set '{full}': '{prefix}' is a {type(obj).__name__}, not a config section")
+
+
+def apply_overrides(config, assignments) -> Config:
+    for assignment in assignments or ():
+        config = apply_override(config, assignment)
+    return config
+
+
+def save_yaml(config: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)

@@ -1,0 +1,419 @@
+"""The hierarchical round: one jitted function for all levels of the tree.
+
+Every strategy (FedAvg, HierFAVG, FedPer, Local, Centralised, WorldLM) is the
+same nested loop with a different `Plan`: which parameter parts (B = backbone,
+K = key layers) are broadcast down each edge of the tree, which are aggregated
+at each level, which a client keeps between rounds, and whose copy a client
+deploys. One root round:
+
+    fed_round(level 0):
+      broadcast the parts sent down to the children
+      children work: client slots train locally (vmapped / sharded), or
+                     each child federation runs its own `rounds` rounds (scan)
+      aggregate: B through each node's server optimizer (optionally DP),
+                 K through attention over children, residuals and the parent
+
+Autonomous federations with different rules share one compiled program:
+their policies are arrays over the level's node axis, fewer rounds or steps
+are masked iterations, and a node's state changes only where it is active.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from worldlm_jax import aggregation, parallel, privacy, tree_ops
+from worldlm_jax.client import make_local_update
+from worldlm_jax.topology import Topology
+
+Params = dict[str, jax.Array]
+PARTS = ("B", "K")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Where each parameter part lives and moves; the whole of a strategy."""
+
+    broadcast: tuple[frozenset, ...]  # per edge level d -> d+1 (len = depth)
+    aggregate: tuple[frozenset, ...]  # per federation level d (len = depth)
+    client_keeps: frozenset = frozenset()  # parts a client keeps between rounds
+    client_opt_persistent: bool = False  # clients keep their optimizer state too
+    owner: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"B": 0, "K": 0})
+    residuals: str = "none"  # none | siblings | all (candidates for K attention)
+    similarity: str = "cos_delta"
+    use_parent: bool = False  # parent's K is an attention candidate
+
+    def validate(self, depth: int) -> None:
+        if len(self.broadcast) != depth or len(self.aggregate) != depth:
+            raise ValueError(f"plan has {len(self.broadcast)} broadcast / {len(self.aggregate)} aggregate "
+                             f"entries for a tree of depth {depth}")
+        for part in PARTS:
+            if part not in self.broadcast[-1] and part not in self.client_keeps:
+                raise ValueError(f"part {part} is neither broadcast to clients nor kept by them")
+            if not 0 <= self.owner[part] <= depth:
+                raise ValueError(f"owner level {self.owner[part]} of part {part} outside 0..{depth}")
+        if self.residuals not in ("none", "siblings", "all"):
+            raise ValueError(f"residuals={self.residuals!r}; allowed: none, siblings, all")
+        if self.similarity not in aggregation.SIMILARITIES:
+            raise ValueError(f"similarity={self.similarity!r}; allowed: {', '.join(aggregation.SIMILARITIES)}")
+
+
+class LevelState(NamedTuple):
+    B: Params  # (n_d, ...) backbone of each federation at this level
+    K: Params  # (n_d, ...) key layers of each federation
+    server: tuple  # server optimizer states for B, one per optimizer kind
+    residual_K: Params  # (n_d, ...) K as last shared with related federations
+
+
+class ClientState(NamedTuple):
+    B: Params  # (n_clients, ...) parts a client keeps ({} when none)
+    K: Params
+    opt: Any  # client optimizer states when persistent, else ()
+
+
+class EngineState(NamedTuple):
+    levels: tuple
+    clients: ClientState
+    round: jax.Array
+
+
+class RoundBatch(NamedTuple):
+    """Host-made inputs of one root round (R = nested rounds of levels 1..D-1)."""
+
+    tokens: jax.Array  # (R_1, ..., R_{D-1}, S, E, B, L+1) int32
+    slot_client: jax.Array  # (R..., S) client id in each slot, -1 = padding
+    slot_weight: jax.Array  # (R..., S) data weight of the slot's client, 0 = absent
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """Everything static a round needs."""
+
+    topology: Topology
+    plan: Plan
+    loss_fn: Callable
+    key_paths: frozenset  # parameter paths that are key layers K
+    key_groups: Mapping[str, int]
+    client_optimizer: str = "adamw"
+    chunk: int = 0  # clients per device at once: 0 = all (vmap), k = lax.map chunks
+    max_update_norm: float = math.inf  # larger client updates count as diverged
+    mesh: Any = None
+
+
+# ---- static arrays ----------------------------------------------------------
+def level_rounds(topology: Topology) -> tuple[int, ...]:
+    """Scan length of each level d >= 1: the most rounds any node there runs."""
+    return tuple(int(max(p.rounds for p in lvl.policies)) for lvl in topology.levels[1:])
+
+
+def local_steps(topology: Topology) -> int:
+    return int(max(p.local_steps for p in topology.leaf.policies))
+
+
+def _server_kinds(topology: Topology, level: int) -> tuple[str, ...]:
+    return tuple(sorted({p.server_optimizer for p in topology.levels[level].policies}))
+
+
+def _residual_mask(topology: Topology, level: int, mode: str) -> np.ndarray | None:
+    lvl = topology.levels[level]
+    if mode == "none" or lvl.size < 2:
+        return None
+    same = np.ones((lvl.size, lvl.size), bool) if mode == "all" else lvl.parent[:, None] == lvl.parent[None, :]
+    return same & ~np.eye(lvl.size, dtype=bool)
+
+
+def split_parts(params: Params, key_paths) -> dict[str, Params]:
+    return {"B": {p: v for p, v in params.items() if p not in key_paths},
+            "K": {p: v for p, v in params.items() if p in key_paths}}
+
+
+# ---- state --------------------------------------------------------------------
+def init_state(spec: EngineSpec, params: Params) -> EngineState:
+    """Every node and client starts from the same initial parameters."""
+    topo, plan = spec.topology, spec.plan
+    parts = split_parts(params, spec.key_paths)
+    levels = []
+    for d, lvl in enumerate(topo.levels):
+        B = tree_ops.stack_rows(parts["B"], lvl.size)
+        K = tree_ops.stack_rows(parts["K"], lvl.size)
+        txs = [_optimizer(name) for name in _server_kinds(topo, d)]
+        residual = K if _residual_mask(topo, d, plan.residuals) is not None else {}
+        levels.append(LevelState(B, K, aggregation.init_server_states(txs, B), residual))
+    kept = {part: tree_ops.stack_rows(parts[part], topo.n_clients) if part in plan.client_keeps else {}
+            for part in PARTS}
+    opt = ()
+    if plan.client_opt_persistent:
+        opt = jax.vmap(_optimizer(spec.client_optimizer).init)(tree_ops.stack_rows(params, topo.n_clients))
+    state = EngineState(tuple(levels), ClientState(kept["B"], kept["K"], opt), jnp.zeros((), jnp.int32))
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), state)  # distinct buffers: the round donates them
+
+
+def _optimizer(name: str) -> optax.GradientTransformation:
+    from worldlm_jax import optimizers
+    return optimizers.get(name)
+
+
+def deployed_params(spec: EngineSpec, state: EngineState, client_ids) -> Params:
+    """Parameters client c deploys: each part from its owner level on c's path
+    to the root (WorldLM: root B with its federation's K)."""
+    topo = spec.topology
+    out = {}
+    for part in PARTS:
+        level = spec.plan.owner[part]
+        if level == topo.depth:
+            source, index = getattr(state.clients, part), client_ids
+        else:
+            source = getattr(state.levels[level], part)
+            index = jnp.asarray(topo.ancestors(level))[client_ids]
+        out.update(tree_ops.gather(source, index))
+    return out
+
+
+# ---- the round ------------------------------------------------------------
+class _Static(NamedTuple):
+    """Per-run constants closed over by the jitted round."""
+
+    slot_parent: jax.Array
+    parents: tuple  # per level d >= 1: (n_d,) parent index
+    node_weight: tuple  # per level: (n_d,) data weight
+    rounds: tuple  # per level: (n_d,) rounds per parent round
+    client_lr: jax.Array  # (n_leaf,)
+    steps: jax.Array  # (n_leaf,)
+    server_choice: tuple  # per level: (n_d,) index into the level's optimizer kinds
+    server_lr: tuple
+    attention: tuple  # per level: AttentionPolicy
+    dp_noise: tuple
+    dp_clip: tuple
+    dp_expected: tuple  # per level: (n_d,) expected participating children
+
+
+def _statics(topo: Topology) -> _Static:
+    def f32(level, field):
+        return jnp.asarray(topo.levels[level].policy_array(field, np.float32))
+
+    D = topo.depth
+    expected = []
+    for d in range(D):
+        count = topo.children_count(d).astype(np.float32)
+        if d == D - 1:
+            cpr = topo.leaf.policy_array("clients_per_round", np.float32)
+            count = np.where(cpr > 0, np.minimum(cpr, count), count)
+        expected.append(jnp.asarray(np.maximum(count, 1.0)))
+    return _Static(
+        slot_parent=jnp.asarray(topo.slot_parent),
+        parents=tuple(jnp.asarray(lvl.parent) for lvl in topo.levels),
+        node_weight=tuple(jnp.asarray(topo.node_weight(d), jnp.float32) for d in range(D)),
+        rounds=tuple(jnp.asarray(lvl.policy_array("rounds", np.int32)) for lvl in topo.levels),
+        client_lr=f32(D - 1, "client_lr"),
+        steps=jnp.asarray(topo.leaf.policy_array("local_steps", np.int32)),
+        server_choice=tuple(jnp.asarray([_server_kinds(topo, d).index(p.server_optimizer)
+                                         for p in topo.levels[d].policies], jnp.int32) for d in range(D)),
+        server_lr=tuple(f32(d, "server_lr") for d in range(D)),
+        attention=tuple(aggregation.AttentionPolicy(
+            mode=jnp.asarray(topo.levels[d].policy_array("k_agg", np.int32)), tau=f32(d, "tau"), eta=f32(d, "eta"),
+            residual_bias=f32(d, "residual_bias"), parent_bias=f32(d, "parent_bias")) for d in range(D)),
+        dp_noise=tuple(f32(d, "dp_noise_multiplier") for d in range(D)),
+        dp_clip=tuple(f32(d, "dp_clip") for d in range(D)),
+        dp_expected=tuple(expected),
+    )
+
+
+def make_round(spec: EngineSpec) -> Callable:
+    """Build `run_round(state, batch, key) -> (state, metrics)` (not yet jitted)."""
+    topo, plan = spec.topology, spec.plan
+    plan.validate(topo.depth)
+    D, S = topo.depth, topo.n_slots
+    st = _statics(topo)
+    client_tx = _optimizer(spec.client_optimizer)
+    heterogeneous_steps = len({p.local_steps for p in topo.leaf.policies}) > 1
+    local_update = make_local_update(spec.loss_fn, client_tx, masked_steps=heterogeneous_steps)
+    server_txs = [tuple(_optimizer(n) for n in _server_kinds(topo, d)) for d in range(D)]
+    residual_masks = [_residual_mask(topo, d, plan.residuals) for d in range(D)]
+    dp_levels = [any(p.uses_dp for p in lvl.policies) for lvl in topo.levels]
+    dp_scope = []
+    for d, lvl in enumerate(topo.levels):
+        scopes = {p.dp_scope for p in lvl.policies if p.uses_dp}
+        if len(scopes) > 1:
+            raise ValueError(f"level {d}: federations {lvl.names} mix dp_scope values {sorted(scopes)}; "
+                             "use one scope per level")
+        dp_scope.append(scopes.pop() if scopes else "backbone")
+
+    def one_client(params, opt_state, tokens, lr, steps, persistent):
+        if not persistent:
+            opt_state = client_tx.init(params)
+        return local_update(params, opt_state, tokens, lr, steps)
+
+    def run_clients(start: Params, opt_state, tokens, lr, steps):
+        persistent = plan.client_opt_persistent
+        fn = lambda p, o, t, l, s: one_client(p, o, t, l, s, persistent)
+        mapped = parallel.map_clients(fn, spec.mesh, spec.chunk)
+        opt_in = opt_state if persistent else jnp.zeros((S,))
+        return mapped(start, opt_in, tokens, lr, steps)
+
+    def aggregate(d, state, child_B, child_K, start_B, weight_N, child_parent_N, active_P, key):
+        """Aggregate children (B final, K final) into level d; returns new level state and info."""
+        lvl = state.levels[d]
+        P = topo.levels[d].size
+        metrics = {}
+        new_B, new_server, new_K = lvl.B, lvl.server, lvl.K
+        delta_B = tree_ops.sub(child_B, start_B) if "B" in plan.aggregate[d] else {}
+        delta_K = tree_ops.sub(child_K, tree_ops.gather(lvl.K, child_parent_N)) if "K" in plan.aggregate[d] else {}
+        mean_B, total_P = tree_ops.weighted_mean(delta_B, weight_N, child_parent_N, P)
+        dp_K = None
+        if dp_levels[d]:
+            dp_tree = {"B": delta_B, "K": delta_K if dp_scope[d] == "all" else {}}
+            noisy, stats = privacy.dp_mean(dp_tree, (weight_N > 0).astype(jnp.float32), child_parent_N, P,
+                                           st.dp_clip[d], st.dp_noise[d], st.dp_expected[d], key)
+            is_dp = (st.dp_noise[d] > 0) | jnp.isfinite(st.dp_clip[d])
+            mean_B = tree_ops.where_rows(is_dp, noisy["B"], mean_B)
+            if dp_scope[d] == "all":
+                dp_K = (is_dp, noisy["K"])
+            metrics["dp_clipped_fraction"] = stats.clipped_fraction_P
+        if "B" in plan.aggregate[d]:
+            apply = active_P & (total_P > 0)
+            new_B, new_server = aggregation.server_update(lvl.B, mean_B, lvl.server, server_txs[d],
+                                                          st.server_choice[d], st.server_lr[d], apply)
+            metrics["update_norm"] = jnp.sqrt(tree_ops.row_sq_norms(mean_B)) if mean_B else jnp.zeros(P)
+        if "K" in plan.aggregate[d] and lvl.K:
+            parent_K = None
+            if plan.use_parent and d > 0:
+                parent_K = tree_ops.gather(state.levels[d - 1].K, st.parents[d])
+            res_mask = residual_masks[d]
+            attended, info = aggregation.attend_keys(
+                lvl.K, child_K, weight_N, child_parent_N, st.attention[d], spec.key_groups, plan.similarity,
+                residual_K_M=lvl.residual_K if res_mask is not None else None,
+                residual_mask_PxM=jnp.asarray(res_mask) if res_mask is not None else None,
+                parent_K_P=parent_K)
+            if dp_K is not None:
+                is_dp, noisy_K = dp_K
+                stepped = tree_ops.add(lvl.K, tree_ops.scale_rows(st.attention[d].eta, noisy_K))
+                attended = tree_ops.where_rows(is_dp, stepped, attended)
+            new_K = tree_ops.where_rows(active_P & (total_P > 0), attended, lvl.K)
+            metrics["attention_parent"] = info.parent_weight_P
+            metrics["attention_residual"] = (jnp.sum(info.residual_weight_PxM, axis=1)
+                                             if info.residual_weight_PxM.size else jnp.zeros(P))
+        metrics["participants"] = jax.ops.segment_sum((weight_N > 0).astype(jnp.float32), child_parent_N,
+                                                      num_segments=P)
+        return lvl._replace(B=new_B, K=new_K, server=new_server), metrics
+
+    def fed_round(d, state: EngineState, batch: RoundBatch, active_P, key):
+        """One round of every level-d federation with its children."""
+        lvl = state.levels[d]
+        metrics = {}
+        if d == D - 1:  # children are client slots
+            cid = batch.slot_client
+            safe_cid = jnp.maximum(cid, 0)
+            start = {}
+            for part in PARTS:
+                if part in plan.broadcast[d]:
+                    start[part] = tree_ops.gather(getattr(lvl, part), st.slot_parent)
+                else:
+                    start[part] = tree_ops.gather(getattr(state.clients, part), safe_cid)
+            params = {**start["B"], **start["K"]}
+            opt_state = (tree_ops.gather(state.clients.opt, safe_cid) if plan.client_opt_persistent else None)
+            lr = st.client_lr[st.slot_parent]
+            steps = st.steps[st.slot_parent]
+            result = run_clients(params, opt_state, batch.tokens, lr, steps)
+            final = split_parts(result.params, spec.key_paths)
+            delta = tree_ops.sub(result.params, params)
+            mean_loss = result.loss_sum / jnp.maximum(result.steps, 1.0)
+            valid = (tree_ops.row_all_finite(delta) & jnp.isfinite(mean_loss)
+                     & (tree_ops.row_sq_norms(delta) <= spec.max_update_norm ** 2))
+            present = (cid >= 0) & active_P[st.slot_parent] & (batch.slot_weight > 0)
+            weight = jnp.where(valid & present, batch.slot_weight, 0.0)
+            # clients that keep state write it back (not if diverged or absent)
+            keep_rows = jnp.where(valid & present, cid, topo.n_clients)
+            clients = state.clients
+            for part in plan.client_keeps:
+                kept = {p: getattr(clients, part)[p].at[keep_rows].set(final[part][p], mode="drop")
+                        for p in getattr(clients, part)}
+                clients = clients._replace(**{part: kept})
+            if plan.client_opt_persistent:
+                clients = clients._replace(opt=jax.tree.map(
+                    lambda x, y: x.at[keep_rows].set(y, mode="drop"), clients.opt, result.opt_state))
+            state = state._replace(clients=clients)
+            n_leaf = topo.leaf.size
+            metrics["train_loss_sum"] = jax.ops.segment_sum(jnp.where(weight > 0, mean_loss, 0.0) * (weight > 0),
+                                                            st.slot_parent, num_segments=n_leaf)
+            metrics["train_clients"] = jax.ops.segment_sum((weight > 0).astype(jnp.float32), st.slot_parent,
+                                                           num_segments=n_leaf)
+            metrics["tokens"] = jnp.sum(jnp.where(present, result.tokens, 0.0))
+            metrics["diverged"] = jnp.sum((present & ~valid).astype(jnp.float32))
+            child_B, child_K, start_B, child_parent = final["B"], final["K"], start["B"], st.slot_parent
+        else:  # children are federations of level d+1: each runs its own rounds
+            child_level = state.levels[d + 1]
+            parent = st.parents[d + 1]
+            active_child = active_P[parent]
+            for part in PARTS:
+                if part in plan.broadcast[d]:
+                    sent = tree_ops.gather(getattr(lvl, part), parent)
+                    child_level = child_level._replace(
+                        **{part: tree_ops.where_rows(active_child, sent, getattr(child_level, part))})
+            levels = list(state.levels)
+            levels[d + 1] = child_level
+            state = state._replace(levels=tuple(levels))
+            start_B = tree_ops.gather(lvl.B, parent)
+            state, metrics = run_rounds(d + 1, state, batch, active_child, key)
+            child_level = state.levels[d + 1]
+            weight = jnp.where(active_child, st.node_weight[d + 1], 0.0)
+            child_B, child_K, child_parent = child_level.B, child_level.K, parent
+            if residual_masks[d + 1] is not None:  # children share their K after our round
+                levels = list(state.levels)
+                levels[d + 1] = child_level._replace(
+                    residual_K=tree_ops.where_rows(active_child, child_level.K, child_level.residual_K))
+                state = state._replace(levels=tuple(levels))
+        new_level, agg_metrics = aggregate(d, state, child_B, child_K, start_B, weight, child_parent, active_P,
+                                           jax.random.fold_in(key, 1_000_003 + d))
+        levels = list(state.levels)
+        levels[d] = new_level
+        agg_metrics["rounds"] = active_P.astype(jnp.float32)
+        metrics = {**metrics, **{f"level{d}/{k}": v for k, v in agg_metrics.items()}}
+        return state._replace(levels=tuple(levels)), metrics
+
+    def run_rounds(d, state, batch, active_parent_P, key):
+        """Level-d federations each run their own number of rounds (scan)."""
+        def body(state, xs):
+            r, sub_batch = xs
+            active = active_parent_P & (r < st.rounds[d])
+            state, metrics = fed_round(d, state, sub_batch, active, jax.random.fold_in(key, r))
+            return state, metrics
+
+        n = level_rounds(topo)[d - 1]
+        state, metrics = jax.lax.scan(body, state, (jnp.arange(n), batch))
+        return state, _reduce_rounds(metrics)
+
+    def run_round(state: EngineState, batch: RoundBatch, key):
+        key = jax.random.fold_in(key, state.round)
+        state, metrics = fed_round(0, state, batch, jnp.ones((1,), bool), key)
+        return state._replace(round=state.round + 1), metrics
+
+    return run_round
+
+
+_ADDITIVE = ("train_loss_sum", "train_clients", "tokens", "diverged", "rounds")
+
+
+def _reduce_rounds(metrics):
+    """Nested rounds: counts add up; per-node values average over the rounds
+    in which that node was active (its `level{d}/rounds` mask)."""
+    out = {}
+    for k, v in metrics.items():
+        level, _, name = k.rpartition("/")
+        if name in _ADDITIVE:
+            out[k] = jnp.sum(v, axis=0)
+        else:
+            active = metrics[f"{level}/rounds"]
+            active = active.reshape(active.shape + (1,) * (v.ndim - active.ndim))
+            out[k] = jnp.sum(v * active, axis=0) / jnp.maximum(jnp.sum(active, axis=0), 1.0)
+    return out
+
+
+def batch_shape(topology: Topology, batch: int, seq_len: int) -> tuple[int, ...]:
+    """Shape of RoundBatch.tokens for this topology."""
+    return level_rounds(topology) + (topology.n_slots, local_steps(topology), batch, seq_len + 1)

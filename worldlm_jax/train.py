@@ -1,0 +1,290 @@
+"""The run loop: build an experiment from a config, train it, evaluate it.
+
+Orchestration only (no math): the host samples clients, cuts batches for the
+next round while the current one runs, logs metrics fetched asynchronously,
+checkpoints, and resumes. All numerics live in the one jitted round function.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import itertools
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from worldlm_jax import engine, evaluate, model as model_lib, parallel, partition, strategies
+from worldlm_jax.config import Config, save_yaml
+from worldlm_jax.data import corpus, pipeline
+from worldlm_jax.data.federated import RoundSampler, validation_batches
+from worldlm_jax.topology import Topology, build_topology
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a run needs, built once from a config."""
+
+    config: Config
+    topology: Topology  # the user's tree (clients carry their data weights)
+    run_topology: Topology  # the tree the strategy trains on
+    spec: engine.EngineSpec
+    strategy: strategies.Strategy
+    model_def: Any
+    init_params: dict
+    sampler: RoundSampler
+    batch_size: int
+    eval_fn: Callable
+    data: pipeline.FederatedData
+    mesh: Any
+
+
+def _pooled_topology(topology: Topology, weight: float) -> Topology:
+    """Centralised baseline: one client holding everyone's training data."""
+    policy = topology.levels[0].policies[0]
+    leaf = topology.leaf.policies[0]
+    spec = {"name": "pooled", "clients": 1, "sources": ["pooled"],
+            "policy": {"local_steps": leaf.local_steps, "client_lr": leaf.client_lr}}
+    return build_topology(spec, root_policy=policy).with_client_weights([weight])
+
+
+def build_experiment(config: Config, cache_dir: str = "") -> Experiment:
+    topology = build_topology(config.tree, known_sources=corpus.list_sources(), root_policy=config.policy)
+    data = pipeline.prepare(topology, config.data.tokenizer, config.data.seq_len, config.data.val_fraction,
+                            config.run.seed, config.data.max_bytes_per_source, config.data.data_dir, cache_dir)
+    weights = [len(c.train) for c in data.clients]
+    topology = topology.with_client_weights(weights)
+    model_config = config.model
+    if model_config.vocab_size != data.tokenizer.vocab_size:
+        model_config = dataclasses.replace(model_config, vocab_size=int(data.tokenizer.vocab_size))
+    model_def, params = model_lib.init(model_config, jax.random.PRNGKey(config.run.seed))
+
+    algo = config.algorithm
+    mesh = parallel.make_mesh(config.run.devices or None)
+    streams = [c.train for c in data.clients]
+    batch_size = config.data.batch_size
+    if algo.name == "centralized":
+        run_topology = _pooled_topology(topology, float(sum(weights)))
+        streams = [np.concatenate(streams)]
+        batch_size *= topology.n_clients  # same tokens per round as all clients together
+    else:
+        run_topology = strategies.strategy_topology(algo.name, topology)
+    run_topology = run_topology.with_slot_multiple(mesh.size)
+
+    key_paths = frozenset()
+    if strategies.uses_key_layers(algo.name):
+        mask = partition.key_layer_mask(params.keys(), algo.key_layers, model_config.n_layers)
+        key_paths = frozenset(p for p, is_key in mask.items() if is_key)
+    plan = strategies.strategy_plan(algo.name, run_topology.depth, algo.residuals, algo.similarity, algo.use_parent)
+    chunk = parallel.default_chunk() if config.run.chunk < 0 else config.run.chunk
+    spec = engine.EngineSpec(topology=run_topology, plan=plan, loss_fn=model_def.loss, key_paths=key_paths,
+                             key_groups=partition.key_groups(key_paths) if key_paths else {},
+                             client_optimizer=algo.client_optimizer, chunk=chunk,
+                             max_update_norm=algo.max_update_norm, mesh=mesh if mesh.size > 1 else None)
+    strategy = strategies.make_strategy(spec)
+    sampler = RoundSampler(streams, config.data.seq_len, config.run.seed)
+    eval_tokens = validation_batches([c.validation for c in data.clients], config.data.seq_len,
+                                     config.data.eval_batch_size, config.data.eval_batches)
+    deploy_index = np.zeros(topology.n_clients, np.int32) if algo.name == "centralized" \
+        else np.arange(topology.n_clients, dtype=np.int32)
+    eval_fn = evaluate.make_evaluator(spec, model_def.loss, eval_tokens, deploy_index)
+    return Experiment(config, topology, run_topology, spec, strategy, model_def, params, sampler, batch_size,
+                      eval_fn, data, mesh)
+
+
+# ---- host-side batches --------------------------------------------------------
+def make_batch(exp: Experiment, round_index: int) -> engine.RoundBatch:
+    """Participation and token windows of root round `round_index` (pure function of it)."""
+    topo = exp.run_topology
+    nested = engine.level_rounds(topo)
+    steps = engine.local_steps(topo)
+    clients, weights, tokens = [], [], []
+    for salt, _ in enumerate(itertools.product(*[range(r) for r in nested]) if nested else [()]):
+        slot_client, slot_weight = pipeline.sample_slots(topo, round_index, salt, exp.config.run.seed)
+        clients.append(slot_client)
+        weights.append(slot_weight)
+        tokens.append(exp.sampler.sample(round_index, slot_client, steps, exp.batch_size, salt=salt))
+    shape = tuple(nested)
+    stack = lambda xs: np.stack(xs).reshape(shape + xs[0].shape)
+    return engine.RoundBatch(stack(tokens), stack(clients), stack(weights))
+
+
+def _put(exp: Experiment, batch: engine.RoundBatch) -> engine.RoundBatch:
+    """Place a batch: token blocks sharded along the slot axis."""
+    if exp.spec.mesh is None:
+        return jax.tree.map(jnp.asarray, batch)
+    n_lead = len(engine.level_rounds(exp.run_topology))
+    spec = jax.sharding.PartitionSpec(*([None] * n_lead), parallel.AXIS)
+    sharding = jax.sharding.NamedSharding(exp.mesh, spec)
+    return engine.RoundBatch(jax.device_put(batch.tokens, sharding), jnp.asarray(batch.slot_client),
+                             jnp.asarray(batch.slot_weight))
+
+
+class Prefetcher:
+    """Cuts round r+1's batch on a host thread while round r runs on the device."""
+
+    def __init__(self, exp: Experiment, start: int, stop: int):
+        self._exp, self._stop = exp, stop
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._next = self._submit(start)
+
+    def _submit(self, r):
+        return self._pool.submit(make_batch, self._exp, r) if r < self._stop else None
+
+    def get(self, r: int) -> engine.RoundBatch:
+        batch = self._next.result()
+        self._next = self._submit(r + 1)
+        return batch
+
+    def close(self):
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---- summaries ------------------------------------------------------------------
+def describe_eval(exp: Experiment, nll_C: np.ndarray) -> dict:
+    """Per-client mean NLL (nats/token) -> perplexity per federation and overall,
+    token-weighted (every client is evaluated on the same number of tokens)."""
+    feds = exp.topology.federation_of_client()
+    per_fed = {}
+    for name in dict.fromkeys(feds):
+        members = [i for i, f in enumerate(feds) if f == name]
+        per_fed[name] = float(np.exp(np.mean(nll_C[members])))
+    mean_nll = float(np.mean(nll_C))
+    bpb = mean_nll / math.log(2) / exp.data.bytes_per_token
+    return {"perplexity": float(np.exp(mean_nll)), "nll": mean_nll, "bits_per_byte": bpb,
+            "per_federation": per_fed}
+
+
+def round_record(exp: Experiment, round_index: int, metrics: dict, seconds: float) -> dict:
+    """Plain-Python metrics of one round (after an async device fetch)."""
+    leaf = exp.run_topology.leaf.names
+    loss = np.asarray(metrics["train_loss_sum"]) / np.maximum(np.asarray(metrics["train_clients"]), 1)
+    record = {"round": round_index, "seconds": seconds, "train_loss": float(np.mean(loss)),
+              "train_loss_per_federation": dict(zip(leaf, map(float, loss))),
+              "tokens": float(metrics["tokens"]), "tokens_per_s": float(metrics["tokens"]) / max(seconds, 1e-9),
+              "diverged_clients": float(metrics["diverged"])}
+    for key, value in metrics.items():
+        if key.startswith("level"):
+            record[key] = np.asarray(value).tolist()
+    return record
+
+
+def train(config: Config, workdir: str, quiet: bool = False, progress: bool = True) -> dict:
+    """Train (or resume) the run in `workdir`; returns the summary (also written)."""
+    from worldlm_jax import checkpoint, metrics as metrics_lib
+
+    os.makedirs(workdir, exist_ok=True)
+    if config.run.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", config.run.compilation_cache)
+    save_yaml(config, os.path.join(workdir, "config.yaml"))
+    t0 = time.perf_counter()
+    exp = build_experiment(config)
+    say = (lambda *a: None) if quiet else print
+    say(exp.run_topology.summary())
+
+    state = exp.strategy.init(exp.init_params)
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=2)
+    start = 0
+    writer = metrics_lib.MetricsWriter(workdir)
+    if ckpt.latest_step() is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        state, host = ckpt.restore(abstract_state=abstract)
+        start = int(host["round"])
+        writer.truncate_after(start - 1)
+        say(f"resumed from round {start}")
+    rounds = config.run.rounds
+    key = jax.random.PRNGKey(config.run.seed + 1)
+    prefetch = Prefetcher(exp, start, rounds)
+    fetcher = metrics_lib.AsyncFetcher(lag=1)
+    stop = {"now": False}
+    old_handler = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum, frame):  # finish the round, checkpoint, exit cleanly
+        stop["now"] = True
+
+    try:
+        signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not in the main thread
+        pass
+    bar = None
+    if progress and not quiet:
+        from tqdm import tqdm
+        bar = tqdm(total=rounds, initial=start, unit="round", dynamic_ncols=True)
+    pending_times = {}
+    r = start
+    last_eval = None
+
+    def log(done):
+        for rec_round, m in done:
+            rec = round_record(exp, rec_round, m, pending_times.pop(rec_round))
+            writer.write(rec)
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+
+    try:
+        while r < rounds and not stop["now"]:
+            batch = _put(exp, prefetch.get(r))
+            t_round = time.perf_counter()
+            state, round_metrics = exp.strategy.run_round(state, batch, key)
+            pending_times[r] = 0.0
+            done = fetcher.submit((r, round_metrics))
+            pending_times[r] = time.perf_counter() - t_round
+            log(done)
+            r += 1
+            if bar is not None:
+                bar.update(1)
+            if config.run.eval_every and r % config.run.eval_every == 0 and r < rounds:
+                last_eval = describe_eval(exp, np.asarray(exp.eval_fn(state)))
+                writer.write({"round": r - 1, "eval": last_eval})
+            if config.run.checkpoint_every and r % config.run.checkpoint_every == 0:
+                log(fetcher.flush())
+                ckpt.save(r, state, {"round": r}, force=True)
+        log(fetcher.flush())
+        ckpt.save(r, state, {"round": r}, force=True)
+        ckpt.wait()
+    finally:
+        prefetch.close()
+        if bar is not None:
+            bar.close()
+        try:
+            signal.signal(signal.SIGINT, old_handler)
+        except ValueError:
+            pass
+    final = describe_eval(exp, np.asarray(exp.eval_fn(state)))
+    writer.write({"round": r - 1, "eval": final, "final": True})
+    writer.close()
+    ckpt.close()
+    summary = {
+        "algorithm": config.algorithm.name,
+        "rounds_completed": r,
+        "interrupted": r < rounds,
+        "eval": final,
+        "compiles": exp.strategy.run_round._cache_size(),
+        "wall_seconds": time.perf_counter() - t0,
+        "topology": {"depth": exp.run_topology.depth, "clients": exp.topology.n_clients,
+                     "slots": exp.run_topology.n_slots, "padding_fraction": exp.run_topology.padding_fraction},
+        "parameters": int(sum(np.prod(v.shape) for v in exp.init_params.values())),
+        "key_layer_parameters": int(sum(np.prod(exp.init_params[p].shape) for p in exp.spec.key_paths)),
+    }
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    if not quiet:
+        print(format_table(summary))
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    ev = summary["eval"]
+    width = max(len(n) for n in ev["per_federation"]) + 2
+    lines = [f"{summary['algorithm']}: {summary['rounds_completed']} rounds, "
+             f"{summary['wall_seconds']:.0f} s, {summary['compiles']} compilation(s)",
+             f"{'federation':<{width}} perplexity"]
+    lines += [f"{name:<{width}} {ppl:10.3f}" for name, ppl in ev["per_federation"].items()]
+    lines.append(f"{'overall':<{width}} {ev['perplexity']:10.3f}   ({ev['bits_per_byte']:.3f} bits/byte)")
+    return "\n".join(lines)
