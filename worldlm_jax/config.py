@@ -94,11 +94,30 @@ class RunConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+    target_epsilon: float = 0.0  # > 0: calibrate DP noise for every federation without a DP policy
+    target_delta: float = 1e-5
+    accountant: str = "rdp"  # rdp | pld
+    default_clip: float = 1.0  # clip norm for calibrated federations that set none
+
+    def __post_init__(self):
+        if self.target_epsilon < 0:
+            raise ConfigError(f"privacy.target_epsilon={self.target_epsilon}; expected > 0 (or 0 = off)")
+        if not 0 < self.target_delta < 1:
+            raise ConfigError(f"privacy.target_delta={self.target_delta}; expected 0 < delta < 1")
+        if self.accountant not in ("rdp", "pld"):
+            raise ConfigError(f"privacy.accountant={self.accountant!r}; allowed: rdp, pld")
+        if not self.default_clip > 0:
+            raise ConfigError(f"privacy.default_clip={self.default_clip}; expected > 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig(d_model=128, n_heads=4, n_layers=3, max_len=128)
     data: DataConfig = DataConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
     run: RunConfig = RunConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     policy: Policy = Policy()  # defaults every federation inherits
     tree: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 

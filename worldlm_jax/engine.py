@@ -176,8 +176,8 @@ def deployed_params(spec: EngineSpec, state: EngineState, client_ids) -> Params:
 
 
 # ---- the round ------------------------------------------------------------
-class _Static(NamedTuple):
-    """Per-run constants closed over by the jitted round."""
+class RoundPolicies(NamedTuple):
+    """Per-node arrays of every federation's rules (plus the tree's index arrays)."""
 
     slot_parent: jax.Array
     parents: tuple  # per level d >= 1: (n_d,) parent index
@@ -193,7 +193,8 @@ class _Static(NamedTuple):
     dp_expected: tuple  # per level: (n_d,) expected participating children
 
 
-def _statics(topo: Topology) -> _Static:
+def round_policies(topo: Topology) -> "RoundPolicies":
+    """The topology's policies as arrays over each level's node axis."""
     def f32(level, field):
         return jnp.asarray(topo.levels[level].policy_array(field, np.float32))
 
@@ -205,7 +206,7 @@ def _statics(topo: Topology) -> _Static:
             cpr = topo.leaf.policy_array("clients_per_round", np.float32)
             count = np.where(cpr > 0, np.minimum(cpr, count), count)
         expected.append(jnp.asarray(np.maximum(count, 1.0)))
-    return _Static(
+    return RoundPolicies(
         slot_parent=jnp.asarray(topo.slot_parent),
         parents=tuple(jnp.asarray(lvl.parent) for lvl in topo.levels),
         node_weight=tuple(jnp.asarray(topo.node_weight(d), jnp.float32) for d in range(D)),
@@ -225,11 +226,15 @@ def _statics(topo: Topology) -> _Static:
 
 
 def make_round(spec: EngineSpec) -> Callable:
-    """Build `run_round(state, batch, key) -> (state, metrics)` (not yet jitted)."""
+    """Build `run_round(state, batch, key, policies=None) -> (state, metrics)` (not jitted).
+
+    `policies` (a RoundPolicies pytree, default: the topology's) is an input,
+    not a constant, so a sweep can vmap one compiled round over stacked
+    learning rates, temperatures or noise multipliers."""
     topo, plan = spec.topology, spec.plan
     plan.validate(topo.depth)
     D, S = topo.depth, topo.n_slots
-    st = _statics(topo)
+    default_policies = round_policies(topo)
     client_tx = _optimizer(spec.client_optimizer)
     heterogeneous_steps = len({p.local_steps for p in topo.leaf.policies}) > 1
     local_update = make_local_update(spec.loss_fn, client_tx, masked_steps=heterogeneous_steps)
@@ -256,139 +261,145 @@ def make_round(spec: EngineSpec) -> Callable:
         opt_in = opt_state if persistent else jnp.zeros((S,))
         return mapped(start, opt_in, tokens, lr, steps)
 
-    def aggregate(d, state, child_B, child_K, start_B, weight_N, child_parent_N, active_P, key):
-        """Aggregate children (B final, K final) into level d; returns new level state and info."""
-        lvl = state.levels[d]
-        P = topo.levels[d].size
-        metrics = {}
-        new_B, new_server, new_K = lvl.B, lvl.server, lvl.K
-        delta_B = tree_ops.sub(child_B, start_B) if "B" in plan.aggregate[d] else {}
-        delta_K = tree_ops.sub(child_K, tree_ops.gather(lvl.K, child_parent_N)) if "K" in plan.aggregate[d] else {}
-        mean_B, total_P = tree_ops.weighted_mean(delta_B, weight_N, child_parent_N, P)
-        dp_K = None
-        if dp_levels[d]:
-            dp_tree = {"B": delta_B, "K": delta_K if dp_scope[d] == "all" else {}}
-            noisy, stats = privacy.dp_mean(dp_tree, (weight_N > 0).astype(jnp.float32), child_parent_N, P,
-                                           st.dp_clip[d], st.dp_noise[d], st.dp_expected[d], key)
-            is_dp = (st.dp_noise[d] > 0) | jnp.isfinite(st.dp_clip[d])
-            mean_B = tree_ops.where_rows(is_dp, noisy["B"], mean_B)
-            if dp_scope[d] == "all":
-                dp_K = (is_dp, noisy["K"])
-            metrics["dp_clipped_fraction"] = stats.clipped_fraction_P
-        if "B" in plan.aggregate[d]:
-            apply = active_P & (total_P > 0)
-            new_B, new_server = aggregation.server_update(lvl.B, mean_B, lvl.server, server_txs[d],
-                                                          st.server_choice[d], st.server_lr[d], apply)
-            metrics["update_norm"] = jnp.sqrt(tree_ops.row_sq_norms(mean_B)) if mean_B else jnp.zeros(P)
-        if "K" in plan.aggregate[d] and lvl.K:
-            parent_K = None
-            if plan.use_parent and d > 0:
-                parent_K = tree_ops.gather(state.levels[d - 1].K, st.parents[d])
-            res_mask = residual_masks[d]
-            attended, info = aggregation.attend_keys(
-                lvl.K, child_K, weight_N, child_parent_N, st.attention[d], spec.key_groups, plan.similarity,
-                residual_K_M=lvl.residual_K if res_mask is not None else None,
-                residual_mask_PxM=jnp.asarray(res_mask) if res_mask is not None else None,
-                parent_K_P=parent_K)
-            if dp_K is not None:
-                is_dp, noisy_K = dp_K
-                stepped = tree_ops.add(lvl.K, tree_ops.scale_rows(st.attention[d].eta, noisy_K))
-                attended = tree_ops.where_rows(is_dp, stepped, attended)
-            new_K = tree_ops.where_rows(active_P & (total_P > 0), attended, lvl.K)
-            metrics["attention_parent"] = info.parent_weight_P
-            metrics["attention_residual"] = (jnp.sum(info.residual_weight_PxM, axis=1)
-                                             if info.residual_weight_PxM.size else jnp.zeros(P))
-        metrics["participants"] = jax.ops.segment_sum((weight_N > 0).astype(jnp.float32), child_parent_N,
-                                                      num_segments=P)
-        return lvl._replace(B=new_B, K=new_K, server=new_server), metrics
+    def build(st: RoundPolicies):
+        """The round's functions for one set of policies (at trace time)."""
 
-    def fed_round(d, state: EngineState, batch: RoundBatch, active_P, key):
-        """One round of every level-d federation with its children."""
-        lvl = state.levels[d]
-        metrics = {}
-        if d == D - 1:  # children are client slots
-            cid = batch.slot_client
-            safe_cid = jnp.maximum(cid, 0)
-            start = {}
-            for part in PARTS:
-                if part in plan.broadcast[d]:
-                    start[part] = tree_ops.gather(getattr(lvl, part), st.slot_parent)
-                else:
-                    start[part] = tree_ops.gather(getattr(state.clients, part), safe_cid)
-            params = {**start["B"], **start["K"]}
-            opt_state = (tree_ops.gather(state.clients.opt, safe_cid) if plan.client_opt_persistent else None)
-            lr = st.client_lr[st.slot_parent]
-            steps = st.steps[st.slot_parent]
-            result = run_clients(params, opt_state, batch.tokens, lr, steps)
-            final = split_parts(result.params, spec.key_paths)
-            delta = tree_ops.sub(result.params, params)
-            mean_loss = result.loss_sum / jnp.maximum(result.steps, 1.0)
-            valid = (tree_ops.row_all_finite(delta) & jnp.isfinite(mean_loss)
-                     & (tree_ops.row_sq_norms(delta) <= spec.max_update_norm ** 2))
-            present = (cid >= 0) & active_P[st.slot_parent] & (batch.slot_weight > 0)
-            weight = jnp.where(valid & present, batch.slot_weight, 0.0)
-            # clients that keep state write it back (not if diverged or absent)
-            keep_rows = jnp.where(valid & present, cid, topo.n_clients)
-            clients = state.clients
-            for part in plan.client_keeps:
-                kept = {p: getattr(clients, part)[p].at[keep_rows].set(final[part][p], mode="drop")
-                        for p in getattr(clients, part)}
-                clients = clients._replace(**{part: kept})
-            if plan.client_opt_persistent:
-                clients = clients._replace(opt=jax.tree.map(
-                    lambda x, y: x.at[keep_rows].set(y, mode="drop"), clients.opt, result.opt_state))
-            state = state._replace(clients=clients)
-            n_leaf = topo.leaf.size
-            metrics["train_loss_sum"] = jax.ops.segment_sum(jnp.where(weight > 0, mean_loss, 0.0) * (weight > 0),
-                                                            st.slot_parent, num_segments=n_leaf)
-            metrics["train_clients"] = jax.ops.segment_sum((weight > 0).astype(jnp.float32), st.slot_parent,
-                                                           num_segments=n_leaf)
-            metrics["tokens"] = jnp.sum(jnp.where(present, result.tokens, 0.0))
-            metrics["diverged"] = jnp.sum((present & ~valid).astype(jnp.float32))
-            child_B, child_K, start_B, child_parent = final["B"], final["K"], start["B"], st.slot_parent
-        else:  # children are federations of level d+1: each runs its own rounds
-            child_level = state.levels[d + 1]
-            parent = st.parents[d + 1]
-            active_child = active_P[parent]
-            for part in PARTS:
-                if part in plan.broadcast[d]:
-                    sent = tree_ops.gather(getattr(lvl, part), parent)
-                    child_level = child_level._replace(
-                        **{part: tree_ops.where_rows(active_child, sent, getattr(child_level, part))})
-            levels = list(state.levels)
-            levels[d + 1] = child_level
-            state = state._replace(levels=tuple(levels))
-            start_B = tree_ops.gather(lvl.B, parent)
-            state, metrics = run_rounds(d + 1, state, batch, active_child, key)
-            child_level = state.levels[d + 1]
-            weight = jnp.where(active_child, st.node_weight[d + 1], 0.0)
-            child_B, child_K, child_parent = child_level.B, child_level.K, parent
-            if residual_masks[d + 1] is not None:  # children share their K after our round
+        def aggregate(d, state, child_B, child_K, start_B, weight_N, child_parent_N, active_P, key):
+            """Aggregate children (B final, K final) into level d; returns new level state and info."""
+            lvl = state.levels[d]
+            P = topo.levels[d].size
+            metrics = {}
+            new_B, new_server, new_K = lvl.B, lvl.server, lvl.K
+            delta_B = tree_ops.sub(child_B, start_B) if "B" in plan.aggregate[d] else {}
+            delta_K = tree_ops.sub(child_K, tree_ops.gather(lvl.K, child_parent_N)) if "K" in plan.aggregate[d] else {}
+            mean_B, total_P = tree_ops.weighted_mean(delta_B, weight_N, child_parent_N, P)
+            dp_K = None
+            if dp_levels[d]:
+                dp_tree = {"B": delta_B, "K": delta_K if dp_scope[d] == "all" else {}}
+                noisy, stats = privacy.dp_mean(dp_tree, (weight_N > 0).astype(jnp.float32), child_parent_N, P,
+                                               st.dp_clip[d], st.dp_noise[d], st.dp_expected[d], key)
+                is_dp = (st.dp_noise[d] > 0) | jnp.isfinite(st.dp_clip[d])
+                mean_B = tree_ops.where_rows(is_dp, noisy["B"], mean_B)
+                if dp_scope[d] == "all":
+                    dp_K = (is_dp, noisy["K"])
+                metrics["dp_clipped_fraction"] = stats.clipped_fraction_P
+            if "B" in plan.aggregate[d]:
+                apply = active_P & (total_P > 0)
+                new_B, new_server = aggregation.server_update(lvl.B, mean_B, lvl.server, server_txs[d],
+                                                              st.server_choice[d], st.server_lr[d], apply)
+                metrics["update_norm"] = jnp.sqrt(tree_ops.row_sq_norms(mean_B)) if mean_B else jnp.zeros(P)
+            if "K" in plan.aggregate[d] and lvl.K:
+                parent_K = None
+                if plan.use_parent and d > 0:
+                    parent_K = tree_ops.gather(state.levels[d - 1].K, st.parents[d])
+                res_mask = residual_masks[d]
+                attended, info = aggregation.attend_keys(
+                    lvl.K, child_K, weight_N, child_parent_N, st.attention[d], spec.key_groups, plan.similarity,
+                    residual_K_M=lvl.residual_K if res_mask is not None else None,
+                    residual_mask_PxM=jnp.asarray(res_mask) if res_mask is not None else None,
+                    parent_K_P=parent_K)
+                if dp_K is not None:
+                    is_dp, noisy_K = dp_K
+                    stepped = tree_ops.add(lvl.K, tree_ops.scale_rows(st.attention[d].eta, noisy_K))
+                    attended = tree_ops.where_rows(is_dp, stepped, attended)
+                new_K = tree_ops.where_rows(active_P & (total_P > 0), attended, lvl.K)
+                metrics["attention_parent"] = info.parent_weight_P
+                metrics["attention_residual"] = (jnp.sum(info.residual_weight_PxM, axis=1)
+                                                 if info.residual_weight_PxM.size else jnp.zeros(P))
+            metrics["participants"] = jax.ops.segment_sum((weight_N > 0).astype(jnp.float32), child_parent_N,
+                                                          num_segments=P)
+            return lvl._replace(B=new_B, K=new_K, server=new_server), metrics
+
+        def fed_round(d, state: EngineState, batch: RoundBatch, active_P, key):
+            """One round of every level-d federation with its children."""
+            lvl = state.levels[d]
+            metrics = {}
+            if d == D - 1:  # children are client slots
+                cid = batch.slot_client
+                safe_cid = jnp.maximum(cid, 0)
+                start = {}
+                for part in PARTS:
+                    if part in plan.broadcast[d]:
+                        start[part] = tree_ops.gather(getattr(lvl, part), st.slot_parent)
+                    else:
+                        start[part] = tree_ops.gather(getattr(state.clients, part), safe_cid)
+                params = {**start["B"], **start["K"]}
+                opt_state = (tree_ops.gather(state.clients.opt, safe_cid) if plan.client_opt_persistent else None)
+                lr = st.client_lr[st.slot_parent]
+                steps = st.steps[st.slot_parent]
+                result = run_clients(params, opt_state, batch.tokens, lr, steps)
+                final = split_parts(result.params, spec.key_paths)
+                delta = tree_ops.sub(result.params, params)
+                mean_loss = result.loss_sum / jnp.maximum(result.steps, 1.0)
+                valid = (tree_ops.row_all_finite(delta) & jnp.isfinite(mean_loss)
+                         & (tree_ops.row_sq_norms(delta) <= spec.max_update_norm ** 2))
+                present = (cid >= 0) & active_P[st.slot_parent] & (batch.slot_weight > 0)
+                weight = jnp.where(valid & present, batch.slot_weight, 0.0)
+                # clients that keep state write it back (not if diverged or absent)
+                keep_rows = jnp.where(valid & present, cid, topo.n_clients)
+                clients = state.clients
+                for part in plan.client_keeps:
+                    kept = {p: getattr(clients, part)[p].at[keep_rows].set(final[part][p], mode="drop")
+                            for p in getattr(clients, part)}
+                    clients = clients._replace(**{part: kept})
+                if plan.client_opt_persistent:
+                    clients = clients._replace(opt=jax.tree.map(
+                        lambda x, y: x.at[keep_rows].set(y, mode="drop"), clients.opt, result.opt_state))
+                state = state._replace(clients=clients)
+                n_leaf = topo.leaf.size
+                metrics["train_loss_sum"] = jax.ops.segment_sum(jnp.where(weight > 0, mean_loss, 0.0) * (weight > 0),
+                                                                st.slot_parent, num_segments=n_leaf)
+                metrics["train_clients"] = jax.ops.segment_sum((weight > 0).astype(jnp.float32), st.slot_parent,
+                                                               num_segments=n_leaf)
+                metrics["tokens"] = jnp.sum(jnp.where(present, result.tokens, 0.0))
+                metrics["diverged"] = jnp.sum((present & ~valid).astype(jnp.float32))
+                child_B, child_K, start_B, child_parent = final["B"], final["K"], start["B"], st.slot_parent
+            else:  # children are federations of level d+1: each runs its own rounds
+                child_level = state.levels[d + 1]
+                parent = st.parents[d + 1]
+                active_child = active_P[parent]
+                for part in PARTS:
+                    if part in plan.broadcast[d]:
+                        sent = tree_ops.gather(getattr(lvl, part), parent)
+                        child_level = child_level._replace(
+                            **{part: tree_ops.where_rows(active_child, sent, getattr(child_level, part))})
                 levels = list(state.levels)
-                levels[d + 1] = child_level._replace(
-                    residual_K=tree_ops.where_rows(active_child, child_level.K, child_level.residual_K))
+                levels[d + 1] = child_level
                 state = state._replace(levels=tuple(levels))
-        new_level, agg_metrics = aggregate(d, state, child_B, child_K, start_B, weight, child_parent, active_P,
-                                           jax.random.fold_in(key, 1_000_003 + d))
-        levels = list(state.levels)
-        levels[d] = new_level
-        agg_metrics["rounds"] = active_P.astype(jnp.float32)
-        metrics = {**metrics, **{f"level{d}/{k}": v for k, v in agg_metrics.items()}}
-        return state._replace(levels=tuple(levels)), metrics
+                start_B = tree_ops.gather(lvl.B, parent)
+                state, metrics = run_rounds(d + 1, state, batch, active_child, key)
+                child_level = state.levels[d + 1]
+                weight = jnp.where(active_child, st.node_weight[d + 1], 0.0)
+                child_B, child_K, child_parent = child_level.B, child_level.K, parent
+                if residual_masks[d + 1] is not None:  # children share their K after our round
+                    levels = list(state.levels)
+                    levels[d + 1] = child_level._replace(
+                        residual_K=tree_ops.where_rows(active_child, child_level.K, child_level.residual_K))
+                    state = state._replace(levels=tuple(levels))
+            new_level, agg_metrics = aggregate(d, state, child_B, child_K, start_B, weight, child_parent, active_P,
+                                               jax.random.fold_in(key, 1_000_003 + d))
+            levels = list(state.levels)
+            levels[d] = new_level
+            agg_metrics["rounds"] = active_P.astype(jnp.float32)
+            metrics = {**metrics, **{f"level{d}/{k}": v for k, v in agg_metrics.items()}}
+            return state._replace(levels=tuple(levels)), metrics
 
-    def run_rounds(d, state, batch, active_parent_P, key):
-        """Level-d federations each run their own number of rounds (scan)."""
-        def body(state, xs):
-            r, sub_batch = xs
-            active = active_parent_P & (r < st.rounds[d])
-            state, metrics = fed_round(d, state, sub_batch, active, jax.random.fold_in(key, r))
-            return state, metrics
+        def run_rounds(d, state, batch, active_parent_P, key):
+            """Level-d federations each run their own number of rounds (scan)."""
+            def body(state, xs):
+                r, sub_batch = xs
+                active = active_parent_P & (r < st.rounds[d])
+                state, metrics = fed_round(d, state, sub_batch, active, jax.random.fold_in(key, r))
+                return state, metrics
 
-        n = level_rounds(topo)[d - 1]
-        state, metrics = jax.lax.scan(body, state, (jnp.arange(n), batch))
-        return state, _reduce_rounds(metrics)
+            n = level_rounds(topo)[d - 1]
+            state, metrics = jax.lax.scan(body, state, (jnp.arange(n), batch))
+            return state, _reduce_rounds(metrics)
 
-    def run_round(state: EngineState, batch: RoundBatch, key):
+        return fed_round
+
+    def run_round(state: EngineState, batch: RoundBatch, key, policies: RoundPolicies | None = None):
+        fed_round = build(default_policies if policies is None else policies)
         key = jax.random.fold_in(key, state.round)
         state, metrics = fed_round(0, state, batch, jnp.ones((1,), bool), key)
         return state._replace(round=state.round + 1), metrics
@@ -396,7 +407,7 @@ def make_round(spec: EngineSpec) -> Callable:
     return run_round
 
 
-_ADDITIVE = ("train_loss_sum", "train_clients", "tokens", "diverged", "rounds")
+_ADDITIVE = ("train_loss_sum", "train_clients", "tokens", "diverged", "rounds", "participants")
 
 
 def _reduce_rounds(metrics):

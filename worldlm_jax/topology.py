@@ -52,7 +52,7 @@ class Policy:
     dp_noise_multiplier: float = 0.0  # 0 = no DP at this federation
     dp_clip: float = math.inf  # per-child L2 clip (inf = no clipping)
     dp_delta: float = 1e-5
-    dp_scope: str = "backbone"  # which parts leave the federation under DP
+    dp_scope: str = "all"  # parts clipped and noised: all (B and K: both leave a federation) | backbone
 
     def validate(self, where: str) -> None:
         def fail(field, value, allowed):

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from worldlm_jax import engine, evaluate, model as model_lib, parallel, partition, strategies
+from worldlm_jax import communication, dp_ledger, engine, evaluate, model as model_lib, parallel, partition, strategies
+from worldlm_jax import privacy
 from worldlm_jax.config import Config, save_yaml
 from worldlm_jax.data import corpus, pipeline
 from worldlm_jax.data.federated import RoundSampler, validation_batches
@@ -43,6 +44,7 @@ class Experiment:
     eval_fn: Callable
     data: pipeline.FederatedData
     mesh: Any
+    part_bytes: dict
 
 
 def _pooled_topology(topology: Topology, weight: float) -> Topology:
@@ -76,6 +78,9 @@ def build_experiment(config: Config, cache_dir: str = "") -> Experiment:
     else:
         run_topology = strategies.strategy_topology(algo.name, topology)
     run_topology = run_topology.with_slot_multiple(mesh.size)
+    if config.privacy.target_epsilon > 0:
+        run_topology = dp_ledger.calibrate(run_topology, config.privacy.target_epsilon, config.privacy.target_delta,
+                                           config.run.rounds, config.privacy.default_clip, config.privacy.accountant)
 
     key_paths = frozenset()
     if strategies.uses_key_layers(algo.name):
@@ -95,7 +100,7 @@ def build_experiment(config: Config, cache_dir: str = "") -> Experiment:
         else np.arange(topology.n_clients, dtype=np.int32)
     eval_fn = evaluate.make_evaluator(spec, model_def.loss, eval_tokens, deploy_index)
     return Experiment(config, topology, run_topology, spec, strategy, model_def, params, sampler, batch_size,
-                      eval_fn, data, mesh)
+                      eval_fn, data, mesh, communication.part_bytes(params, key_paths))
 
 
 # ---- host-side batches --------------------------------------------------------
@@ -172,6 +177,9 @@ def round_record(exp: Experiment, round_index: int, metrics: dict, seconds: floa
     for key, value in metrics.items():
         if key.startswith("level"):
             record[key] = np.asarray(value).tolist()
+    participants = {d: np.asarray(metrics[f"level{d}/participants"]) for d in range(exp.run_topology.depth)}
+    record["bytes_communicated"] = communication.round_bytes(exp.run_topology, exp.spec.plan, exp.part_bytes,
+                                                             participants)
     return record
 
 
@@ -198,6 +206,11 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
         start = int(host["round"])
         writer.truncate_after(start - 1)
         say(f"resumed from round {start}")
+    accountants = dp_ledger.make_accountants(exp.run_topology, config.privacy.accountant)
+    if start:
+        for name, saved in host.get("privacy", {}).items():
+            accountants[name] = privacy.FederationAccountant.from_dict(saved)
+    host_state = lambda r: {"round": r, "privacy": {n: a.to_dict() for n, a in accountants.items()}}
     rounds = config.run.rounds
     key = jax.random.PRNGKey(config.run.seed + 1)
     prefetch = Prefetcher(exp, start, rounds)
@@ -229,12 +242,19 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
 
     try:
         while r < rounds and not stop["now"]:
+            if config.privacy.target_epsilon > 0:
+                over = dp_ledger.exceeding(exp.run_topology, accountants, config.privacy.target_epsilon)
+                if over:
+                    say(f"stopping before round {r}: it would exceed the privacy budget epsilon="
+                        f"{config.privacy.target_epsilon} of federation(s) {', '.join(over)}")
+                    break
             batch = _put(exp, prefetch.get(r))
             t_round = time.perf_counter()
             state, round_metrics = exp.strategy.run_round(state, batch, key)
             pending_times[r] = 0.0
             done = fetcher.submit((r, round_metrics))
             pending_times[r] = time.perf_counter() - t_round
+            dp_ledger.step_all(exp.run_topology, accountants)
             log(done)
             r += 1
             if bar is not None:
@@ -244,9 +264,9 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
                 writer.write({"round": r - 1, "eval": last_eval})
             if config.run.checkpoint_every and r % config.run.checkpoint_every == 0:
                 log(fetcher.flush())
-                ckpt.save(r, state, {"round": r}, force=True)
+                ckpt.save(r, state, host_state(r), force=True)
         log(fetcher.flush())
-        ckpt.save(r, state, {"round": r}, force=True)
+        ckpt.save(r, state, host_state(r), force=True)
         ckpt.wait()
     finally:
         prefetch.close()
@@ -270,6 +290,8 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
         "topology": {"depth": exp.run_topology.depth, "clients": exp.topology.n_clients,
                      "slots": exp.run_topology.n_slots, "padding_fraction": exp.run_topology.padding_fraction},
         "parameters": int(sum(np.prod(v.shape) for v in exp.init_params.values())),
+        "bytes_communicated": _total_bytes(os.path.join(workdir, "metrics.jsonl")),
+        "privacy": dp_ledger.report(exp.run_topology, accountants),
         "key_layer_parameters": int(sum(np.prod(exp.init_params[p].shape) for p in exp.spec.key_paths)),
     }
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -277,6 +299,20 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
     if not quiet:
         print(format_table(summary))
     return summary
+
+
+def _total_bytes(metrics_path: str) -> dict:
+    """Sum of the per-round byte counts in metrics.jsonl, per level and overall."""
+    from worldlm_jax.metrics import read_metrics
+
+    total: dict = {}
+    for rec in read_metrics(metrics_path):
+        for level, value in rec.get("bytes_communicated", {}).items():
+            if isinstance(value, dict):
+                total[level] = total.get(level, 0.0) + value["total"]
+            else:
+                total[level] = total.get(level, 0.0) + value
+    return total
 
 
 def format_table(summary: dict) -> str:

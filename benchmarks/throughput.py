@@ -1,0 +1,180 @@
+"""Throughput of workload W through the engine's own FedAvg round.
+
+    .venv/bin/python benchmarks/throughput.py                       # recommended CPU set-up
+    .venv/bin/python benchmarks/throughput.py --devices 1 --chunk 0 # naive: one device, vmap all
+
+Metric: client-steps/s = clients * local steps / round wall time, median over
+--rounds rounds after one warm-up (compile) round. Several --chunk / --dtype
+values are measured side by side in one process, rounds interleaved so that
+machine noise hits every variant alike. Prints a table, then one JSON line per
+variant (the last line is the first variant).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=common.W["clients"])
+    ap.add_argument("--steps", type=int, default=common.W["steps"])
+    ap.add_argument("--preset", default=common.W["preset"])
+    ap.add_argument("--batch", type=int, default=common.W["batch"])
+    ap.add_argument("--seq", type=int, default=common.W["seq"])
+    ap.add_argument("--depth", type=int, default=1, help="tree levels (1 = flat FedAvg, >1 = HierFAVG)")
+    ap.add_argument("--chunk", default="default",
+                    help="clients per device at once, comma list: 0 = vmap all, 1 = sequential, "
+                         "'default' = parallel.default_chunk()")
+    ap.add_argument("--dtype", default="float32", help="compute dtype(s), comma list: float32,bfloat16")
+    ap.add_argument("--devices", type=int, default=-1,
+                    help="host devices (CPU: XLA_FLAGS device count); -1 = one per core on CPU, all on GPU")
+    ap.add_argument("--eigen", choices=("auto", "on", "off"), default="auto",
+                    help="XLA CPU multi-threaded Eigen (auto: off when devices > 1)")
+    ap.add_argument("--xla-flags", default="", help="extra XLA_FLAGS")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per variant (median reported)")
+    ap.add_argument("--no-clients-alone", action="store_true", help="skip the clients-only timing")
+    ap.add_argument("--quiet", action="store_true", help="JSON lines only")
+    return ap.parse_args(argv)
+
+
+def resolve_devices(requested: int) -> int:
+    if requested >= 0:
+        return requested
+    on_gpu = os.environ.get("JAX_PLATFORMS", "") not in ("cpu",) and _has_gpu()
+    return 0 if on_gpu else (os.cpu_count() or 1)
+
+
+def _has_gpu() -> bool:
+    import shutil
+    return shutil.which("nvidia-smi") is not None
+
+
+def run(args) -> list[dict]:
+    n_dev = resolve_devices(args.devices)
+    if n_dev and n_dev > 0:
+        common.configure(devices=n_dev, eigen_threads=args.eigen, extra_flags=args.xla_flags)
+    else:
+        common.configure(devices=0, eigen_threads="on" if args.eigen == "auto" else args.eigen,
+                         extra_flags=args.xla_flags)
+    import jax
+    import numpy as np
+    from worldlm_jax import parallel
+
+    platform = jax.default_backend()
+    devices = len(jax.devices()) if not n_dev else n_dev
+    if platform != "cpu" and args.devices < 0:
+        devices = 1
+    chunks = [parallel.default_chunk(platform) if c == "default" else int(c) for c in args.chunk.split(",")]
+    dtypes = args.dtype.split(",")
+    t0 = time.perf_counter()
+    peak = common.matmul_peak_gflops(devices, n=4096 if platform != "cpu" else 2048) if platform == "cpu" \
+        else _gpu_peak(dtypes)
+    variants = []
+    for chunk in chunks:
+        for dtype in dtypes:
+            w = common.build(clients=args.clients, steps=args.steps, preset=args.preset, chunk=chunk,
+                             devices=devices, depth=args.depth, dtype=dtype, batch=args.batch, seq=args.seq)
+            state = w.strategy.init(w.params)
+            key = jax.random.PRNGKey(1)
+            state, metrics, first = common.time_round(w, state, key)
+            clients_first = 0.0 if args.no_clients_alone else common.time_clients(w)
+            loss = float(np.sum(metrics["train_loss_sum"]) / max(np.sum(metrics["train_clients"]), 1))
+            variants.append(dict(w=w, state=state, key=key, chunk=chunk, dtype=dtype, first=first, times=[],
+                                 ctimes=[], loss=loss, cfirst=clients_first))
+    for _ in range(args.rounds):  # interleaved: noise hits every variant alike
+        for v in variants:
+            v["state"], _, dt = common.time_round(v["w"], v["state"], v["key"])
+            v["times"].append(dt)
+            if not args.no_clients_alone:
+                v["ctimes"].append(common.time_clients(v["w"]))
+    out = []
+    for v in variants:
+        w = v["w"]
+        round_s = common.median(v["times"])
+        cps = w.n_clients * w.steps / round_s
+        achieved = cps * w.flops_per_client_step / 1e9
+        clients_s = common.median(v["ctimes"]) if v["ctimes"] else float("nan")
+        peak_v = peak[v["dtype"]] if isinstance(peak, dict) else peak
+        out.append({
+            "workload": "W" if _is_w(args) else "custom",
+            "client_steps_per_s": round(cps, 2),
+            "mfu": round(achieved / peak_v, 4),
+            "matmul_peak_gflops": round(peak_v, 1),
+            "achieved_gflops": round(achieved, 1),
+            "round_s": round(round_s, 4),
+            "round_s_all": [round(t, 4) for t in v["times"]],
+            "clients_alone_s": round(clients_s, 4),
+            "compile_s": round(v["first"] - round_s, 2),
+            "compiles": int(w.strategy.run_round._cache_size()),
+            "aggregation_fraction": round(max(0.0, round_s - clients_s) / round_s, 4) if v["ctimes"] else None,
+            "peak_rss_mb": round(common.peak_rss_mb(), 1),
+            "platform": platform,
+            "device_kind": jax.devices()[0].device_kind,
+            "devices": devices, "chunk": v["chunk"], "dtype": v["dtype"], "preset": args.preset,
+            "clients": args.clients, "steps": args.steps, "batch": args.batch, "seq": args.seq,
+            "depth": args.depth, "gflop_per_client_step": round(w.flops_per_client_step / 1e9, 4),
+            "first_round_loss": round(v["loss"], 5),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "wall_s": round(time.perf_counter() - t0, 1),
+        })
+    return out
+
+
+def _gpu_peak(dtypes) -> dict:
+    """Accelerator matmul peak per compute dtype (8192^2 matmul)."""
+    import jax
+    import jax.numpy as jnp
+    res = {}
+    for name in set(dtypes):
+        dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+        n = 8192
+        x = jnp.ones((n, n), dt)
+        f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+        jax.block_until_ready(f(x, x))
+        best = 1e9
+        for _ in range(5):
+            t = time.perf_counter()
+            jax.block_until_ready(f(x, x))
+            best = min(best, time.perf_counter() - t)
+        res[name] = 2 * n ** 3 / best / 1e9
+    return res
+
+
+def _is_w(args) -> bool:
+    return (args.preset, args.clients, args.steps, args.batch, args.seq) == (
+        common.W["preset"], common.W["clients"], common.W["steps"], common.W["batch"], common.W["seq"])
+
+
+def table(rows: list[dict]) -> str:
+    head = f"{'devices':>7} {'chunk':>5} {'dtype':>8} {'steps/s':>8} {'MFU':>6} {'round s':>8} " \
+           f"{'agg frac':>8} {'compile s':>9} {'RSS MB':>7}"
+    lines = [head]
+    for r in rows:
+        agg = "n/a" if r["aggregation_fraction"] is None else f"{100 * r['aggregation_fraction']:.1f}%"
+        lines.append(f"{r['devices']:>7} {r['chunk']:>5} {r['dtype']:>8} {r['client_steps_per_s']:>8.2f} "
+                     f"{100 * r['mfu']:>5.1f}% {r['round_s']:>8.3f} {agg:>8} {r['compile_s']:>9.1f} "
+                     f"{r['peak_rss_mb']:>7.0f}")
+    lines.append(f"peak f32 matmul {rows[0]['matmul_peak_gflops']} GFLOP/s; "
+                 f"{rows[0]['gflop_per_client_step']} GFLOP per client-step; platform {rows[0]['platform']}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse(argv)
+    rows = run(args)
+    if not args.quiet:
+        print(table(rows))
+    for r in rows:
+        print(json.dumps(r))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
