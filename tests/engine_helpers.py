@@ -80,13 +80,13 @@ def topo(spec, weights=None, slot_multiple=1):
     return t.with_slot_multiple(slot_multiple)
 
 
-def random_tokens(rng: np.random.Generator, shape) -> np.ndarray:
-    """Normal data: tokens in [0, MARK)."""
-    return rng.integers(0, MARK, size=shape).astype(np.int32)
+def random_tokens(rng: np.random.Generator, shape, vocab: int = MARK) -> np.ndarray:
+    """Normal data: tokens in [0, vocab) (the toy default never contains MARK)."""
+    return rng.integers(0, vocab, size=shape).astype(np.int32)
 
 
 def make_batches(topology, n_rounds: int, *, batch: int = 2, seq_len: int = 6, seed: int = 0,
-                 weights=None):
+                 weights=None, vocab: int = MARK):
     """Full participation batches: slot s of every leaf holds its clients in order,
     padding slots are -1 with weight 0 and garbage (out-of-range) tokens.
     Returns a list of numpy RoundBatch (tokens, slot_client, slot_weight)."""
@@ -100,7 +100,7 @@ def make_batches(topology, n_rounds: int, *, batch: int = 2, seq_len: int = 6, s
     slot_weight = np.where(slot_client >= 0, w[np.maximum(slot_client, 0)], 0.0).astype(np.float32)
     out = []
     for _ in range(n_rounds):
-        tokens = random_tokens(rng, shape)
+        tokens = random_tokens(rng, shape, vocab)
         tokens[..., topology.n_clients:, :, :, :] = 10**6  # padding slots: garbage
         out.append(engine.RoundBatch(tokens, np.broadcast_to(slot_client, lead + (S,)).copy(),
                                      np.broadcast_to(slot_weight, lead + (S,)).copy()))

@@ -229,13 +229,17 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
     if progress and not quiet:
         from tqdm import tqdm
         bar = tqdm(total=rounds, initial=start, unit="round", dynamic_ncols=True)
-    pending_times = {}
     r = start
-    last_eval = None
+    clock = {"last": time.perf_counter()}
 
     def log(done):
+        # Converting round r's metrics waits for round r to finish (round r+1 is
+        # already queued), so the gap between conversions is the round time.
         for rec_round, m in done:
-            rec = round_record(exp, rec_round, m, pending_times.pop(rec_round))
+            m = jax.tree.map(np.asarray, m)
+            now = time.perf_counter()
+            rec = round_record(exp, rec_round, m, now - clock["last"])
+            clock["last"] = now
             writer.write(rec)
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
@@ -249,19 +253,15 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
                         f"{config.privacy.target_epsilon} of federation(s) {', '.join(over)}")
                     break
             batch = _put(exp, prefetch.get(r))
-            t_round = time.perf_counter()
             state, round_metrics = exp.strategy.run_round(state, batch, key)
-            pending_times[r] = 0.0
             done = fetcher.submit((r, round_metrics))
-            pending_times[r] = time.perf_counter() - t_round
             dp_ledger.step_all(exp.run_topology, accountants)
             log(done)
             r += 1
             if bar is not None:
                 bar.update(1)
             if config.run.eval_every and r % config.run.eval_every == 0 and r < rounds:
-                last_eval = describe_eval(exp, np.asarray(exp.eval_fn(state)))
-                writer.write({"round": r - 1, "eval": last_eval})
+                writer.write({"round": r - 1, "eval": describe_eval(exp, np.asarray(exp.eval_fn(state)))})
             if config.run.checkpoint_every and r % config.run.checkpoint_every == 0:
                 log(fetcher.flush())
                 ckpt.save(r, state, host_state(r), force=True)

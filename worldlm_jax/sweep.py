@@ -1,0 +1,220 @@
+"""Grid sweeps: the cartesian product of `key.path=v1,v2,...` axes, one run dir per point.
+
+`parse_grid`, `grid_points` and `point_name` are pure functions; `run_sweep`
+trains the points one after the other in this process. A point whose
+`summary.json` says it finished (all configured rounds) is skipped; an
+unfinished one is resumed from its checkpoint (`train.train` resumes by itself),
+so re-running the same command after a crash or Ctrl-C continues the sweep.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import re
+from typing import Any, Callable, Sequence
+
+from worldlm_jax.config import Config, ConfigError, _to_plain, apply_overrides, load_yaml
+
+SUMMARY_FILE = "summary.json"
+_SAFE = re.compile(r"[^A-Za-z0-9._+-]")
+_MAX_NAME = 120
+
+# Fields that may differ between a run dir's saved config and the config used to
+# resume it: they change how long / how often, not what is trained.
+RESUMABLE_KEYS = ("run.rounds", "run.eval_every", "run.checkpoint_every", "run.compilation_cache",
+                  "run.chunk", "run.devices")
+
+
+# ---- grid ------------------------------------------------------------------------
+def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """['a.b=1,2', 'c=x'] -> [('a.b', ['1', '2']), ('c', ['x'])].
+
+    Values stay raw strings (each is parsed as YAML when applied, like --set).
+    Commas inside brackets do not split: `algorithm.key_layers.blocks=[0,1],[2]`
+    has the two values `[0,1]` and `[2]`.
+    """
+    grid: list[tuple[str, list[str]]] = []
+    for spec in specs:
+        if "=" not in spec:
+            raise ConfigError(f"--grid {spec!r} must look like key.path=v1,v2,...")
+        key, raw = (s.strip() for s in spec.split("=", 1))
+        if not key:
+            raise ConfigError(f"--grid {spec!r} has no key before '='")
+        if any(key == k for k, _ in grid):
+            raise ConfigError(f"--grid key '{key}' is given twice; list all its values in one --grid")
+        values = _split_top_level(raw)
+        if not values or any(v == "" for v in values):
+            raise ConfigError(f"--grid {spec!r} has an empty value; expected key.path=v1,v2,...")
+        if len(set(values)) != len(values):
+            raise ConfigError(f"--grid {spec!r} repeats a value")
+        grid.append((key, values))
+    return grid
+
+
+def _split_top_level(raw: str) -> list[str]:
+    values, depth, current = [], 0, []
+    for ch in raw:
+        if ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        if ch == "," and depth == 0:
+            values.append("".join(current).strip())
+            current = []
+        else:
+            current.append(ch)
+    values.append("".join(current).strip())
+    return values
+
+
+def grid_points(grid: Sequence[tuple[str, Sequence[str]]]) -> list[list[tuple[str, str]]]:
+    """Cartesian product, the last axis varying fastest: [[(key, value), ...], ...]."""
+    if not grid:
+        return [[]]
+    keys = [k for k, _ in grid]
+    return [list(zip(keys, combo)) for combo in itertools.product(*[v for _, v in grid])]
+
+
+def point_name(assignments: Sequence[tuple[str, str]]) -> str:
+    """A filesystem-safe directory name: 'run.seed=1__policy.tau=0.5'.
+
+    Characters outside [A-Za-z0-9._+-] become '_'; when that (or truncation)
+    loses information a short hash of the exact assignments keeps names unique.
+    """
+    if not assignments:
+        return "base"
+    exact = "__".join(f"{k}={v}" for k, v in assignments)
+    safe = "__".join(f"{_SAFE.sub('_', k)}={_SAFE.sub('_', v)}" for k, v in assignments)
+    if safe != exact or len(safe) > _MAX_NAME:
+        digest = hashlib.sha1(exact.encode()).hexdigest()[:8]
+        safe = f"{safe[:_MAX_NAME]}-{digest}"
+    return safe
+
+
+# ---- config comparison (resume safety) ---------------------------------------------
+def flatten_config(config: Config) -> dict[str, Any]:
+    """{'run.rounds': 10, 'tree': {...}, ...}: dotted keys down to non-dataclass values."""
+    out: dict[str, Any] = {}
+
+    def visit(obj, prefix):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value):
+                visit(value, key + ".")
+            else:
+                out[key] = _to_plain(value)
+    visit(config, "")
+    return out
+
+
+def config_changes(old: Config, new: Config, ignore: Sequence[str] = RESUMABLE_KEYS) -> list[str]:
+    """Dotted keys whose values differ (except `ignore`)."""
+    a, b = flatten_config(old), flatten_config(new)
+    return [k for k in a if k not in ignore and a[k] != b.get(k)]
+
+
+def check_resumable(workdir: str, config: Config) -> None:
+    """Raise ConfigError when `workdir` holds a run trained with a different config.
+
+    Resuming such a run would silently continue with other hyper-parameters (or
+    fail deep inside checkpoint restore); only the RESUMABLE_KEYS may change.
+    """
+    saved = os.path.join(workdir, "config.yaml")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")) or not os.path.exists(saved):
+        return
+    changed = config_changes(load_yaml(saved), config)
+    if changed:
+        shown = ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else "")
+        raise ConfigError(f"{workdir} holds a run with a different config (differs in: {shown}); "
+                          "resume it with its own config (--config "
+                          f"{saved}), or use another --workdir")
+
+
+def finished_summary(workdir: str, rounds: int) -> dict | None:
+    """The run's summary if it completed `rounds` rounds, else None."""
+    path = os.path.join(workdir, SUMMARY_FILE)
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if summary.get("rounds_completed") == rounds and not summary.get("interrupted"):
+        return summary
+    return None
+
+
+# ---- running ----------------------------------------------------------------------
+def run_sweep(base: Config, grid: Sequence[tuple[str, Sequence[str]]], workdir: str,
+              train_fn: Callable[..., dict] | None = None, quiet: bool = False,
+              progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
+    """Train every grid point of `base` under `workdir/<point_name>`; write sweep.md/json.
+
+    Every point's config is built (and checked) before the first one trains, so
+    a bad value fails at once. Returns one row per point (in grid order).
+    """
+    if train_fn is None:
+        from worldlm_jax import train as train_lib
+        train_fn = train_lib.train
+    points = grid_points(grid)
+    plans = []
+    for assignments in points:
+        config = apply_overrides(base, [f"{k}={v}" for k, v in assignments])
+        run_dir = os.path.join(workdir, point_name(assignments))
+        check_resumable(run_dir, config)
+        plans.append((assignments, config, run_dir))
+    names = [os.path.basename(d) for _, _, d in plans]
+    if len(set(names)) != len(names):
+        raise ConfigError("two grid points map to the same directory name; use distinct values")
+    os.makedirs(workdir, exist_ok=True)
+    keys = [k for k, _ in grid]
+    rows: list[dict] = []
+    for i, (assignments, config, run_dir) in enumerate(plans, start=1):
+        name = os.path.basename(run_dir)
+        summary = finished_summary(run_dir, config.run.rounds)
+        if summary is not None:
+            log(f"[{i}/{len(plans)}] {name}: finished earlier, skipped")
+            status = "skipped"
+        else:
+            log(f"[{i}/{len(plans)}] {name}: training ({config.run.rounds} rounds) in {run_dir}")
+            summary = train_fn(config, run_dir, quiet=quiet, progress=progress)
+            status = "interrupted" if summary.get("interrupted") else "trained"
+        rows.append(_row(name, dict(assignments), run_dir, status, summary))
+        write_tables(workdir, keys, rows)  # after every point: a crash keeps what finished
+        if status == "interrupted":
+            log("sweep interrupted; run the same command again to resume")
+            break
+    return rows
+
+
+def _row(name: str, assignments: dict, run_dir: str, status: str, summary: dict) -> dict:
+    ev = summary.get("eval", {})
+    return {"name": name, "assignments": assignments, "workdir": run_dir, "status": status,
+            "rounds_completed": summary.get("rounds_completed"), "perplexity": ev.get("perplexity"),
+            "bits_per_byte": ev.get("bits_per_byte"), "wall_seconds": summary.get("wall_seconds"),
+            "per_federation": ev.get("per_federation", {})}
+
+
+def markdown_table(keys: Sequence[str], rows: Sequence[dict]) -> str:
+    header = list(keys) + ["perplexity", "bits/byte", "wall s", "status", "run dir"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for row in rows:
+        cells = [str(row["assignments"].get(k, "")) for k in keys]
+        cells += [_num(row["perplexity"], 3), _num(row["bits_per_byte"], 4), _num(row["wall_seconds"], 1),
+                  row["status"], row["name"]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(value, digits: int) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def write_tables(workdir: str, keys: Sequence[str], rows: Sequence[dict]) -> None:
+    with open(os.path.join(workdir, "sweep.md"), "w") as f:
+        f.write("# Sweep\n\n" + markdown_table(keys, rows))
+    with open(os.path.join(workdir, "sweep.json"), "w") as f:
+        json.dump({"grid": list(keys), "points": list(rows)}, f, indent=2)
