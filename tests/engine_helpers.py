@@ -137,3 +137,25 @@ def assert_tree_equal(a, b, err=""):
 def max_abs_diff(a, b) -> float:
     return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# ---- strategies shared between test modules (one compilation per session) ----
+import functools  # noqa: E402
+
+STEPS, LR = 2, 0.05
+POLICY = {"local_steps": STEPS, "client_lr": LR}
+W3 = np.array([1.0, 2.0, 3.0], np.float32)
+
+
+@functools.cache
+def hier_single():
+    """HierFAVG on root -> F0 (3 clients), slots padded to 4, NaN-able loss, SGD clients.
+    k_agg: mean in the policy is irrelevant here (no key layers) but lets WorldLM
+    runs on the same tree be compared with it."""
+    t = topo(tree2([3], root_policy=dict(POLICY, k_agg="mean")), weights=W3, slot_multiple=4)
+    return t, strategies.make_strategy(make_spec(t, loss_fn=nan_loss, client_optimizer="test_sgd"))
+
+
+def lead(batches, n=1):
+    """Add the nested-round axis to flat-tree batches."""
+    return [engine.RoundBatch(*(np.broadcast_to(x, (n,) + x.shape).copy() for x in b)) for b in batches]

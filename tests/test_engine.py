@@ -5,20 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine_helpers import (MARK, TOY_KEY_PATHS, assert_tree_close, assert_tree_equal, flat_tree, make_batches,
-                            make_spec, nan_loss, random_tokens, run, to_device, toy_loss, toy_params, topo, tree2)
-from worldlm_jax import client, engine, model, optimizers, parallel, strategies
+from engine_helpers import (LR, MARK, POLICY, STEPS, TOY_KEY_PATHS, W3, assert_tree_close, assert_tree_equal,
+                            flat_tree, hier_single, lead, make_batches, make_spec, nan_loss, random_tokens, run,
+                            to_device, toy_loss, toy_params, topo, tree2)
+from worldlm_jax import client, engine, optimizers, parallel, strategies
 
-STEPS, LR = 2, 0.05
-POLICY = {"local_steps": STEPS, "client_lr": LR}
-W3 = np.array([1.0, 2.0, 3.0], np.float32)
 
 
 @pytest.fixture(scope="module")
 def flat():
-    """FedAvg over 3 clients, slots padded to 4 (one padding slot), NaN-able loss."""
+    """FedAvg over 3 clients, slots padded to 4 (one padding slot), NaN-able loss,
+    plain SGD on clients (exact references; see test_vmap_chunked...)."""
     t = topo(flat_tree(3, **POLICY), weights=W3, slot_multiple=4)
-    return t, strategies.make_strategy(make_spec(t, loss_fn=nan_loss))
+    return t, strategies.make_strategy(make_spec(t, loss_fn=nan_loss, client_optimizer="test_sgd"))
 
 
 def root_B(state):
@@ -54,12 +53,10 @@ def test_fedavg_one_client_equals_local_training():
 # ---- HierFAVG = FedAvg ------------------------------------------------------------
 def test_hierfavg_with_single_top_federation_equals_fedavg(flat):
     t_flat, fedavg = flat
-    t = topo(tree2([3], root_policy=POLICY), weights=W3, slot_multiple=4)
-    hier = strategies.make_strategy(make_spec(t, loss_fn=nan_loss))
+    _, hier = hier_single()
     batches = make_batches(t_flat, 2, seed=2)
     flat_state, _ = run(fedavg, toy_params(), batches)
-    hier_batches = [engine.RoundBatch(*(x[None] for x in b)) for b in batches]
-    hier_state, _ = run(hier, toy_params(), hier_batches)
+    hier_state, _ = run(hier, toy_params(), lead(batches))
     assert_tree_close(root_B(hier_state), root_B(flat_state))
     assert_tree_close(hier_state.levels[1].B, flat_state.levels[0].B)
 
@@ -70,10 +67,10 @@ def test_hierfavg_with_one_client_per_federation_equals_weighted_fedavg(flat):
             "children": [{"name": f"F{i}", "clients": 1, "sources": ["s"]} for i in range(3)]}
     t = topo(spec, weights=W3, slot_multiple=4)
     assert list(t.slot_parent) == [0, 1, 2, 2]
-    hier = strategies.make_strategy(make_spec(t, loss_fn=nan_loss))
+    hier = strategies.make_strategy(make_spec(t, loss_fn=nan_loss, client_optimizer="test_sgd"))
     batches = make_batches(t_flat, 2, seed=3)
     flat_state, _ = run(fedavg, toy_params(), batches)
-    hier_state, _ = run(hier, toy_params(), [engine.RoundBatch(*(x[None] for x in b)) for b in batches])
+    hier_state, _ = run(hier, toy_params(), lead(batches))
     assert_tree_close(root_B(hier_state), root_B(flat_state))
     # and the data weights matter: equal weights give another model
     equal_state, _ = run(fedavg, toy_params(), with_weights(batches, [1, 1, 1, 0]))
@@ -150,30 +147,31 @@ def test_update_norm_above_max_counts_as_diverged():
     assert_tree_close(root_B(state), {k: v[None] for k, v in ref.items()}, atol=1e-6, rtol=1e-5)
 
 
-# ---- vmap = chunks = sequential reference (real tiny model) ------------------------
-def test_vmap_chunked_and_sequential_reference_agree():
-    md, params = model.init(model.preset("tiny", max_len=8), jax.random.PRNGKey(0))
-    t = topo(flat_tree(3, local_steps=STEPS, client_lr=0.01), weights=W3, slot_multiple=4)
-    batches = make_batches(t, 2, seq_len=8, seed=8, vocab=md.config.vocab_size)
-    states = {}
-    for chunk in (0, 1):
-        strategy = strategies.make_strategy(make_spec(t, loss_fn=md.loss, chunk=chunk))
-        states[chunk], _ = run(strategy, params, batches)
-    assert_tree_close(states[0], states[1], atol=1e-6)
+# ---- vmap = chunks = sequential reference ------------------------------------------
+def test_vmap_chunked_and_sequential_reference_agree(flat):
+    # Plain SGD on clients: AdamW's g / (|g| + eps) turns 1e-9 rounding differences of
+    # near-zero gradients into visible ones, which would hide real disagreements.
+    # (The real decoder runs through the engine in test_strategies' training smoke test.)
+    t, vmapped = flat  # chunk = 0
+    chunked = strategies.make_strategy(make_spec(t, loss_fn=nan_loss, chunk=1, client_optimizer="test_sgd"))
+    params = toy_params(3)
+    batches = make_batches(t, 2, seed=8)
+    states = {0: run(vmapped, params, batches)[0], 1: run(chunked, params, batches)[0]}
+    assert_tree_close(states[0], states[1], atol=1e-7, rtol=1e-6)
 
-    tx = optimizers.get("adamw")
-    local = jax.jit(client.make_local_update(md.loss, tx))
+    tx = optimizers.get("test_sgd")
+    local = jax.jit(client.make_local_update(toy_loss, tx))
     ref = {k: np.asarray(v, np.float64) for k, v in params.items()}
     for b in batches:
         start = {k: jnp.asarray(v, jnp.float32) for k, v in ref.items()}
         total = {k: np.zeros_like(v) for k, v in ref.items()}
         for s in range(3):  # one client after another, then a numpy weighted mean
-            res = local(start, tx.init(start), jnp.asarray(b.tokens[s]), 0.01, STEPS)
+            res = local(start, tx.init(start), jnp.asarray(b.tokens[s]), LR, STEPS)
             for k in ref:
                 total[k] += W3[s] * (np.asarray(res.params[k], np.float64) - np.asarray(start[k], np.float64))
         ref = {k: ref[k] + total[k] / W3.sum() for k in ref}
-    assert_tree_close(root_B(states[0]), {k: v[None] for k, v in ref.items()}, atol=2e-6, rtol=1e-4)
-    assert not np.allclose(root_B(states[0])["embed"][0], params["embed"], atol=1e-4)  # it did train
+    assert_tree_close(root_B(states[0]), {k: v[None] for k, v in ref.items()}, atol=1e-6, rtol=1e-5)
+    assert not np.allclose(root_B(states[0])["embed"][0], params["embed"], atol=1e-3)  # it did train
 
 
 # ---- devices and compilation ---------------------------------------------------------
@@ -182,11 +180,11 @@ def worldlm_runs():
     """WorldLM (siblings residuals, parent candidate) on 2 x 3 clients, 8 slots: 1 vs 8 devices."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake CPU) devices: conftest sets XLA_FLAGS before JAX starts")
-    t = topo(tree2([3, 3], root_policy=dict(POLICY, tau=0.5)), weights=[1, 2, 3, 1, 1, 2], slot_multiple=8)
+    t = topo(tree2([3, 3], root_policy=dict(POLICY, client_lr=0.5, tau=0.5)), weights=[1, 2, 3, 1, 1, 2], slot_multiple=8)
     out = {}
     for name, mesh in (("1 device", None), ("8 devices", parallel.make_mesh(8))):
         strategy = strategies.make_strategy(make_spec(t, strategies.worldlm_plan(2), key_paths=TOY_KEY_PATHS,
-                                                      mesh=mesh))
+                                                      client_optimizer="test_sgd", mesh=mesh))
         out[name] = (t, strategy)
     return out
 

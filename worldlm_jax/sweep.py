@@ -28,6 +28,38 @@ RESUMABLE_KEYS = ("run.rounds", "run.eval_every", "run.checkpoint_every", "run.c
                   "run.chunk", "run.devices")
 
 
+# ---- overrides ---------------------------------------------------------------------
+_SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def normalize_value(raw: str) -> str:
+    """'1e-3' -> '0.001'. PyYAML (YAML 1.1) reads 1e-3 as a *string* (it wants
+    1.0e-3), which a float field then rejects; command-line users type 1e-3."""
+    text = raw.strip()
+    return yaml_float(float(text)) if _SCIENTIFIC.match(text) else raw
+
+
+def yaml_float(value: float) -> str:
+    """A float as text that PyYAML reads back as that float: 1e-06 -> 1.0e-06."""
+    text = repr(float(value))
+    mantissa, e, exponent = text.partition("e")
+    if e and "." not in mantissa:
+        text = f"{mantissa}.0e{exponent}"
+    return text
+
+
+def normalize_override(assignment: str) -> str:
+    if "=" not in assignment:
+        return assignment
+    key, raw = assignment.split("=", 1)
+    return f"{key}={normalize_value(raw)}"
+
+
+def point_config(base: Config, assignments: Sequence[tuple[str, str]]) -> Config:
+    """`base` with one grid point's assignments applied."""
+    return apply_overrides(base, [f"{k}={normalize_value(v)}" for k, v in assignments])
+
+
 # ---- grid ------------------------------------------------------------------------
 def parse_grid(specs: Sequence[str]) -> list[tuple[str, list[str]]]:
     """['a.b=1,2', 'c=x'] -> [('a.b', ['1', '2']), ('c', ['x'])].
@@ -162,7 +194,7 @@ def run_sweep(base: Config, grid: Sequence[tuple[str, Sequence[str]]], workdir: 
     points = grid_points(grid)
     plans = []
     for assignments in points:
-        config = apply_overrides(base, [f"{k}={v}" for k, v in assignments])
+        config = point_config(base, assignments)
         run_dir = os.path.join(workdir, point_name(assignments))
         check_resumable(run_dir, config)
         plans.append((assignments, config, run_dir))

@@ -151,6 +151,12 @@ class Prefetcher:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def place_state(exp: Experiment, state):
+    """Replicate the state over the mesh up front: the round returns it so, and
+    equal input placements mean one compilation (and checkpoints restore to it)."""
+    return jax.device_put(state, parallel.replicated(exp.mesh))
+
+
 # ---- summaries ------------------------------------------------------------------
 def describe_eval(exp: Experiment, nll_C: np.ndarray) -> dict:
     """Per-client mean NLL (nats/token) -> perplexity per federation and overall,
@@ -196,7 +202,7 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
     say = (lambda *a: None) if quiet else print
     say(exp.run_topology.summary())
 
-    state = exp.strategy.init(exp.init_params)
+    state = place_state(exp, exp.strategy.init(exp.init_params))
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=2)
     start = 0
     writer = metrics_lib.MetricsWriter(workdir)
@@ -266,7 +272,8 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
                 log(fetcher.flush())
                 ckpt.save(r, state, host_state(r), force=True)
         log(fetcher.flush())
-        ckpt.save(r, state, host_state(r), force=True)
+        if ckpt.latest_step() != r:
+            ckpt.save(r, state, host_state(r), force=True)
         ckpt.wait()
     finally:
         prefetch.close()

@@ -59,6 +59,9 @@ def run(configs: Sequence[Config], rounds: int | None = None):
     init = lambda seed: exp.strategy.init(_init_params(exp, seed))
     states = jax.tree.map(lambda *xs: jnp.stack(xs), *[init(c.run.seed) for c in configs])
     keys = jnp.stack([jax.random.PRNGKey(c.run.seed + 1) for c in configs])
+    # Committed, replicated inputs from the start: the round's outputs are, so
+    # the second call reuses the first compilation.
+    states, keys, stacked_policies = train.place_state(exp, (states, keys, stacked_policies))
     step = jax.jit(jax.vmap(round_fn, in_axes=(0, None, 0, 0)), donate_argnums=(0,))
     for r in range(rounds or configs[0].run.rounds):
         batch = train._put(exp, train.make_batch(exp, r))

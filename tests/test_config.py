@@ -1,0 +1,174 @@
+"""Config: presets build, YAML round trips, `a.b=v` overrides are type checked with helpful errors."""
+import dataclasses
+import math
+
+import pytest
+
+from worldlm_jax import configs
+from worldlm_jax.config import (Config, ConfigError, apply_override, apply_overrides, from_dict, load_yaml,
+                                save_yaml)
+from worldlm_jax.data import corpus
+from worldlm_jax.topology import TopologyError, build_topology
+
+
+@pytest.mark.parametrize("name", list(configs.PRESETS))
+def test_every_preset_builds_and_its_tree_compiles(name):
+    config = configs.get(name)
+    assert isinstance(config, Config)
+    assert configs.PRESETS[name].__doc__, f"preset {name} needs a docstring (worldlm presets shows it)"
+    topology = build_topology(config.tree, known_sources=corpus.list_sources(), root_policy=config.policy)
+    assert topology.n_clients >= 2
+    assert topology.depth >= 1
+    # every leaf federation got the preset's default policy where it sets none
+    assert all(p.local_steps == config.policy.local_steps for p in topology.leaf.policies)
+    assert config.data.seq_len <= config.model.max_len
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="presets: tiny, demo"):
+        configs.get("tinny")
+
+
+@pytest.mark.parametrize("name", list(configs.PRESETS))
+def test_yaml_round_trip(name, tmp_path):
+    config = configs.get(name)
+    path = tmp_path / "config.yaml"
+    save_yaml(config, str(path))
+    assert load_yaml(str(path)) == config
+
+
+def test_yaml_round_trip_keeps_infinities_tuples_and_none(tmp_path):
+    config = apply_overrides(configs.get("tiny"), [
+        "algorithm.max_update_norm=inf",
+        "algorithm.key_layers={kind: blocks, blocks: [0, 1]}",  # a whole section at once
+        "policy.clients_per_round=null", "policy.dp_clip=inf"])
+    assert config.algorithm.key_layers.kind == "blocks"
+    assert config.algorithm.key_layers.blocks == (0, 1)
+    path = tmp_path / "c.yaml"
+    save_yaml(config, str(path))
+    loaded = load_yaml(str(path))
+    assert loaded == config
+    assert math.isinf(loaded.algorithm.max_update_norm) and loaded.policy.clients_per_round is None
+
+
+def test_yaml_unknown_key_and_non_mapping(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("run:\n  roundz: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'run.roundz'.*run.rounds"):
+        load_yaml(str(path))
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_yaml(str(path))
+
+
+def test_override_sets_typed_values():
+    config = apply_overrides(configs.get("tiny"), ["run.rounds=3", "policy.client_lr=0.01",
+                                                   "algorithm.name=fedavg", "policy.clients_per_round=1"])
+    assert config.run.rounds == 3
+    assert config.policy.client_lr == 0.01 and isinstance(config.policy.client_lr, float)
+    assert config.algorithm.name == "fedavg"
+    assert config.policy.clients_per_round == 1
+    # the original is untouched (frozen dataclasses, replaced not mutated)
+    assert configs.get("tiny").run.rounds == 2
+
+
+def test_override_yaml11_float_forms():
+    assert apply_override(configs.get("tiny"), "policy.client_lr=1.0e-2").policy.client_lr == 0.01
+    assert apply_override(configs.get("tiny"), "policy.client_lr=.5").policy.client_lr == 0.5
+
+
+@pytest.mark.xfail(reason="config._coerce rejects '1e-2': PyYAML (YAML 1.1) reads it as a string; "
+                          "the CLI normalises such values itself (sweep.normalize_value)", strict=False)
+def test_override_plain_scientific_notation():
+    assert apply_override(configs.get("tiny"), "policy.client_lr=1e-2").policy.client_lr == 0.01
+
+
+def test_override_int_to_float_field_is_coerced():
+    config = apply_override(configs.get("tiny"), "policy.tau=1")
+    assert config.policy.tau == 1.0 and isinstance(config.policy.tau, float)
+
+
+def test_unknown_key_suggests_near_typo_and_lists_valid_keys():
+    with pytest.raises(ConfigError) as info:
+        apply_override(configs.get("tiny"), "run.round=3")
+    message = str(info.value)
+    assert "run.round'" in message
+    assert "Did you mean run.rounds?" in message
+    for key in ("rounds", "seed", "eval_every", "checkpoint_every"):
+        assert key in message  # the valid keys of the section
+    with pytest.raises(ConfigError, match=r"unknown config key 'modle'.*Did you mean model"):
+        apply_override(configs.get("tiny"), "modle.d_model=8")
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"run\.rounds='abc': expected an integer"):
+        apply_override(configs.get("tiny"), "run.rounds=abc")
+    with pytest.raises(ConfigError, match=r"policy\.client_lr='fast': expected a number"):
+        apply_override(configs.get("tiny"), "policy.client_lr=fast")
+    with pytest.raises(ConfigError, match=r"algorithm\.use_parent=3: expected true or false"):
+        apply_override(configs.get("tiny"), "algorithm.use_parent=3")
+
+
+def test_invalid_values_name_the_key():
+    with pytest.raises(ConfigError, match=r"rounds=0; expected an integer >= 1"):
+        apply_override(configs.get("tiny"), "run.rounds=0")
+    with pytest.raises(ConfigError, match=r"algorithm\.name.*fedavg"):
+        apply_override(configs.get("tiny"), "algorithm.name=fedsgd")
+    with pytest.raises(ConfigError, match="sampling"):
+        apply_override(configs.get("tiny"), "policy.sampling=sometimes")
+
+
+def test_override_needs_an_equals_sign():
+    with pytest.raises(ConfigError, match="key.path=value"):
+        apply_override(configs.get("tiny"), "run.rounds")
+
+
+def test_nested_overrides():
+    config = apply_overrides(configs.get("tiny"), ["algorithm.key_layers.fraction=0.5", "policy.tau=1.0",
+                                                   "model.n_layers=4"])
+    assert config.algorithm.key_layers.fraction == 0.5
+    assert config.algorithm.key_layers.kind == "last_fraction"  # siblings untouched
+    assert config.policy.tau == 1.0
+    assert config.model.n_layers == 4
+    with pytest.raises(ConfigError, match=r"algorithm\.key_layers\.fractoin.*algorithm\.key_layers\.fraction"):
+        apply_override(configs.get("tiny"), "algorithm.key_layers.fractoin=0.5")
+    with pytest.raises(ConfigError, match="not a config section"):
+        apply_override(configs.get("tiny"), "run.rounds.x=1")
+
+
+def test_tree_overrides_via_dict_path():
+    base = configs.get("tiny")
+    config = apply_overrides(base, [
+        "tree.children=[{name: a, sources: [man_en], clients: 3}, {name: b, sources: [man_de], clients: 1}]",
+        "tree.policy.local_steps=7",  # creates the root node's policy mapping
+        "tree.name=earth"])
+    assert config.tree["name"] == "earth"
+    assert config.tree["policy"] == {"local_steps": 7}
+    assert base.tree["name"] == "world" and "policy" not in base.tree
+    topology = build_topology(config.tree, known_sources=corpus.list_sources(), root_policy=config.policy)
+    assert topology.n_clients == 4
+    assert topology.leaf.names == ("a", "b") or list(topology.leaf.names) == ["a", "b"]
+    assert all(p.local_steps == 7 for p in topology.leaf.policies)  # inherited from the root
+
+
+def test_bad_tree_fails_at_compile_naming_the_federation():
+    config = apply_override(configs.get("tiny"), "tree.children=[{name: a, sources: [nope], clients: 2}]")
+    with pytest.raises(TopologyError, match=r"federation 'a'.*unknown data source 'nope'"):
+        build_topology(config.tree, known_sources=corpus.list_sources(), root_policy=config.policy)
+
+
+def test_seq_len_longer_than_max_len_is_rejected():
+    with pytest.raises(ConfigError, match=r"data\.seq_len=4096 exceeds model\.max_len=.*raise model\.max_len"):
+        apply_override(configs.get("tiny"), "data.seq_len=4096")
+    with pytest.raises(ConfigError, match="exceeds model.max_len"):
+        from_dict(Config, {"data": {"seq_len": 256}, "model": {"max_len": 128}})
+    # raising max_len first makes the same seq_len valid
+    config = apply_overrides(configs.get("tiny"), ["model.max_len=4096", "data.seq_len=4096"])
+    assert config.data.seq_len == 4096
+
+
+def test_to_dict_is_plain_yaml_data():
+    plain = configs.get("demo").to_dict()
+    assert set(plain) == {f.name for f in dataclasses.fields(Config)}
+    assert plain["algorithm"]["max_update_norm"] == "inf"
+    assert isinstance(plain["algorithm"]["key_layers"]["blocks"], list)
