@@ -194,6 +194,21 @@ def test_residual_candidates_matter_only_where_masked_in():
     assert np.all(np.asarray(info_c.residual_weight_PxM) == 0)
 
 
+def test_parent_candidate_in_attention_mode():
+    rng, node, child, w = setup(5)
+    parent = {p: node[p] + 0.3 * rng.normal(size=node[p].shape).astype(np.float32) for p in node}
+    base, _ = attend(node, child, w, policy(0, tau=1.0))
+    with_parent, info = attend(node, child, w, policy(0, tau=1.0), parent_K_P=parent)
+    muted, info_m = attend(node, child, w, policy(0, tau=1.0, parent_bias=-1e4), parent_K_P=parent)
+    assert np.all(np.asarray(info.parent_weight_P) > 1e-3)
+    assert all(not np.allclose(with_parent[p], base[p], atol=1e-4) for p in node)
+    close(muted, base, atol=1e-6)
+    assert np.all(np.asarray(info_m.parent_weight_P) < 1e-6)
+    # the parent's weight is taken from the children: all weights still sum to 1 per node
+    total = np.bincount(PARENT, weights=np.asarray(info.child_weight_N), minlength=P) + np.asarray(info.parent_weight_P)
+    np.testing.assert_allclose(total, 1.0, rtol=1e-5)
+
+
 # ---- server step --------------------------------------------------------------
 def server_tree(rng, n):
     return {"w": rng.normal(size=(n, 3, 2)).astype(np.float32), "b": rng.normal(size=(n, 4)).astype(np.float32)}

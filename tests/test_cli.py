@@ -51,7 +51,7 @@ def trained(tmp_path_factory, cache_args):
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, cache_args):
     workdir = str(tmp_path_factory.mktemp("sweep"))
-    argv = ["sweep", *FAST, *cache_args, "--grid", "run.seed=0,1", "--workdir", workdir, "--quiet"]
+    argv = ["sweep", *FAST, *cache_args, "--grid", "data.eval_batches=1,2", "--workdir", workdir, "--quiet"]
     code, out, err = run_cli(argv)
     return workdir, argv, code, out, err
 
@@ -209,7 +209,9 @@ def test_eval_without_a_run_fails_clearly(tmp_path):
 
 
 # ---- sweep / report -------------------------------------------------------------------------
-POINTS = ("run.seed=0", "run.seed=1")  # the same shapes and constants: compiled once
+# Points that differ only in evaluation: the training step compiles once for all three
+# runs (the persistent cache), only the evaluator recompiles for 2 batches.
+POINTS = ("data.eval_batches=1", "data.eval_batches=2")
 
 
 def test_sweep_trains_every_point_and_writes_the_table(swept):
@@ -219,18 +221,18 @@ def test_sweep_trains_every_point_and_writes_the_table(swept):
     for name in POINTS:
         summary = json.load(open(os.path.join(workdir, name, "summary.json")))
         assert summary["rounds_completed"] == 1
-        assert load_yaml(os.path.join(workdir, name, "config.yaml")).run.seed == int(name.split("=")[1])
+        assert load_yaml(os.path.join(workdir, name, "config.yaml")).data.eval_batches == int(name.split("=")[1])
         summaries[name] = summary
     table = open(os.path.join(workdir, "sweep.md")).read()
-    assert "| run.seed | perplexity | bits/byte | wall s |" in table
+    assert "| data.eval_batches | perplexity | bits/byte | wall s |" in table
     for name, summary in summaries.items():
         row = next(line for line in table.splitlines() if line.endswith(f"| {name} |"))
         assert f"| {name.split('=')[1]} |" in row
         assert f"{summary['eval']['perplexity']:.3f}" in row and "| trained |" in row
     data = json.load(open(os.path.join(workdir, "sweep.json")))
     assert [p["name"] for p in data["points"]] == list(POINTS)
-    assert data["points"][1]["assignments"] == {"run.seed": "1"}
-    # different seeds train different models
+    assert data["points"][1]["assignments"] == {"data.eval_batches": "2"}
+    # twice the validation windows: another estimate of the perplexity
     assert summaries[POINTS[0]]["eval"]["perplexity"] != summaries[POINTS[1]]["eval"]["perplexity"]
 
 
@@ -254,7 +256,7 @@ def test_report_compares_runs(swept, tmp_path):
     text = (out_dir / "report.md").read_text()
     assert "| run | algorithm | rounds | perplexity | bits/byte | ppl / first | ppl en | ppl de | ppl ru |" in text
     ppl = [json.load(open(os.path.join(d, "summary.json")))["eval"] for d in dirs]
-    rows = [line for line in text.splitlines() if line.startswith("| run.seed=")]
+    rows = [line for line in text.splitlines() if line.startswith("| data.eval_batches=")]
     assert len(rows) == 2
     assert rows[0].startswith(f"| {POINTS[0]} | worldlm | 1 | {ppl[0]['perplexity']:.3f} |")
     assert "| 1.000 |" in rows[0]

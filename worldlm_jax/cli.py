@@ -180,7 +180,9 @@ def evaluate_run(workdir: str, split: str = "validation", step: int | None = Non
         if latest is None:
             raise CliError(f"{workdir} has no checkpoint to evaluate; train it first")
         exp = train_lib.build_experiment(config)
-        state = exp.strategy.init(exp.init_params)
+        # placed as train() places it, so the restored arrays land where training had them
+        place = getattr(train_lib, "place_state", lambda _, s: s)
+        state = place(exp, exp.strategy.init(exp.init_params))
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         del state
         state, host = ckpt.restore(step, abstract_state=abstract)

@@ -1,0 +1,138 @@
+"""DP-FedAvg inside the engine, per federation, and communication accounting."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from worldlm_jax import communication, dp_ledger, engine, model, partition, privacy, strategies
+from worldlm_jax.topology import build_topology
+
+CFG = model.preset("tiny", max_len=16, d_model=16, n_heads=2, n_layers=2)
+MODEL_DEF, PARAMS = model.init(CFG, jax.random.PRNGKey(0))
+KEY_PATHS = frozenset(p for p, k in partition.key_layer_mask(PARAMS, partition.KeyLayers(), CFG.n_layers).items() if k)
+
+
+def _tree(policy_a=None, policy_b=None, clients=2, rounds=1):
+    return {"name": "root", "children": [
+        {"name": "a", "sources": ["x"], "clients": clients, "policy": {"rounds": rounds, **(policy_a or {})}},
+        {"name": "b", "sources": ["x"], "clients": clients, "policy": {"rounds": rounds, **(policy_b or {})}}],
+        "policy": {"local_steps": 2, "client_lr": 1e-2}}
+
+
+def _run(name, tree, tokens_seed=0, rounds=1, residuals="siblings"):
+    topo = strategies.strategy_topology(name, build_topology(tree))
+    plan = strategies.strategy_plan(name, topo.depth, residuals=residuals)
+    keys = KEY_PATHS if strategies.uses_key_layers(name) else frozenset()
+    spec = engine.EngineSpec(topology=topo, plan=plan, loss_fn=MODEL_DEF.loss, key_paths=keys,
+                             key_groups=partition.key_groups(keys) if keys else {})
+    strategy = strategies.make_strategy(spec)
+    state = strategy.init(PARAMS)
+    shape = engine.batch_shape(topo, 2, 8)
+    rng = np.random.default_rng(tokens_seed)
+    metrics = []
+    for r in range(rounds):
+        slot_client = np.broadcast_to(np.arange(topo.n_slots, dtype=np.int32), shape[:-4] + (topo.n_slots,))
+        batch = engine.RoundBatch(jnp.asarray(rng.integers(0, 256, shape), jnp.int32), jnp.asarray(slot_client),
+                                  jnp.ones(slot_client.shape, jnp.float32))
+        state, m = strategy.run_round(state, batch, jax.random.PRNGKey(7))
+        metrics.append(jax.tree.map(np.asarray, m))
+    return spec, state, metrics
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_dp_with_no_noise_and_a_loose_clip_equals_fedavg():
+    loose = {"dp_clip": 1e9}  # DP path on (participant mean, clipping), but nothing is clipped or noised
+    _, plain, _ = _run("fedavg", _tree())
+    _, dp, _ = _run("fedavg", {**_tree(), "policy": {**_tree()["policy"], **loose}})
+    for a, b in zip(_leaves(plain.levels[0]), _leaves(dp.levels[0])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_noise_changes_the_private_federation_only():
+    noisy = {"dp_noise_multiplier": 1.0, "dp_clip": 0.1}
+    _, base, _ = _run("worldlm", _tree())
+    _, dp, _ = _run("worldlm", _tree(policy_a=noisy))
+    # federation b has no DP: after one root round its K is bit-identical
+    for a, b in zip(_leaves({p: v[1] for p, v in base.levels[1].K.items()}),
+                    _leaves({p: v[1] for p, v in dp.levels[1].K.items()})):
+        np.testing.assert_array_equal(a, b)
+    # federation a's K moved by noise of the expected size: std z * clip / expected count per coordinate
+    diff = np.concatenate([(dp.levels[1].K[p][0] - base.levels[1].K[p][0]).ravel() for p in sorted(KEY_PATHS)])
+    assert np.std(diff) > 0.5 * 1.0 * 0.1 / 2
+
+
+def test_clipping_bounds_each_child_contribution():
+    # one client; its update is clipped to 1e-3 before reaching the federation
+    tree = {"name": "root", "clients": 1, "sources": ["x"], "policy": {"local_steps": 2, "client_lr": 1e-2,
+                                                                          "dp_clip": 1e-3}}
+    _, state, _ = _run("fedavg", tree)
+    moved = np.sqrt(sum(np.sum((np.asarray(state.levels[0].B[p][0]) - PARAMS[p]) ** 2) for p in PARAMS))
+    assert moved <= 1e-3 * (1 + 1e-4)
+    assert moved > 0.5e-3  # and the update was real (clipped, not dropped)
+
+
+def test_accountant_ledgers_follow_the_tree():
+    tree = _tree(policy_a={"dp_noise_multiplier": 1.2, "dp_clip": 1.0, "clients_per_round": 1, "sampling": "poisson"},
+                 rounds=3)
+    topo = build_topology(tree)
+    accountants = dp_ledger.make_accountants(topo)
+    assert set(accountants) == {"a"}
+    dp_ledger.step_all(topo, accountants)
+    dp_ledger.step_all(topo, accountants)
+    assert accountants["a"].rounds == 6  # 3 federation rounds per root round
+    report = dp_ledger.report(topo, accountants)["a"]
+    direct = privacy.epsilon_after(1.2, 0.5, 6, 1e-5, "rdp", "poisson")
+    assert report["epsilon"] == pytest.approx(direct)
+    assert report["sampling_rate"] == 0.5
+
+
+def test_calibration_meets_the_target_for_every_federation():
+    topo = build_topology(_tree(rounds=2))
+    calibrated = dp_ledger.calibrate(topo, target_epsilon=4.0, target_delta=1e-5, root_rounds=5)
+    accountants = dp_ledger.make_accountants(calibrated)
+    assert set(accountants) == {"root", "a", "b"}
+    for _ in range(5):
+        dp_ledger.step_all(calibrated, accountants)
+    for name, rep in dp_ledger.report(calibrated, accountants).items():
+        assert rep["epsilon"] <= 4.0
+        assert rep["epsilon"] > 3.5, f"{name}: noise larger than needed"
+    with pytest.raises(ValueError, match="federation 'a'|federation 'root'"):
+        dp_ledger.calibrate(topo, target_epsilon=1e-9, target_delta=1e-5, root_rounds=5)
+
+
+# ---- communication -----------------------------------------------------------
+def _bytes(params, paths):
+    return sum(int(np.prod(params[p].shape)) * 4 for p in paths)
+
+
+def test_fedavg_bytes_match_hand_count():
+    spec, _, metrics = _run("fedavg", _tree())
+    participants = {0: metrics[0]["level0/participants"]}
+    got = communication.round_bytes(spec.topology, spec.plan, communication.part_bytes(PARAMS, frozenset()),
+                                    participants)
+    whole = _bytes(PARAMS, PARAMS)
+    assert got["total"] == 4 * (whole + whole)  # 4 clients, model down and up
+
+
+def test_worldlm_bytes_match_hand_count():
+    rounds = 2
+    spec, _, metrics = _run("worldlm", _tree(rounds=rounds))
+    participants = {d: metrics[0][f"level{d}/participants"] for d in range(2)}
+    sizes = communication.part_bytes(PARAMS, KEY_PATHS)
+    got = communication.round_bytes(spec.topology, spec.plan, sizes, participants)
+    B, K = _bytes(PARAMS, set(PARAMS) - KEY_PATHS), _bytes(PARAMS, KEY_PATHS)
+    # level 0: 2 federations get B, send B and K up; each receives 1 sibling K + the root's K
+    assert got["level0"]["down"] == 2 * B
+    assert got["level0"]["up"] == 2 * (B + K)
+    assert got["level0"]["residual"] == 2 * (1 + 1) * K
+    # level 1: 2 rounds x 2 federations x 2 clients, whole model both ways
+    assert got["level1"]["total"] == rounds * 4 * 2 * (B + K)
+    # K never leaves a federation in FedPer: only B moves
+    spec_p, _, metrics_p = _run("fedper", _tree())
+    got_p = communication.round_bytes(spec_p.topology, spec_p.plan, sizes, {0: metrics_p[0]["level0/participants"]})
+    assert got_p["total"] == 4 * 2 * B
