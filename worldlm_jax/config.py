@@ -63,6 +63,8 @@ class AlgorithmConfig:
     use_parent: bool = True  # the parent's K is an attention candidate
     client_optimizer: str = "adamw"
     max_update_norm: float = math.inf  # a client update above this counts as diverged
+    schedule: str = "nested"  # nested | staged (worldlm: first `staged_rounds` root rounds with a global K)
+    staged_rounds: int = 0
 
     def __post_init__(self):
         from worldlm_jax import optimizers, strategies
@@ -72,6 +74,9 @@ class AlgorithmConfig:
         _choice(self, "residuals", ("none", "siblings", "all"))
         _choice(self, "similarity", SIMILARITIES)
         _choice(self, "client_optimizer", optimizers.names())
+        _choice(self, "schedule", ("nested", "staged"))
+        if self.staged_rounds < 0:
+            raise ConfigError(f"algorithm.staged_rounds={self.staged_rounds}; expected >= 0")
         if not self.max_update_norm > 0:
             raise ConfigError(f"algorithm.max_update_norm={self.max_update_norm}; expected > 0 (inf = off)")
 
@@ -121,11 +126,19 @@ class Config:
     policy: Policy = Policy()  # defaults every federation inherits
     tree: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
-    def __post_init__(self):
+    def validate(self) -> "Config":
+        """Checks across sections; run once all overrides are applied (so that
+        e.g. raising seq_len and max_len in either order works)."""
         if self.data.seq_len > self.model.max_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_len={self.model.max_len}; "
                               "lower data.seq_len or raise model.max_len")
         self.policy.validate("config 'policy'")
+        algo = self.algorithm
+        if algo.schedule == "staged" and (algo.name != "worldlm" or not 1 <= algo.staged_rounds < self.run.rounds):
+            raise ConfigError(f"algorithm.schedule=staged needs algorithm.name=worldlm and 1 <= algorithm.staged_rounds "
+                              f"< run.rounds; got name={algo.name}, staged_rounds={algo.staged_rounds}, "
+                              f"rounds={self.run.rounds}")
+        return self
 
     def to_dict(self) -> dict:
         return _to_plain(self)
@@ -230,7 +243,7 @@ def load_yaml(path: str) -> Config:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    return from_dict(Config, data)
+    return from_dict(Config, data).validate()
 
 
 def apply_override(config, assignment: str):
@@ -267,7 +280,7 @@ def _set(obj, keys: list[str], value, prefix: str):
 def apply_overrides(config, assignments) -> Config:
     for assignment in assignments or ():
         config = apply_override(config, assignment)
-    return config
+    return config.validate() if isinstance(config, Config) else config
 
 
 def save_yaml(config: Config, path: str) -> None:

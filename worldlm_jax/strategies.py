@@ -57,6 +57,16 @@ def worldlm_plan(depth: int, residuals: str = "siblings", similarity: str = "cos
                 residuals=residuals, similarity=similarity, use_parent=use_parent)
 
 
+def global_stage_plan(depth: int, residuals: str = "siblings", similarity: str = "cos_delta",
+                      use_parent: bool = True) -> Plan:
+    """WorldLM's first stage under the `staged` schedule: K is aggregated up to
+    the root and broadcast back like B (one global model), before the nested
+    stage localises it. Same state layout as `worldlm_plan`, so a run switches
+    plans between rounds without converting anything."""
+    return Plan(broadcast=(ALL,) * depth, aggregate=(ALL,) * depth, owner={"B": 0, "K": 0},
+                residuals=residuals, similarity=similarity, use_parent=use_parent)
+
+
 def strategy_topology(name: str, topology: Topology) -> Topology:
     """The tree a strategy runs on (same clients, same data)."""
     check_name(name)

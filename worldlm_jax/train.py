@@ -45,6 +45,15 @@ class Experiment:
     data: pipeline.FederatedData
     mesh: Any
     part_bytes: dict
+    first_stage: strategies.Strategy | None = None  # staged schedule: rounds before localising K
+
+    def strategy_for(self, round_index: int) -> strategies.Strategy:
+        staged = self.first_stage is not None and round_index < self.config.algorithm.staged_rounds
+        return self.first_stage if staged else self.strategy
+
+    def compiles(self) -> int:
+        stages = [self.strategy] + ([self.first_stage] if self.first_stage else [])
+        return sum(s.run_round._cache_size() for s in stages)
 
 
 def _pooled_topology(topology: Topology, weight: float) -> Topology:
@@ -57,6 +66,7 @@ def _pooled_topology(topology: Topology, weight: float) -> Topology:
 
 
 def build_experiment(config: Config, cache_dir: str = "") -> Experiment:
+    config.validate()
     topology = build_topology(config.tree, known_sources=corpus.list_sources(), root_policy=config.policy)
     data = pipeline.prepare(topology, config.data.tokenizer, config.data.seq_len, config.data.val_fraction,
                             config.run.seed, config.data.max_bytes_per_source, config.data.data_dir, cache_dir)
@@ -93,6 +103,11 @@ def build_experiment(config: Config, cache_dir: str = "") -> Experiment:
                              client_optimizer=algo.client_optimizer, chunk=chunk,
                              max_update_norm=algo.max_update_norm, mesh=mesh if mesh.size > 1 else None)
     strategy = strategies.make_strategy(spec)
+    first_stage = None
+    if algo.schedule == "staged":
+        global_plan = strategies.global_stage_plan(run_topology.depth, algo.residuals, algo.similarity,
+                                                   algo.use_parent)
+        first_stage = strategies.make_strategy(dataclasses.replace(spec, plan=global_plan))
     sampler = RoundSampler(streams, config.data.seq_len, config.run.seed)
     eval_tokens = validation_batches([c.validation for c in data.clients], config.data.seq_len,
                                      config.data.eval_batch_size, config.data.eval_batches)
@@ -100,7 +115,7 @@ def build_experiment(config: Config, cache_dir: str = "") -> Experiment:
         else np.arange(topology.n_clients, dtype=np.int32)
     eval_fn = evaluate.make_evaluator(spec, model_def.loss, eval_tokens, deploy_index)
     return Experiment(config, topology, run_topology, spec, strategy, model_def, params, sampler, batch_size,
-                      eval_fn, data, mesh, communication.part_bytes(params, key_paths))
+                      eval_fn, data, mesh, communication.part_bytes(params, key_paths), first_stage)
 
 
 # ---- host-side batches --------------------------------------------------------
@@ -184,7 +199,11 @@ def round_record(exp: Experiment, round_index: int, metrics: dict, seconds: floa
         if key.startswith("level"):
             record[key] = np.asarray(value).tolist()
     participants = {d: np.asarray(metrics[f"level{d}/participants"]) for d in range(exp.run_topology.depth)}
-    record["bytes_communicated"] = communication.round_bytes(exp.run_topology, exp.spec.plan, exp.part_bytes,
+    plan = exp.spec.plan
+    if exp.strategy_for(round_index) is not exp.strategy:
+        algo = exp.config.algorithm
+        plan = strategies.global_stage_plan(exp.run_topology.depth, algo.residuals, algo.similarity, algo.use_parent)
+    record["bytes_communicated"] = communication.round_bytes(exp.run_topology, plan, exp.part_bytes,
                                                              participants)
     return record
 
@@ -259,7 +278,7 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
                         f"{config.privacy.target_epsilon} of federation(s) {', '.join(over)}")
                     break
             batch = _put(exp, prefetch.get(r))
-            state, round_metrics = exp.strategy.run_round(state, batch, key)
+            state, round_metrics = exp.strategy_for(r).run_round(state, batch, key)
             done = fetcher.submit((r, round_metrics))
             dp_ledger.step_all(exp.run_topology, accountants)
             log(done)
@@ -292,7 +311,7 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
         "rounds_completed": r,
         "interrupted": r < rounds,
         "eval": final,
-        "compiles": exp.strategy.run_round._cache_size(),
+        "compiles": exp.compiles(),
         "wall_seconds": time.perf_counter() - t0,
         "topology": {"depth": exp.run_topology.depth, "clients": exp.topology.n_clients,
                      "slots": exp.run_topology.n_slots, "padding_fraction": exp.run_topology.padding_fraction},
