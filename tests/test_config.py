@@ -15,6 +15,7 @@ from worldlm_jax.topology import TopologyError, build_topology
 def test_every_preset_builds_and_its_tree_compiles(name):
     config = configs.get(name)
     assert isinstance(config, Config)
+    assert config.validate() == config  # cross-section checks pass
     assert configs.PRESETS[name].__doc__, f"preset {name} needs a docstring (worldlm presets shows it)"
     topology = build_topology(config.tree, known_sources=corpus.list_sources(), root_policy=config.policy)
     assert topology.n_clients >= 2
@@ -114,8 +115,8 @@ def test_invalid_values_name_the_key():
         apply_override(configs.get("tiny"), "run.rounds=0")
     with pytest.raises(ConfigError, match=r"algorithm\.name.*fedavg"):
         apply_override(configs.get("tiny"), "algorithm.name=fedsgd")
-    with pytest.raises(ConfigError, match="sampling"):
-        apply_override(configs.get("tiny"), "policy.sampling=sometimes")
+    with pytest.raises((ConfigError, TopologyError), match=r"policy.*sampling.*sometimes.*allowed: full"):
+        apply_overrides(configs.get("tiny"), ["policy.sampling=sometimes"])
 
 
 def test_override_needs_an_equals_sign():
@@ -159,12 +160,21 @@ def test_bad_tree_fails_at_compile_naming_the_federation():
 
 def test_seq_len_longer_than_max_len_is_rejected():
     with pytest.raises(ConfigError, match=r"data\.seq_len=4096 exceeds model\.max_len=.*raise model\.max_len"):
-        apply_override(configs.get("tiny"), "data.seq_len=4096")
+        apply_overrides(configs.get("tiny"), ["data.seq_len=4096"])
     with pytest.raises(ConfigError, match="exceeds model.max_len"):
-        from_dict(Config, {"data": {"seq_len": 256}, "model": {"max_len": 128}})
-    # raising max_len first makes the same seq_len valid
-    config = apply_overrides(configs.get("tiny"), ["model.max_len=4096", "data.seq_len=4096"])
-    assert config.data.seq_len == 4096
+        from_dict(Config, {"data": {"seq_len": 256}, "model": {"max_len": 128}}).validate()
+    with pytest.raises(ConfigError, match="exceeds model.max_len"):
+        load_yaml_text("data: {seq_len: 256}\nmodel: {max_len: 128}\n")
+    # raising max_len too makes the same seq_len valid, in either order
+    for order in (["model.max_len=4096", "data.seq_len=4096"], ["data.seq_len=4096", "model.max_len=4096"]):
+        assert apply_overrides(configs.get("tiny"), order).data.seq_len == 4096
+
+
+def load_yaml_text(text):
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(text)
+    return load_yaml(f.name)
 
 
 def test_to_dict_is_plain_yaml_data():

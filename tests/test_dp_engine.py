@@ -136,3 +136,35 @@ def test_worldlm_bytes_match_hand_count():
     spec_p, _, metrics_p = _run("fedper", _tree())
     got_p = communication.round_bytes(spec_p.topology, spec_p.plan, sizes, {0: metrics_p[0]["level0/participants"]})
     assert got_p["total"] == 4 * 2 * B
+
+
+def test_adaptive_clip_tracks_the_update_norms():
+    tree = {"name": "root", "clients": 4, "sources": ["x"],
+            "policy": {"local_steps": 2, "client_lr": 1e-2, "dp_clip": 10.0, "dp_noise_multiplier": 0.5,
+                       "dp_adaptive_clip": True, "dp_clip_lr": 0.5, "dp_target_quantile": 0.5}}
+    _, state, metrics = _run("fedavg", tree, rounds=3)
+    clips = [float(m["level0/dp_clip"][0]) for m in metrics]
+    # every update is far below 10, so the clip shrinks geometrically round after round
+    assert clips[0] < 10.0 and clips[1] < clips[0] and clips[2] < clips[1]
+    assert float(state.levels[0].clip[0]) == pytest.approx(clips[-1])
+
+
+def test_global_stage_shares_key_layers_and_the_nested_stage_localises_them():
+    tree = _tree()
+    topo = build_topology(tree)
+    spec = engine.EngineSpec(topology=topo, plan=strategies.worldlm_plan(2), loss_fn=MODEL_DEF.loss,
+                             key_paths=KEY_PATHS, key_groups=partition.key_groups(KEY_PATHS))
+    global_spec = dataclasses.replace(spec, plan=strategies.global_stage_plan(2))
+    shape = engine.batch_shape(topo, 2, 8)
+    batch = engine.RoundBatch(jnp.asarray(np.random.default_rng(0).integers(0, 256, shape), jnp.int32),
+                              jnp.asarray(np.arange(topo.n_slots, dtype=np.int32))[None],
+                              jnp.ones((1, topo.n_slots), jnp.float32))
+    deployed = {}
+    for name, s in (("global", global_spec), ("nested", spec)):
+        state, _ = strategies.make_strategy(s).run_round(strategies.make_strategy(s).init(PARAMS), batch,
+                                                          jax.random.PRNGKey(0))
+        deployed[name] = engine.deployed_params(s, state, jnp.arange(topo.n_clients))
+    k = sorted(KEY_PATHS)[0]
+    g, n = np.asarray(deployed["global"][k]), np.asarray(deployed["nested"][k])
+    assert np.allclose(g[0], g[-1])  # one global K for clients of different federations
+    assert not np.allclose(n[0], n[-1])  # each federation its own K

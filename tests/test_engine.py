@@ -126,23 +126,21 @@ def test_update_norm_above_max_counts_as_diverged():
     t = topo(flat_tree(3, local_steps=STEPS, client_lr=0.5), weights=W3)
     batches = make_batches(t, 1, seed=7)
     params = toy_params()
-    # reference update norms of each client (one round from the same start)
+    # reference updates of each client (one round from the same start)
     tx = optimizers.get("test_sgd")
     local = jax.jit(client.make_local_update(toy_loss, tx))
-    norms = []
+    deltas = []
     for s in range(3):
-        res = local(params, tx.init(params), jnp.asarray(batches[0].tokens[s]), 0.5, STEPS)
-        norms.append(np.sqrt(sum(float(np.sum((res.params[k] - params[k]) ** 2)) for k in params)))
-    biggest = int(np.argmax(norms))
-    limit = float(np.mean(sorted(norms)[-2:]))  # between the largest and the second largest
-    strategy = strategies.make_strategy(make_spec(t, client_optimizer="test_sgd", max_update_norm=limit))
+        out = local(params, tx.init(params), jnp.asarray(batches[0].tokens[s]), 0.5, STEPS).params
+        deltas.append({k: np.asarray(out[k]) - np.asarray(params[k]) for k in params})
+    norms = np.array([np.sqrt(sum(np.sum(d[k] ** 2) for k in d)) for d in deltas])
+    second, first = np.sort(norms)[-2:]
+    assert first > 1.02 * second, "test set-up: the largest update must stand out"
+    strategy = strategies.make_strategy(make_spec(t, client_optimizer="test_sgd",
+                                                  max_update_norm=float(first + second) / 2))
     state, metrics = run(strategy, params, batches)
-    assert metrics[0]["diverged"] == 1
-    w = W3.copy()
-    w[biggest] = 0
-    ref = dict(params)
-    deltas = [{k: np.asarray(local(params, tx.init(params), jnp.asarray(batches[0].tokens[s]), 0.5, STEPS)
-                             .params[k]) - np.asarray(params[k]) for k in params} for s in range(3)]
+    assert metrics[0]["diverged"] == 1 and metrics[0]["level0/participants"][0] == 2
+    w = W3 * (norms < first)  # the client with the largest update is excluded
     ref = {k: np.asarray(params[k]) + sum(w[s] * deltas[s][k] for s in range(3)) / w.sum() for k in params}
     assert_tree_close(root_B(state), {k: v[None] for k, v in ref.items()}, atol=1e-6, rtol=1e-5)
 
@@ -203,8 +201,9 @@ def test_one_and_eight_devices_agree(worldlm_runs):
 @pytest.mark.parametrize("which", [
     "1 device",
     pytest.param("8 devices", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: engine.init_state leaves the state on one device; with a mesh the first round returns it "
-        "replicated on the mesh, so the second round recompiles"))),
+        "BUG: Strategy.init (engine.init_state) leaves the state on one device; with a mesh the round "
+        "returns it replicated over the mesh, so the second round recompiles (train.place_state only "
+        "works around it in train.train)"))),
 ])
 def test_rounds_compile_once(worldlm_runs, which):
     t, strategy = worldlm_runs[which]

@@ -178,6 +178,10 @@ def test_sharing_reaches_a_federation_one_parent_round_later(sharing_runs):
     assert max_abs_diff(_fed_K(two_a, 0), _fed_K(two_b, 0)) > 1e-6
     # and sharing changed the result compared to no sharing at all
     assert max_abs_diff(_fed_K(two_a, 0), _fed_K(sharing_runs["none", False, "a", 2], 0)) > 1e-6
+    # after each root round a federation's residual embedding is its K of that round
+    for state in (one_a, two_a):
+        assert_tree_equal(state.levels[1].residual_K, state.levels[1].K)
+    assert max_abs_diff(one_a.levels[1].residual_K, two_a.levels[1].residual_K) > 1e-4
 
 
 # ---- autonomous federations: different rules, one program ------------------------------
@@ -190,9 +194,11 @@ def test_heterogeneous_federations_follow_their_own_rules():
 
     def build(rules):
         t = topo(tree2([2, 2], fed_policies=rules), weights=[1, 2, 1, 3])
-        return t, strategies.make_strategy(make_spec(t, plan, key_paths=TOY_KEY_PATHS))
+        spec = make_spec(t, plan, key_paths=TOY_KEY_PATHS)
+        return spec, strategies.make_strategy(spec)
 
-    t, mixed = build(RULES)
+    spec, mixed = build(RULES)
+    t = spec.topology
     assert engine.batch_shape(t, 2, 6)[:3] == (2, 4, 3)  # the most rounds and steps of any federation
     batches = make_batches(t, 1, seed=17)
     mixed_state, metrics = run(mixed, toy_params(), batches)
@@ -215,6 +221,12 @@ def test_heterogeneous_federations_follow_their_own_rules():
             got = {k: v[f] for k, v in getattr(mixed_state.levels[1], part).items()}
             other_rule = {k: v[f] for k, v in getattr(same_states[1 - f].levels[1], part).items()}
             assert max_abs_diff(got, other_rule) > 1e-4, (f, part)
+    # each client deploys the root's backbone with its own federation's key layers
+    deployed = engine.deployed_params(spec, mixed_state, jnp.arange(4))
+    for c, f in enumerate([0, 0, 1, 1]):
+        for k, v in deployed.items():
+            source = mixed_state.levels[1].K[k][f] if k in TOY_KEY_PATHS else mixed_state.levels[0].B[k][0]
+            np.testing.assert_array_equal(v[c], source, err_msg=f"client {c} {k}")
 
 
 # ---- a real run ---------------------------------------------------------------------

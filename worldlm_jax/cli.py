@@ -125,7 +125,7 @@ def apply_privacy_target(config: Config, epsilon: float | None, delta: float | N
             if delta_field is None:
                 raise CliError("--target-delta: the config has no field for the DP delta")
             config = apply_override(config, f"{delta_field}={yaml_float(delta)}")
-        return config, {}
+        return apply_overrides(config, []), {}  # validated like any override
     from worldlm_jax import train as train_lib
 
     params = inspect.signature(train_lib.train).parameters
@@ -320,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="One row per run (algorithm, rounds, perplexity, bits/byte, ratio to the\n"
                                    "first run, perplexity per federation) in OUT/report.md, plus plots.",
                        epilog="example:\n  worldlm report runs/demo-worldlm runs/demo-fedavg --out runs/report")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories; the first is the reference")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run directories (a sweep directory stands for all its points); "
+                        "the first is the reference")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_report)
 

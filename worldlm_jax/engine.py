@@ -69,6 +69,7 @@ class LevelState(NamedTuple):
     K: Params  # (n_d, ...) key layers of each federation
     server: tuple  # server optimizer states for B, one per optimizer kind
     residual_K: Params  # (n_d, ...) K as last shared with related federations
+    clip: jax.Array  # (n_d,) current DP clip norm (moves only under adaptive clipping)
 
 
 class ClientState(NamedTuple):
@@ -144,7 +145,8 @@ def init_state(spec: EngineSpec, params: Params) -> EngineState:
         K = tree_ops.stack_rows(parts["K"], lvl.size)
         txs = [_optimizer(name) for name in _server_kinds(topo, d)]
         residual = K if _residual_mask(topo, d, plan.residuals) is not None else {}
-        levels.append(LevelState(B, K, aggregation.init_server_states(txs, B), residual))
+        clip = jnp.asarray(lvl.policy_array("dp_clip", np.float32))
+        levels.append(LevelState(B, K, aggregation.init_server_states(txs, B), residual, clip))
     kept = {part: tree_ops.stack_rows(parts[part], topo.n_clients) if part in plan.client_keeps else {}
             for part in PARTS}
     opt = ()
@@ -188,9 +190,12 @@ class RoundPolicies(NamedTuple):
     server_choice: tuple  # per level: (n_d,) index into the level's optimizer kinds
     server_lr: tuple
     attention: tuple  # per level: AttentionPolicy
-    dp_noise: tuple
+    dp_noise: tuple  # noise multiplier of the update (with adaptive clipping: its share)
     dp_clip: tuple
     dp_expected: tuple  # per level: (n_d,) expected participating children
+    dp_clip_lr: tuple  # 0 = fixed clip
+    dp_target_quantile: tuple
+    dp_count_std: tuple  # noise std of the adaptive clip's count query
 
 
 def round_policies(topo: Topology) -> "RoundPolicies":
@@ -206,6 +211,16 @@ def round_policies(topo: Topology) -> "RoundPolicies":
             cpr = topo.leaf.policy_array("clients_per_round", np.float32)
             count = np.where(cpr > 0, np.minimum(cpr, count), count)
         expected.append(jnp.asarray(np.maximum(count, 1.0)))
+    noise, count_std = [], []
+    for d, lvl in enumerate(topo.levels):
+        # Default count noise: m / 20 (Andrew et al.), at least z so the split below exists.
+        std = [p.dp_clip_count_stddev or max(float(m) / 20, p.dp_noise_multiplier)
+               for p, m in zip(lvl.policies, np.asarray(expected[d]))]
+        count_std.append(np.asarray(std, np.float32))
+        # With adaptive clipping the accounted multiplier z pays for the update
+        # and the count query together (Andrew et al. 2021, Thm 1).
+        noise.append(np.asarray([privacy.split_noise_multiplier(p.dp_noise_multiplier, c) if p.dp_adaptive_clip
+                                 else p.dp_noise_multiplier for p, c in zip(lvl.policies, std)], np.float32))
     return RoundPolicies(
         slot_parent=jnp.asarray(topo.slot_parent),
         parents=tuple(jnp.asarray(lvl.parent) for lvl in topo.levels),
@@ -219,9 +234,13 @@ def round_policies(topo: Topology) -> "RoundPolicies":
         attention=tuple(aggregation.AttentionPolicy(
             mode=jnp.asarray(topo.levels[d].policy_array("k_agg", np.int32)), tau=f32(d, "tau"), eta=f32(d, "eta"),
             residual_bias=f32(d, "residual_bias"), parent_bias=f32(d, "parent_bias")) for d in range(D)),
-        dp_noise=tuple(f32(d, "dp_noise_multiplier") for d in range(D)),
+        dp_noise=tuple(jnp.asarray(noise[d]) for d in range(D)),
         dp_clip=tuple(f32(d, "dp_clip") for d in range(D)),
         dp_expected=tuple(expected),
+        dp_clip_lr=tuple(jnp.asarray([p.dp_clip_lr if p.dp_adaptive_clip else 0.0 for p in lvl.policies], jnp.float32)
+                         for lvl in topo.levels),
+        dp_target_quantile=tuple(f32(d, "dp_target_quantile") for d in range(D)),
+        dp_count_std=tuple(jnp.asarray(count_std[d]) for d in range(D)),
     )
 
 
@@ -241,6 +260,7 @@ def make_round(spec: EngineSpec) -> Callable:
     server_txs = [tuple(_optimizer(n) for n in _server_kinds(topo, d)) for d in range(D)]
     residual_masks = [_residual_mask(topo, d, plan.residuals) for d in range(D)]
     dp_levels = [any(p.uses_dp for p in lvl.policies) for lvl in topo.levels]
+    adaptive_levels = [any(p.dp_adaptive_clip for p in lvl.policies) for lvl in topo.levels]
     dp_scope = []
     for d, lvl in enumerate(topo.levels):
         scopes = {p.dp_scope for p in lvl.policies if p.uses_dp}
@@ -269,15 +289,25 @@ def make_round(spec: EngineSpec) -> Callable:
             lvl = state.levels[d]
             P = topo.levels[d].size
             metrics = {}
-            new_B, new_server, new_K = lvl.B, lvl.server, lvl.K
+            new_B, new_server, new_K, new_clip = lvl.B, lvl.server, lvl.K, lvl.clip
             delta_B = tree_ops.sub(child_B, start_B) if "B" in plan.aggregate[d] else {}
             delta_K = tree_ops.sub(child_K, tree_ops.gather(lvl.K, child_parent_N)) if "K" in plan.aggregate[d] else {}
             mean_B, total_P = tree_ops.weighted_mean(delta_B, weight_N, child_parent_N, P)
             dp_K = None
             if dp_levels[d]:
                 dp_tree = {"B": delta_B, "K": delta_K if dp_scope[d] == "all" else {}}
-                noisy, stats = privacy.dp_mean(dp_tree, (weight_N > 0).astype(jnp.float32), child_parent_N, P,
-                                               st.dp_clip[d], st.dp_noise[d], st.dp_expected[d], key)
+                adaptive = st.dp_clip_lr[d] > 0
+                clip_P = jnp.where(adaptive, lvl.clip, st.dp_clip[d])
+                participate = (weight_N > 0).astype(jnp.float32)
+                noisy, stats = privacy.dp_mean(dp_tree, participate, child_parent_N, P,
+                                               clip_P, st.dp_noise[d], st.dp_expected[d], key)
+                if adaptive_levels[d]:
+                    moved = privacy.adaptive_clip_update(
+                        privacy.adaptive_clip_init(clip_P), stats.norms_N, participate, child_parent_N,
+                        st.dp_target_quantile[d], st.dp_clip_lr[d], st.dp_count_std[d], jax.random.fold_in(key, 7),
+                        expected_count_P=st.dp_expected[d])
+                    new_clip = jnp.where(adaptive & active_P & (stats.count_P > 0), moved.clip, lvl.clip)
+                    metrics["dp_clip"] = new_clip
                 is_dp = (st.dp_noise[d] > 0) | jnp.isfinite(st.dp_clip[d])
                 mean_B = tree_ops.where_rows(is_dp, noisy["B"], mean_B)
                 if dp_scope[d] == "all":
@@ -308,7 +338,7 @@ def make_round(spec: EngineSpec) -> Callable:
                                                  if info.residual_weight_PxM.size else jnp.zeros(P))
             metrics["participants"] = jax.ops.segment_sum((weight_N > 0).astype(jnp.float32), child_parent_N,
                                                           num_segments=P)
-            return lvl._replace(B=new_B, K=new_K, server=new_server), metrics
+            return lvl._replace(B=new_B, K=new_K, server=new_server, clip=new_clip), metrics
 
         def fed_round(d, state: EngineState, batch: RoundBatch, active_P, key):
             """One round of every level-d federation with its children."""

@@ -114,8 +114,25 @@ def _file_safe(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]", "_", label)
 
 
+def expand_run_dirs(run_dirs: Sequence[str]) -> list[str]:
+    """A sweep dir (holding sweep.json, no summary.json) stands for its points, in grid order."""
+    out = []
+    for d in run_dirs:
+        sweep_json = os.path.join(d, "sweep.json")
+        if os.path.exists(sweep_json) and not os.path.exists(os.path.join(d, "summary.json")):
+            with open(sweep_json) as f:
+                out += [os.path.join(d, p["name"]) for p in json.load(f)["points"]]
+        else:
+            out.append(d)
+    return out
+
+
 def write_report(run_dirs: Sequence[str], out_dir: str) -> dict:
-    """Write report.md, report.json and the plots; returns {'markdown', 'rows', 'files'}."""
+    """Write report.md, report.json and the plots; returns {'markdown', 'rows', 'files'}.
+
+    A sweep directory among `run_dirs` is replaced by its points.
+    """
+    run_dirs = expand_run_dirs(run_dirs)
     if not run_dirs:
         raise ReportError("no run dirs given")
     runs = [load_run(d) for d in run_dirs]

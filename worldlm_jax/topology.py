@@ -52,6 +52,10 @@ class Policy:
     dp_noise_multiplier: float = 0.0  # 0 = no DP at this federation
     dp_clip: float = math.inf  # per-child L2 clip (inf = no clipping)
     dp_delta: float = 1e-5
+    dp_adaptive_clip: bool = False  # track a quantile of update norms (Andrew et al. 2021)
+    dp_target_quantile: float = 0.5
+    dp_clip_lr: float = 0.2  # geometric step of the adaptive clip
+    dp_clip_count_stddev: float = 0.0  # noise on the clipped-count query (0 = expected participants / 20)
     dp_scope: str = "all"  # parts clipped and noised: all (B and K: both leave a federation) | backbone
 
     def validate(self, where: str) -> None:
@@ -79,6 +83,14 @@ class Policy:
             fail("dp_noise_multiplier", self.dp_noise_multiplier, "expected a number >= 0 (0 = no DP)")
         if self.dp_noise_multiplier > 0 and not math.isfinite(self.dp_clip):
             fail("dp_clip", self.dp_clip, "DP noise needs a finite clip norm")
+        if not isinstance(self.dp_adaptive_clip, bool):
+            fail("dp_adaptive_clip", self.dp_adaptive_clip, "expected true or false")
+        if not 0 < self.dp_target_quantile < 1:
+            fail("dp_target_quantile", self.dp_target_quantile, "expected 0 < quantile < 1")
+        if self.dp_clip_lr < 0 or self.dp_clip_count_stddev < 0:
+            fail("dp_clip_lr / dp_clip_count_stddev", (self.dp_clip_lr, self.dp_clip_count_stddev), "expected >= 0")
+        if self.dp_adaptive_clip and not math.isfinite(self.dp_clip):
+            fail("dp_clip", self.dp_clip, "adaptive clipping starts from a finite initial clip")
         if not 0 < self.dp_delta < 1:
             fail("dp_delta", self.dp_delta, "expected 0 < delta < 1")
         if not isinstance(self.server_optimizer, str):
@@ -237,7 +249,8 @@ def _policy(node: Mapping[str, Any], inherited: Policy, where: str) -> Policy:
         raise TopologyError(f"{where}: unknown policy field(s) {unknown}; valid fields: {', '.join(POLICY_FIELDS)}")
     values = dict(raw)
     for name in ("client_lr", "server_lr", "tau", "eta", "residual_bias", "parent_bias",
-                 "dp_noise_multiplier", "dp_clip", "dp_delta"):
+                 "dp_noise_multiplier", "dp_clip", "dp_delta", "dp_target_quantile", "dp_clip_lr",
+                 "dp_clip_count_stddev"):
         if isinstance(values.get(name), int) and not isinstance(values.get(name), bool):
             values[name] = float(values[name])
         if values.get(name) in ("inf", ".inf"):
