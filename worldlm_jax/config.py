@@ -25,11 +25,15 @@ class ConfigError(ValueError):
     """A bad config value or override; the message names the key and the fix."""
 
 
+_SECTIONS = {"DataConfig": "data", "RunConfig": "run", "AlgorithmConfig": "algorithm", "PrivacyConfig": "privacy"}
+
+
 def _positive(obj, *names):
     for name in names:
         value = getattr(obj, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{type(obj).__name__}.{name}={value!r}; expected an integer >= 1")
+            section = _SECTIONS.get(type(obj).__name__, type(obj).__name__)
+            raise ConfigError(f"{section}.{name}={value!r}; expected an integer >= 1")
 
 
 def _choice(obj, name, allowed):
@@ -132,7 +136,10 @@ class Config:
         if self.data.seq_len > self.model.max_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_len={self.model.max_len}; "
                               "lower data.seq_len or raise model.max_len")
-        self.policy.validate("config 'policy'")
+        try:
+            self.policy.validate("config 'policy'")
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         algo = self.algorithm
         if algo.schedule == "staged" and (algo.name != "worldlm" or not 1 <= algo.staged_rounds < self.run.rounds):
             raise ConfigError(f"algorithm.schedule=staged needs algorithm.name=worldlm and 1 <= algorithm.staged_rounds "
@@ -188,10 +195,13 @@ def _coerce(value, annotation, key: str):
             return value
         raise ConfigError(f"{key}={value!r}: expected an integer")
     if annotation is float:
-        if isinstance(value, str) and value.lower() in ("inf", ".inf", "+inf"):
-            return math.inf
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value.replace(".inf", "inf"))
+            except ValueError:
+                pass
         raise ConfigError(f"{key}={value!r}: expected a number")
     if annotation is str:
         if isinstance(value, str):

@@ -251,10 +251,14 @@ def _policy(node: Mapping[str, Any], inherited: Policy, where: str) -> Policy:
     for name in ("client_lr", "server_lr", "tau", "eta", "residual_bias", "parent_bias",
                  "dp_noise_multiplier", "dp_clip", "dp_delta", "dp_target_quantile", "dp_clip_lr",
                  "dp_clip_count_stddev"):
-        if isinstance(values.get(name), int) and not isinstance(values.get(name), bool):
-            values[name] = float(values[name])
-        if values.get(name) in ("inf", ".inf"):
-            values[name] = math.inf
+        value = values.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            values[name] = float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 and inf as strings
+            try:
+                values[name] = float(value.replace(".inf", "inf"))
+            except ValueError:
+                pass
     policy = dataclasses.replace(inherited, **values)
     policy.validate(where)
     return policy
