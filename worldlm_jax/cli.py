@@ -165,7 +165,6 @@ def evaluate_run(workdir: str, split: str = "validation", step: int | None = Non
 
     Returns train.describe_eval's dict plus 'split', 'round' and 'workdir'.
     """
-    import jax
     import numpy as np
 
     from worldlm_jax import checkpoint, evaluate, train as train_lib
@@ -180,12 +179,7 @@ def evaluate_run(workdir: str, split: str = "validation", step: int | None = Non
         if latest is None:
             raise CliError(f"{workdir} has no checkpoint to evaluate; train it first")
         exp = train_lib.build_experiment(config)
-        # placed as train() places it, so the restored arrays land where training had them
-        place = getattr(train_lib, "place_state", lambda _, s: s)
-        state = place(exp, exp.strategy.init(exp.init_params))
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        del state
-        state, host = ckpt.restore(step, abstract_state=abstract)
+        state, host = train_lib.restore_state(exp, ckpt, step)
     if split == "validation":
         eval_fn = exp.eval_fn
     else:  # the same number of fixed windows, cut from each client's training stream

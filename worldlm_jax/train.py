@@ -172,6 +172,14 @@ def place_state(exp: Experiment, state):
     return jax.device_put(state, parallel.replicated(exp.mesh))
 
 
+def restore_state(exp: Experiment, ckpt, step: int | None = None, like=None):
+    """(state, host state) from a checkpoint, placed and structured like a fresh
+    state of this experiment (so optax states come back as NamedTuples)."""
+    like = place_state(exp, exp.strategy.init(exp.init_params)) if like is None else like
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+    return ckpt.restore(step, abstract_state=abstract)
+
+
 # ---- summaries ------------------------------------------------------------------
 def describe_eval(exp: Experiment, nll_C: np.ndarray) -> dict:
     """Per-client mean NLL (nats/token) -> perplexity per federation and overall,
@@ -226,8 +234,7 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
     start = 0
     writer = metrics_lib.MetricsWriter(workdir)
     if ckpt.latest_step() is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state, host = ckpt.restore(abstract_state=abstract)
+        state, host = restore_state(exp, ckpt, like=state)
         start = int(host["round"])
         writer.truncate_after(start - 1)
         say(f"resumed from round {start}")
