@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping, NamedTuple, Sequence
 
+import zlib
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from worldlm_jax import tree_ops
@@ -102,6 +105,19 @@ def _similarity(kind: str, dd, dm, mm, kd, km, kk):
     raise ValueError(f"unknown similarity {kind!r}; allowed: {', '.join(SIMILARITIES)}")
 
 
+def sketch(tree_N: Params, dim: int) -> Params:
+    """Count-sketch each row of every leaf into `dim` buckets (a random signed
+    hashing fixed per parameter path, so every federation embeds alike)."""
+    out = {}
+    for path, x in tree_N.items():
+        flat = x.reshape(x.shape[0], -1).astype(jnp.float32)
+        rng = np.random.default_rng(zlib.crc32(path.encode()))
+        bucket = jnp.asarray(rng.integers(0, dim, flat.shape[1]))
+        sign = jnp.asarray(rng.choice(np.array([-1.0, 1.0], np.float32), flat.shape[1]))
+        out[path] = jax.ops.segment_sum((flat * sign).T, bucket, num_segments=dim).T
+    return out
+
+
 def attend_keys(
     node_K_P: Params,
     child_K_N: Params,
@@ -113,6 +129,7 @@ def attend_keys(
     residual_K_M: Params | None = None,
     residual_mask_PxM: jax.Array | None = None,
     parent_K_P: Params | None = None,
+    residual_dim: int = 0,
 ):
     """K_n <- K_n + eta * sum_j a_j (K_j - K_n), per key group (see WORLDLM.md).
 
@@ -124,6 +141,11 @@ def attend_keys(
     non-child candidates (the weighted mean, HierFAVG on K); mode `local` keeps
     K_n. Residuals and the parent are never the query: the query is the
     weighted mean of the children's deltas. Math in float32.
+
+    `residual_dim` > 0 scores residual candidates on `residual_dim`-dimensional
+    count-sketch embeddings of K (inner products preserved in expectation):
+    related federations exchange embeddings for the similarity, and the full K
+    only enters the weighted sum.
     """
     paths = sorted(node_K_P)
     if not paths:
@@ -161,13 +183,18 @@ def attend_keys(
     use_res = residual_K_M is not None and residual_mask_PxM is not None
     if use_res:
         R = {p: residual_K_M[p].astype(jnp.float32) for p in paths}
-        rr_M = _rowdot(R, R, onehot)
-        kr = _gram(K32, R, onehot)
-        mr = _gram(mean_P, R, onehot)
-        dd = rr_M[None] - 2 * kr + kk_P[:, None]
-        dm = mr - km_P[:, None]
-        kd = kr - kk_P[:, None]
-        sim_R = _similarity(similarity, dd, dm, mm_P[:, None], kd, km_P[:, None], kk_P[:, None])
+        if residual_dim > 0:
+            Re, Ke, Me = (sketch(t, residual_dim) for t in (R, K32, mean_P))
+            kk_e, km_e, mm_e = _rowdot(Ke, Ke, onehot), _rowdot(Ke, Me, onehot), _rowdot(Me, Me, onehot)
+        else:
+            Re, Ke, Me, kk_e, km_e, mm_e = R, K32, mean_P, kk_P, km_P, mm_P
+        rr_M = _rowdot(Re, Re, onehot)
+        kr = _gram(Ke, Re, onehot)
+        mr = _gram(Me, Re, onehot)
+        dd = rr_M[None] - 2 * kr + kk_e[:, None]
+        dm = mr - km_e[:, None]
+        kd = kr - kk_e[:, None]
+        sim_R = _similarity(similarity, dd, dm, mm_e[:, None], kd, km_e[:, None], kk_e[:, None])
         allowed = residual_mask_PxM[:, :, None] & attention[:, :, None]
         logit_R = jnp.where(allowed, sim_R * inv_tau[:, :, None]
                             + (ext_log_prior_P + policy.residual_bias)[:, None, None], -jnp.inf)

@@ -65,6 +65,7 @@ class AlgorithmConfig:
     residuals: str = "siblings"  # none | siblings | all
     similarity: str = "cos_delta"  # cos_delta | cos_param | neg_l2
     use_parent: bool = True  # the parent's K is an attention candidate
+    residual_dim: int = 0  # > 0: residual similarity on count-sketch embeddings of this size
     client_optimizer: str = "adamw"
     max_update_norm: float = math.inf  # a client update above this counts as diverged
     schedule: str = "nested"  # nested | staged (worldlm: first `staged_rounds` root rounds with a global K)
@@ -79,6 +80,8 @@ class AlgorithmConfig:
         _choice(self, "similarity", SIMILARITIES)
         _choice(self, "client_optimizer", optimizers.names())
         _choice(self, "schedule", ("nested", "staged"))
+        if self.residual_dim < 0:
+            raise ConfigError(f"algorithm.residual_dim={self.residual_dim}; expected >= 0 (0 = full K)")
         if self.staged_rounds < 0:
             raise ConfigError(f"algorithm.staged_rounds={self.staged_rounds}; expected >= 0")
         if not self.max_update_norm > 0:

@@ -48,6 +48,7 @@ class Plan:
     residuals: str = "none"  # none | siblings | all (candidates for K attention)
     similarity: str = "cos_delta"
     use_parent: bool = False  # parent's K is an attention candidate
+    residual_dim: int = 0  # > 0: score residual candidates on count-sketch embeddings of this size
 
     def validate(self, depth: int) -> None:
         if len(self.broadcast) != depth or len(self.aggregate) != depth:
@@ -327,7 +328,7 @@ def make_round(spec: EngineSpec) -> Callable:
                     lvl.K, child_K, weight_N, child_parent_N, st.attention[d], spec.key_groups, plan.similarity,
                     residual_K_M=lvl.residual_K if res_mask is not None else None,
                     residual_mask_PxM=jnp.asarray(res_mask) if res_mask is not None else None,
-                    parent_K_P=parent_K)
+                    parent_K_P=parent_K, residual_dim=plan.residual_dim)
                 if dp_K is not None:
                     is_dp, noisy_K = dp_K
                     stepped = tree_ops.add(lvl.K, tree_ops.scale_rows(st.attention[d].eta, noisy_K))

@@ -49,12 +49,12 @@ def local_plan() -> Plan:
 
 
 def worldlm_plan(depth: int, residuals: str = "siblings", similarity: str = "cos_delta",
-                 use_parent: bool = True) -> Plan:
+                 use_parent: bool = True, residual_dim: int = 0) -> Plan:
     """B flows to the root; K is sent only from a lowest federation to its
     clients and is aggregated with attention at every level."""
     broadcast = tuple(BACKBONE if d < depth - 1 else ALL for d in range(depth))
     return Plan(broadcast=broadcast, aggregate=(ALL,) * depth, owner={"B": 0, "K": depth - 1},
-                residuals=residuals, similarity=similarity, use_parent=use_parent)
+                residuals=residuals, similarity=similarity, use_parent=use_parent, residual_dim=residual_dim)
 
 
 def global_stage_plan(depth: int, residuals: str = "siblings", similarity: str = "cos_delta",
@@ -75,7 +75,8 @@ def strategy_topology(name: str, topology: Topology) -> Topology:
     return topology.flattened()
 
 
-def strategy_plan(name: str, depth: int, residuals="siblings", similarity="cos_delta", use_parent=True) -> Plan:
+def strategy_plan(name: str, depth: int, residuals="siblings", similarity="cos_delta", use_parent=True,
+                  residual_dim: int = 0) -> Plan:
     check_name(name)
     if name in ("fedavg", "hierfavg"):
         return averaging_plan(depth)
@@ -83,7 +84,7 @@ def strategy_plan(name: str, depth: int, residuals="siblings", similarity="cos_d
         return fedper_plan()
     if name in ("local", "centralized"):
         return local_plan()
-    return worldlm_plan(depth, residuals, similarity, use_parent)
+    return worldlm_plan(depth, residuals, similarity, use_parent, residual_dim)
 
 
 def uses_key_layers(name: str) -> bool:

@@ -96,7 +96,8 @@ def build_experiment(config: Config, cache_dir: str = "") -> Experiment:
     if strategies.uses_key_layers(algo.name):
         mask = partition.key_layer_mask(params.keys(), algo.key_layers, model_config.n_layers)
         key_paths = frozenset(p for p, is_key in mask.items() if is_key)
-    plan = strategies.strategy_plan(algo.name, run_topology.depth, algo.residuals, algo.similarity, algo.use_parent)
+    plan = strategies.strategy_plan(algo.name, run_topology.depth, algo.residuals, algo.similarity, algo.use_parent,
+                                    algo.residual_dim)
     chunk = parallel.default_chunk() if config.run.chunk < 0 else config.run.chunk
     spec = engine.EngineSpec(topology=run_topology, plan=plan, loss_fn=model_def.loss, key_paths=key_paths,
                              key_groups=partition.key_groups(key_paths) if key_paths else {},
