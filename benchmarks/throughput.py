@@ -114,7 +114,7 @@ def run(args) -> list[dict]:
         round_s = common.median(v["times"])
         cps = w.n_clients * w.steps / round_s
         achieved = cps * w.flops_per_client_step / 1e9
-        clients_s = common.median(v["ctimes"]) if v["ctimes"] else float("nan")
+        clients_s = common.median(v["ctimes"]) if v["ctimes"] else None
         peak_v = peak[v["dtype"]] if isinstance(peak, dict) else peak
         out.append({
             "workload": "W" if _is_w(args) else "custom",
@@ -124,7 +124,7 @@ def run(args) -> list[dict]:
             "achieved_gflops": round(achieved, 1),
             "round_s": round(round_s, 4),
             "round_s_all": [round(t, 4) for t in v["times"]],
-            "clients_alone_s": round(clients_s, 4),
+            "clients_alone_s": None if clients_s is None else round(clients_s, 4),
             "client_steps_per_s_best": round(w.n_clients * w.steps / min(v["times"]), 2),
             "mfu_best": round(w.n_clients * w.steps / min(v["times"]) * w.flops_per_client_step / 1e9 / peak_v, 4),
             "matmul_peak_gflops_all": [round(p, 1) for p in peaks] if platform == "cpu" else None,

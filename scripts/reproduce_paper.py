@@ -62,7 +62,8 @@ class Budget:
 
 BUDGETS = {
     # The test suite: seconds.
-    "tiny": Budget("tiny", 2, ("run.rounds=2", "run.eval_every=1"), "unit tests only"),
+    "tiny": Budget("tiny", 2, ("run.rounds=2", "run.eval_every=1", "run.devices=1",
+                            "data.max_bytes_per_source=20000"), "unit tests only"),
     # CPU, 2 cores: measured ~16 min for the 9 default methods (see benchmarks/PAPER.md).
     "small": Budget("demo", 2, (
         "data.tokenizer=spm:1024", "data.seq_len=64", "data.batch_size=4", "data.eval_batches=2",
@@ -181,7 +182,8 @@ def method_result(summary: dict) -> dict:
     per_level = summary.get("bytes_communicated", {}) or {}
     out = {"perplexity": ev["perplexity"], "bits_per_byte": ev["bits_per_byte"],
            "per_federation": dict(ev["per_federation"]), "wall_seconds": summary["wall_seconds"],
-           "bytes_communicated": float(sum(per_level.values())), "bytes_per_level": per_level,
+           "bytes_communicated": float(per_level.get("total", sum(v for k, v in per_level.items() if k != "total"))),
+           "bytes_per_level": {k: v for k, v in per_level.items() if k != "total"},
            "rounds_completed": summary["rounds_completed"], "parameters": summary.get("parameters"),
            "key_layer_parameters": summary.get("key_layer_parameters")}
     if summary.get("privacy"):

@@ -198,13 +198,7 @@ def test_one_and_eight_devices_agree(worldlm_runs):
     assert not np.allclose(s1.levels[1].K["blocks/0/w"][0], s1.levels[1].K["blocks/0/w"][1])
 
 
-@pytest.mark.parametrize("which", [
-    "1 device",
-    pytest.param("8 devices", marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: Strategy.init (engine.init_state) leaves the state on one device; with a mesh the round "
-        "returns it replicated over the mesh, so the second round recompiles (train.place_state only "
-        "works around it in train.train)"))),
-])
+@pytest.mark.parametrize("which", ["1 device", "8 devices"])
 def test_rounds_compile_once(worldlm_runs, which):
     t, strategy = worldlm_runs[which]
     state = strategy.init(toy_params())

@@ -3,17 +3,16 @@ locality and residuals, heterogeneous federations in one program, a real run."""
 import dataclasses
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine_helpers import (LR, POLICY, STEPS, TOY_KEY_PATHS, W3, assert_tree_close, assert_tree_equal, flat_tree,
+from engine_helpers import (STEPS, TOY_KEY_PATHS, W3, assert_tree_close, assert_tree_equal, flat_tree,
                             hier_single, lead, make_batches, make_spec, max_abs_diff, nan_loss, random_tokens, run,
                             toy_loss, toy_params, topo, tree2, MARK)
-from worldlm_jax import client, configs, engine, optimizers, partition, strategies, train
+from worldlm_jax import client, configs, engine, optimizers, strategies, train
 
 
 def test_strategy_table():

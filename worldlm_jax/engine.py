@@ -154,7 +154,10 @@ def init_state(spec: EngineSpec, params: Params) -> EngineState:
     if plan.client_opt_persistent:
         opt = jax.vmap(_optimizer(spec.client_optimizer).init)(tree_ops.stack_rows(params, topo.n_clients))
     state = EngineState(tuple(levels), ClientState(kept["B"], kept["K"], opt), jnp.zeros((), jnp.int32))
-    return jax.tree.map(lambda x: jnp.array(x, copy=True), state)  # distinct buffers: the round donates them
+    state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)  # distinct buffers: the round donates them
+    if spec.mesh is not None:  # placed as the round returns it, so round 2 reuses round 1's compilation
+        state = jax.device_put(state, parallel.replicated(spec.mesh))
+    return state
 
 
 def _optimizer(name: str) -> optax.GradientTransformation:
