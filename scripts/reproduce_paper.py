@@ -140,6 +140,18 @@ def base_config(budget: str, tree: str, sets: Sequence[str], swap: bool = False,
     return apply_overrides(config, [*b.overrides, *sets])
 
 
+def _config_diff(saved, current, path: str = "") -> list[str]:
+    """Differences between a saved run config and the current one. A key the
+    saved config lacks (a field added to the library since) is not a difference."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for key in current:
+            if key in saved:
+                out += _config_diff(saved[key], current[key], f"{path}.{key}" if path else str(key))
+        return out + [f"{path}.{k}: no longer a field" for k in saved if k not in current]
+    return [] if saved == current else [f"{path}: {saved!r} -> {current!r}"]
+
+
 def _plain(config: Config):
     return yaml.safe_load(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
@@ -154,9 +166,10 @@ def run_method(config: Config, workdir: str, log=print) -> dict:
     if os.path.exists(config_path):
         with open(config_path) as f:
             saved = yaml.safe_load(f)
-        if saved != _plain(config):
-            raise SystemExit(f"{workdir} holds a run with a different config; use another --out "
-                             f"(or delete {workdir})")
+        changed = _config_diff(saved, _plain(config))
+        if changed:
+            raise SystemExit(f"{workdir} holds a run with a different config ({'; '.join(changed[:5])}); "
+                             f"use another --out (or delete {workdir})")
     if os.path.exists(summary_path):
         with open(summary_path) as f:
             summary = json.load(f)
@@ -280,9 +293,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         m = results["methods"][name]
         print(f"           ppl {m['perplexity']:.3f}  bpb {m['bits_per_byte']:.3f}  "
               f"{m['wall_seconds']:.0f} s", flush=True)
-    results["wall_seconds"] = time.perf_counter() - t0
+    results["wall_seconds"] = sum(m["wall_seconds"] for m in results["methods"].values())  # all runs
+    results["invocation_seconds"] = time.perf_counter() - t0  # this call (finished runs are skipped)
     first = runs[0][1]
-    results["setup"] = {"model": first.to_dict()["model"],
+    results["setup"] = {"model": {**first.to_dict()["model"], "vocab_size": "the tokenizer's"},
                         "tokenizer": first.data.tokenizer, "seq_len": first.data.seq_len,
                         "batch_size": first.data.batch_size, "rounds": first.run.rounds,
                         "local_steps": first.policy.local_steps, "client_lr": first.policy.client_lr,
@@ -301,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         from worldlm_jax.plots import plot_methods
         plot_methods(curves, os.path.join(args.out, "perplexity.png"))
     print(table)
-    print(f"total {results['wall_seconds']:.0f} s; wrote {args.out}/table.md, results.json, perplexity.png")
+    print(f"runs {results['wall_seconds']:.0f} s, this call {results['invocation_seconds']:.0f} s; wrote {args.out}/table.md, results.json, perplexity.png")
     return results
 
 

@@ -168,3 +168,23 @@ def test_global_stage_shares_key_layers_and_the_nested_stage_localises_them():
     g, n = np.asarray(deployed["global"][k]), np.asarray(deployed["nested"][k])
     assert np.allclose(g[0], g[-1])  # one global K for clients of different federations
     assert not np.allclose(n[0], n[-1])  # each federation its own K
+
+
+def test_flat_baselines_keep_the_clients_dp_rules():
+    tree = _tree(policy_a={"dp_noise_multiplier": 0.7, "dp_clip": 0.5}, policy_b={"dp_noise_multiplier": 0.7,
+                                                                                  "dp_clip": 0.5})
+    flat = build_topology(tree).flattened()
+    assert flat.levels[0].policies[0].dp_noise_multiplier == 0.7 and flat.levels[0].policies[0].dp_clip == 0.5
+    mixed = _tree(policy_a={"dp_noise_multiplier": 0.7, "dp_clip": 0.5})
+    with pytest.raises(ValueError, match="different DP rules"):
+        build_topology(mixed).flattened()
+
+
+def test_mean_aggregation_reads_no_residuals():
+    tree = _tree()
+    tree["children"][0]["policy"]["k_agg"] = "mean"
+    tree["children"][1]["policy"]["k_agg"] = "mean"
+    spec, _, metrics = _run("worldlm", tree)
+    got = communication.round_bytes(spec.topology, spec.plan, communication.part_bytes(PARAMS, KEY_PATHS),
+                                    {d: metrics[0][f"level{d}/participants"] for d in range(2)})
+    assert got["level0"]["residual"] == 0

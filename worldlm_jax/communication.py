@@ -7,8 +7,9 @@ each part, and how many children actually took part (a round metric):
   broadcasts (WorldLM: B between federations, B and K from a lowest
   federation to its clients; K never leaves a federation otherwise);
 - up: every participating child sends the parts its parent aggregates;
-- residuals: a federation receives the K of each residual candidate once per
-  round of its parent, and its parent's K when that is a candidate.
+- residuals: a federation that aggregates K by attention receives the K of
+  each residual candidate once per round of its parent, and its parent's K
+  when that is a candidate (`k_agg: mean` reads neither).
 
 Parameters travel as float32 (4 bytes), uncompressed.
 """
@@ -53,8 +54,10 @@ def round_bytes(topology: Topology, plan: Plan, sizes: dict[str, int], participa
         extra = 0.0
         child_is_federation = d + 1 < topology.depth
         if child_is_federation and "K" in plan.aggregate[d + 1] and sizes["K"]:
-            per_child = residual_candidates(topology, d + 1, plan.residuals).mean() + (1.0 if plan.use_parent else 0.0)
-            extra = n * per_child * sizes["K"]
+            # only federations that aggregate K by attention read residuals and their parent's K
+            attends = np.array([p.k_agg == "attention" for p in topology.levels[d + 1].policies])
+            candidates = residual_candidates(topology, d + 1, plan.residuals) + (1.0 if plan.use_parent else 0.0)
+            extra = n * float(np.mean(candidates * attends)) * sizes["K"]
         out[f"level{d}"] = {"down": down, "up": up, "residual": extra, "total": down + up + extra}
     out["total"] = sum(v["total"] for v in out.values())
     return out

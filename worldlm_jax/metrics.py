@@ -18,6 +18,7 @@ import collections
 import json
 import numbers
 import os
+import warnings
 from typing import Any, Iterator
 
 import jax
@@ -80,7 +81,12 @@ class MetricsWriter:
     def _open_tb(self, purge_step: int | None):
         if self.tb_dir is None:
             return None
-        from tensorboardX import SummaryWriter  # imported lazily: optional for library users
+        try:  # imported lazily: optional for library users (e.g. accelerator images without it)
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            warnings.warn("tensorboardX is not installed: no TensorBoard events (metrics.jsonl is still written)")
+            self.tb_dir = None
+            return None
 
         # Event files are named by the second they were opened: the suffix keeps a
         # resume within the same second from overwriting the previous file.

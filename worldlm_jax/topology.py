@@ -224,6 +224,17 @@ class Topology:
             clients_per_round=None,
             sampling="full",
         )
+        # DP protects clients, so a rule set on the lowest federations carries over
+        # to the flat federation when it is the same everywhere; mixed rules
+        # cannot be expressed by one federation.
+        dp_fields = ("dp_noise_multiplier", "dp_clip", "dp_delta", "dp_adaptive_clip", "dp_target_quantile",
+                     "dp_clip_lr", "dp_clip_count_stddev", "dp_scope")
+        leaf_dp = {tuple(getattr(p, f) for f in dp_fields) for p in leaf.policies}
+        if any(p.uses_dp for p in leaf.policies) and not policy.uses_dp:
+            if len(leaf_dp) > 1:
+                raise TopologyError("the lowest federations have different DP rules, which one flat federation "
+                                    "cannot follow; set DP on the root policy for flat baselines")
+            policy = dataclasses.replace(policy, **dict(zip(dp_fields, leaf_dp.pop())))
         level = Level(names=root.names, parent=np.array([-1]), policies=(policy,))
         return dataclasses.replace(self, levels=(level,), client_parent=np.zeros(self.n_clients, np.int32),
                                    leaf_split=(("iid", 1.0),))
