@@ -49,7 +49,7 @@ def test_dp_with_no_noise_and_a_loose_clip_equals_fedavg():
     loose = {"dp_clip": 1e9}  # DP path on (participant mean, clipping), but nothing is clipped or noised
     _, plain, _ = _run("fedavg", _tree())
     _, dp, _ = _run("fedavg", {**_tree(), "policy": {**_tree()["policy"], **loose}})
-    for a, b in zip(_leaves(plain.levels[0]), _leaves(dp.levels[0])):
+    for a, b in zip(_leaves((plain.levels[0].B, plain.levels[0].server)), _leaves((dp.levels[0].B, dp.levels[0].server))):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 

@@ -51,11 +51,12 @@ def _comparable(workdir):
 
 
 def _final_params(workdir):
-    from worldlm_jax import checkpoint
-    ckpt = checkpoint.Checkpointer(workdir)
-    state, host = ckpt.restore()
-    ckpt.close()
     import jax
+    from worldlm_jax import checkpoint, train
+    from worldlm_jax.config import load_yaml
+    exp = train.build_experiment(load_yaml(os.path.join(workdir, "config.yaml")))
+    with checkpoint.Checkpointer(workdir) as ckpt:
+        state, host = train.restore_state(exp, ckpt)
     return host["round"], [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
