@@ -326,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # On CPU, one XLA device per core: clients are sharded one device per core,
+    # 1.4x a single multi-threaded device (benchmarks/RESULTS.md). Must happen
+    # before JAX starts; it touches only the host platform, so accelerators are
+    # unaffected, and an XLA_FLAGS that already sets a count wins.
+    from worldlm_jax.parallel import configure_cpu_devices
+    configure_cpu_devices(os.cpu_count() or 1)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -168,13 +168,15 @@ class Attention(nnx.Module):
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         B, L, D = x_BxLxD.shape
         c = self.config
-        qkv_BxLx3xHxK = self.qkv(x_BxLxD).reshape(B, L, 3, c.n_heads, c.head_dim)
+        # Projections on (B*L, D): XLA CPU's weight gradients are ~2.5x slower
+        # when the contraction runs over two batch-like axes (benchmarks/RESULTS.md).
+        qkv_BxLx3xHxK = self.qkv(x_BxLxD.reshape(B * L, D)).reshape(B, L, 3, c.n_heads, c.head_dim)
         q, k, v = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
         if c.positions == 'rotary':
             q, k = rotary(q, c.rope_base), rotary(k, c.rope_base)
         # XLA implementation on every backend: logits and softmax in float32.
         y_BxLxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        return self.out(y_BxLxHxK.reshape(B, L, D))
+        return self.out(y_BxLxHxK.reshape(B * L, D)).reshape(B, L, D)
 
 
 class MLP(nnx.Module):
@@ -185,7 +187,8 @@ class MLP(nnx.Module):
                                kernel_init=_normal(_STD / math.sqrt(2 * config.n_layers)), rngs=rngs)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-        return self.down(jax.nn.gelu(self.up(x_BxLxD)))
+        B, L, D = x_BxLxD.shape  # 2-D matmuls, as in Attention
+        return self.down(jax.nn.gelu(self.up(x_BxLxD.reshape(B * L, D)))).reshape(B, L, D)
 
 
 def _layer_norm(config: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -248,8 +251,10 @@ class Decoder(nnx.Module):
         h_BxLxD = self.final_norm(h_BxLxD)
         head_VxD = (self.embed.embedding[...] if c.tie_embeddings else self.head.kernel[...].T)
         # Head matmul in the compute dtype, accumulated and returned in float32.
-        return jnp.einsum('bld,vd->blv', h_BxLxD, head_VxD.astype(c.compute_dtype),
-                          preferred_element_type=jnp.float32)
+        B, L, D = h_BxLxD.shape
+        logits_NxV = jnp.einsum('nd,vd->nv', h_BxLxD.reshape(B * L, D), head_VxD.astype(c.compute_dtype),
+                                preferred_element_type=jnp.float32)
+        return logits_NxV.reshape(B, L, -1)
 
 
 # ----------------------------------------------------------------------------- flat params
