@@ -190,3 +190,10 @@ def test_flops_per_token_counts_matmuls_and_attention():
     c = M.preset('w')
     n_matmul = M.count_params(c) - c.max_len * c.d_model  # position table is a lookup
     assert M.flops_per_token(c, 128) == 6 * n_matmul + 12 * c.n_layers * c.d_model * 128
+
+
+def test_causal_attention_matches_jax_reference():
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 16, 4, 8)), jnp.float32) for _ in range(3))
+    np.testing.assert_allclose(M.causal_attention(q, k, v),
+                               jax.nn.dot_product_attention(q, k, v, is_causal=True), atol=1e-5)
