@@ -188,3 +188,18 @@ def test_mean_aggregation_reads_no_residuals():
     got = communication.round_bytes(spec.topology, spec.plan, communication.part_bytes(PARAMS, KEY_PATHS),
                                     {d: metrics[0][f"level{d}/participants"] for d in range(2)})
     assert got["level0"]["residual"] == 0
+
+
+def test_training_under_a_target_epsilon_logs_privacy_every_round(tmp_path):
+    from worldlm_jax import configs, train
+    from worldlm_jax.config import apply_overrides
+    cfg = apply_overrides(configs.tiny(), ["run.rounds=2", "run.devices=1", "privacy.target_epsilon=20"])
+    summary = train.train(cfg, str(tmp_path), quiet=True)
+    import json
+    rounds = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in rounds if "train_loss" in r]
+    eps = [r["privacy"]["en"]["epsilon"] for r in rounds]
+    assert eps[0] < eps[1] <= 20.0  # composes round by round, within the budget
+    final = summary["privacy"]["en"]
+    assert final["epsilon"] == pytest.approx(eps[-1]) and final["rounds"] == 2
+    assert final["epsilon"] > 15.0  # calibrated to the budget, not far below it

@@ -340,6 +340,8 @@ def make_round(spec: EngineSpec) -> Callable:
                 metrics["attention_parent"] = info.parent_weight_P
                 metrics["attention_residual"] = (jnp.sum(info.residual_weight_PxM, axis=1)
                                                  if info.residual_weight_PxM.size else jnp.zeros(P))
+                if info.residual_weight_PxM.size:
+                    metrics["attention_residual_matrix"] = info.residual_weight_PxM
             metrics["participants"] = jax.ops.segment_sum((weight_N > 0).astype(jnp.float32), child_parent_N,
                                                           num_segments=P)
             return lvl._replace(B=new_B, K=new_K, server=new_server, clip=new_clip), metrics

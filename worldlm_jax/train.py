@@ -264,6 +264,7 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
         bar = tqdm(total=rounds, initial=start, unit="round", dynamic_ncols=True)
     r = start
     clock = {"last": time.perf_counter()}
+    privacy_after: dict = {}
 
     def log(done):
         # Converting round r's metrics waits for round r to finish (round r+1 is
@@ -272,6 +273,8 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
             m = jax.tree.map(np.asarray, m)
             now = time.perf_counter()
             rec = round_record(exp, rec_round, m, now - clock["last"])
+            if rec_round in privacy_after:
+                rec["privacy"] = privacy_after.pop(rec_round)
             clock["last"] = now
             writer.write(rec)
             if bar is not None:
@@ -289,6 +292,9 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
             state, round_metrics = exp.strategy_for(r).run_round(state, batch, key)
             done = fetcher.submit((r, round_metrics))
             dp_ledger.step_all(exp.run_topology, accountants)
+            if accountants:  # (epsilon, delta) per federation after every round
+                privacy_after[r] = {name: {"epsilon": rep["epsilon"], "delta": rep["delta"]}
+                                    for name, rep in dp_ledger.report(exp.run_topology, accountants).items()}
             log(done)
             r += 1
             if bar is not None:
@@ -313,6 +319,7 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
     final = describe_eval(exp, np.asarray(exp.eval_fn(state)))
     writer.write({"round": r - 1, "eval": final, "final": True})
     writer.close()
+    write_plots(exp, workdir)
     ckpt.close()
     summary = {
         "algorithm": config.algorithm.name,
@@ -333,6 +340,31 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
     if not quiet:
         print(format_table(summary))
     return summary
+
+
+def write_plots(exp: Experiment, workdir: str) -> list[str]:
+    """DIR/plots: perplexity per federation over rounds, and the attention
+    weights each federation gave its candidates in the last round."""
+    from worldlm_jax import plots
+    from worldlm_jax.metrics import read_metrics
+
+    records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+    out = os.path.join(workdir, "plots")
+    os.makedirs(out, exist_ok=True)
+    written = [plots.plot_perplexity(records, os.path.join(out, "perplexity.png"))]
+    last = next((rec for rec in reversed(records) if "train_loss" in rec), None)
+    for d, level in enumerate(exp.run_topology.levels):
+        matrix = (last or {}).get(f"level{d}/attention_residual_matrix")
+        if matrix is None:
+            continue
+        residual = np.asarray(matrix)
+        parent = np.asarray(last.get(f"level{d}/attention_parent", np.zeros(len(residual))))[:, None]
+        children = np.clip(1.0 - residual.sum(1, keepdims=True) - parent, 0.0, 1.0)
+        weights = np.concatenate([children, residual, parent], axis=1)
+        columns = ["own children", *level.names, "parent"]
+        written.append(plots.plot_attention({f"level {d}": weights}, {f"level {d}": (list(level.names), columns)},
+                                            os.path.join(out, f"attention_level{d}.png")))
+    return written
 
 
 def _total_bytes(metrics_path: str) -> dict:
