@@ -73,3 +73,25 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     assert round_a == round_b == rounds
     for a, b in zip(leaves_a, leaves_b):
         np.testing.assert_array_equal(a, b)  # bit-identical on CPU
+
+
+def test_sigint_checkpoints_and_exits_cleanly(tmp_path):
+    workdir = tmp_path / "run"
+    cfg_path = str(workdir) + ".yaml"
+    save_yaml(_config(50), cfg_path)
+    code = textwrap.dedent(f"""
+        from worldlm_jax import train
+        from worldlm_jax.config import load_yaml
+        train.train(load_yaml({cfg_path!r}), {str(workdir)!r}, quiet=True)
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    marker = workdir / "checkpoints" / "1"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 0  # no traceback, a clean exit
+    summary = json.load(open(workdir / "summary.json"))
+    assert summary["interrupted"] and 1 <= summary["rounds_completed"] < 50
+    assert (workdir / "checkpoints" / str(summary["rounds_completed"])).exists()
