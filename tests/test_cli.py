@@ -271,3 +271,16 @@ def test_report_compares_runs(swept, tmp_path):
 def test_report_of_a_missing_dir_fails_clearly(tmp_path):
     code, _, err = run_cli(["report", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
     assert code == 2 and "not a directory" in err
+
+
+def test_vectorized_sweep_runs_all_points_in_one_program(tmp_path):
+    code, out, err = run_cli(["sweep", "--config", "tiny", "--set", "run.rounds=1", "--set", "run.devices=1",
+                              "--grid", "policy.client_lr=1e-3,3e-3", "--vectorized", "--workdir", str(tmp_path)])
+    assert code == 0, err
+    table = json.loads((tmp_path / "sweep.json").read_text())["points"]
+    assert [p["assignments"]["policy.client_lr"] for p in table] == ["1e-3", "3e-3"]
+    assert all(p["status"] == "vectorized (1 compile)" for p in table)
+    assert table[0]["perplexity"] != table[1]["perplexity"]
+    code, out, err = run_cli(["sweep", "--config", "tiny", "--grid", "data.batch_size=2,3", "--vectorized",
+                              "--workdir", str(tmp_path / "bad")])
+    assert code == 2 and "differ only" in err and "Traceback" not in err

@@ -222,6 +222,10 @@ def cmd_sweep(args) -> int:
     for assignments in points:  # every point must be a valid config with a valid tree
         check_tree(sweep.point_config(base, assignments))
     print(f"sweep: {len(points)} point(s) in {args.workdir}")
+    if args.vectorized:
+        rows = sweep.run_vectorized(base, grid, args.workdir)
+        print(sweep.markdown_table([k for k, _ in grid], rows), end="")
+        return 0
     rows = sweep.run_sweep(base, grid, args.workdir, quiet=args.quiet, progress=not args.no_progress)
     print(sweep.markdown_table([k for k, _ in grid], rows), end="")
     print(f"wrote {os.path.join(args.workdir, 'sweep.md')}")
@@ -307,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", required=True, metavar="KEY.PATH=V1,V2,...",
                    help="one sweep axis (repeatable); commas inside [...] do not split")
     p.add_argument("--workdir", required=True, help="sweep directory (one sub-directory per point)")
+    p.add_argument("--vectorized", action="store_true",
+                   help="run all points as ONE compiled program (grid over policy.* / tree policies / "
+                        "run.seed only); writes DIR/sweep.md and sweep.json, no per-point run dirs")
     _add_output_args(p)
     p.set_defaults(func=cmd_sweep)
 

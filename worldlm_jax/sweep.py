@@ -222,6 +222,27 @@ def run_sweep(base: Config, grid: Sequence[tuple[str, Sequence[str]]], workdir: 
     return rows
 
 
+def run_vectorized(base: Config, grid: Sequence[tuple[str, Sequence[str]]], workdir: str) -> list[dict]:
+    """All grid points as one compiled program (`vectorized.run`); same tables."""
+    import time
+
+    from worldlm_jax import vectorized
+
+    points = grid_points(grid)
+    t0 = time.perf_counter()
+    try:
+        evals, _, compiles = vectorized.run([point_config(base, a) for a in points])
+    except ValueError as e:
+        raise ConfigError(f"--vectorized: {e}") from e
+    seconds = time.perf_counter() - t0
+    os.makedirs(workdir, exist_ok=True)
+    rows = [_row(point_name(a), dict(a), workdir, f"vectorized ({compiles} compile)",
+                 {"eval": ev, "rounds_completed": base.run.rounds, "wall_seconds": seconds})
+            for a, ev in zip(points, evals)]
+    write_tables(workdir, [k for k, _ in grid], rows)
+    return rows
+
+
 def _row(name: str, assignments: dict, run_dir: str, status: str, summary: dict) -> dict:
     ev = summary.get("eval", {})
     return {"name": name, "assignments": assignments, "workdir": run_dir, "status": status,
