@@ -55,7 +55,7 @@ def _sentencepiece():
         import sentencepiece
     except ImportError:
         raise ImportError("SentencePieceTokenizer needs the optional dependency sentencepiece: "
-                          "pip install 'worldlm_jax[spm]' (or use the 'byte' tokenizer)") from None
+                          "pip install sentencepiece (a dependency of worldlm_jax; or use the 'byte' tokenizer)") from None
     return sentencepiece
 
 
