@@ -346,79 +346,87 @@ def make_round(spec: EngineSpec) -> Callable:
                                                           num_segments=P)
             return lvl._replace(B=new_B, K=new_K, server=new_server, clip=new_clip), metrics
 
-        def fed_round(d, state: EngineState, batch: RoundBatch, active_P, key):
-            """One round of every level-d federation with its children."""
+        def clients_work(d, state: EngineState, batch: RoundBatch, active_P):
+            """Client slots train locally from what their federation broadcasts (or what
+            they kept); diverged clients are excluded and keep their old state."""
             lvl = state.levels[d]
             metrics = {}
-            if d == D - 1:  # children are client slots
-                cid = batch.slot_client
-                safe_cid = jnp.maximum(cid, 0)
-                start = {}
-                for part in PARTS:
-                    if part in plan.broadcast[d]:
-                        start[part] = tree_ops.gather(getattr(lvl, part), st.slot_parent)
-                    else:
-                        start[part] = tree_ops.gather(getattr(state.clients, part), safe_cid)
-                params = {**start["B"], **start["K"]}
-                opt_state = (tree_ops.gather(state.clients.opt, safe_cid) if plan.client_opt_persistent else None)
-                lr = st.client_lr[st.slot_parent]
-                steps = st.steps[st.slot_parent]
-                result = run_clients(params, opt_state, batch.tokens, lr, steps)
-                final = split_parts(result.params, spec.key_paths)
-                delta = tree_ops.sub(result.params, params)
-                mean_loss = result.loss_sum / jnp.maximum(result.steps, 1.0)
-                valid = (tree_ops.row_all_finite(delta) & jnp.isfinite(mean_loss)
-                         & (tree_ops.row_sq_norms(delta) <= spec.max_update_norm ** 2))
-                present = (cid >= 0) & active_P[st.slot_parent] & (batch.slot_weight > 0)
-                weight = jnp.where(valid & present, batch.slot_weight, 0.0)
-                # clients that keep state write it back (not if diverged or absent)
-                keep_rows = jnp.where(valid & present, cid, topo.n_clients)
-                clients = state.clients
-                for part in plan.client_keeps:
-                    kept = {p: getattr(clients, part)[p].at[keep_rows].set(final[part][p], mode="drop")
-                            for p in getattr(clients, part)}
-                    clients = clients._replace(**{part: kept})
-                if plan.client_opt_persistent:
-                    clients = clients._replace(opt=jax.tree.map(
-                        lambda x, y: x.at[keep_rows].set(y, mode="drop"), clients.opt, result.opt_state))
-                state = state._replace(clients=clients)
-                n_leaf = topo.leaf.size
-                metrics["train_loss_sum"] = jax.ops.segment_sum(jnp.where(weight > 0, mean_loss, 0.0) * (weight > 0),
-                                                                st.slot_parent, num_segments=n_leaf)
-                metrics["train_clients"] = jax.ops.segment_sum((weight > 0).astype(jnp.float32), st.slot_parent,
-                                                               num_segments=n_leaf)
-                metrics["tokens"] = jnp.sum(jnp.where(present, result.tokens, 0.0))
-                metrics["diverged"] = jnp.sum((present & ~valid).astype(jnp.float32))
-                child_B, child_K, start_B, child_parent = final["B"], final["K"], start["B"], st.slot_parent
-            else:  # children are federations of level d+1: each runs its own rounds
-                child_level = state.levels[d + 1]
-                parent = st.parents[d + 1]
-                active_child = active_P[parent]
-                for part in PARTS:
-                    if part in plan.broadcast[d]:
-                        sent = tree_ops.gather(getattr(lvl, part), parent)
-                        child_level = child_level._replace(
-                            **{part: tree_ops.where_rows(active_child, sent, getattr(child_level, part))})
-                levels = list(state.levels)
-                levels[d + 1] = child_level
-                state = state._replace(levels=tuple(levels))
-                start_B = tree_ops.gather(lvl.B, parent)
-                state, metrics = run_rounds(d + 1, state, batch, active_child, key)
-                child_level = state.levels[d + 1]
-                weight = jnp.where(active_child, st.node_weight[d + 1], 0.0)
-                child_B, child_K, child_parent = child_level.B, child_level.K, parent
-                if residual_masks[d + 1] is not None:  # children share their K after our round
-                    levels = list(state.levels)
-                    levels[d + 1] = child_level._replace(
-                        residual_K=tree_ops.where_rows(active_child, child_level.K, child_level.residual_K))
-                    state = state._replace(levels=tuple(levels))
+            cid = batch.slot_client
+            safe_cid = jnp.maximum(cid, 0)
+            start = {}
+            for part in PARTS:
+                if part in plan.broadcast[d]:
+                    start[part] = tree_ops.gather(getattr(lvl, part), st.slot_parent)
+                else:
+                    start[part] = tree_ops.gather(getattr(state.clients, part), safe_cid)
+            params = {**start["B"], **start["K"]}
+            opt_state = (tree_ops.gather(state.clients.opt, safe_cid) if plan.client_opt_persistent else None)
+            lr = st.client_lr[st.slot_parent]
+            steps = st.steps[st.slot_parent]
+            result = run_clients(params, opt_state, batch.tokens, lr, steps)
+            final = split_parts(result.params, spec.key_paths)
+            delta = tree_ops.sub(result.params, params)
+            mean_loss = result.loss_sum / jnp.maximum(result.steps, 1.0)
+            valid = (tree_ops.row_all_finite(delta) & jnp.isfinite(mean_loss)
+                     & (tree_ops.row_sq_norms(delta) <= spec.max_update_norm ** 2))
+            present = (cid >= 0) & active_P[st.slot_parent] & (batch.slot_weight > 0)
+            weight = jnp.where(valid & present, batch.slot_weight, 0.0)
+            # clients that keep state write it back (not if diverged or absent)
+            keep_rows = jnp.where(valid & present, cid, topo.n_clients)
+            clients = state.clients
+            for part in plan.client_keeps:
+                kept = {p: getattr(clients, part)[p].at[keep_rows].set(final[part][p], mode="drop")
+                        for p in getattr(clients, part)}
+                clients = clients._replace(**{part: kept})
+            if plan.client_opt_persistent:
+                clients = clients._replace(opt=jax.tree.map(
+                    lambda x, y: x.at[keep_rows].set(y, mode="drop"), clients.opt, result.opt_state))
+            state = state._replace(clients=clients)
+            n_leaf = topo.leaf.size
+            metrics["train_loss_sum"] = jax.ops.segment_sum(jnp.where(weight > 0, mean_loss, 0.0) * (weight > 0),
+                                                            st.slot_parent, num_segments=n_leaf)
+            metrics["train_clients"] = jax.ops.segment_sum((weight > 0).astype(jnp.float32), st.slot_parent,
+                                                           num_segments=n_leaf)
+            metrics["tokens"] = jnp.sum(jnp.where(present, result.tokens, 0.0))
+            metrics["diverged"] = jnp.sum((present & ~valid).astype(jnp.float32))
+            child_B, child_K, start_B, child_parent = final["B"], final["K"], start["B"], st.slot_parent
+            return state, metrics, (child_B, child_K, start_B, weight, child_parent)
+
+        def federations_work(d, state: EngineState, batch: RoundBatch, active_P, key):
+            """Each child federation receives what level d broadcasts, then runs its own
+            rounds; afterwards the children share their K as residuals."""
+            lvl = state.levels[d]
+            child_level = state.levels[d + 1]
+            parent = st.parents[d + 1]
+            active_child = active_P[parent]
+            for part in PARTS:
+                if part in plan.broadcast[d]:
+                    sent = tree_ops.gather(getattr(lvl, part), parent)
+                    child_level = child_level._replace(
+                        **{part: tree_ops.where_rows(active_child, sent, getattr(child_level, part))})
+            state = _with_level(state, d + 1, child_level)
+            start_B = tree_ops.gather(lvl.B, parent)
+            state, metrics = run_rounds(d + 1, state, batch, active_child, key)
+            child_level = state.levels[d + 1]
+            weight = jnp.where(active_child, st.node_weight[d + 1], 0.0)
+            child_B, child_K, child_parent = child_level.B, child_level.K, parent
+            if residual_masks[d + 1] is not None:  # children share their K after our round
+                state = _with_level(state, d + 1, child_level._replace(
+                    residual_K=tree_ops.where_rows(active_child, child_level.K, child_level.residual_K)))
+            return state, metrics, (child_B, child_K, start_B, weight, child_parent)
+
+        def fed_round(d, state: EngineState, batch: RoundBatch, active_P, key):
+            """One round of every level-d federation with its children."""
+            if d == D - 1:
+                state, metrics, children = clients_work(d, state, batch, active_P)
+            else:
+                state, metrics, children = federations_work(d, state, batch, active_P, key)
+            child_B, child_K, start_B, weight, child_parent = children
             new_level, agg_metrics = aggregate(d, state, child_B, child_K, start_B, weight, child_parent, active_P,
                                                jax.random.fold_in(key, 1_000_003 + d))
-            levels = list(state.levels)
-            levels[d] = new_level
             agg_metrics["rounds"] = active_P.astype(jnp.float32)
             metrics = {**metrics, **{f"level{d}/{k}": v for k, v in agg_metrics.items()}}
-            return state._replace(levels=tuple(levels)), metrics
+            return _with_level(state, d, new_level), metrics
 
         def run_rounds(d, state, batch, active_parent_P, key):
             """Level-d federations each run their own number of rounds (scan)."""
@@ -441,6 +449,12 @@ def make_round(spec: EngineSpec) -> Callable:
         return state._replace(round=state.round + 1), metrics
 
     return run_round
+
+
+def _with_level(state: EngineState, d: int, level: LevelState) -> EngineState:
+    levels = list(state.levels)
+    levels[d] = level
+    return state._replace(levels=tuple(levels))
 
 
 _ADDITIVE = ("train_loss_sum", "train_clients", "tokens", "diverged", "rounds", "participants")
