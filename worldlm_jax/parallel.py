@@ -42,10 +42,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def default_chunk(platform: str | None = None) -> int:
     """Clients run at once per device: all on accelerators (vmap fills the chip);
-    one at a time on CPU, where each device is a core and a sequential scan
-    keeps activations small and caches warm (measured in benchmarks/)."""
+    two at a time on CPU, where each device is a core: pairs make the matmuls
+    large enough to run efficiently while activations stay small (2 beat 1, 4
+    and all-at-once on workload W, benchmarks/RESULTS.md)."""
     platform = platform or jax.default_backend()
-    return 0 if platform in ("gpu", "tpu") else 1
+    return 0 if platform in ("gpu", "tpu") else 2
 
 
 def map_clients(fn: Callable, mesh: Mesh | None, chunk: int = 0) -> Callable:
