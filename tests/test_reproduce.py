@@ -2,7 +2,6 @@
 import importlib.util
 import json
 import math
-import os
 import pathlib
 import sys
 

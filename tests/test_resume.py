@@ -8,7 +8,6 @@ import textwrap
 import time
 
 import numpy as np
-import pytest
 
 from worldlm_jax import configs
 from worldlm_jax.config import apply_overrides, save_yaml

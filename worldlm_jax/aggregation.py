@@ -7,7 +7,7 @@ the level below), P aggregating nodes, M residual candidates, G key groups
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import zlib
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
-from worldlm_jax.config import AlgorithmConfig, Config, ConfigError, DataConfig, RunConfig
+from worldlm_jax.config import Config, ConfigError, DataConfig, RunConfig
 from worldlm_jax.model import preset as model_preset
 from worldlm_jax.topology import Policy
 
