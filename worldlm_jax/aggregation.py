@@ -229,11 +229,11 @@ def attend_keys(
         if use_res:
             a_R = e_R[:, :, gi] / norm_P[:, None, gi]
             flat_R = R[p].reshape(R[p].shape[0], -1)
-            move = move + (a_R @ flat_R).reshape(move.shape) - tree_ops._expand(a_R.sum(1), K32[p]) * K32[p]
+            move = move + (a_R @ flat_R).reshape(move.shape) - tree_ops.expand_rows(a_R.sum(1), K32[p]) * K32[p]
         if use_parent:
             a_p = e_p[:, gi] / norm_P[:, gi]
-            move = move + tree_ops._expand(a_p, K32[p]) * delta_p[p]
-        out[p] = (K32[p] + tree_ops._expand(step_P, move) * move).astype(node_K_P[p].dtype)
+            move = move + tree_ops.expand_rows(a_p, K32[p]) * delta_p[p]
+        out[p] = (K32[p] + tree_ops.expand_rows(step_P, move) * move).astype(node_K_P[p].dtype)
     if use_res:
         res_w = jnp.mean(e_R / norm_P[:, None, :], axis=2)
     if use_parent:

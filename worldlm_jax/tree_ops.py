@@ -20,7 +20,8 @@ def gather(tree_P: PyTree, index_N: jax.Array) -> PyTree:
     return jax.tree.map(lambda x: jnp.take(x, index_N, axis=0), tree_P)
 
 
-def _expand(w, x):
+def expand_rows(w, x):
+    """Reshape per-row values `w` (N,) or (N, M) to broadcast against leaf `x`."""
     return w.reshape(w.shape + (1,) * (x.ndim - w.ndim))
 
 
@@ -32,7 +33,7 @@ def weighted_sum(tree_N: PyTree, weight_N: jax.Array, segment_N: jax.Array, n_se
     """
     def one(x):
         x32 = x.astype(jnp.float32)
-        w = _expand(weight_N.astype(jnp.float32), x32)
+        w = expand_rows(weight_N.astype(jnp.float32), x32)
         contrib = jnp.where(w != 0, w * x32, 0.0)
         return jax.ops.segment_sum(contrib, segment_N, num_segments=n_segments, indices_are_sorted=False)
 
@@ -47,12 +48,12 @@ def weighted_mean(tree_N: PyTree, weight_N: jax.Array, segment_N: jax.Array, n_s
     total_P = jax.ops.segment_sum(weight_N.astype(jnp.float32), segment_N, num_segments=n_segments)
     summed = weighted_sum(tree_N, weight_N, segment_N, n_segments)
     safe = jnp.where(total_P > 0, total_P, 1.0)
-    return jax.tree.map(lambda s: s / _expand(safe, s), summed), total_P
+    return jax.tree.map(lambda s: s / expand_rows(safe, s), summed), total_P
 
 
 def where_rows(mask_N: jax.Array, new: PyTree, old: PyTree) -> PyTree:
     """Per-row select: rows where mask is True take `new`, others keep `old`."""
-    return jax.tree.map(lambda a, b: jnp.where(_expand(mask_N, a), a, b), new, old)
+    return jax.tree.map(lambda a, b: jnp.where(expand_rows(mask_N, a), a, b), new, old)
 
 
 def sub(a: PyTree, b: PyTree) -> PyTree:
@@ -64,7 +65,7 @@ def add(a: PyTree, b: PyTree) -> PyTree:
 
 
 def scale_rows(scale_N: jax.Array, tree_N: PyTree) -> PyTree:
-    return jax.tree.map(lambda x: _expand(scale_N, x) * x, tree_N)
+    return jax.tree.map(lambda x: expand_rows(scale_N, x) * x, tree_N)
 
 
 def row_sq_norms(tree_N: PyTree) -> jax.Array:
