@@ -184,3 +184,10 @@ def test_to_dict_is_plain_yaml_data():
     assert set(plain) == {f.name for f in dataclasses.fields(Config)}
     assert plain["algorithm"]["max_update_norm"] == "inf"
     assert isinstance(plain["algorithm"]["key_layers"]["blocks"], list)
+
+
+def test_malformed_yaml_file_is_a_config_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("tree: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_yaml(str(path))

@@ -253,7 +253,10 @@ def _unknown_key(full: str, key: str, valid, prefix: str) -> str:
 
 def load_yaml(path: str) -> Config:
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return from_dict(Config, data).validate()
