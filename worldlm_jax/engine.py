@@ -273,17 +273,25 @@ def make_round(spec: EngineSpec) -> Callable:
                              "use one scope per level")
         dp_scope.append(scopes.pop() if scopes else "backbone")
 
-    def one_client(params, opt_state, tokens, lr, steps, persistent):
-        if not persistent:
+    def one_client(sent_P: Params, parent, kept: Params, opt_state, tokens, lr, steps):
+        """One slot: its federation's broadcast parts (gathered here, per chunk,
+        not materialised for every slot) plus the parts the client kept."""
+        params = {**tree_ops.gather(sent_P, parent[None]), **jax.tree.map(lambda x: x[None], kept)}
+        params = jax.tree.map(lambda x: x[0], params)
+        if not plan.client_opt_persistent:
             opt_state = client_tx.init(params)
-        return local_update(params, opt_state, tokens, lr, steps)
+        result = local_update(params, opt_state, tokens, lr, steps)
+        update = tree_ops.sub(result.params, params)
+        leaves = jax.tree.leaves(update)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+        sq_norm = sum(jnp.sum(jnp.square(x)) for x in leaves)
+        return result, finite, sq_norm
 
-    def run_clients(start: Params, opt_state, tokens, lr, steps):
-        persistent = plan.client_opt_persistent
-        fn = lambda p, o, t, l, s: one_client(p, o, t, l, s, persistent)
-        mapped = parallel.map_clients(fn, spec.mesh, spec.chunk)
-        opt_in = opt_state if persistent else jnp.zeros((S,))
-        return mapped(start, opt_in, tokens, lr, steps)
+    def run_clients(sent_P: Params, slot_parent, kept_S: Params, opt_state, tokens, lr, steps):
+        """Per slot: (ClientResult, update all finite, squared update norm)."""
+        mapped = parallel.map_clients(one_client, spec.mesh, spec.chunk, n_shared=1)
+        opt_in = opt_state if plan.client_opt_persistent else jnp.zeros((S,))
+        return mapped(sent_P, slot_parent, kept_S, opt_in, tokens, lr, steps)
 
     def build(st: RoundPolicies):
         """The round's functions for one set of policies (at trace time)."""
@@ -353,22 +361,20 @@ def make_round(spec: EngineSpec) -> Callable:
             metrics = {}
             cid = batch.slot_client
             safe_cid = jnp.maximum(cid, 0)
-            start = {}
+            sent = {**(lvl.B if "B" in plan.broadcast[d] else {}), **(lvl.K if "K" in plan.broadcast[d] else {})}
+            kept = {}
             for part in PARTS:
-                if part in plan.broadcast[d]:
-                    start[part] = tree_ops.gather(getattr(lvl, part), st.slot_parent)
-                else:
-                    start[part] = tree_ops.gather(getattr(state.clients, part), safe_cid)
-            params = {**start["B"], **start["K"]}
+                if part not in plan.broadcast[d]:
+                    kept.update(tree_ops.gather(getattr(state.clients, part), safe_cid))
             opt_state = (tree_ops.gather(state.clients.opt, safe_cid) if plan.client_opt_persistent else None)
             lr = st.client_lr[st.slot_parent]
             steps = st.steps[st.slot_parent]
-            result = run_clients(params, opt_state, batch.tokens, lr, steps)
+            result, finite, sq_norm = run_clients(sent, st.slot_parent, kept, opt_state, batch.tokens, lr, steps)
             final = split_parts(result.params, spec.key_paths)
-            delta = tree_ops.sub(result.params, params)
+            start_B = tree_ops.gather(lvl.B, st.slot_parent) if "B" in plan.broadcast[d] else \
+                split_parts(kept, spec.key_paths)["B"]
             mean_loss = result.loss_sum / jnp.maximum(result.steps, 1.0)
-            valid = (tree_ops.row_all_finite(delta) & jnp.isfinite(mean_loss)
-                     & (tree_ops.row_sq_norms(delta) <= spec.max_update_norm ** 2))
+            valid = finite & jnp.isfinite(mean_loss) & (sq_norm <= spec.max_update_norm ** 2)
             present = (cid >= 0) & active_P[st.slot_parent] & (batch.slot_weight > 0)
             weight = jnp.where(valid & present, batch.slot_weight, 0.0)
             # clients that keep state write it back (not if diverged or absent)
@@ -389,7 +395,7 @@ def make_round(spec: EngineSpec) -> Callable:
                                                            num_segments=n_leaf)
             metrics["tokens"] = jnp.sum(jnp.where(present, result.tokens, 0.0))
             metrics["diverged"] = jnp.sum((present & ~valid).astype(jnp.float32))
-            child_B, child_K, start_B, child_parent = final["B"], final["K"], start["B"], st.slot_parent
+            child_B, child_K, child_parent = final["B"], final["K"], st.slot_parent
             return state, metrics, (child_B, child_K, start_B, weight, child_parent)
 
         def federations_work(d, state: EngineState, batch: RoundBatch, active_P, key):

@@ -49,21 +49,31 @@ def default_chunk(platform: str | None = None) -> int:
     return 0 if platform in ("gpu", "tpu") else 2
 
 
-def map_clients(fn: Callable, mesh: Mesh | None, chunk: int = 0) -> Callable:
+def map_clients(fn: Callable, mesh: Mesh | None, chunk: int = 0, n_shared: int = 0) -> Callable:
     """Map `fn` (written for one client) over the leading slot axis of its args.
 
-    chunk = 0: vmap all local clients; chunk = k > 0: `lax.map` in chunks of k.
-    With a mesh, each device handles its own shard of slots (shard_map).
+    The first `n_shared` arguments are shared by every client (replicated, not
+    mapped: e.g. the federations' parameters, which each client gathers for
+    itself, so no per-slot copy of the model is ever materialised); the rest
+    are mapped. chunk = 0: vmap all local clients; chunk = k > 0: `lax.map` in
+    chunks of k. With a mesh, each device handles its own shard of slots.
     """
     def per_device(*args):
-        n_local = jax.tree.leaves(args)[0].shape[0]
+        shared, mapped = args[:n_shared], args[n_shared:]
+        one = lambda *xs: fn(*shared, *xs)
+        n_local = jax.tree.leaves(mapped)[0].shape[0]
         if chunk <= 0 or chunk >= n_local:
-            return jax.vmap(fn)(*args)
-        return jax.lax.map(lambda a: fn(*a), args, batch_size=chunk)
+            return jax.vmap(one)(*mapped)
+        return jax.lax.map(lambda xs: one(*xs), mapped, batch_size=chunk)
 
     if mesh is None or mesh.size == 1:
         return per_device
-    return jax.shard_map(per_device, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS), check_vma=False)
+
+    def sharded(*args):
+        specs = (P(),) * n_shared + (P(AXIS),) * (len(args) - n_shared)
+        return jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P(AXIS), check_vma=False)(*args)
+
+    return sharded
 
 
 def configure_cpu_devices(n: int) -> None:
