@@ -203,7 +203,10 @@ def round_record(exp: Experiment, round_index: int, metrics: dict, seconds: floa
     record = {"round": round_index, "seconds": seconds, "train_loss": float(np.mean(loss)),
               "train_loss_per_federation": dict(zip(leaf, map(float, loss))),
               "tokens": float(metrics["tokens"]), "tokens_per_s": float(metrics["tokens"]) / max(seconds, 1e-9),
-              "diverged_clients": float(metrics["diverged"])}
+              "diverged_clients": float(metrics["diverged"]),
+              "client_lr": {name: p.client_lr for name, p in zip(leaf, exp.run_topology.leaf.policies)},
+              "server_lr": {name: p.server_lr for lvl in exp.run_topology.levels
+                            for name, p in zip(lvl.names, lvl.policies)}}
     for key, value in metrics.items():
         if key.startswith("level"):
             record[key] = np.asarray(value).tolist()
@@ -278,7 +281,8 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
             clock["last"] = now
             writer.write(rec)
             if bar is not None:
-                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{rec['train_loss']:.3f}", ppl=f"{math.exp(min(rec['train_loss'], 50)):.1f}",
+                                tok_s=f"{rec['tokens_per_s']:.0f}")
 
     try:
         while r < rounds and not stop["now"]:
