@@ -61,7 +61,7 @@ def demo() -> Config:
     return Config(model=model_preset("small"),
                   data=DataConfig(seq_len=128, batch_size=8, eval_batches=4, eval_batch_size=8,
                                   max_bytes_per_source=300_000),
-                  run=RunConfig(rounds=15),
+                  run=RunConfig(rounds=15, eval_every=5),
                   policy=Policy(local_steps=5, client_lr=2e-3),
                   tree=language_tree(clients=2))
 
