@@ -281,11 +281,8 @@ def make_round(spec: EngineSpec) -> Callable:
         if not plan.client_opt_persistent:
             opt_state = client_tx.init(params)
         result = local_update(params, opt_state, tokens, lr, steps)
-        update = tree_ops.sub(result.params, params)
-        leaves = jax.tree.leaves(update)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-        sq_norm = sum(jnp.sum(jnp.square(x)) for x in leaves)
-        return result, finite, sq_norm
+        update_1 = jax.tree.map(lambda x: x[None], tree_ops.sub(result.params, params))  # one row
+        return result, tree_ops.row_all_finite(update_1)[0], tree_ops.row_sq_norms(update_1)[0]
 
     def run_clients(sent_P: Params, slot_parent, kept_S: Params, opt_state, tokens, lr, steps):
         """Per slot: (ClientResult, update all finite, squared update norm)."""
