@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine_helpers import (STEPS, TOY_KEY_PATHS, W3, assert_tree_close, assert_tree_equal, flat_tree,
+from engine_helpers import (POLICY, STEPS, TOY_KEY_PATHS, W3, assert_tree_close, assert_tree_equal, flat_tree,
                             hier_single, lead, make_batches, make_spec, max_abs_diff, nan_loss, random_tokens, run,
                             toy_loss, toy_params, topo, tree2, MARK)
 from worldlm_jax import client, configs, engine, optimizers, strategies, train
@@ -46,6 +46,25 @@ def test_worldlm_mean_without_sharing_equals_hierfavg_on_a_single_federation():
     assert set(deployed_w) == set(deployed_h) == set(toy_params())
     assert_tree_close(deployed_w, deployed_h, atol=1e-6, rtol=1e-5)
     assert not np.allclose(deployed_w["blocks/0/w"][0], toy_params()["blocks/0/w"], atol=1e-3)  # K trained
+
+
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_client_level_attention_at_infinite_tau_equals_the_streamed_mean(chunk):
+    """Leaf federations with k_agg: attention keep every client's K for the
+    scores; with k_agg: mean the clients' K are summed chunk by chunk instead.
+    At tau -> infinity attention is the mean, so both paths must agree."""
+    def worldlm_run(k_agg):
+        policy = dict(POLICY, k_agg=k_agg, tau=1e9)
+        t = topo(tree2([3, 2], root_policy=policy), weights=[1, 2, 3, 1, 2], slot_multiple=2)
+        plan = strategies.worldlm_plan(2, residuals="none", use_parent=False)
+        spec = make_spec(t, plan, key_paths=TOY_KEY_PATHS, client_optimizer="test_sgd", chunk=chunk)
+        state, _ = run(strategies.make_strategy(spec), toy_params(), make_batches(t, 2, seed=12))
+        return state
+
+    attention, mean = worldlm_run("attention"), worldlm_run("mean")
+    assert_tree_close(attention.levels[1].K, mean.levels[1].K, atol=1e-6, rtol=1e-5)
+    assert_tree_close(attention.levels[0].B, mean.levels[0].B, atol=1e-6, rtol=1e-5)
+    assert not np.allclose(mean.levels[1].K["blocks/0/w"][0], mean.levels[1].K["blocks/0/w"][1])
 
 
 # ---- FedPer: K never leaves the client ---------------------------------------------

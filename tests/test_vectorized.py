@@ -24,3 +24,11 @@ def test_sweep_rejects_points_that_change_shapes():
     base = configs.tiny()
     with pytest.raises(ValueError, match="differ only"):
         vectorized.check_static([base, apply_overrides(base, ["data.batch_size=3"])])
+
+
+def test_sweep_rejects_points_that_change_the_key_layer_rule():
+    """k_agg decides whether the compiled round keeps every client's K (attention)
+    or streams their mean, so one program cannot serve both."""
+    base = apply_overrides(configs.tiny(), ["run.rounds=1", "algorithm.name=worldlm"])
+    with pytest.raises(ValueError, match="k_agg"):
+        vectorized.run([base, apply_overrides(base, ["policy.k_agg=mean"])])

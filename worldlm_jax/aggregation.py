@@ -105,6 +105,14 @@ def _similarity(kind: str, dd, dm, mm, kd, km, kk):
     raise ValueError(f"unknown similarity {kind!r}; allowed: {', '.join(SIMILARITIES)}")
 
 
+def mean_keys(node_K_P: Params, mean_delta_P: Params, total_P: jax.Array, policy: AttentionPolicy) -> Params:
+    """K_n <- K_n + eta * (weighted mean child delta): `attend_keys` for nodes
+    whose mode is `mean` or `local`, from the mean alone (children streamed)."""
+    step_P = jnp.where((policy.mode != 2) & (total_P > 0), policy.eta, 0.0)
+    return {p: (k.astype(jnp.float32) + tree_ops.expand_rows(step_P, k) * mean_delta_P[p]).astype(k.dtype)
+            for p, k in node_K_P.items()}
+
+
 def sketch(tree_N: Params, dim: int) -> Params:
     """Count-sketch each row of every leaf into `dim` buckets (a random signed
     hashing fixed per parameter path, so every federation embeds alike)."""

@@ -61,6 +61,10 @@ class Plan:
                 raise ValueError(f"owner level {self.owner[part]} of part {part} outside 0..{depth}")
         if self.residuals not in ("none", "siblings", "all"):
             raise ValueError(f"residuals={self.residuals!r}; allowed: none, siblings, all")
+        for part in self.aggregate[-1]:
+            if part not in self.broadcast[-1]:
+                raise ValueError(f"part {part} is aggregated from clients but not broadcast to them: a client's "
+                                 "update is measured from what its federation sent")
         if self.similarity not in aggregation.SIMILARITIES:
             raise ValueError(f"similarity={self.similarity!r}; allowed: {', '.join(aggregation.SIMILARITIES)}")
 
@@ -91,6 +95,16 @@ class RoundBatch(NamedTuple):
     tokens: jax.Array  # (R_1, ..., R_{D-1}, S, E, B, L+1) int32
     slot_client: jax.Array  # (R..., S) client id in each slot, -1 = padding
     slot_weight: jax.Array  # (R..., S) data weight of the slot's client, 0 = absent
+
+
+class Children(NamedTuple):
+    """What a level's aggregation receives from its N children."""
+
+    weight_N: jax.Array  # (N,) data weight; 0 = absent, padding or diverged
+    parent_N: jax.Array  # (N,) index of the child's federation
+    sums: dict  # {"delta": {B, K}, "dp": {B, K}}: per-federation sums (see make_round.sum_children)
+    dp_norm_N: jax.Array  # (N,) pre-clip norm of each child's update (DP levels)
+    K_N: Params | None  # (N, ...) each child's K, where attention needs it; else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,48 +287,99 @@ def make_round(spec: EngineSpec) -> Callable:
                              "use one scope per level")
         dp_scope.append(scopes.pop() if scopes else "backbone")
 
+    # Static per level: the parts whose children are reduced to per-federation
+    # sums as they finish (streamed: no per-child copy is kept), and whether the
+    # children's K must be kept whole (attention scores every child against the
+    # children's mean, known only once all have finished). Federation levels
+    # keep their children's K anyway (it is their state); the client level
+    # keeps it only when some leaf federation aggregates K with attention.
+    leaf = D - 1
+    leaf_k_attention = ("K" in plan.aggregate[leaf] and bool(spec.key_paths)
+                        and any(p.k_agg == "attention" for p in topo.leaf.policies))
+    child_K_kept = [d < leaf or leaf_k_attention for d in range(D)]
+    summed = [frozenset(part for part in plan.aggregate[d] if part == "B" or not child_K_kept[d]) for d in range(D)]
+
+    def sum_children(d, delta_N: dict, weight_N, parent_N, clip_N):
+        """Per-federation sums over level d's children: the weighted deltas of the
+        summed parts and, at DP levels, the participants' clipped deltas; plus
+        each child's pre-clip norm. Sums over disjoint children add up, so the
+        client level runs this chunk by chunk."""
+        P = topo.levels[d].size
+        streamed = {part: delta_N[part] if part in summed[d] else {} for part in PARTS}
+        sums = {"delta": tree_ops.weighted_sum(streamed, weight_N, parent_N, P), "dp": {}}
+        norms_N = jnp.zeros(weight_N.shape, jnp.float32)
+        if dp_levels[d]:
+            dp_tree = {"B": delta_N["B"], "K": delta_N["K"] if dp_scope[d] == "all" else {}}
+            sums["dp"], norms_N = privacy.clipped_sums(dp_tree, weight_N, parent_N, P, clip_N)
+        return sums, norms_N
+
+    def aggregated_parts(d, delta: Params) -> dict:
+        """{"B": ..., "K": ...} of a delta, {} for the parts level d does not aggregate."""
+        parts = split_parts(delta, spec.key_paths)
+        return {part: parts[part] if part in plan.aggregate[d] else {} for part in PARTS}
+
     def one_client(sent_P: Params, parent, kept: Params, opt_state, tokens, lr, steps):
         """One slot: its federation's broadcast parts (gathered here, per chunk,
         not materialised for every slot) plus the parts the client kept."""
-        params = {**tree_ops.gather(sent_P, parent[None]), **jax.tree.map(lambda x: x[None], kept)}
-        params = jax.tree.map(lambda x: x[0], params)
+        params = {**jax.tree.map(lambda x: x[parent], sent_P), **kept}
         if not plan.client_opt_persistent:
             opt_state = client_tx.init(params)
-        result = local_update(params, opt_state, tokens, lr, steps)
-        update_1 = jax.tree.map(lambda x: x[None], tree_ops.sub(result.params, params))  # one row
-        return result, tree_ops.row_all_finite(update_1)[0], tree_ops.row_sq_norms(update_1)[0]
+        return local_update(params, opt_state, tokens, lr, steps), params
 
-    def run_clients(sent_P: Params, slot_parent, kept_S: Params, opt_state, tokens, lr, steps):
-        """Per slot: (ClientResult, update all finite, squared update norm)."""
-        mapped = parallel.map_clients(one_client, spec.mesh, spec.chunk, n_shared=1)
-        opt_in = opt_state if plan.client_opt_persistent else jnp.zeros((S,))
-        return mapped(sent_P, slot_parent, kept_S, opt_in, tokens, lr, steps)
+    def client_chunk(sent_P, clip_P, parent_N, kept_N, opt_N, tokens_N, lr_N, steps_N, weight_N, present_N):
+        """A chunk of slots: train, check each update (finite, norm), and reduce
+        the chunk to per-federation sums; only per-slot scalars (and the parts a
+        client keeps, or K for attention) leave the chunk."""
+        result, start = jax.vmap(one_client, in_axes=(None, 0, 0, 0, 0, 0, 0))(
+            sent_P, parent_N, kept_N, opt_N, tokens_N, lr_N, steps_N)
+        update = tree_ops.sub(result.params, start)
+        mean_loss = result.loss_sum / jnp.maximum(result.steps, 1.0)
+        valid = (tree_ops.row_all_finite(update) & jnp.isfinite(mean_loss)
+                 & (tree_ops.row_sq_norms(update) <= spec.max_update_norm ** 2))
+        weight = jnp.where(valid & present_N, weight_N, 0.0)
+        sums, dp_norm = sum_children(leaf, aggregated_parts(leaf, update), weight, parent_N,
+                                     clip_P[parent_N])
+        final = split_parts(result.params, spec.key_paths)
+        per_slot = dict(loss=mean_loss, tokens=result.tokens, valid=valid, weight=weight, dp_norm=dp_norm,
+                        kept={part: final[part] for part in plan.client_keeps},
+                        K=final["K"] if leaf_k_attention else {},
+                        opt=result.opt_state if plan.client_opt_persistent else ())
+        return per_slot, sums
+
+    run_clients = parallel.map_reduce_clients(client_chunk, spec.mesh, spec.chunk, n_shared=2)
 
     def build(st: RoundPolicies):
         """The round's functions for one set of policies (at trace time)."""
 
-        def aggregate(d, state, child_B, child_K, start_B, weight_N, child_parent_N, active_P, key):
-            """Aggregate children (B final, K final) into level d; returns new level state and info."""
+        def clip_norm(d, lvl):
+            """(P,) the clip norm level d uses this round (inf where no DP)."""
+            if not dp_levels[d]:
+                return jnp.full((topo.levels[d].size,), jnp.inf, jnp.float32)
+            return jnp.where(st.dp_clip_lr[d] > 0, lvl.clip, st.dp_clip[d])
+
+        def aggregate(d, state, kids: "Children", active_P, key):
+            """Aggregate level d's children into it; returns new level state and info."""
             lvl = state.levels[d]
             P = topo.levels[d].size
             metrics = {}
             new_B, new_server, new_K, new_clip = lvl.B, lvl.server, lvl.K, lvl.clip
-            delta_B = tree_ops.sub(child_B, start_B) if "B" in plan.aggregate[d] else {}
-            delta_K = tree_ops.sub(child_K, tree_ops.gather(lvl.K, child_parent_N)) if "K" in plan.aggregate[d] else {}
-            mean_B, total_P = tree_ops.weighted_mean(delta_B, weight_N, child_parent_N, P)
+            total_P = jax.ops.segment_sum(kids.weight_N, kids.parent_N, num_segments=P)
+            safe_P = jnp.where(total_P > 0, total_P, 1.0)
+            mean = jax.tree.map(lambda s: s / tree_ops.expand_rows(safe_P, s), kids.sums["delta"])
+            mean_B = mean["B"]
             dp_K = None
             if dp_levels[d]:
-                dp_tree = {"B": delta_B, "K": delta_K if dp_scope[d] == "all" else {}}
-                adaptive = st.dp_clip_lr[d] > 0
-                clip_P = jnp.where(adaptive, lvl.clip, st.dp_clip[d])
-                participate = (weight_N > 0).astype(jnp.float32)
-                noisy, stats = privacy.dp_mean(dp_tree, participate, child_parent_N, P,
-                                               clip_P, st.dp_noise[d], st.dp_expected[d], key)
+                clip_P = clip_norm(d, lvl)
+                stats = privacy.dp_stats(kids.dp_norm_N, kids.weight_N, kids.parent_N, P, clip_P)
+                noisy = privacy.dp_release(kids.sums["dp"], stats.count_P, clip_P, st.dp_noise[d],
+                                           st.dp_expected[d], key)
                 if adaptive_levels[d]:
+                    participate = (kids.weight_N > 0).astype(jnp.float32)
                     moved = privacy.adaptive_clip_update(
-                        privacy.adaptive_clip_init(clip_P), stats.norms_N, participate, child_parent_N,
+                        privacy.adaptive_clip_init(clip_P), stats.norms_N, participate, kids.parent_N,
                         st.dp_target_quantile[d], st.dp_clip_lr[d], st.dp_count_std[d], jax.random.fold_in(key, 7),
                         expected_count_P=st.dp_expected[d])
+                    adaptive = st.dp_clip_lr[d] > 0
                     new_clip = jnp.where(adaptive & active_P & (stats.count_P > 0), moved.clip, lvl.clip)
                     metrics["dp_clip"] = new_clip
                 is_dp = (st.dp_noise[d] > 0) | jnp.isfinite(st.dp_clip[d])
@@ -328,15 +393,20 @@ def make_round(spec: EngineSpec) -> Callable:
                                                               st.server_choice[d], st.server_lr[d], apply)
                 metrics["update_norm"] = jnp.sqrt(tree_ops.row_sq_norms(mean_B)) if mean_B else jnp.zeros(P)
             if "K" in plan.aggregate[d] and lvl.K:
-                parent_K = None
-                if plan.use_parent and d > 0:
-                    parent_K = tree_ops.gather(state.levels[d - 1].K, st.parents[d])
                 res_mask = residual_masks[d]
-                attended, info = aggregation.attend_keys(
-                    lvl.K, child_K, weight_N, child_parent_N, st.attention[d], spec.key_groups, plan.similarity,
-                    residual_K_M=lvl.residual_K if res_mask is not None else None,
-                    residual_mask_PxM=jnp.asarray(res_mask) if res_mask is not None else None,
-                    parent_K_P=parent_K, residual_dim=plan.residual_dim)
+                if kids.K_N is None:  # no leaf federation attends: the streamed mean
+                    attended = aggregation.mean_keys(lvl.K, mean["K"], total_P, st.attention[d])
+                    n_res = 0 if res_mask is None else res_mask.shape[1]
+                    info = aggregation.AttentionInfo(None, jnp.zeros((P, n_res)), jnp.zeros(P))
+                else:
+                    parent_K = None
+                    if plan.use_parent and d > 0:
+                        parent_K = tree_ops.gather(state.levels[d - 1].K, st.parents[d])
+                    attended, info = aggregation.attend_keys(
+                        lvl.K, kids.K_N, kids.weight_N, kids.parent_N, st.attention[d], spec.key_groups,
+                        plan.similarity, residual_K_M=lvl.residual_K if res_mask is not None else None,
+                        residual_mask_PxM=jnp.asarray(res_mask) if res_mask is not None else None,
+                        parent_K_P=parent_K, residual_dim=plan.residual_dim)
                 if dp_K is not None:
                     is_dp, noisy_K = dp_K
                     stepped = tree_ops.add(lvl.K, tree_ops.scale_rows(st.attention[d].eta, noisy_K))
@@ -347,7 +417,7 @@ def make_round(spec: EngineSpec) -> Callable:
                                                  if info.residual_weight_PxM.size else jnp.zeros(P))
                 if info.residual_weight_PxM.size:
                     metrics["attention_residual_matrix"] = info.residual_weight_PxM
-            metrics["participants"] = jax.ops.segment_sum((weight_N > 0).astype(jnp.float32), child_parent_N,
+            metrics["participants"] = jax.ops.segment_sum((kids.weight_N > 0).astype(jnp.float32), kids.parent_N,
                                                           num_segments=P)
             return lvl._replace(B=new_B, K=new_K, server=new_server, clip=new_clip), metrics
 
@@ -363,37 +433,34 @@ def make_round(spec: EngineSpec) -> Callable:
             for part in PARTS:
                 if part not in plan.broadcast[d]:
                     kept.update(tree_ops.gather(getattr(state.clients, part), safe_cid))
-            opt_state = (tree_ops.gather(state.clients.opt, safe_cid) if plan.client_opt_persistent else None)
+            opt_state = (tree_ops.gather(state.clients.opt, safe_cid) if plan.client_opt_persistent
+                         else jnp.zeros((S,)))
             lr = st.client_lr[st.slot_parent]
             steps = st.steps[st.slot_parent]
-            result, finite, sq_norm = run_clients(sent, st.slot_parent, kept, opt_state, batch.tokens, lr, steps)
-            final = split_parts(result.params, spec.key_paths)
-            start_B = tree_ops.gather(lvl.B, st.slot_parent) if "B" in plan.broadcast[d] else \
-                split_parts(kept, spec.key_paths)["B"]
-            mean_loss = result.loss_sum / jnp.maximum(result.steps, 1.0)
-            valid = finite & jnp.isfinite(mean_loss) & (sq_norm <= spec.max_update_norm ** 2)
             present = (cid >= 0) & active_P[st.slot_parent] & (batch.slot_weight > 0)
-            weight = jnp.where(valid & present, batch.slot_weight, 0.0)
+            out, sums = run_clients(sent, clip_norm(d, lvl), st.slot_parent, kept, opt_state, batch.tokens, lr,
+                                    steps, batch.slot_weight, present)
+            weight = out["weight"]
             # clients that keep state write it back (not if diverged or absent)
-            keep_rows = jnp.where(valid & present, cid, topo.n_clients)
+            keep_rows = jnp.where(out["valid"] & present, cid, topo.n_clients)
             clients = state.clients
             for part in plan.client_keeps:
-                kept = {p: getattr(clients, part)[p].at[keep_rows].set(final[part][p], mode="drop")
+                kept = {p: getattr(clients, part)[p].at[keep_rows].set(out["kept"][part][p], mode="drop")
                         for p in getattr(clients, part)}
                 clients = clients._replace(**{part: kept})
             if plan.client_opt_persistent:
                 clients = clients._replace(opt=jax.tree.map(
-                    lambda x, y: x.at[keep_rows].set(y, mode="drop"), clients.opt, result.opt_state))
+                    lambda x, y: x.at[keep_rows].set(y, mode="drop"), clients.opt, out["opt"]))
             state = state._replace(clients=clients)
             n_leaf = topo.leaf.size
-            metrics["train_loss_sum"] = jax.ops.segment_sum(jnp.where(weight > 0, mean_loss, 0.0) * (weight > 0),
+            metrics["train_loss_sum"] = jax.ops.segment_sum(jnp.where(weight > 0, out["loss"], 0.0),
                                                             st.slot_parent, num_segments=n_leaf)
             metrics["train_clients"] = jax.ops.segment_sum((weight > 0).astype(jnp.float32), st.slot_parent,
                                                            num_segments=n_leaf)
-            metrics["tokens"] = jnp.sum(jnp.where(present, result.tokens, 0.0))
-            metrics["diverged"] = jnp.sum((present & ~valid).astype(jnp.float32))
-            child_B, child_K, child_parent = final["B"], final["K"], st.slot_parent
-            return state, metrics, (child_B, child_K, start_B, weight, child_parent)
+            metrics["tokens"] = jnp.sum(jnp.where(present, out["tokens"], 0.0))
+            metrics["diverged"] = jnp.sum((present & ~out["valid"]).astype(jnp.float32))
+            kids = Children(weight, st.slot_parent, sums, out["dp_norm"], out["K"] if leaf_k_attention else None)
+            return state, metrics, kids
 
         def federations_work(d, state: EngineState, batch: RoundBatch, active_P, key):
             """Each child federation receives what level d broadcasts, then runs its own
@@ -408,25 +475,25 @@ def make_round(spec: EngineSpec) -> Callable:
                     child_level = child_level._replace(
                         **{part: tree_ops.where_rows(active_child, sent, getattr(child_level, part))})
             state = _with_level(state, d + 1, child_level)
-            start_B = tree_ops.gather(lvl.B, parent)
             state, metrics = run_rounds(d + 1, state, batch, active_child, key)
             child_level = state.levels[d + 1]
             weight = jnp.where(active_child, st.node_weight[d + 1], 0.0)
-            child_B, child_K, child_parent = child_level.B, child_level.K, parent
+            # level d itself does not change while its children run
+            delta = aggregated_parts(d, tree_ops.sub({**child_level.B, **child_level.K},
+                                                     tree_ops.gather({**lvl.B, **lvl.K}, parent)))
+            sums, dp_norm = sum_children(d, delta, weight, parent, clip_norm(d, lvl)[parent])
             if residual_masks[d + 1] is not None:  # children share their K after our round
                 state = _with_level(state, d + 1, child_level._replace(
                     residual_K=tree_ops.where_rows(active_child, child_level.K, child_level.residual_K)))
-            return state, metrics, (child_B, child_K, start_B, weight, child_parent)
+            return state, metrics, Children(weight, parent, sums, dp_norm, child_level.K)
 
         def fed_round(d, state: EngineState, batch: RoundBatch, active_P, key):
             """One round of every level-d federation with its children."""
             if d == D - 1:
-                state, metrics, children = clients_work(d, state, batch, active_P)
+                state, metrics, kids = clients_work(d, state, batch, active_P)
             else:
-                state, metrics, children = federations_work(d, state, batch, active_P, key)
-            child_B, child_K, start_B, weight, child_parent = children
-            new_level, agg_metrics = aggregate(d, state, child_B, child_K, start_B, weight, child_parent, active_P,
-                                               jax.random.fold_in(key, 1_000_003 + d))
+                state, metrics, kids = federations_work(d, state, batch, active_P, key)
+            new_level, agg_metrics = aggregate(d, state, kids, active_P, jax.random.fold_in(key, 1_000_003 + d))
             agg_metrics["rounds"] = active_P.astype(jnp.float32)
             metrics = {**metrics, **{f"level{d}/{k}": v for k, v in agg_metrics.items()}}
             return _with_level(state, d, new_level), metrics

@@ -2,9 +2,11 @@
 
 Client slots are laid out federation-major, so a device's contiguous shard
 holds whole federations whenever the sizes allow. Inside a device, clients run
-either all at once (`vmap`), in chunks (`lax.map(batch_size=k)`: bounded memory)
-or one after another (k = 1). Aggregation stays outside the mapped function:
-plain array code that XLA partitions with the needed all-reduces.
+either all at once (`vmap`), in chunks of k (a `lax.scan` over vmapped chunks:
+bounded memory) or one after another (k = 1). Whatever aggregation can be
+streamed (weighted sums of updates per federation) is summed chunk by chunk
+inside the mapped function and all-reduced over devices once
+(`map_reduce_clients`), so no per-client copy of the model outlives its chunk.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -53,25 +56,65 @@ def map_clients(fn: Callable, mesh: Mesh | None, chunk: int = 0, n_shared: int =
     """Map `fn` (written for one client) over the leading slot axis of its args.
 
     The first `n_shared` arguments are shared by every client (replicated, not
-    mapped: e.g. the federations' parameters, which each client gathers for
-    itself, so no per-slot copy of the model is ever materialised); the rest
-    are mapped. chunk = 0: vmap all local clients; chunk = k > 0: `lax.map` in
-    chunks of k. With a mesh, each device handles its own shard of slots.
+    mapped); the rest are mapped. chunk = 0: vmap all local clients; chunk =
+    k > 0: k at a time. With a mesh, each device handles its own shard of slots.
+    """
+    def chunk_fn(*args):
+        shared, mapped = args[:n_shared], args[n_shared:]
+        return jax.vmap(lambda *xs: fn(*shared, *xs))(*mapped), ()
+
+    mapped = map_reduce_clients(chunk_fn, mesh, chunk, n_shared)
+    return lambda *args: mapped(*args)[0]
+
+
+def map_reduce_clients(chunk_fn: Callable, mesh: Mesh | None, chunk: int = 0, n_shared: int = 0) -> Callable:
+    """Run `chunk_fn` over chunks of client slots and total its reductions.
+
+    `chunk_fn(*shared, *mapped_chunk) -> (per_slot, sums)` handles a chunk of
+    slots at once (typically a vmap over one client's function) and returns
+    per-slot outputs plus sums over the chunk (e.g. per-federation sums of
+    weighted updates). The result is `(per_slot for every slot, sums over all
+    slots)`. Chunks run one after another (`lax.scan`) with the sums as the
+    carry, so a chunk's full-size outputs die with it: memory is bounded by
+    the chunk, not the client count. chunk = 0 runs all of a device's slots as
+    one chunk (vmap: the fastest on accelerators); with a mesh each device runs
+    its shard and the sums are all-reduced over devices.
     """
     def per_device(*args):
         shared, mapped = args[:n_shared], args[n_shared:]
-        one = lambda *xs: fn(*shared, *xs)
+        run = lambda xs: chunk_fn(*shared, *xs)
         n_local = jax.tree.leaves(mapped)[0].shape[0]
-        if chunk <= 0 or chunk >= n_local:
-            return jax.vmap(one)(*mapped)
-        return jax.lax.map(lambda xs: one(*xs), mapped, batch_size=chunk)
+        k = n_local if chunk <= 0 else min(chunk, n_local)
+        n_full, rest = divmod(n_local, k)
+        if n_full == 1 and rest == 0:
+            return run(mapped)
+        head = jax.tree.map(lambda x: x[:n_full * k].reshape((n_full, k) + x.shape[1:]), mapped)
+        first = jax.tree.map(lambda x: x[0], head)
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run, first)[1])
+
+        def body(total, xs):
+            out, sums = run(xs)
+            return jax.tree.map(jnp.add, total, sums), out
+
+        sums, outs = jax.lax.scan(body, zero, head)
+        outs = jax.tree.map(lambda x: x.reshape((n_full * k,) + x.shape[2:]), outs)
+        if rest:  # the last, smaller chunk
+            tail_out, tail_sums = run(jax.tree.map(lambda x: x[n_full * k:], mapped))
+            outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outs, tail_out)
+            sums = jax.tree.map(jnp.add, sums, tail_sums)
+        return outs, sums
 
     if mesh is None or mesh.size == 1:
         return per_device
 
+    def on_device(*args):
+        outs, sums = per_device(*args)
+        return outs, jax.lax.psum(sums, AXIS)
+
     def sharded(*args):
         specs = (P(),) * n_shared + (P(AXIS),) * (len(args) - n_shared)
-        return jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=P(AXIS), check_vma=False)(*args)
+        return jax.shard_map(on_device, mesh=mesh, in_specs=specs, out_specs=(P(AXIS), P()),
+                             check_vma=False)(*args)
 
     return sharded
 

@@ -110,25 +110,51 @@ def dp_mean(updates_N: Tree, participate_N: jax.Array, parent_N: jax.Array,
 
     Returns ({path: (P, ...) fp32 mean}, DpStats).
 
+    The two halves, `clipped_sums` and `dp_release`, also work apart: the
+    engine streams `clipped_sums` over chunks of clients and releases once.
+    """
+    clip_P = jnp.asarray(clip_P, f32)
+    sums_P, norms_N = clipped_sums(updates_N, participate_N, parent_N, n_parents, clip_P[parent_N])
+    stats = dp_stats(norms_N, participate_N, parent_N, n_parents, clip_P)
+    return dp_release(sums_P, stats.count_P, clip_P, noise_multiplier_P, expected_count_P, key), stats
+
+
+def clipped_sums(updates_N: Tree, participate_N: jax.Array, parent_N: jax.Array, n_parents: int,
+                 clip_N: jax.Array) -> tuple[Tree, jax.Array]:
+    """Per federation, the sum of its participants' clipped updates; and every
+    row's pre-clip norm. Sums over disjoint sets of rows add up, so this can
+    run chunk by chunk."""
+    clipped, norms_N = clip_updates(updates_N, clip_N)
+    w_N = participate_N > 0
+    # `where`, not a product: padding rows may hold garbage (even NaN).
+    masked = jax.tree.map(lambda x: jnp.where(_bcast(w_N, x), x, 0.0), clipped)
+    sums_P = jax.tree.map(lambda x: jax.ops.segment_sum(x, parent_N, num_segments=n_parents), masked)
+    return sums_P, norms_N
+
+
+def dp_stats(norms_N: jax.Array, participate_N: jax.Array, parent_N: jax.Array, n_parents: int,
+             clip_P: jax.Array) -> DpStats:
+    w_N = participate_N > 0
+    seg = functools.partial(jax.ops.segment_sum, segment_ids=parent_N, num_segments=n_parents)
+    count_P = seg(w_N.astype(f32))
+    clipped_P = seg((w_N & (norms_N > jnp.asarray(clip_P, f32)[parent_N])).astype(f32))
+    return DpStats(norms_N, clipped_P / jnp.maximum(count_P, 1.0), count_P)
+
+
+def dp_release(sums_P: Tree, count_P: jax.Array, clip_P: jax.Array, noise_multiplier_P: jax.Array,
+               expected_count_P: jax.Array, key: jax.Array) -> Tree:
+    """Noised mean from clipped sums: (sum + N(0, (z clip)^2)) / E[count].
+
     A federation with noise_multiplier 0 has no guarantee to protect, so it
     divides by its actual participant count instead: with clip = inf that is
     exactly the plain participant mean (and 0 when nobody took part).
     """
     clip_P = jnp.asarray(clip_P, f32)
     z_P = jnp.asarray(noise_multiplier_P, f32)
-    w_N = participate_N > 0
-    clipped, norms_N = clip_updates(updates_N, clip_P[parent_N])
-    # `where`, not a product: padding rows may hold garbage (even NaN).
-    masked = jax.tree.map(lambda x: jnp.where(_bcast(w_N, x), x, 0.0), clipped)
-    seg = functools.partial(jax.ops.segment_sum, segment_ids=parent_N, num_segments=n_parents)
-    sums_P = jax.tree.map(seg, masked)
-    count_P = seg(w_N.astype(f32))
     std_P = jnp.where(z_P > 0, z_P * clip_P, 0.0)  # 0 * inf would be NaN
     noise_P = gaussian_noise(key, sums_P, std_P)
     denom_P = jnp.where(z_P > 0, jnp.asarray(expected_count_P, f32), jnp.maximum(count_P, 1.0))
-    mean_P = jax.tree.map(lambda s, e: (s + e) / _bcast(denom_P, s), sums_P, noise_P)
-    clipped_P = seg((w_N & (norms_N > clip_P[parent_N])).astype(f32))
-    return mean_P, DpStats(norms_N, clipped_P / jnp.maximum(count_P, 1.0), count_P)
+    return jax.tree.map(lambda s, e: (s + e) / _bcast(denom_P, s), sums_P, noise_P)
 
 
 # ------------------------------------------------------------ adaptive clipping

@@ -30,6 +30,11 @@ def _policies(exp: train.Experiment, config: Config) -> engine.RoundPolicies:
         topo = topo.flattened()
     if [lvl.names for lvl in topo.levels] != [lvl.names for lvl in base.levels]:
         raise ValueError("a vectorised sweep may vary only scalar policies and seeds, not the tree")
+    for b, t in zip(base.levels, topo.levels):
+        if [p.k_agg for p in b.policies] != [p.k_agg for p in t.policies]:
+            # k_agg decides what the compiled round keeps per client (attention needs every child's K)
+            raise ValueError("a vectorised sweep may not vary k_agg (it shapes the compiled round); "
+                             "use `worldlm sweep` to compare key-layer aggregation rules")
     topo = dataclasses.replace(base, levels=tuple(dataclasses.replace(b, policies=t.policies)
                                                    for b, t in zip(base.levels, topo.levels)))
     return engine.round_policies(topo)
