@@ -8,7 +8,8 @@ deploys. One root round:
 
     fed_round(level 0):
       broadcast the parts sent down to the children
-      children work: client slots train locally (vmapped / sharded), or
+      children work: client slots train locally (vmapped / sharded, and
+                     reduced chunk by chunk to per-federation sums: `Children`), or
                      each child federation runs its own `rounds` rounds (scan)
       aggregate: B through each node's server optimizer (optionally DP),
                  K through attention over children, residuals and the parent
