@@ -197,3 +197,15 @@ def test_causal_attention_matches_jax_reference():
     q, k, v = (jnp.asarray(rng.normal(size=(2, 16, 4, 8)), jnp.float32) for _ in range(3))
     np.testing.assert_allclose(M.causal_attention(q, k, v),
                                jax.nn.dot_product_attention(q, k, v, is_causal=True), atol=1e-5)
+
+
+def test_causal_attention_gradient_matches_autodiff_of_the_reference():
+    """The hand-written softmax backward (custom VJP) against JAX's autodiff of
+    jax.nn.dot_product_attention, for q, k and v."""
+    rng = np.random.default_rng(1)
+    q, k, v, w = (jnp.asarray(rng.normal(size=(2, 16, 4, 8)), jnp.float32) for _ in range(4))
+    ours = jax.grad(lambda *a: jnp.sum(M.causal_attention(*a) * w), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(lambda *a: jnp.sum(jax.nn.dot_product_attention(*a, is_causal=True) * w),
+                   argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)

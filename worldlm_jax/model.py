@@ -164,11 +164,39 @@ def causal_attention(q_BxLxHxK: jax.Array, k_BxLxHxK: jax.Array, v_BxLxHxK: jax.
     B, L, H, K = q_BxLxHxK.shape
     to_heads = lambda x: x.transpose(0, 2, 1, 3).reshape(B * H, L, K)
     q, k, v = to_heads(q_BxLxHxK), to_heads(k_BxLxHxK), to_heads(v_BxLxHxK)
-    logits = jnp.einsum('nqk,nsk->nqs', q, k, preferred_element_type=jnp.float32) / math.sqrt(K)
-    causal = jnp.tril(jnp.ones((L, L), bool))
-    weights = jax.nn.softmax(jnp.where(causal, logits, jnp.finfo(jnp.float32).min), axis=-1)
-    y = jnp.einsum('nqs,nsk->nqk', weights.astype(v.dtype), v)
+    y = _attend(q * jnp.asarray(1 / math.sqrt(K), q.dtype), k, v)
     return y.reshape(B, H, L, K).transpose(0, 2, 1, 3)
+
+
+@jax.custom_vjp
+def _attend(q_NxLxK, k_NxLxK, v_NxLxK):
+    return _attend_fwd(q_NxLxK, k_NxLxK, v_NxLxK)[0]
+
+
+def _attend_fwd(q, k, v):
+    L = q.shape[1]
+    logits = jnp.einsum('nqk,nsk->nqs', q, k, preferred_element_type=jnp.float32)
+    causal = jnp.tril(jnp.ones((L, L), bool))
+    p = jax.nn.softmax(jnp.where(causal, logits, jnp.finfo(jnp.float32).min), axis=-1)
+    y = jnp.einsum('nqs,nsk->nqk', p.astype(v.dtype), v)
+    return y, (q, k, v, p, y)
+
+
+def _attend_bwd(res, dy):
+    """The softmax backward written out, dS = P * (dP - rowsum(dY * Y)) (rowsum(dP * P)
+    equals rowsum(dY * Y) since Y = P V): fewer passes over the (L, L) scores than
+    autodiff's chain through max, exp, sum and divide."""
+    q, k, v, p, y = res
+    dv = jnp.einsum('nqs,nqk->nsk', p.astype(dy.dtype), dy)
+    dp = jnp.einsum('nqk,nsk->nqs', dy, v, preferred_element_type=jnp.float32)
+    row = jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1, keepdims=True)
+    ds = p * (dp - row)
+    dq = jnp.einsum('nqs,nsk->nqk', ds.astype(k.dtype), k)
+    dk = jnp.einsum('nqs,nqk->nsk', ds.astype(q.dtype), q)
+    return dq, dk, dv
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 class Attention(nnx.Module):
