@@ -98,6 +98,8 @@ ERRORS = [
     ("depths", {"name": "r", "children": [leaf("A", 1), {"name": "B", "children": [leaf("C", 1)]}]},
      r"different depths \[1, 2\]"),
     ("cycle", _cyclic(), r"cycle"),
+    ("federations_per_round", {"name": "r", "policy": {"federations_per_round": 0}, "children": [leaf("A", 1)]},
+     r"federation 'r'.*policy field 'federations_per_round' = 0.*integer >= 1 or null"),
 ]
 
 

@@ -5,7 +5,10 @@ A federation at level d releases one noisy aggregate per round it runs, and it
 runs `rounds` rounds per round of its parent, so per root round it releases the
 product of `rounds` along its path below the root. Its sampling rate is that of
 its children: a lowest federation samples clients by its own policy; an
-internal federation aggregates all of its child federations (rate 1).
+internal federation samples its child federations (`federations_per_round`,
+rate 1 when all take part). A federation is charged for every round of its
+parent, sampled or not: an upper bound (no amplification by the ancestors'
+sampling is claimed).
 """
 from __future__ import annotations
 
@@ -29,7 +32,11 @@ def releases_per_root_round(topology: Topology, level: int, node: int) -> int:
 def sampling_of(topology: Topology, level: int, node: int) -> tuple[str, float, int]:
     """(sampling kind, rate, population) of the children of one federation."""
     if level < topology.depth - 1:
-        return "full", 1.0, int(np.sum(topology.levels[level + 1].parent == node))
+        n = int(np.sum(topology.levels[level + 1].parent == node))
+        k = int(topology.federations_sampled(level)[node])
+        if k >= n:
+            return "full", 1.0, n
+        return ("poisson" if topology.levels[level].policies[node].sampling == "poisson" else "fixed"), k / n, n
     policy = topology.leaf.policies[node]
     n = int(np.sum(topology.client_parent == node))
     per_round = min(policy.clients_per_round or n, n)

@@ -215,6 +215,8 @@ class RoundPolicies(NamedTuple):
     dp_clip_lr: tuple  # 0 = fixed clip
     dp_target_quantile: tuple
     dp_count_std: tuple  # noise std of the adaptive clip's count query
+    children_per_round: tuple  # per level: (n_d,) children taking part per round (internal levels)
+    poisson_children: tuple  # per level: (n_d,) bool, children drawn each with probability k / n
 
 
 def round_policies(topo: Topology) -> "RoundPolicies":
@@ -223,12 +225,15 @@ def round_policies(topo: Topology) -> "RoundPolicies":
         return jnp.asarray(topo.levels[level].policy_array(field, np.float32))
 
     D = topo.depth
-    expected = []
+    expected, per_round = [], []
     for d in range(D):
         count = topo.children_count(d).astype(np.float32)
         if d == D - 1:
             cpr = topo.leaf.policy_array("clients_per_round", np.float32)
             count = np.where(cpr > 0, np.minimum(cpr, count), count)
+        else:
+            count = topo.federations_sampled(d).astype(np.float32)
+        per_round.append(jnp.asarray(count, jnp.int32))
         expected.append(jnp.asarray(np.maximum(count, 1.0)))
     noise, count_std = [], []
     for d, lvl in enumerate(topo.levels):
@@ -260,7 +265,21 @@ def round_policies(topo: Topology) -> "RoundPolicies":
                          for lvl in topo.levels),
         dp_target_quantile=tuple(f32(d, "dp_target_quantile") for d in range(D)),
         dp_count_std=tuple(jnp.asarray(count_std[d]) for d in range(D)),
+        children_per_round=tuple(per_round),
+        poisson_children=tuple(jnp.asarray([p.sampling == "poisson" for p in lvl.policies]) for lvl in topo.levels),
     )
+
+
+def sample_children(key, parent_N: jax.Array, k_P: jax.Array, poisson_P: jax.Array, n_P: np.ndarray) -> jax.Array:
+    """(N,) which children take part this round: all where k >= n (a node's
+    sample size and child count); otherwise k of the n drawn uniformly without
+    replacement, or, under Poisson sampling, each with probability k / n."""
+    u_N = jax.random.uniform(key, parent_N.shape)
+    k_N, n_N = k_P[parent_N], jnp.asarray(n_P, jnp.float32)[parent_N]
+    siblings = parent_N[:, None] == parent_N[None, :]
+    rank_N = jnp.sum(siblings & (u_N[None, :] < u_N[:, None]), axis=1)  # O(N^2): N = federations, few
+    drawn = jnp.where(poisson_P[parent_N], u_N < k_N / n_N, rank_N < k_N)
+    return (k_N >= n_N) | drawn
 
 
 def make_round(spec: EngineSpec) -> Callable:
@@ -469,7 +488,9 @@ def make_round(spec: EngineSpec) -> Callable:
             lvl = state.levels[d]
             child_level = state.levels[d + 1]
             parent = st.parents[d + 1]
-            active_child = active_P[parent]
+            sampled = sample_children(jax.random.fold_in(key, 2_000_003 + d), parent, st.children_per_round[d],
+                                      st.poisson_children[d], topo.children_count(d))
+            active_child = active_P[parent] & sampled
             for part in PARTS:
                 if part in plan.broadcast[d]:
                     sent = tree_ops.gather(getattr(lvl, part), parent)

@@ -39,6 +39,10 @@ class Policy:
 
     rounds: int = 1  # rounds with its children per round of its parent
     clients_per_round: int | None = None  # leaf federations: None = all clients
+    # federations of federations: child federations taking part in each round
+    # (None = all); k of n drawn without replacement, or each with probability
+    # k / n under `sampling: poisson`
+    federations_per_round: int | None = None
     sampling: str = "full"  # full | fixed (without replacement) | poisson
     local_steps: int = 10  # leaf federations: optimizer steps per client per round
     client_lr: float = 1e-3
@@ -66,9 +70,10 @@ class Policy:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 fail(name, value, "expected an integer >= 1")
-        cpr = self.clients_per_round
-        if cpr is not None and (not isinstance(cpr, (int, np.integer)) or cpr < 1):
-            fail("clients_per_round", cpr, "expected an integer >= 1 or null (all clients)")
+        for name in ("clients_per_round", "federations_per_round"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
+                fail(name, value, "expected an integer >= 1 or null (all take part)")
         for name, allowed in (("sampling", SAMPLING_MODES), ("k_agg", K_AGG_MODES), ("dp_scope", DP_SCOPES)):
             if getattr(self, name) not in allowed:
                 fail(name, getattr(self, name), f"allowed: {', '.join(allowed)}")
@@ -119,7 +124,7 @@ class Level:
 
     def policy_array(self, field: str, dtype=np.float32) -> np.ndarray:
         values = [getattr(p, field) for p in self.policies]
-        if field == "clients_per_round":
+        if field in ("clients_per_round", "federations_per_round"):
             values = [-1 if v is None else v for v in values]
         if field == "k_agg":
             values = [K_AGG_MODES.index(v) for v in values]
@@ -151,6 +156,13 @@ class Topology:
     @property
     def leaf(self) -> Level:
         return self.levels[-1]
+
+    def federations_sampled(self, level: int) -> np.ndarray:
+        """(n_level,) child federations each node at an internal `level` lets take
+        part per round (all of them where `federations_per_round` is unset)."""
+        counts = self.children_count(level)
+        k = self.levels[level].policy_array("federations_per_round", np.int64)
+        return np.where(k > 0, np.minimum(k, counts), counts)
 
     def children_count(self, level: int) -> np.ndarray:
         """(n_level,) number of children of each node at `level`."""
