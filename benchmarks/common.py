@@ -66,10 +66,10 @@ class Workload(NamedTuple):
     steps: int
 
 
-def tree_spec(clients: int, depth: int, steps: int, client_lr: float) -> dict:
+def tree_spec(clients: int, depth: int, steps: int, client_lr: float, federations_per_round=None) -> dict:
     """A tree of `depth` levels over `clients` clients (2-way fan-out above the leaves)."""
     policy = {"local_steps": steps, "client_lr": client_lr, "server_optimizer": "sgd", "server_lr": 1.0,
-              "rounds": 1}
+              "rounds": 1, "federations_per_round": federations_per_round}
     if depth == 1:
         return {"name": "root", "clients": clients, "sources": ["x"], "policy": policy}
     n_leaf = 2 ** (depth - 1)
@@ -87,7 +87,7 @@ def tree_spec(clients: int, depth: int, steps: int, client_lr: float) -> dict:
 
 
 def build(clients=16, steps=5, preset="w", chunk=0, devices=1, depth=1, dtype="float32", batch=8, seq=128,
-          client_lr=3e-4, seed=0, **model_overrides) -> Workload:
+          client_lr=3e-4, seed=0, federations_per_round=None, **model_overrides) -> Workload:
     """Workload W (or a variant) through the engine's own round: FedAvg/HierFAVG plan."""
     import jax
     import jax.numpy as jnp
@@ -96,7 +96,7 @@ def build(clients=16, steps=5, preset="w", chunk=0, devices=1, depth=1, dtype="f
     from worldlm_jax import client as client_lib
     from worldlm_jax import engine, model, optimizers, parallel, strategies, topology
 
-    topo = topology.build_topology(tree_spec(clients, depth, steps, client_lr))
+    topo = topology.build_topology(tree_spec(clients, depth, steps, client_lr, federations_per_round))
     mesh = parallel.make_mesh(devices) if devices > 1 else None
     topo = topo.with_slot_multiple(devices if devices > 1 else 1)
     cfg = model.preset(preset, dtype=dtype, max_len=max(seq, model.preset(preset).max_len), **model_overrides)

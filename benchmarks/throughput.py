@@ -30,6 +30,8 @@ def parse(argv=None):
     ap.add_argument("--batch", type=int, default=common.W["batch"])
     ap.add_argument("--seq", type=int, default=common.W["seq"])
     ap.add_argument("--depth", type=int, default=1, help="tree levels (1 = flat FedAvg, >1 = HierFAVG)")
+    ap.add_argument("--federations-per-round", type=int, default=None,
+                    help="depth > 1: child federations each federation samples per round (default: all)")
     ap.add_argument("--chunk", default="default",
                     help="clients per device at once, comma list: 0 = vmap all, 1 = sequential, "
                          "'default' = parallel.default_chunk()")
@@ -83,7 +85,8 @@ def run(args) -> list[dict]:
     for chunk in chunks:
         for dtype in dtypes:
             w = common.build(clients=args.clients, steps=args.steps, preset=args.preset, chunk=chunk,
-                             devices=devices, depth=args.depth, dtype=dtype, batch=args.batch, seq=args.seq)
+                             devices=devices, depth=args.depth, dtype=dtype, batch=args.batch, seq=args.seq,
+                             federations_per_round=args.federations_per_round)
             state = w.strategy.init(w.params)
             if w.spec.mesh is not None and not args.no_place_state:
                 # engine.init_state leaves the state on one device while the round
@@ -136,7 +139,7 @@ def run(args) -> list[dict]:
             "device_kind": jax.devices()[0].device_kind,
             "devices": devices, "chunk": v["chunk"], "dtype": v["dtype"], "preset": args.preset,
             "clients": args.clients, "steps": args.steps, "batch": args.batch, "seq": args.seq,
-            "depth": args.depth, "gflop_per_client_step": round(w.flops_per_client_step / 1e9, 4),
+            "depth": args.depth, "federations_per_round": args.federations_per_round, "gflop_per_client_step": round(w.flops_per_client_step / 1e9, 4),
             "first_round_loss": round(v["loss"], 5),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "loadavg_1m": round(os.getloadavg()[0], 2),

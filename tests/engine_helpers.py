@@ -95,13 +95,14 @@ def make_batches(topology, n_rounds: int, *, batch: int = 2, seq_len: int = 6, s
     lead = shape[:-4]
     S = topology.n_slots
     slot_client = np.full(S, -1, np.int32)
-    slot_client[: topology.n_clients] = np.arange(topology.n_clients)
+    for leaf in range(topology.leaf.size):
+        slot_client[topology.leaf_slots(leaf)] = np.flatnonzero(topology.client_parent == leaf)
     w = np.asarray(topology.client_weight if weights is None else weights, np.float32)
     slot_weight = np.where(slot_client >= 0, w[np.maximum(slot_client, 0)], 0.0).astype(np.float32)
     out = []
     for _ in range(n_rounds):
         tokens = random_tokens(rng, shape, vocab)
-        tokens[..., topology.n_clients:, :, :, :] = 10**6  # padding slots: garbage
+        tokens[..., slot_client < 0, :, :, :] = 10**6  # padding slots: garbage
         out.append(engine.RoundBatch(tokens, np.broadcast_to(slot_client, lead + (S,)).copy(),
                                      np.broadcast_to(slot_weight, lead + (S,)).copy()))
     return out

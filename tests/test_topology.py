@@ -131,14 +131,27 @@ def test_slot_layout_and_padding():
     assert list(t.slot_parent) == [0, 0, 1, 1, 1] and t.n_slots == 5 and t.padding_fraction == 0
     p = t.with_slot_multiple(4)
     assert p.n_slots == 8 and p.n_slots % 4 == 0
-    assert list(p.slot_parent) == [0, 0, 1, 1, 1, 1, 1, 1]
+    # 4 device blocks of 2: A's 2 slots and B's 3 spread over the blocks, padding last in a block
+    assert list(p.slot_parent) == [0, 1, 0, 0, 1, 1, 1, 1]
+    assert [list(p.leaf_slots(i)) for i in range(2)] == [[0, 2], [1, 4, 6]]
     assert p.padding_fraction == pytest.approx(3 / 8)
     assert t.with_slot_multiple(5).n_slots == 5  # already a multiple: no padding
     # padding slots hold no client and weigh 0
     p = p.with_client_weights([1, 2, 3, 4, 5])
     client, weight = pipeline.sample_slots(p, round_index=0, salt=0, seed=0)
-    assert list(client) == [0, 1, 2, 3, 4, -1, -1, -1]
-    np.testing.assert_array_equal(weight, [1, 2, 3, 4, 5, 0, 0, 0])
+    assert list(client) == [0, 2, 1, -1, 3, -1, 4, -1]
+    np.testing.assert_array_equal(weight, [1, 3, 2, 0, 4, 0, 5, 0])
+
+
+def test_every_device_block_gets_a_fair_share_of_every_federation():
+    """8 federations of 8 clients on 4 devices: 2 slots of each per device, so a
+    federation left out of a round idles no device more than another."""
+    t = build_topology({"name": "r", "children": [leaf(f"F{i}", 8) for i in range(8)]}).with_slot_multiple(4)
+    blocks = t.slot_parent.reshape(4, -1)
+    for b in blocks:
+        assert list(np.bincount(b, minlength=8)) == [2] * 8
+    uneven = build_topology({"name": "r", "children": [leaf(f"F{i}", 3) for i in range(4)]}).with_slot_multiple(4)
+    assert uneven.n_slots == 12  # remainders rotate across blocks: no extra padding
 
 
 def test_fixed_sampling_fills_clients_per_round_slots():

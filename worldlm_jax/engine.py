@@ -366,7 +366,14 @@ def make_round(spec: EngineSpec) -> Callable:
                         opt=result.opt_state if plan.client_opt_persistent else ())
         return per_slot, sums
 
-    run_clients = parallel.map_reduce_clients(client_chunk, spec.mesh, spec.chunk, n_shared=2)
+    def client_chunk_if_present(*args):
+        """Skip a chunk in which no slot takes part (padding, clients not sampled,
+        federations not sampled): its zeros are absent slots to every consumer."""
+        present_N = args[-1]
+        absent = lambda *a: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(client_chunk, *a))
+        return jax.lax.cond(jnp.any(present_N), client_chunk, absent, *args)
+
+    run_clients = parallel.map_reduce_clients(client_chunk_if_present, spec.mesh, spec.chunk, n_shared=2)
 
     def build(st: RoundPolicies):
         """The round's functions for one set of policies (at trace time)."""

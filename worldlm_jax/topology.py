@@ -179,14 +179,37 @@ class Topology:
         per_round = np.where((cpr > 0) & (np.array(sampling) == "fixed"), np.minimum(cpr, counts), counts)
         return per_round.astype(np.int64)
 
+    def _slot_layout(self) -> tuple[np.ndarray, np.ndarray]:
+        """(slot_parent, real): the slots cut into `slot_multiple` equal device
+        blocks, each leaf federation's slots spread over the blocks as evenly as
+        possible (remainders rotating from one federation to the next),
+        federation-major inside a block, padding at the end of a block. Every
+        device holds a fair share of every federation, so sampling clients or
+        federations thins all devices' work alike instead of idling some."""
+        n_dev = max(self.slot_multiple, 1)
+        blocks = [[] for _ in range(n_dev)]
+        first = 0
+        for leaf, m in enumerate(self.slots_per_leaf):
+            base, extra = divmod(int(m), n_dev)
+            for j in range(n_dev):
+                blocks[(first + j) % n_dev] += [leaf] * (base + (j < extra))
+            first = (first + extra) % n_dev
+        size = max(len(b) for b in blocks)
+        parent, real = [], []
+        for b in blocks:  # a padding slot sits with its block's last federation (weight 0)
+            parent += b + [b[-1] if b else self.leaf.size - 1] * (size - len(b))
+            real += [True] * len(b) + [False] * (size - len(b))
+        return np.asarray(parent, np.int32), np.asarray(real, bool)
+
     @property
     def slot_parent(self) -> np.ndarray:
-        """(S,) leaf federation of each slot; the trailing padding slots belong to
-        the last leaf federation and always carry weight 0."""
-        per_leaf = self.slots_per_leaf
-        parent = np.repeat(np.arange(self.leaf.size), per_leaf)
-        n_pad = -len(parent) % self.slot_multiple
-        return np.concatenate([parent, np.full(n_pad, self.leaf.size - 1)]).astype(np.int32)
+        """(S,) leaf federation of each slot (padding slots too: they weigh 0)."""
+        return self._slot_layout()[0]
+
+    def leaf_slots(self, leaf: int) -> np.ndarray:
+        """Positions of the (non-padding) slots of one leaf federation."""
+        parent, real = self._slot_layout()
+        return np.flatnonzero((parent == leaf) & real)
 
     @property
     def n_slots(self) -> int:

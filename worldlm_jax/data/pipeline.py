@@ -111,12 +111,11 @@ def sample_slots(topology: Topology, round_index: int, salt: int, seed: int):
     Each leaf federation fills its own slots by its own sampling rule; the RNG
     depends only on (seed, round, salt, federation), not on other federations.
     """
-    slot_parent = topology.slot_parent
     slot_client = np.full(topology.n_slots, -1, np.int32)
     slot_weight = np.zeros(topology.n_slots, np.float32)
     for leaf, policy in enumerate(topology.leaf.policies):
         members = np.flatnonzero(topology.client_parent == leaf)
-        slots = np.flatnonzero(slot_parent == leaf)[: topology.slots_per_leaf[leaf]]
+        slots = topology.leaf_slots(leaf)
         rng = np.random.default_rng([seed, round_index, salt, leaf, 17])
         if policy.sampling == "fixed" and policy.clients_per_round:
             chosen = np.sort(rng.choice(members, size=len(slots), replace=False))
