@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/throughput.py                       # recommended CPU set-up
     .venv/bin/python benchmarks/throughput.py --devices 1 --chunk 0 # naive: one device, vmap all
 
-Metric: client-steps/s = clients * local steps / round wall time, median over
+Metric: client-steps/s = clients that trained * local steps / round wall time, median over
 --rounds rounds after two warm-up rounds (compile; a recompile shows in `compiles`). Several --chunk / --dtype
 values are measured side by side in one process, rounds interleaved so that
 machine noise hits every variant alike, and the matmul peak is re-measured
@@ -99,14 +99,15 @@ def run(args) -> list[dict]:
             clients_first = 0.0 if args.no_clients_alone else common.time_clients(w)
             loss = float(np.sum(metrics["train_loss_sum"]) / max(np.sum(metrics["train_clients"]), 1))
             variants.append(dict(w=w, state=state, key=key, chunk=chunk, dtype=dtype, first=first + second, times=[],
-                                 ctimes=[], loss=loss, cfirst=clients_first))
+                                 ctimes=[], loss=loss, cfirst=clients_first, trained=[]))
     peaks = [peak] if not isinstance(peak, dict) else []
     for _ in range(args.rounds):  # interleaved: noise hits every variant alike
         if platform == "cpu":  # the peak is re-measured between rounds, under the same load
             peaks.append(common.matmul_peak_gflops(devices, n=2048, reps=2))
         for v in variants:
-            v["state"], _, dt = common.time_round(v["w"], v["state"], v["key"])
+            v["state"], m, dt = common.time_round(v["w"], v["state"], v["key"])
             v["times"].append(dt)
+            v["trained"].append(float(np.sum(m["train_clients"])))  # < clients when federations are sampled
             if not args.no_clients_alone:
                 v["ctimes"].append(common.time_clients(v["w"]))
     if platform == "cpu":
@@ -115,7 +116,8 @@ def run(args) -> list[dict]:
     for v in variants:
         w = v["w"]
         round_s = common.median(v["times"])
-        cps = w.n_clients * w.steps / round_s
+        clients = float(np.mean(v["trained"]))
+        cps = clients * w.steps / round_s
         achieved = cps * w.flops_per_client_step / 1e9
         clients_s = common.median(v["ctimes"]) if v["ctimes"] else None
         peak_v = peak[v["dtype"]] if isinstance(peak, dict) else peak
@@ -128,8 +130,9 @@ def run(args) -> list[dict]:
             "round_s": round(round_s, 4),
             "round_s_all": [round(t, 4) for t in v["times"]],
             "clients_alone_s": None if clients_s is None else round(clients_s, 4),
-            "client_steps_per_s_best": round(w.n_clients * w.steps / min(v["times"]), 2),
-            "mfu_best": round(w.n_clients * w.steps / min(v["times"]) * w.flops_per_client_step / 1e9 / peak_v, 4),
+            "client_steps_per_s_best": round(clients * w.steps / min(v["times"]), 2),
+            "mfu_best": round(clients * w.steps / min(v["times"]) * w.flops_per_client_step / 1e9 / peak_v, 4),
+            "clients_trained_per_round": clients,
             "matmul_peak_gflops_all": [round(p, 1) for p in peaks] if platform == "cpu" else None,
             "compile_s": round(v["first"] - 2 * round_s, 2),
             "compiles": int(w.strategy.run_round._cache_size()),
