@@ -194,3 +194,20 @@ def test_flattened_is_one_federation_over_the_same_clients():
     assert pol.sampling == "full" and pol.clients_per_round is None
     assert list(f.slots_per_leaf) == [8]
     np.testing.assert_allclose(f.node_weight(0), [36.0])
+
+
+def test_poisson_slots_put_takers_first_and_spread_them_over_devices():
+    """Absent clients sit at the ends of the device blocks (whole chunks of them
+    are skipped) and every device gets an even share of the takers."""
+    t = build_topology({"name": "r", "policy": {"sampling": "poisson", "clients_per_round": 3},
+                        "children": [leaf("A", 12)]}).with_slot_multiple(4)
+    takers = 0
+    for r in range(40):
+        client, weight = pipeline.sample_slots(t, r, 0, 0)
+        takers += int(np.sum(weight > 0))
+        assert sorted(client) == list(range(12))  # everyone has a slot, takers or not
+        blocks = (weight > 0).reshape(4, -1)
+        for b in blocks:  # takers first within a block
+            assert not np.any(b[1:] & ~b[:-1])
+        assert blocks.sum(1).max() - blocks.sum(1).min() <= 1
+    assert 80 <= takers <= 160  # each of 12 clients with probability 3 / 12: 120 expected

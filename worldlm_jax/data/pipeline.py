@@ -122,7 +122,14 @@ def sample_slots(topology: Topology, round_index: int, salt: int, seed: int):
             present = np.ones(len(slots), bool)
         elif policy.sampling == "poisson":
             rate = min(1.0, (policy.clients_per_round or len(members)) / len(members))
-            chosen, present = members, rng.random(len(members)) < rate
+            take = rng.random(len(members)) < rate
+            # Takers first, dealt across the device blocks in turn: every device
+            # gets an even share, and the absent slots gather at the ends of the
+            # blocks, where whole chunks of them are skipped by the round.
+            order = np.argsort(~take, kind="stable")
+            chosen, present = members[order], take[order]
+            block = topology.n_slots // max(topology.slot_multiple, 1)
+            slots = slots[np.lexsort((slots // block, slots % block))]
         else:
             chosen, present = members, np.ones(len(members), bool)
         slot_client[slots] = chosen
