@@ -13,6 +13,7 @@ then one JSON line per variant.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -36,6 +37,8 @@ def parse(argv=None):
                     help="clients per device at once, comma list: 0 = vmap all, 1 = sequential, "
                          "'default' = parallel.default_chunk()")
     ap.add_argument("--dtype", default="float32", help="compute dtype(s), comma list: float32,bfloat16")
+    ap.add_argument("--attention", default="auto",
+                    help="attention kernel(s), comma list: auto,explicit,fused (model.ModelConfig.attention)")
     ap.add_argument("--devices", type=int, default=-1,
                     help="host devices (CPU: XLA_FLAGS device count); -1 = one per core on CPU, all on GPU")
     ap.add_argument("--eigen", choices=("auto", "on", "off"), default="auto",
@@ -83,10 +86,10 @@ def run(args) -> list[dict]:
         else _gpu_peak(dtypes)
     variants = []
     for chunk in chunks:
-        for dtype in dtypes:
+        for dtype, attention in itertools.product(dtypes, args.attention.split(",")):
             w = common.build(clients=args.clients, steps=args.steps, preset=args.preset, chunk=chunk,
                              devices=devices, depth=args.depth, dtype=dtype, batch=args.batch, seq=args.seq,
-                             federations_per_round=args.federations_per_round)
+                             federations_per_round=args.federations_per_round, attention=attention)
             state = w.strategy.init(w.params)
             if w.spec.mesh is not None and not args.no_place_state:
                 # engine.init_state leaves the state on one device while the round
@@ -98,7 +101,7 @@ def run(args) -> list[dict]:
             state, _, second = common.time_round(w, state, key)  # catches a recompile, if any
             clients_first = 0.0 if args.no_clients_alone else common.time_clients(w)
             loss = float(np.sum(metrics["train_loss_sum"]) / max(np.sum(metrics["train_clients"]), 1))
-            variants.append(dict(w=w, state=state, key=key, chunk=chunk, dtype=dtype, first=first + second, times=[],
+            variants.append(dict(w=w, state=state, key=key, chunk=chunk, dtype=dtype, attention=attention, first=first + second, times=[],
                                  ctimes=[], loss=loss, cfirst=clients_first, trained=[]))
     peaks = [peak] if not isinstance(peak, dict) else []
     for _ in range(args.rounds):  # interleaved: noise hits every variant alike
@@ -140,7 +143,7 @@ def run(args) -> list[dict]:
             "peak_rss_mb": round(common.peak_rss_mb(), 1),
             "platform": platform,
             "device_kind": jax.devices()[0].device_kind,
-            "devices": devices, "chunk": v["chunk"], "dtype": v["dtype"], "preset": args.preset,
+            "devices": devices, "chunk": v["chunk"], "dtype": v["dtype"], "attention": v["attention"], "preset": args.preset,
             "clients": args.clients, "steps": args.steps, "batch": args.batch, "seq": args.seq,
             "depth": args.depth, "federations_per_round": args.federations_per_round, "gflop_per_client_step": round(w.flops_per_client_step / 1e9, 4),
             "first_round_loss": round(v["loss"], 5),
@@ -177,12 +180,12 @@ def _is_w(args) -> bool:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'devices':>7} {'chunk':>5} {'dtype':>8} {'steps/s':>8} {'best':>6} {'MFU':>6} {'round s':>8} " \
+    head = f"{'devices':>7} {'chunk':>5} {'dtype':>8} {'attn':>8} {'steps/s':>8} {'best':>6} {'MFU':>6} {'round s':>8} " \
            f"{'agg frac':>8} {'compile s':>9} {'RSS MB':>7}"
     lines = [head]
     for r in rows:
         agg = "n/a" if r["aggregation_fraction"] is None else f"{100 * r['aggregation_fraction']:.1f}%"
-        lines.append(f"{r['devices']:>7} {r['chunk']:>5} {r['dtype']:>8} {r['client_steps_per_s']:>8.2f} {r['client_steps_per_s_best']:>6.1f} "
+        lines.append(f"{r['devices']:>7} {r['chunk']:>5} {r['dtype']:>8} {r['attention']:>8} {r['client_steps_per_s']:>8.2f} {r['client_steps_per_s_best']:>6.1f} "
                      f"{100 * r['mfu']:>5.1f}% {r['round_s']:>8.3f} {agg:>8} {r['compile_s']:>9.1f} "
                      f"{r['peak_rss_mb']:>7.0f}")
     lines.append(f"peak f32 matmul {rows[0]['matmul_peak_gflops']} GFLOP/s; "

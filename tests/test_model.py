@@ -209,3 +209,18 @@ def test_causal_attention_gradient_matches_autodiff_of_the_reference():
                    argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_attention_kernel_gives_the_same_model():
+    """`attention: fused` (jax.nn.dot_product_attention, cuDNN on GPU) and the
+    explicit kernel are the same function of the parameters: loss and gradients."""
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 17)), jnp.int32)
+    out = {}
+    for kind in ('explicit', 'fused'):
+        model_def, params = M.init(M.preset('tiny', attention=kind), jax.random.PRNGKey(0))
+        out[kind] = jax.value_and_grad(lambda p: model_def.loss(p, tokens)[0])(params)
+    np.testing.assert_allclose(out['explicit'][0], out['fused'][0], rtol=1e-5)
+    for k in out['explicit'][1]:
+        np.testing.assert_allclose(out['explicit'][1][k], out['fused'][1][k], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        M.preset('tiny', attention='flash')

@@ -35,6 +35,7 @@ from flax import nnx
 Params = dict[str, jax.Array]
 
 _POSITIONS = ('learned', 'rotary')
+_ATTENTION = ('auto', 'explicit', 'fused')
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -55,6 +56,11 @@ class ModelConfig:
     dtype: str = 'float32'  # compute dtype; parameters stay float32
     rope_base: float = 10_000.0  # RoPE wavelength base (RoFormer / GPT-NeoX default)
     remat: bool = False  # recompute block activations in the backward pass to save memory
+    # Attention kernel: 'explicit' = `causal_attention` (hand-written backward,
+    # the fastest on CPU), 'fused' = jax.nn.dot_product_attention (cuDNN's fused
+    # flash attention on GPUs that have it, XLA otherwise), 'auto' = fused on
+    # GPU, explicit elsewhere.
+    attention: str = 'auto'
 
     def __post_init__(self):
         for name in ('vocab_size', 'd_model', 'n_heads', 'n_layers', 'max_len'):
@@ -68,6 +74,8 @@ class ModelConfig:
             raise ValueError(
                 f'ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}); '
                 f'pick n_heads from the divisors of d_model.')
+        if self.attention not in _ATTENTION:
+            raise ValueError(f'ModelConfig.attention must be one of {_ATTENTION}, got {self.attention!r}.')
         if self.positions not in _POSITIONS:
             raise ValueError(f'ModelConfig.positions must be one of {_POSITIONS}, got {self.positions!r}.')
         if self.positions == 'rotary' and self.head_dim % 2:
@@ -219,7 +227,8 @@ class Attention(nnx.Module):
         q, k, v = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
         if c.positions == 'rotary':
             q, k = rotary(q, c.rope_base), rotary(k, c.rope_base)
-        y_BxLxHxK = causal_attention(q, k, v)
+        fused = c.attention == 'fused' or (c.attention == 'auto' and jax.default_backend() == 'gpu')
+        y_BxLxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=True) if fused else causal_attention(q, k, v)
         return self.out(y_BxLxHxK.reshape(B * L, D)).reshape(B, L, D)
 
 
