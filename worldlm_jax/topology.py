@@ -19,6 +19,7 @@ level D the clients. All leaf federations must sit at the same depth.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping, Sequence
 
@@ -179,6 +180,7 @@ class Topology:
         per_round = np.where((cpr > 0) & (np.array(sampling) == "fixed"), np.minimum(cpr, counts), counts)
         return per_round.astype(np.int64)
 
+    @functools.cached_property
     def _slot_layout(self) -> tuple[np.ndarray, np.ndarray]:
         """(slot_parent, real): the slots cut into `slot_multiple` equal device
         blocks, each leaf federation's slots spread over the blocks as evenly as
@@ -199,16 +201,19 @@ class Topology:
         for b in blocks:  # a padding slot sits with its block's last federation (weight 0)
             parent += b + [b[-1] if b else self.leaf.size - 1] * (size - len(b))
             real += [True] * len(b) + [False] * (size - len(b))
-        return np.asarray(parent, np.int32), np.asarray(real, bool)
+        parent, real = np.asarray(parent, np.int32), np.asarray(real, bool)
+        parent.setflags(write=False)  # cached and shared: nobody may edit it in place
+        real.setflags(write=False)
+        return parent, real
 
     @property
     def slot_parent(self) -> np.ndarray:
         """(S,) leaf federation of each slot (padding slots too: they weigh 0)."""
-        return self._slot_layout()[0]
+        return self._slot_layout[0]
 
     def leaf_slots(self, leaf: int) -> np.ndarray:
         """Positions of the (non-padding) slots of one leaf federation."""
-        parent, real = self._slot_layout()
+        parent, real = self._slot_layout
         return np.flatnonzero((parent == leaf) & real)
 
     @property
