@@ -4,8 +4,9 @@ masking of unsampled federations, and the privacy ledger's sampling rate."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from engine_helpers import POLICY, assert_tree_equal, make_batches, make_spec, run, toy_params, topo, tree2
+from engine_helpers import POLICY, assert_tree_close, assert_tree_equal, make_batches, make_spec, run, toy_params, topo, tree2
 from worldlm_jax import dp_ledger, engine, strategies
 
 
@@ -26,15 +27,17 @@ def test_poisson_sampling_takes_each_child_with_probability_k_over_n():
     assert len(set(draws.sum(1))) > 3  # the count varies (it is not a fixed-size draw)
 
 
-def hier_run(k, seed=3):
+def hier_run(k, seed=3, chunk=0):
     policy = dict(POLICY, federations_per_round=k)
     t = topo(tree2([2, 2, 2, 2], root_policy=policy), weights=[1, 2, 3, 1, 2, 1, 1, 3])
-    strategy = strategies.make_strategy(make_spec(t, strategies.averaging_plan(2), client_optimizer="test_sgd"))
+    strategy = strategies.make_strategy(make_spec(t, strategies.averaging_plan(2), client_optimizer="test_sgd",
+                                                            chunk=chunk))
     return t, strategy, make_batches(t, 4, seed=seed)
 
 
-def test_unsampled_federations_neither_train_nor_count():
-    t, strategy, batches = hier_run(2)
+@pytest.mark.parametrize("chunk", [0, 2])  # 2: the unsampled federations' chunks are skipped
+def test_unsampled_federations_neither_train_nor_count(chunk):
+    t, strategy, batches = hier_run(2, chunk=chunk)
     state = strategy.init(toy_params())
     chosen = set()
     for r, b in enumerate(batches):
@@ -63,3 +66,10 @@ def test_ledger_uses_the_federations_sampling_rate():
     t = topo(tree2([1, 1, 1, 1], root_policy={"federations_per_round": 2}))
     assert dp_ledger.sampling_of(t, 0, 0) == ("fixed", 0.5, 4)
     assert dp_ledger.sampling_of(topo(tree2([1, 1])), 0, 0) == ("full", 1.0, 2)
+
+
+def test_skipping_the_unsampled_chunks_equals_masking_their_work():
+    _, masked, batches = hier_run(2, chunk=0)
+    _, skipped, _ = hier_run(2, chunk=2)
+    assert_tree_close(run(masked, toy_params(), batches)[0], run(skipped, toy_params(), batches)[0],
+                      atol=1e-6, rtol=1e-5)
