@@ -11,6 +11,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from worldlm_jax import checkpoint as ckpt_lib
 from worldlm_jax.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
 
 # When a read fails, orbax closes its event loop while other tensorstore reads are
@@ -203,3 +204,34 @@ def test_non_json_host_state_names_field(tmp_path, mesh):
     with Checkpointer(tmp_path) as ck:
         with pytest.raises(TypeError, match=r"host_state\['sampler'\]\['pos'\]"):
             ck.save(0, make_state(mesh), {"sampler": {"pos": np.arange(3)}})
+
+
+def test_fingerprint_checksum_sees_what_the_sums_cannot(mesh):
+    """A flipped low mantissa bit or two swapped elements leave sum and sum|x| within
+    tolerance, but not the checksum; the same values on another sharding give the same one."""
+    x = jnp.arange(4096, dtype=jnp.float32) + 1000.0
+    flipped = x.at[7].set(jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(x[7], jnp.uint32) ^ jnp.uint32(1), jnp.float32))
+    swapped = x.at[3].set(x[5]).at[5].set(x[3])
+    base = ckpt_lib.fingerprint({"x": x})[0]
+    for other in (flipped, swapped):
+        fp = ckpt_lib.fingerprint({"x": other})[0]
+        assert abs(fp.sum - base.sum) <= 1e-4 * base.abs_sum  # the sums alone would pass it
+        assert fp.checksum != base.checksum and not ckpt_lib._close(base, fp)
+    sharded = jax.device_put(x.reshape(8, 512), NamedSharding(mesh, P("fed")))
+    assert ckpt_lib.fingerprint({"x": sharded})[0].checksum == \
+        ckpt_lib.fingerprint({"x": x.reshape(8, 512)})[0].checksum
+    for dtype in (jnp.bfloat16, jnp.int32, jnp.bool_, jnp.uint8):
+        assert isinstance(ckpt_lib.fingerprint({"x": jnp.ones(3, dtype)})[0].checksum, int)
+
+
+def test_checkpoint_without_checksums_still_restores(run):
+    """Records written before the checksum (5 fields per leaf) are checked on the sums."""
+    workdir, states = run
+    payload = json.loads(_host_json(workdir, 2).read_text())
+    payload["device_fingerprint"] = [entry[:5] for entry in payload["device_fingerprint"]]
+    payload["sha256"] = ckpt_lib._sha256({k: payload[k] for k in ("host_state", "device_fingerprint")})
+    _host_json(workdir, 2).write_text(json.dumps(payload))
+    restored, host = restore(workdir, abstract_state=abstract_of(states[2]))
+    assert host["round"] == 2
+    np.testing.assert_array_equal(restored["params"]["w_FxD"], states[2]["params"]["w_FxD"])

@@ -7,7 +7,7 @@ JSON dict: round, seeds, sampler position, accountant, ...).
 Why the extra bookkeeping: orbax happily restores whatever is on disk. A run that
 resumes from a silently damaged or mismatched checkpoint wastes a cluster-week, so
 the host JSON also stores a small fingerprint of the device state (per-leaf
-path, shape, dtype, sum and sum of |x|) and a SHA-256 over host state +
+path, shape, dtype, sum, sum of |x| and a checksum of the bits) and a SHA-256 over host state +
 fingerprint. ``restore`` checks the requested structure against the fingerprint
 *before* reading arrays (so a config change names the first differing leaf),
 wraps every read failure in a ``CheckpointError`` that names the step, the path
@@ -15,8 +15,11 @@ and the fix, and re-checks the restored values against the fingerprint.
 
 The fingerprint is needed: tensorstore reports missing or truncated chunks, but
 a garbled byte inside a raw array chunk is read back silently (checked with
-orbax 0.12.8). It is a sanity check, not a cryptographic hash: it catches
-garbled, swapped or stale data, not e.g. a flipped low mantissa bit.
+orbax 0.12.8). The sums name what changed in readable terms; the checksum (a
+position-weighted sum of the raw bits modulo 2^32, with odd weights) is what makes
+it exact: any single flipped bit changes it, a low mantissa bit included, which
+the sums cannot see. It is not a cryptographic hash (a deliberate forgery passes).
+Checkpoints written before the checksum existed are checked on the sums alone.
 
 Orbax notes (0.12.8):
 - optax NamedTuple states come back as NamedTuples only when restoring into an
@@ -65,6 +68,7 @@ class LeafFingerprint(NamedTuple):
     dtype: str
     sum: float
     abs_sum: float
+    checksum: int | None = None  # None: written before checksums (sums only)
 
 
 class Checkpointer:
@@ -164,8 +168,7 @@ class Checkpointer:
 
     def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         payload = self._read_host_payload(step)
-        stored = [LeafFingerprint(p, tuple(sh), dt, su, ab)
-                  for p, sh, dt, su, ab in payload["device_fingerprint"]]
+        stored = [LeafFingerprint(p, tuple(sh), *rest) for p, sh, *rest in payload["device_fingerprint"]]
         if abstract_state is not None:
             _check_structure(stored, abstract_state, step, self.step_path(step))
         device_state = self._read(step, "device", ocp.args.StandardRestore(abstract_state))
@@ -203,10 +206,21 @@ class Checkpointer:
 # -- fingerprints ---------------------------------------------------------------------
 
 
+_UINT_OF_SIZE = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
 @jax.jit
-def _leaf_sums(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x = x.astype(jnp.float32)
-    return jnp.sum(x), jnp.sum(jnp.abs(x))
+def _leaf_sums(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """sum, sum |x| (float32) and the bit checksum (uint32, exact in any reduction order)."""
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    else:  # the raw bits of each element (no 8-byte dtypes: JAX runs without x64 here)
+        bits = jax.lax.bitcast_convert_type(x, _UINT_OF_SIZE[x.dtype.itemsize]).astype(jnp.uint32)
+    # odd weights: a flipped bit moves the sum by weight * 2^k != 0 (mod 2^32); position
+    # dependent, so swapped elements move it too
+    weight = jnp.arange(x.size, dtype=jnp.uint32).reshape(x.shape) * jnp.uint32(2654435761) | jnp.uint32(1)
+    f = x.astype(jnp.float32)
+    return jnp.sum(f), jnp.sum(jnp.abs(f)), jnp.sum(bits * weight, dtype=jnp.uint32)
 
 
 def fingerprint(tree: Any) -> list[LeafFingerprint]:
@@ -223,8 +237,8 @@ def fingerprint(tree: Any) -> list[LeafFingerprint]:
             arr = jax.random.key_data(arr)
         sums.append(_leaf_sums(arr))
     sums = jax.device_get(sums)
-    return [LeafFingerprint(*meta, float(s), float(a))
-            for meta, (s, a) in zip(_leaf_meta(tree), sums)]
+    return [LeafFingerprint(*meta, float(s), float(a), int(c))
+            for meta, (s, a, c) in zip(_leaf_meta(tree), sums)]
 
 
 def _leaf_meta(tree: Any) -> list[tuple[str, tuple[int, ...], str]]:
@@ -272,10 +286,13 @@ def _check_values(stored: list[LeafFingerprint], restored: list[LeafFingerprint]
             raise CheckpointError(_corrupt(
                 step, os.path.join(path, "device"),
                 f"leaf '{want.path}' does not match its saved fingerprint (sum {got.sum:.6g} vs "
-                f"{want.sum:.6g}, shape {got.shape} vs {want.shape})"))
+                f"{want.sum:.6g}, checksum {got.checksum} vs {want.checksum}, shape {got.shape} vs "
+                f"{want.shape})"))
 
 
 def _close(want: LeafFingerprint, got: LeafFingerprint) -> bool:
+    if want.checksum is not None and got.checksum is not None and want.checksum != got.checksum:
+        return False
     tol = _SUM_RTOL * max(want.abs_sum, got.abs_sum) + 1e-6
     return all(a == b or (np.isnan(a) and np.isnan(b)) or abs(a - b) <= tol
                for a, b in ((want.sum, got.sum), (want.abs_sum, got.abs_sum)))
