@@ -162,9 +162,10 @@ def time_clients(w: Workload) -> float:
     return time.perf_counter() - t
 
 
-def matmul_peak_gflops(devices: int = 1, n: int = 2048, reps: int = 5) -> float:
-    """Measured f32 matmul FLOP/s of the whole machine in the current XLA set-up.
+def matmul_peak_gflops(devices: int = 1, n: int = 2048, reps: int = 5, dtype: str = "float32") -> float:
+    """Measured matmul FLOP/s of the whole machine in the current XLA set-up.
 
+    dtype: the operands' dtype; products accumulate in float32 either way.
     Best of: one matmul on one device, and one independent matmul per device at
     once (shard_map over all devices). The larger is used, so MFU is conservative.
     """
@@ -173,8 +174,8 @@ def matmul_peak_gflops(devices: int = 1, n: int = 2048, reps: int = 5) -> float:
     import numpy as np
 
     best = 0.0
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
-    f = jax.jit(lambda a, b: a @ b)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32)).astype(dtype)
+    f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
     jax.block_until_ready(f(x, x))
     times = []
     for _ in range(reps):
@@ -186,7 +187,8 @@ def matmul_peak_gflops(devices: int = 1, n: int = 2048, reps: int = 5) -> float:
         from worldlm_jax import parallel
         mesh = parallel.make_mesh(devices)
         xs = jax.device_put(jnp.broadcast_to(x, (devices, n, n)), parallel.sharded(mesh))
-        g = jax.jit(jax.shard_map(lambda a: jnp.einsum("bij,bjk->bik", a, a), mesh=mesh,
+        g = jax.jit(jax.shard_map(lambda a: jnp.einsum("bij,bjk->bik", a, a, preferred_element_type=jnp.float32),
+                                  mesh=mesh,
                                   in_specs=jax.sharding.PartitionSpec(parallel.AXIS),
                                   out_specs=jax.sharding.PartitionSpec(parallel.AXIS)))
         jax.block_until_ready(g(xs))

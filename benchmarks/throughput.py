@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/throughput.py --devices 1 --chunk 0 # naive: one device, vmap all
 
 Metric: client-steps/s = clients that trained * local steps / round wall time, median over
---rounds rounds after two warm-up rounds (compile; a recompile shows in `compiles`). Several --chunk / --dtype
-values are measured side by side in one process, rounds interleaved so that
+--rounds rounds after two warm-up rounds (compile; a recompile shows in `compiles`). Several --chunk /
+--dtype / --matmul-dtype / --attention values are measured side by side in one process, rounds interleaved so that
 machine noise hits every variant alike, and the matmul peak is re-measured
 between rounds (MFU uses the best peak seen: conservative). Prints a table,
 then one JSON line per variant.
@@ -37,6 +37,11 @@ def parse(argv=None):
                     help="clients per device at once, comma list: 0 = vmap all, 1 = sequential, "
                          "'default' = parallel.default_chunk()")
     ap.add_argument("--dtype", default="float32", help="compute dtype(s), comma list: float32,bfloat16")
+    ap.add_argument("--matmul-dtype", default="float32",
+                    help="dense-product operand dtype(s), comma list: float32,bfloat16 (model.ModelConfig."
+                         "matmul_dtype: bf16 operands, f32 accumulation and activations). On CPU a bfloat16 "
+                         "variant turns XLA's transpose folding off for the whole process (see model.py), "
+                         "which costs float32 variants in the same run a few percent")
     ap.add_argument("--attention", default="auto",
                     help="attention kernel(s), comma list: auto,explicit,fused (model.ModelConfig.attention)")
     ap.add_argument("--devices", type=int, default=-1,
@@ -71,9 +76,12 @@ def run(args) -> list[dict]:
     else:
         common.configure(devices=0, eigen_threads="on" if args.eigen == "auto" else args.eigen,
                          extra_flags=args.xla_flags)
+    matmul_dtypes = args.matmul_dtype.split(",")
+    from worldlm_jax import parallel
+    if "bfloat16" in matmul_dtypes:
+        parallel.configure_cpu_bf16_matmuls()
     import jax
     import numpy as np
-    from worldlm_jax import parallel
 
     platform = jax.default_backend()
     devices = len(jax.devices()) if not n_dev else n_dev
@@ -82,14 +90,18 @@ def run(args) -> list[dict]:
     chunks = [parallel.default_chunk(platform) if c == "default" else int(c) for c in args.chunk.split(",")]
     dtypes = args.dtype.split(",")
     t0 = time.perf_counter()
-    peak = common.matmul_peak_gflops(devices, n=4096 if platform != "cpu" else 2048) if platform == "cpu" \
-        else _gpu_peak(dtypes)
+    peak = common.matmul_peak_gflops(devices, n=2048) if platform == "cpu" \
+        else _gpu_peak(set(dtypes) | set(matmul_dtypes))
+    # bf16 products: their own peak, reported beside the f32-peak MFU the issue defines
+    bf16_peak = common.matmul_peak_gflops(devices, n=2048, dtype="bfloat16") \
+        if platform == "cpu" and "bfloat16" in matmul_dtypes else None
     variants = []
     for chunk in chunks:
-        for dtype, attention in itertools.product(dtypes, args.attention.split(",")):
+        for dtype, matmul_dtype, attention in itertools.product(dtypes, matmul_dtypes, args.attention.split(",")):
             w = common.build(clients=args.clients, steps=args.steps, preset=args.preset, chunk=chunk,
                              devices=devices, depth=args.depth, dtype=dtype, batch=args.batch, seq=args.seq,
-                             federations_per_round=args.federations_per_round, attention=attention)
+                             federations_per_round=args.federations_per_round, attention=attention,
+                             matmul_dtype=matmul_dtype)
             state = w.strategy.init(w.params)
             if w.spec.mesh is not None and not args.no_place_state:
                 # engine.init_state leaves the state on one device while the round
@@ -101,7 +113,8 @@ def run(args) -> list[dict]:
             state, _, second = common.time_round(w, state, key)  # catches a recompile, if any
             clients_first = 0.0 if args.no_clients_alone else common.time_clients(w)
             loss = float(np.sum(metrics["train_loss_sum"]) / max(np.sum(metrics["train_clients"]), 1))
-            variants.append(dict(w=w, state=state, key=key, chunk=chunk, dtype=dtype, attention=attention, first=first + second, times=[],
+            variants.append(dict(w=w, state=state, key=key, chunk=chunk, dtype=dtype, matmul_dtype=matmul_dtype,
+                                 attention=attention, first=first + second, times=[],
                                  ctimes=[], loss=loss, cfirst=clients_first, trained=[]))
     peaks = [peak] if not isinstance(peak, dict) else []
     for _ in range(args.rounds):  # interleaved: noise hits every variant alike
@@ -123,7 +136,8 @@ def run(args) -> list[dict]:
         cps = clients * w.steps / round_s
         achieved = cps * w.flops_per_client_step / 1e9
         clients_s = common.median(v["ctimes"]) if v["ctimes"] else None
-        peak_v = peak[v["dtype"]] if isinstance(peak, dict) else peak
+        operand = "bfloat16" if v["matmul_dtype"] == "bfloat16" else v["dtype"]
+        peak_v = peak[operand] if isinstance(peak, dict) else peak
         out.append({
             "workload": "W" if _is_w(args) else "custom",
             "client_steps_per_s": round(cps, 2),
@@ -135,6 +149,9 @@ def run(args) -> list[dict]:
             "clients_alone_s": None if clients_s is None else round(clients_s, 4),
             "client_steps_per_s_best": round(clients * w.steps / min(v["times"]), 2),
             "mfu_best": round(clients * w.steps / min(v["times"]) * w.flops_per_client_step / 1e9 / peak_v, 4),
+            "bf16_matmul_peak_gflops": None if bf16_peak is None else round(bf16_peak, 1),
+            "mfu_vs_bf16_peak": round(achieved / bf16_peak, 4)
+            if bf16_peak is not None and v["matmul_dtype"] == "bfloat16" else None,
             "clients_trained_per_round": clients,
             "matmul_peak_gflops_all": [round(p, 1) for p in peaks] if platform == "cpu" else None,
             "compile_s": round(v["first"] - 2 * round_s, 2),
@@ -143,7 +160,8 @@ def run(args) -> list[dict]:
             "peak_rss_mb": round(common.peak_rss_mb(), 1),
             "platform": platform,
             "device_kind": jax.devices()[0].device_kind,
-            "devices": devices, "chunk": v["chunk"], "dtype": v["dtype"], "attention": v["attention"], "preset": args.preset,
+            "devices": devices, "chunk": v["chunk"], "dtype": v["dtype"], "matmul_dtype": v["matmul_dtype"],
+            "attention": v["attention"], "preset": args.preset,
             "clients": args.clients, "steps": args.steps, "batch": args.batch, "seq": args.seq,
             "depth": args.depth, "federations_per_round": args.federations_per_round, "gflop_per_client_step": round(w.flops_per_client_step / 1e9, 4),
             "first_round_loss": round(v["loss"], 5),
@@ -180,14 +198,17 @@ def _is_w(args) -> bool:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'devices':>7} {'chunk':>5} {'dtype':>8} {'attn':>8} {'steps/s':>8} {'best':>6} {'MFU':>6} {'round s':>8} " \
+    head = f"{'devices':>7} {'chunk':>5} {'dtype':>8} {'matmul':>8} {'attn':>8} {'steps/s':>8} {'best':>6} {'MFU':>6} {'round s':>8} " \
            f"{'agg frac':>8} {'compile s':>9} {'RSS MB':>7}"
     lines = [head]
     for r in rows:
         agg = "n/a" if r["aggregation_fraction"] is None else f"{100 * r['aggregation_fraction']:.1f}%"
-        lines.append(f"{r['devices']:>7} {r['chunk']:>5} {r['dtype']:>8} {r['attention']:>8} {r['client_steps_per_s']:>8.2f} {r['client_steps_per_s_best']:>6.1f} "
+        lines.append(f"{r['devices']:>7} {r['chunk']:>5} {r['dtype']:>8} {r['matmul_dtype']:>8} {r['attention']:>8} {r['client_steps_per_s']:>8.2f} {r['client_steps_per_s_best']:>6.1f} "
                      f"{100 * r['mfu']:>5.1f}% {r['round_s']:>8.3f} {agg:>8} {r['compile_s']:>9.1f} "
                      f"{r['peak_rss_mb']:>7.0f}")
+    if rows[0]["bf16_matmul_peak_gflops"] is not None:
+        lines.append(f"peak bf16 matmul {rows[0]['bf16_matmul_peak_gflops']} GFLOP/s (MFU above is against "
+                     f"the f32 peak)")
     lines.append(f"peak f32 matmul {rows[0]['matmul_peak_gflops']} GFLOP/s; "
                  f"{rows[0]['gflop_per_client_step']} GFLOP per client-step; platform {rows[0]['platform']}")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Decoder LM: shapes, numerics at init, causality, positions, presets, transforms."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -224,3 +225,79 @@ def test_fused_attention_kernel_gives_the_same_model():
         np.testing.assert_allclose(out['explicit'][1][k], out['fused'][1][k], atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="attention must be one of"):
         M.preset('tiny', attention='flash')
+
+
+# ----------------------------------------------------------------------------- bf16 products
+
+def _bf16_round(x):
+    return x.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+@pytest.mark.parametrize('kernel_is_OxI', [False, True])
+@pytest.mark.parametrize('materialise', [True, False])
+def test_bf16_dense_is_the_float32_product_of_bf16_rounded_operands(monkeypatch, kernel_is_OxI, materialise):
+    """Forward and both gradients of `bf16_dense` equal float32 products of the
+    bf16-rounded operands (and of the bf16-rounded output gradient), in both kernel
+    layouts and in both forms (split contraction with the XLA flag, plain without)."""
+    assert M.cpu_transposes_materialise()  # conftest sets the flag: the AMX form is the default here
+    monkeypatch.setattr(M, 'cpu_transposes_materialise', lambda: materialise)
+    rng = np.random.default_rng(3)
+    x, g = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((24, 16), (24, 12)))
+    kernel = jnp.asarray(rng.normal(size=(12, 16) if kernel_is_OxI else (16, 12)), jnp.float32)
+    y, vjp = jax.vjp(lambda x, w: M.bf16_dense(x, w, kernel_is_OxI), x, kernel)
+    dx, dw = vjp(g)
+    w_IxO = _bf16_round(kernel.T if kernel_is_OxI else kernel)
+    hi = dict(precision=jax.lax.Precision.HIGHEST)
+    np.testing.assert_allclose(y, jnp.dot(_bf16_round(x), w_IxO, **hi), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, jnp.dot(_bf16_round(g), w_IxO.T, **hi), rtol=1e-5, atol=1e-5)
+    dw_IxO = jnp.dot(_bf16_round(x).T, _bf16_round(g), **hi)
+    np.testing.assert_allclose(dw, dw_IxO.T if kernel_is_OxI else dw_IxO, rtol=1e-5, atol=1e-5)
+    assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+
+
+def _dot_operand_dtypes(hlo_text: str) -> list[tuple[str, str]]:
+    """(lhs, rhs) element types of every dot in optimised HLO text, fusions included."""
+    types, out = {}, []
+    for line in hlo_text.splitlines():
+        m = re.match(r'\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[', line)
+        if m:
+            types[m.group(1)] = m.group(2)
+        d = re.search(r' dot\(%([\w.\-]+), %([\w.\-]+)\)', line)
+        if d:
+            out.append((types.get(d.group(1)), types.get(d.group(2))))
+    return out
+
+
+def test_bf16_matmuls_keep_every_dense_product_in_bf16_on_cpu():
+    """With the flag, all three products of every dense layer (and of the tied head)
+    reach XLA:CPU's compiled program with bf16 operands; without the split form XLA
+    folds the backward transposes and upcasts those products to float32. A regression
+    guard for the XLA behaviour the fast path relies on (model.py, bf16 products)."""
+    cfg = M.preset('tiny', matmul_dtype='bfloat16', attention='explicit')
+    model_def, params = M.init(cfg, jax.random.key(0))
+    tokens = _tokens(5, 2, 17)
+    grad = jax.jit(jax.grad(lambda p: model_def.loss(p, tokens)[0]))
+    dots = _dot_operand_dtypes(grad.lower(params).compile().as_text())
+    n_dense = 4 * cfg.n_layers + 1  # qkv, out, up, down per block; the head
+    assert sum(d == ('bf16', 'bf16') for d in dots) == 3 * n_dense
+
+
+def test_bf16_matmuls_track_the_float32_model():
+    """Mixed precision changes the loss and the gradients by bf16 rounding only; the
+    parameters stay float32, and the option validates its field."""
+    tokens = _tokens(6, 4, 33)
+    out = {}
+    for md in ('float32', 'bfloat16'):
+        model_def, params = M.init(M.preset('tiny', matmul_dtype=md), jax.random.key(0))
+        out[md] = jax.jit(jax.value_and_grad(lambda p: model_def.loss(p, tokens)[0]))(params)
+        assert all(v.dtype == jnp.float32 for v in params.values())
+    (l32, g32), (l16, g16) = out['float32'], out['bfloat16']
+    assert l16 != l32  # the bf16 path is taken ...
+    np.testing.assert_allclose(l16, l32, rtol=2e-3)  # ... and is the same model
+    for k in g32:
+        cos = jnp.vdot(g16[k], g32[k]) / (jnp.linalg.norm(g16[k]) * jnp.linalg.norm(g32[k]))
+        assert cos > 0.99, k
+    with pytest.raises(ValueError, match=r'matmul_dtype must be one of'):
+        M.ModelConfig(matmul_dtype='float16')
+    with pytest.raises(ValueError, match=r"matmul_dtype='bfloat16'.*Set only one"):
+        M.ModelConfig(matmul_dtype='bfloat16', dtype='bfloat16')

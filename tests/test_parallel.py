@@ -1,5 +1,7 @@
 """Chunked client execution with streamed reductions, and what it buys: a round
 whose working memory does not grow with the number of client slots."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,3 +86,28 @@ def test_chunked_round_memory_does_not_grow_with_clients():
     assert many - few < 2 * model_bytes, (few, many, model_bytes)
     # ...whereas all clients at once (vmap) holds them all: the measurement can see the difference
     assert round_temp_bytes(32, chunk=0) - many > 16 * model_bytes
+
+
+def test_configure_cpu_bf16_matmuls_sets_the_flag_only_where_it_takes_effect(monkeypatch):
+    import importlib.util
+
+    from jax._src import xla_bridge
+
+    from worldlm_jax import model
+    flag = model.CPU_BF16_XLA_FLAG
+    monkeypatch.setenv("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {flag}")
+    assert parallel.configure_cpu_bf16_matmuls()  # already there
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    jax.devices()  # backends started: too late for XLA to read a new flag
+    assert not parallel.configure_cpu_bf16_matmuls()
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    monkeypatch.setenv("JAX_PLATFORMS", "")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "jax_cuda12_plugin" else real_find_spec(name, *a))
+    assert not parallel.configure_cpu_bf16_matmuls()  # a GPU is reachable: its compiler needs folding
+    assert flag not in os.environ["XLA_FLAGS"]
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert parallel.configure_cpu_bf16_matmuls()
+    assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {flag}"

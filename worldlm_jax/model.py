@@ -18,6 +18,9 @@ residual), final LayerNorm, output head tied to the embedding. Linear layers hav
 no biases (as in MPT): fewer leaves to aggregate and no quality loss at this scale.
 Parameters are always float32 (aggregation and DP noise need the precision);
 ``dtype`` only sets the compute dtype. Logits and the loss are float32.
+``matmul_dtype='bfloat16'`` is mixed precision: float32 activations, with only
+the operands of the dense products (projections, MLP, head) rounded to bfloat16
+and the products accumulated in float32 (``bf16_dense``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any
 
 import jax
@@ -61,6 +65,10 @@ class ModelConfig:
     # flash attention on GPUs that have it, XLA otherwise), 'auto' = fused on
     # GPU, explicit elsewhere.
     attention: str = 'auto'
+    # Operands of the dense products (projections, MLP, head) in this dtype, products
+    # accumulated in float32, everything else float32 (`bf16_dense`). 'bfloat16' uses the
+    # AMX / AVX512-BF16 units of recent x86 CPUs and the tensor cores of GPUs.
+    matmul_dtype: str = 'float32'
 
     def __post_init__(self):
         for name in ('vocab_size', 'd_model', 'n_heads', 'n_layers', 'max_len'):
@@ -84,6 +92,12 @@ class ModelConfig:
                 f'got {self.head_dim}; change d_model or n_heads.')
         if self.dtype not in _DTYPES:
             raise ValueError(f'ModelConfig.dtype must be one of {tuple(_DTYPES)}, got {self.dtype!r}.')
+        if self.matmul_dtype not in _DTYPES:
+            raise ValueError(f'ModelConfig.matmul_dtype must be one of {tuple(_DTYPES)}, got {self.matmul_dtype!r}.')
+        if self.matmul_dtype == 'bfloat16' and self.dtype != 'float32':
+            raise ValueError(
+                "ModelConfig.matmul_dtype='bfloat16' is mixed precision on float32 activations; with "
+                f"dtype={self.dtype!r} the products already run in that dtype. Set only one of the two.")
         if not self.rope_base > 0:
             raise ValueError(f'ModelConfig.rope_base must be > 0, got {self.rope_base!r}.')
 
@@ -207,6 +221,70 @@ def _attend_bwd(res, dy):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
+# ----------------------------------------------------------------------------- bf16 products
+
+# XLA:CPU sends a bf16 x bf16 -> f32 dot to its AMX / AVX512-BF16 kernels (YNNPACK) only
+# when both operands are row-major with the contraction on the lhs's last axis and the
+# rhs's first. Two of a dense layer's three products (the input and weight gradients)
+# read an operand transposed; XLA folds such a transpose into the dot and then runs it in
+# float32 on upcast operands, 4x slower. With transpose folding off (CPU_BF16_XLA_FLAG, in
+# XLA_FLAGS before JAX starts) and the contraction axis split in two (a reshape, which a
+# transposed layout cannot take as a free bitcast), the transpose becomes a real copy and
+# the dot stays bf16. The split must not be emitted without the flag: XLA then folds it
+# into a two-axis contraction that its bf16 fallback cannot run. Measured in
+# benchmarks/RESULTS.md (section 2c).
+CPU_BF16_XLA_FLAG = '--xla_disable_hlo_passes=transpose-folding'
+
+
+def cpu_transposes_materialise() -> bool:
+    """Whether bf16 products can take the split-contraction form (see above)."""
+    return jax.default_backend() == 'cpu' and CPU_BF16_XLA_FLAG in os.environ.get('XLA_FLAGS', '')
+
+
+def _bf16_product(a_MxK: jax.Array, b_KxN: jax.Array) -> jax.Array:
+    """a @ b with bfloat16 operands, accumulated and returned in float32."""
+    a, b = a_MxK.astype(jnp.bfloat16), b_KxN.astype(jnp.bfloat16)
+    K = a.shape[-1]
+    if K % 2 or not cpu_transposes_materialise():
+        return jnp.matmul(a, b, preferred_element_type=jnp.float32)
+    a = a.reshape(*a.shape[:-1], 2, K // 2)
+    b = b.reshape(2, K // 2, b.shape[-1])
+    return jnp.einsum('mab,abn->mn', a, b, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def bf16_dense(x_NxI: jax.Array, kernel: jax.Array, kernel_is_OxI: bool = False) -> jax.Array:
+    """x @ kernel for a kernel (I, O), or x @ kernel.T for a kernel (O, I) (the tied head),
+    with bfloat16 operands and a float32 result.
+
+    The custom VJP sends each of the three products through `_bf16_product`, so every
+    one reads row-major operands, and keeps the residuals in bf16 (half the memory).
+    """
+    return _bf16_dense_fwd(x_NxI, kernel, kernel_is_OxI)[0]
+
+
+def _bf16_dense_fwd(x, kernel, kernel_is_OxI):
+    x, w = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+    return _bf16_product(x, w.T if kernel_is_OxI else w), (x, w)
+
+
+def _bf16_dense_bwd(kernel_is_OxI, residuals, dy):
+    x, w = residuals
+    dy = dy.astype(jnp.bfloat16)
+    dx = _bf16_product(dy, w if kernel_is_OxI else w.T)
+    dw = _bf16_product(dy.T, x) if kernel_is_OxI else _bf16_product(x.T, dy)
+    return dx, dw
+
+
+bf16_dense.defvjp(_bf16_dense_fwd, _bf16_dense_bwd)
+
+
+def _project(config: ModelConfig, linear: nnx.Linear, x_NxI: jax.Array) -> jax.Array:
+    if config.matmul_dtype == 'bfloat16':
+        return bf16_dense(x_NxI, linear.kernel[...])
+    return linear(x_NxI)
+
+
 class Attention(nnx.Module):
     """Causal multi-head self-attention; softmax in float32."""
 
@@ -223,25 +301,27 @@ class Attention(nnx.Module):
         c = self.config
         # Projections on (B*L, D): XLA CPU's weight gradients are ~2.5x slower
         # when the contraction runs over two batch-like axes (benchmarks/RESULTS.md).
-        qkv_BxLx3xHxK = self.qkv(x_BxLxD.reshape(B * L, D)).reshape(B, L, 3, c.n_heads, c.head_dim)
+        qkv_BxLx3xHxK = _project(c, self.qkv, x_BxLxD.reshape(B * L, D)).reshape(B, L, 3, c.n_heads, c.head_dim)
         q, k, v = (qkv_BxLx3xHxK[:, :, i] for i in range(3))
         if c.positions == 'rotary':
             q, k = rotary(q, c.rope_base), rotary(k, c.rope_base)
         fused = c.attention == 'fused' or (c.attention == 'auto' and jax.default_backend() == 'gpu')
         y_BxLxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=True) if fused else causal_attention(q, k, v)
-        return self.out(y_BxLxHxK.reshape(B * L, D)).reshape(B, L, D)
+        return _project(c, self.out, y_BxLxHxK.reshape(B * L, D)).reshape(B, L, D)
 
 
 class MLP(nnx.Module):
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         d, f, dt = config.d_model, config.ff_dim, config.compute_dtype
+        self.config = config
         self.up = nnx.Linear(d, f, use_bias=False, dtype=dt, kernel_init=_normal(_STD), rngs=rngs)
         self.down = nnx.Linear(f, d, use_bias=False, dtype=dt,
                                kernel_init=_normal(_STD / math.sqrt(2 * config.n_layers)), rngs=rngs)
 
     def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
         B, L, D = x_BxLxD.shape  # 2-D matmuls, as in Attention
-        return self.down(jax.nn.gelu(self.up(x_BxLxD.reshape(B * L, D)))).reshape(B, L, D)
+        hidden = jax.nn.gelu(_project(self.config, self.up, x_BxLxD.reshape(B * L, D)))
+        return _project(self.config, self.down, hidden).reshape(B, L, D)
 
 
 def _layer_norm(config: ModelConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -305,8 +385,11 @@ class Decoder(nnx.Module):
         head_VxD = (self.embed.embedding[...] if c.tie_embeddings else self.head.kernel[...].T)
         # Head matmul in the compute dtype, accumulated and returned in float32.
         B, L, D = h_BxLxD.shape
-        logits_NxV = jnp.einsum('nd,vd->nv', h_BxLxD.reshape(B * L, D), head_VxD.astype(c.compute_dtype),
-                                preferred_element_type=jnp.float32)
+        if c.matmul_dtype == 'bfloat16':
+            logits_NxV = bf16_dense(h_BxLxD.reshape(B * L, D), head_VxD, True)
+        else:
+            logits_NxV = jnp.einsum('nd,vd->nv', h_BxLxD.reshape(B * L, D), head_VxD.astype(c.compute_dtype),
+                                    preferred_element_type=jnp.float32)
         return logits_NxV.reshape(B, L, -1)
 
 

@@ -126,6 +126,32 @@ def configure_cpu_devices(n: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
+def configure_cpu_bf16_matmuls() -> bool:
+    """Let bf16 products run on the CPU's AMX / AVX512-BF16 units (`model.bf16_dense`).
+
+    Adds `model.CPU_BF16_XLA_FLAG` (XLA's transpose folding off) to XLA_FLAGS, which
+    XLA reads once, when JAX starts its backends. It is left out where it cannot take
+    effect (backends already started) or would cost (JAX can reach an accelerator,
+    whose compiler folds transposes into its matmuls for free). Returns whether the
+    flag is in effect; without it bf16 products are still correct, only slower.
+    """
+    import importlib.util
+
+    from jax._src import xla_bridge  # no public API says whether the backends have started
+
+    from worldlm_jax.model import CPU_BF16_XLA_FLAG
+    flags = os.environ.get("XLA_FLAGS", "")
+    if CPU_BF16_XLA_FLAG in flags:
+        return True
+    accelerator = os.environ.get("JAX_PLATFORMS", "") != "cpu" and any(
+        importlib.util.find_spec(m) is not None
+        for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin", "libtpu"))
+    if xla_bridge.backends_are_initialized() or accelerator:
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {CPU_BF16_XLA_FLAG}".strip()
+    return True
+
+
 def initialize_distributed(**kwargs) -> None:
     """Multi-host runs (TPU pods, GPU clusters): JAX's own multi-controller runtime."""
     jax.distributed.initialize(**kwargs)

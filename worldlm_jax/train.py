@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -220,11 +221,21 @@ def round_record(exp: Experiment, round_index: int, metrics: dict, seconds: floa
     return record
 
 
+def prepare_backend(model_config: model_lib.ModelConfig) -> None:
+    """XLA flags the model's numerics need, set before JAX starts its backends where possible."""
+    if model_config.matmul_dtype == "bfloat16" and not parallel.configure_cpu_bf16_matmuls() \
+            and jax.default_backend() == "cpu":
+        warnings.warn(f"model.matmul_dtype=bfloat16 on CPU runs its backward products in float32 unless "
+                      f"XLA_FLAGS contains {model_lib.CPU_BF16_XLA_FLAG} before JAX starts; results are "
+                      f"the same, only slower.", stacklevel=3)
+
+
 def train(config: Config, workdir: str, quiet: bool = False, progress: bool = True) -> dict:
     """Train (or resume) the run in `workdir`; returns the summary (also written)."""
     from worldlm_jax import checkpoint, metrics as metrics_lib
 
     os.makedirs(workdir, exist_ok=True)
+    prepare_backend(config.model)
     if config.run.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", config.run.compilation_cache)
     save_yaml(config, os.path.join(workdir, "config.yaml"))

@@ -58,6 +58,7 @@ def run(configs: Sequence[Config], rounds: int | None = None):
     Returns (per-point evaluations as dicts, number of compilations).
     """
     check_static(configs)
+    train.prepare_backend(configs[0].model)
     exp = train.build_experiment(configs[0])
     round_fn = engine.make_round(exp.spec)
     stacked_policies = jax.tree.map(lambda *xs: jnp.stack(xs), *[_policies(exp, c) for c in configs])
