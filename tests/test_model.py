@@ -282,13 +282,17 @@ def test_bf16_matmuls_keep_every_dense_product_in_bf16_on_cpu():
     assert sum(d == ('bf16', 'bf16') for d in dots) == 3 * n_dense
 
 
-def test_bf16_matmuls_track_the_float32_model():
-    """Mixed precision changes the loss and the gradients by bf16 rounding only; the
-    parameters stay float32, and the option validates its field."""
+@pytest.mark.parametrize('shape', [{}, {'tie_embeddings': False},
+                                   {'d_model': 30, 'n_heads': 3, 'd_ff': 99, 'positions': 'rotary', 'remat': True}])
+def test_bf16_matmuls_track_the_float32_model(shape):
+    """Mixed precision changes the loss and the gradients by bf16 rounding only, for the
+    tied and the untied head and for odd widths (d_ff 99: the plain form); the parameters
+    stay float32, and the option validates its field."""
     tokens = _tokens(6, 4, 33)
     out = {}
     for md in ('float32', 'bfloat16'):
-        model_def, params = M.init(M.preset('tiny', matmul_dtype=md), jax.random.key(0))
+        cfg = M.preset('tiny', matmul_dtype=md, **shape)
+        model_def, params = M.init(cfg, jax.random.key(0))
         out[md] = jax.jit(jax.value_and_grad(lambda p: model_def.loss(p, tokens)[0]))(params)
         assert all(v.dtype == jnp.float32 for v in params.values())
     (l32, g32), (l16, g16) = out['float32'], out['bfloat16']

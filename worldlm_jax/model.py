@@ -231,8 +231,10 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 # XLA_FLAGS before JAX starts) and the contraction axis split in two (a reshape, which a
 # transposed layout cannot take as a free bitcast), the transpose becomes a real copy and
 # the dot stays bf16. The split must not be emitted without the flag: XLA then folds it
-# into a two-axis contraction that its bf16 fallback cannot run. Measured in
-# benchmarks/RESULTS.md (section 2c).
+# into a two-axis contraction that its bf16 fallback cannot run. For the same reason the
+# product's output passes an optimisation barrier: a transpose of the result (the untied
+# head's kernel gradient, `_weight_gradient`) must not be folded back into the dot.
+# Measured in benchmarks/RESULTS.md (section 2c).
 CPU_BF16_XLA_FLAG = '--xla_disable_hlo_passes=transpose-folding'
 
 
@@ -249,7 +251,7 @@ def _bf16_product(a_MxK: jax.Array, b_KxN: jax.Array) -> jax.Array:
         return jnp.matmul(a, b, preferred_element_type=jnp.float32)
     a = a.reshape(*a.shape[:-1], 2, K // 2)
     b = b.reshape(2, K // 2, b.shape[-1])
-    return jnp.einsum('mab,abn->mn', a, b, preferred_element_type=jnp.float32)
+    return jax.lax.optimization_barrier(jnp.einsum('mab,abn->mn', a, b, preferred_element_type=jnp.float32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -272,8 +274,17 @@ def _bf16_dense_bwd(kernel_is_OxI, residuals, dy):
     x, w = residuals
     dy = dy.astype(jnp.bfloat16)
     dx = _bf16_product(dy, w if kernel_is_OxI else w.T)
-    dw = _bf16_product(dy.T, x) if kernel_is_OxI else _bf16_product(x.T, dy)
-    return dx, dw
+    dw_IxO = _weight_gradient(x, dy)
+    return dx, (dw_IxO.T if kernel_is_OxI else dw_IxO)
+
+
+def _weight_gradient(x_NxI, dy_NxO):
+    """x^T dy, transposing the narrower of the two (the transpose is a real copy on CPU,
+    and the (I, O) result is small): the MLP's down projection transposes dy (N, 128),
+    not its (N, 512) input."""
+    if x_NxI.shape[-1] <= dy_NxO.shape[-1]:
+        return _bf16_product(x_NxI.T, dy_NxO)
+    return _bf16_product(dy_NxO.T, x_NxI).T
 
 
 bf16_dense.defvjp(_bf16_dense_fwd, _bf16_dense_bwd)
