@@ -129,6 +129,16 @@ class Checkpointer:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
+    def saved_shapes(self, step: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Shape of every saved leaf of ``step`` (default: the latest), by path, from
+        the host record alone (no array is read): lets a caller restore a state
+        whose layout depends on the device count onto another device count."""
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"No checkpoint found in {self.directory}.")
+        payload = self._read_host_payload(steps[-1] if step is None else step)
+        return {p: tuple(shape) for p, shape, *_ in payload["device_fingerprint"]}
+
     def step_path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
@@ -239,6 +249,11 @@ def fingerprint(tree: Any) -> list[LeafFingerprint]:
     sums = jax.device_get(sums)
     return [LeafFingerprint(*meta, float(s), float(a), int(c))
             for meta, (s, a, c) in zip(_leaf_meta(tree), sums)]
+
+
+def leaf_paths(tree: Any) -> list[str]:
+    """The path of every leaf, as checkpoints name them."""
+    return [_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _leaf_meta(tree: Any) -> list[tuple[str, tuple[int, ...], str]]:

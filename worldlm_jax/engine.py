@@ -152,7 +152,19 @@ def split_parts(params: Params, key_paths) -> dict[str, Params]:
 
 # ---- state --------------------------------------------------------------------
 def init_state(spec: EngineSpec, params: Params) -> EngineState:
-    """Every node and client starts from the same initial parameters."""
+    """Every node and client starts from the same initial parameters.
+
+    With a mesh the state is built where it lives (`state_shardings`): a wide
+    level's rows go straight to their devices, and no process ever holds a
+    replicated copy of a sharded level."""
+    build = lambda p: pad_state(spec, _initial_state(spec, p))
+    if spec.mesh is None:  # distinct buffers: the round donates them
+        return jax.tree.map(lambda x: jnp.array(x, copy=True), build(params))
+    shardings = state_shardings(spec, jax.eval_shape(build, params))
+    return jax.jit(build, out_shardings=shardings)(params)
+
+
+def _initial_state(spec: EngineSpec, params: Params) -> EngineState:
     topo, plan = spec.topology, spec.plan
     parts = split_parts(params, spec.key_paths)
     levels = []
@@ -168,11 +180,69 @@ def init_state(spec: EngineSpec, params: Params) -> EngineState:
     opt = ()
     if plan.client_opt_persistent:
         opt = jax.vmap(_optimizer(spec.client_optimizer).init)(tree_ops.stack_rows(params, topo.n_clients))
-    state = EngineState(tuple(levels), ClientState(kept["B"], kept["K"], opt), jnp.zeros((), jnp.int32))
-    state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)  # distinct buffers: the round donates them
-    if spec.mesh is not None:  # placed as the round returns it, so round 2 reuses round 1's compilation
-        state = jax.device_put(state, parallel.replicated(spec.mesh))
-    return state
+    return EngineState(tuple(levels), ClientState(kept["B"], kept["K"], opt), jnp.zeros((), jnp.int32))
+
+
+# ---- where the state lives ------------------------------------------------------
+# Every leaf of a level's state (B, K, server optimizer states, residual K, clip)
+# and of the clients' kept state has one row per node (client). A level with at
+# least as many rows as the mesh has devices is sharded along that axis, padded
+# to a multiple of the device count with inert rows (copies of row 0 that the
+# round never reads: it works on the real rows and writes them back); smaller
+# levels are replicated. So per-device memory of a wide tree falls with the
+# device count, and the round's segment sums and gathers stay as they are: XLA
+# inserts the collectives.
+def stored_rows(spec: EngineSpec) -> tuple[tuple[int, ...], int]:
+    """Rows each level's state (and the clients' kept state) is stored with."""
+    rows = lambda n: parallel.padded_rows(n, spec.mesh)
+    return tuple(rows(lvl.size) for lvl in spec.topology.levels), rows(spec.topology.n_clients)
+
+
+def _map_rows(spec: EngineSpec, fn, state: EngineState, *others: EngineState) -> EngineState:
+    """fn(leaf, *other_leaves, real_rows, stored_rows) on every per-row leaf."""
+    topo = spec.topology
+    level_rows, client_rows = stored_rows(spec)
+    levels = tuple(jax.tree.map(lambda *x, n=lvl.size, m=m: fn(*x, n, m), level, *(o.levels[d] for o in others))
+                   for d, (lvl, level, m) in enumerate(zip(topo.levels, state.levels, level_rows)))
+    clients = jax.tree.map(lambda *x: fn(*x, topo.n_clients, client_rows), state.clients,
+                           *(o.clients for o in others))
+    return state._replace(levels=levels, clients=clients)
+
+
+def pad_state(spec: EngineSpec, state: EngineState) -> EngineState:
+    """Real rows -> stored rows (padding rows repeat row 0)."""
+    def pad(x, n, m):
+        return x if x.shape[0] == m else jnp.concatenate([x, jnp.broadcast_to(x[:1], (m - n,) + x.shape[1:])])
+    return _map_rows(spec, pad, state)
+
+
+def unpad_state(spec: EngineSpec, state: EngineState, stored: bool = True) -> EngineState:
+    """Stored rows -> the real rows the round works on. `stored=False`: the
+    rows may be padded differently (e.g. saved on another device count)."""
+    return _map_rows(spec, lambda x, n, m: x if stored and m == n else x[:n], state)
+
+
+def repad_state(spec: EngineSpec, new: EngineState, stored: EngineState) -> EngineState:
+    """Write the round's real rows back over the stored state (padding unchanged)."""
+    return _map_rows(spec, lambda x, old, n, m: x if m == n else old.at[:n].set(x), new, stored)
+
+
+def state_partition_specs(spec: EngineSpec, state: EngineState) -> EngineState:
+    """PartitionSpec of every leaf of a (stored) state: rows sharded where wide enough."""
+    row = lambda x, n, m: parallel.row_spec(m, spec.mesh)
+    specs = _map_rows(spec, row, state)
+    return specs._replace(round=parallel.P())
+
+
+def state_shardings(spec: EngineSpec, state: EngineState) -> EngineState:
+    """NamedSharding of every leaf of a (stored) state on the spec's mesh."""
+    return jax.tree.map(lambda p: parallel.NamedSharding(spec.mesh, p), state_partition_specs(spec, state),
+                        is_leaf=lambda x: isinstance(x, parallel.P))
+
+
+def place_state(spec: EngineSpec, state: EngineState) -> EngineState:
+    """Put a (stored) state where the round keeps it (a no-op without a mesh)."""
+    return state if spec.mesh is None else jax.device_put(state, state_shardings(spec, state))
 
 
 def _optimizer(name: str) -> optax.GradientTransformation:
@@ -545,11 +615,15 @@ def make_round(spec: EngineSpec) -> Callable:
 
         return fed_round
 
-    def run_round(state: EngineState, batch: RoundBatch, key, policies: RoundPolicies | None = None):
+    def run_round(stored: EngineState, batch: RoundBatch, key, policies: RoundPolicies | None = None):
         fed_round = build(default_policies if policies is None else policies)
-        key = jax.random.fold_in(key, state.round)
-        state, metrics = fed_round(0, state, batch, jnp.ones((1,), bool), key)
-        return state._replace(round=state.round + 1), metrics
+        key = jax.random.fold_in(key, stored.round)
+        state, metrics = fed_round(0, unpad_state(spec, stored), batch, jnp.ones((1,), bool), key)
+        state = repad_state(spec, state._replace(round=state.round + 1), stored)
+        if spec.mesh is not None:  # returned where it came from: round 2 reuses round 1's compilation
+            state = jax.lax.with_sharding_constraint(state, state_shardings(spec, state))
+            metrics = jax.lax.with_sharding_constraint(metrics, parallel.replicated(spec.mesh))
+        return state, metrics
 
     return run_round
 

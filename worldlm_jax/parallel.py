@@ -19,20 +19,37 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "clients"
+SWEEP_AXIS = "sweep"  # the points of a vectorised sweep (`vectorized.run`), each on its own devices
 
 
-def make_mesh(n_devices: int | None = None) -> Mesh:
-    """A 1-D mesh over the first `n_devices` devices (all by default).
+def make_mesh(n_devices: int | None = None, sweep: int | None = None) -> Mesh:
+    """A mesh over the first `n_devices` devices (all by default).
 
-    Auto axis types: a weighted reduction over a sharded axis must be allowed
-    to insert its all-reduce (Explicit axes raise ShardingTypeError).
+    sweep=None: 1-D, (`clients`,), what a single run trains on. sweep=S: 2-D,
+    (`sweep`, `clients`) of shape (S, n_devices / S): S groups of consecutive
+    devices, each group the `clients` mesh of its own sweep points (a vectorised
+    sweep vmaps the round with `spmd_axis_name=SWEEP_AXIS`, so the engine's
+    client mapping and sharding constraints, which name only `clients`, act
+    within a group). Auto axis types: a weighted reduction over a sharded axis
+    must be allowed to insert its all-reduce (Explicit axes raise
+    ShardingTypeError).
     """
     devices = jax.devices()
     n = len(devices) if n_devices is None else int(n_devices)
     if not 1 <= n <= len(devices):
         raise ValueError(f"n_devices={n_devices} but {len(devices)} device(s) are available "
                          f"(on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts)")
-    return Mesh(np.array(devices[:n]), (AXIS,), axis_types=(AxisType.Auto,))
+    if sweep is None:
+        return Mesh(np.array(devices[:n]), (AXIS,), axis_types=(AxisType.Auto,))
+    if not 1 <= sweep <= n or n % sweep:
+        raise ValueError(f"sweep={sweep} must divide the {n} device(s) of the mesh")
+    grid = np.array(devices[:n]).reshape(sweep, n // sweep)
+    return Mesh(grid, (SWEEP_AXIS, AXIS), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def clients_size(mesh: Mesh | None) -> int:
+    """Devices one run's client slots are spread over: the `clients` axis (1 without a mesh)."""
+    return 1 if mesh is None else int(mesh.shape[AXIS])
 
 
 def sharded(mesh: Mesh) -> NamedSharding:
@@ -41,6 +58,20 @@ def sharded(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def padded_rows(n: int, mesh: Mesh | None) -> int:
+    """Rows a per-node array of `n` nodes is stored with: rounded up to a multiple
+    of the device count when it has at least one row per device (then sharded
+    along rows, `row_spec`), else `n` (replicated: too few rows to split)."""
+    m = 1 if mesh is None else mesh.shape[AXIS]
+    return n if n < m else -(-n // m) * m
+
+
+def row_spec(rows: int, mesh: Mesh | None) -> P:
+    """Leading-axis sharding of a per-node array stored with `rows` rows."""
+    m = 1 if mesh is None else mesh.shape[AXIS]
+    return P(AXIS) if m > 1 and rows >= m and rows % m == 0 else P()
 
 
 def default_chunk(platform: str | None = None) -> int:

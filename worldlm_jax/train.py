@@ -169,17 +169,43 @@ class Prefetcher:
 
 
 def place_state(exp: Experiment, state):
-    """Replicate the state over the mesh up front: the round returns it so, and
-    equal input placements mean one compilation (and checkpoints restore to it)."""
-    return jax.device_put(state, parallel.replicated(exp.mesh))
+    """Put the state where the round keeps it (federation rows sharded over the
+    mesh where a level is wide enough, the rest replicated): equal input
+    placements mean one compilation, and checkpoints restore to it."""
+    return engine.place_state(exp.spec, state)
 
 
 def restore_state(exp: Experiment, ckpt, step: int | None = None, like=None):
     """(state, host state) from a checkpoint, placed and structured like a fresh
-    state of this experiment (so optax states come back as NamedTuples)."""
+    state of this experiment (so optax states come back as NamedTuples).
+
+    A wide level's rows are stored padded to a multiple of the device count, so
+    a run saved on another number of devices has other row counts: it is read
+    as saved and laid out anew (its real rows are the same), so a run resumes
+    on any number of devices and processes."""
+    from worldlm_jax.checkpoint import leaf_paths
+
     like = place_state(exp, exp.strategy.init(exp.init_params)) if like is None else like
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
-    return ckpt.restore(step, abstract_state=abstract)
+    saved = ckpt.saved_shapes(step)
+    as_saved = [saved.get(p, x.shape) for p, x in zip(leaf_paths(like), jax.tree.leaves(like))]
+    if as_saved == [x.shape for x in jax.tree.leaves(like)]:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+        return ckpt.restore(step, abstract_state=abstract)
+    shapes = iter(as_saved)
+    abstract = jax.tree.map(lambda x: _abstract_rows(exp, x, next(shapes)), like)
+    state, host = ckpt.restore(step, abstract_state=abstract)
+    relayout = lambda s: engine.pad_state(exp.spec, engine.unpad_state(exp.spec, s, stored=False))
+    shardings = jax.tree.map(lambda x: x.sharding, like)
+    return jax.jit(relayout, out_shardings=shardings)(state), host
+
+
+def _abstract_rows(exp: Experiment, like, shape):
+    """A leaf as saved: its own row count, sharded along rows only where that
+    count divides over this mesh."""
+    if tuple(shape) == like.shape or exp.spec.mesh is None:
+        return jax.ShapeDtypeStruct(tuple(shape), like.dtype, sharding=like.sharding)
+    spec = parallel.row_spec(shape[0], exp.spec.mesh)
+    return jax.ShapeDtypeStruct(tuple(shape), like.dtype, sharding=parallel.NamedSharding(exp.spec.mesh, spec))
 
 
 # ---- summaries ------------------------------------------------------------------

@@ -7,23 +7,39 @@ own `RoundPolicies` (compiled from its own topology, so per-federation
 overrides keep their meaning); they are stacked, and the round is vmapped over
 (state, policies, key). All points see the same data batches, so the comparison
 between points is paired. Results equal separate runs up to float tolerance.
+
+Where the points live: the devices form a 2-D mesh (`sweep`, `clients`)
+(`parallel.make_mesh(n, sweep=G)`): G groups of n / G devices. The round is
+vmapped with `spmd_axis_name="sweep"`, so everything batched over the points
+(state, policies, keys, metrics) is sharded over the groups, and inside a group
+the engine runs exactly as a single run on a `clients` mesh of n / G devices
+(its client mapping and sharding constraints name only `clients`; the client
+slots are padded to a multiple of n / G). So a pod trains G points at once,
+each on its own share of devices, in one compilation. The points are padded
+with copies of the last one to a multiple of G (their results are dropped).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import json
+import os
+import time
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from worldlm_jax import engine, train
-from worldlm_jax.config import Config
-from worldlm_jax.topology import build_topology
+from worldlm_jax import dp_ledger, engine, parallel, strategies, train
+from worldlm_jax.config import Config, save_yaml
+from worldlm_jax.topology import Topology, build_topology
+
+SWEEP = parallel.SWEEP_AXIS
 
 
-def _policies(exp: train.Experiment, config: Config) -> engine.RoundPolicies:
-    """Round policies of one sweep point, on the base experiment's tree shape."""
+def _point_topology(exp: train.Experiment, config: Config) -> Topology:
+    """The tree one sweep point trains on: the base experiment's tree shape with
+    the point's own policies (DP noise calibrated as a single run would)."""
     topo = build_topology(config.tree, root_policy=config.policy)
     base = exp.run_topology
     if exp.config.algorithm.name not in ("worldlm", "hierfavg"):
@@ -37,7 +53,16 @@ def _policies(exp: train.Experiment, config: Config) -> engine.RoundPolicies:
                              "use `worldlm sweep` to compare key-layer aggregation rules")
     topo = dataclasses.replace(base, levels=tuple(dataclasses.replace(b, policies=t.policies)
                                                    for b, t in zip(base.levels, topo.levels)))
-    return engine.round_policies(topo)
+    privacy = config.privacy
+    if privacy.target_epsilon > 0:
+        topo = dp_ledger.calibrate(topo, privacy.target_epsilon, privacy.target_delta, config.run.rounds,
+                                   privacy.default_clip, privacy.accountant)
+    return topo
+
+
+def _policies(exp: train.Experiment, config: Config) -> engine.RoundPolicies:
+    """Round policies of one sweep point, on the base experiment's tree shape."""
+    return engine.round_policies(_point_topology(exp, config))
 
 
 def check_static(configs: Sequence[Config]) -> None:
@@ -50,31 +75,200 @@ def check_static(configs: Sequence[Config]) -> None:
         if strip(c) != first:
             raise ValueError("vectorised sweep points may differ only in policy.* fields, tree policies and "
                              "run.seed; use `worldlm sweep` for anything else")
+    if configs[0].algorithm.schedule == "staged":
+        raise ValueError("a vectorised sweep is one compiled round; algorithm.schedule=staged needs two "
+                         "(global K first); use `worldlm sweep`")
 
 
-def run(configs: Sequence[Config], rounds: int | None = None):
+def choose_sweep_devices(n_devices: int, n_points: int, requested: int = 0) -> int:
+    """Device groups the points are spread over (the mesh's `sweep` axis).
+
+    `requested` > 0 must divide the device count. Otherwise: the largest divisor
+    of the device count that is <= the number of points, so every group has
+    at least one point (8 devices: 4 points -> 4 x 2, 3 points -> 2 x 4 with one
+    padding point, 16 points -> 8 x 1 with 2 points per device)."""
+    if requested:
+        if requested < 1 or n_devices % requested:
+            raise ValueError(f"--sweep-devices {requested} must divide the {n_devices} device(s)")
+        return requested
+    return max(g for g in range(1, min(n_devices, n_points) + 1) if n_devices % g == 0)
+
+
+def sweep_experiment(config: Config, n_devices: int, groups: int) -> train.Experiment:
+    """The experiment every point shares, on a (`sweep`=groups, `clients`=n/groups) mesh.
+
+    Built as a single run on n / groups devices (so the client slots are padded
+    to a multiple of the `clients` axis, not of all devices), then moved onto
+    the 2-D mesh. One device: no mesh at all, as a single run."""
+    share = n_devices // groups
+    exp = train.build_experiment(dataclasses.replace(config, run=dataclasses.replace(config.run, devices=share)))
+    exp = dataclasses.replace(exp, config=config)
+    if n_devices == 1:
+        return exp
+    mesh = parallel.make_mesh(n_devices, sweep=groups)
+    spec = dataclasses.replace(exp.spec, mesh=mesh)
+    return dataclasses.replace(exp, spec=spec, mesh=mesh, strategy=strategies.make_strategy(spec))
+
+
+def sweep_specs(exp: train.Experiment, state_like: engine.EngineState):
+    """PartitionSpec of every leaf of the stacked states: `sweep` on the point
+    axis, then the single run's own spec (rows over `clients` where wide)."""
+    specs = engine.state_partition_specs(exp.spec, state_like)
+    return jax.tree.map(lambda p: parallel.P(SWEEP, *p), specs, is_leaf=lambda x: isinstance(x, parallel.P))
+
+
+def _on_sweep(exp: train.Experiment, tree):
+    """Put a stacked tree (every leaf's first axis: the points) on the sweep axis."""
+    if exp.spec.mesh is None:
+        return jax.tree.map(jnp.asarray, tree)
+    return jax.device_put(tree, parallel.NamedSharding(exp.mesh, parallel.P(SWEEP)))
+
+
+def run(configs: Sequence[Config], rounds: int | None = None, sweep_devices: int = 0,
+        workdirs: Sequence[str] | None = None, log: Callable[[str], None] | None = None):
     """Train every point for `rounds` root rounds in one program.
 
-    Returns (per-point evaluations as dicts, number of compilations).
+    `sweep_devices`: device groups (0 = `choose_sweep_devices`). With `workdirs`
+    (one per point), each point's dir gets what `train.train` writes for a run:
+    config.yaml, metrics.jsonl (per-round records, evaluations), summary.json
+    and plots (no checkpoints).
+
+    Returns (per-point evaluations as dicts, the points' final states stacked,
+    number of compilations of the round).
     """
+    from worldlm_jax import metrics as metrics_lib
+
     check_static(configs)
-    train.prepare_backend(configs[0].model)
-    exp = train.build_experiment(configs[0])
+    if workdirs is not None and len(workdirs) != len(configs):
+        raise ValueError(f"{len(workdirs)} workdirs for {len(configs)} points")
+    t0 = time.perf_counter()
+    first = configs[0]
+    train.prepare_backend(first.model)
+    n_points = len(configs)
+    n_devices = first.run.devices or jax.device_count()
+    groups = choose_sweep_devices(n_devices, n_points, sweep_devices)
+    exp = sweep_experiment(first, n_devices, groups)
+    padded = list(configs) + [configs[-1]] * (-n_points % groups)
+    if log is not None:
+        log(f"vectorised: {n_points} point(s) ({len(padded)} with padding) on a sweep x clients mesh of "
+            f"{groups} x {n_devices // groups} device(s)")
+    topologies = [_point_topology(exp, c) for c in padded]
+    stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+    policies = _on_sweep(exp, stack([engine.round_policies(t) for t in topologies]))
+    keys = _on_sweep(exp, jnp.stack([jax.random.PRNGKey(c.run.seed + 1) for c in padded]))
+    params = _on_sweep(exp, stack([_init_params(exp, c.run.seed) for c in padded]))
+    spmd = None if exp.spec.mesh is None else SWEEP
+    init = jax.vmap(exp.strategy.init, spmd_axis_name=spmd)
+    if exp.spec.mesh is None:
+        states = init(params)
+    else:  # each point's state is built on its own group of devices, as the round keeps it
+        like = jax.eval_shape(exp.strategy.init, jax.tree.map(lambda x: x[0], params))
+        shardings = jax.tree.map(lambda p: parallel.NamedSharding(exp.mesh, p), sweep_specs(exp, like),
+                                 is_leaf=lambda x: isinstance(x, parallel.P))
+        states = jax.jit(init, out_shardings=shardings)(params)
+    del params
     round_fn = engine.make_round(exp.spec)
-    stacked_policies = jax.tree.map(lambda *xs: jnp.stack(xs), *[_policies(exp, c) for c in configs])
-    init = lambda seed: exp.strategy.init(_init_params(exp, seed))
-    states = jax.tree.map(lambda *xs: jnp.stack(xs), *[init(c.run.seed) for c in configs])
-    keys = jnp.stack([jax.random.PRNGKey(c.run.seed + 1) for c in configs])
-    # Committed, replicated inputs from the start: the round's outputs are, so
-    # the second call reuses the first compilation.
-    states, keys, stacked_policies = train.place_state(exp, (states, keys, stacked_policies))
-    step = jax.jit(jax.vmap(round_fn, in_axes=(0, None, 0, 0)), donate_argnums=(0,))
-    for r in range(rounds or configs[0].run.rounds):
-        batch = train._put(exp, train.make_batch(exp, r))
-        states, _ = step(states, batch, keys, stacked_policies)
-    nll = jax.vmap(exp.eval_fn)(states)
-    evals = [train.describe_eval(exp, np.asarray(row)) for row in np.asarray(nll)]
-    return evals, states, step._cache_size()
+    step = jax.jit(jax.vmap(round_fn, in_axes=(0, None, 0, 0), spmd_axis_name=spmd), donate_argnums=(0,))
+    evaluate = jax.jit(jax.vmap(exp.eval_fn))
+    n_rounds = rounds or first.run.rounds
+
+    points = [dataclasses.replace(exp, run_topology=t) for t in topologies[:n_points]]
+    writers = [] if workdirs is None else [_open_point(d, c) for d, c in zip(workdirs, configs)]
+    accountants = [dp_ledger.make_accountants(t, first.privacy.accountant) for t in topologies[:n_points]]
+    fetcher = metrics_lib.AsyncFetcher(lag=1)
+    clock = {"last": time.perf_counter()}
+    privacy_after: dict = {}
+
+    def write_rounds(done):
+        for r, m in done:
+            m = jax.tree.map(np.asarray, m)
+            now = time.perf_counter()
+            for i, writer in enumerate(writers):
+                record = train.round_record(points[i], r, {k: v[i] for k, v in m.items()}, now - clock["last"])
+                if r in privacy_after:
+                    record["privacy"] = privacy_after[r][i]
+                writer.write(record)
+            privacy_after.pop(r, None)
+            clock["last"] = now
+
+    def write_evals(r, final=False):
+        nll = np.asarray(evaluate(states))
+        evals = [train.describe_eval(exp, row) for row in nll[:n_points]]
+        for writer, ev in zip(writers, evals):
+            writer.write({"round": r, "eval": ev, **({"final": True} if final else {})})
+        return evals
+
+    prefetch = train.Prefetcher(exp, 0, n_rounds)
+    try:
+        for r in range(n_rounds):
+            batch = train._put(exp, prefetch.get(r))
+            states, round_metrics = step(states, batch, keys, policies)
+            if not writers:
+                continue
+            for topo, acc in zip(points, accountants):
+                dp_ledger.step_all(topo.run_topology, acc)
+            if any(accountants):
+                privacy_after[r] = [{name: {"epsilon": rep["epsilon"], "delta": rep["delta"]}
+                                     for name, rep in dp_ledger.report(p.run_topology, acc).items()}
+                                    for p, acc in zip(points, accountants)]
+            write_rounds(fetcher.submit((r, round_metrics)))
+            done = r + 1
+            if first.run.eval_every and done % first.run.eval_every == 0 and done < n_rounds:
+                write_rounds(fetcher.flush())
+                write_evals(r)
+        write_rounds(fetcher.flush())
+    finally:
+        prefetch.close()
+    evals = write_evals(n_rounds - 1, final=True) if writers else \
+        [train.describe_eval(exp, row) for row in np.asarray(evaluate(states))[:n_points]]
+    compiles = step._cache_size()
+    wall = time.perf_counter() - t0
+    for i, writer in enumerate(writers):
+        writer.close()
+        summary = _summary(points[i], configs[i], n_rounds, evals[i], compiles, wall, accountants[i], workdirs[i])
+        summary["vectorized"] = {"points": n_points, "index": i, "mesh": {SWEEP: groups,
+                                                                          parallel.AXIS: n_devices // groups}}
+        with open(os.path.join(workdirs[i], "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        train.write_plots(points[i], workdirs[i])
+    if len(padded) > n_points:
+        states = jax.tree.map(lambda x: x[:n_points], states)
+    return evals, states, compiles
+
+
+def _open_point(workdir: str, config: Config):
+    """A point's run dir, started afresh (a vectorised sweep does not resume)."""
+    from worldlm_jax import metrics as metrics_lib
+
+    os.makedirs(workdir, exist_ok=True)
+    summary = os.path.join(workdir, "summary.json")
+    if os.path.exists(summary):  # of an earlier sweep into this dir: not this one's until it finishes
+        os.remove(summary)
+    save_yaml(config, os.path.join(workdir, "config.yaml"))
+    earlier = os.path.exists(os.path.join(workdir, metrics_lib.METRICS_FILE))
+    writer = metrics_lib.MetricsWriter(workdir)
+    if earlier:
+        writer.truncate_after(-1)
+    return writer
+
+
+def _summary(exp: train.Experiment, config: Config, rounds: int, final: dict, compiles: int, wall: float,
+             accountants: dict, workdir: str) -> dict:
+    """What `train.train` writes to summary.json, for one point."""
+    return {
+        "algorithm": config.algorithm.name,
+        "rounds_completed": rounds,
+        "interrupted": rounds < config.run.rounds,
+        "eval": final,
+        "compiles": compiles,
+        "wall_seconds": wall,  # of the whole sweep: the points train together
+        "topology": {"depth": exp.run_topology.depth, "clients": exp.topology.n_clients,
+                     "slots": exp.run_topology.n_slots, "padding_fraction": exp.run_topology.padding_fraction},
+        "parameters": int(sum(np.prod(v.shape) for v in exp.init_params.values())),
+        "bytes_communicated": train._total_bytes(os.path.join(workdir, "metrics.jsonl")),
+        "privacy": dp_ledger.report(exp.run_topology, accountants),
+        "key_layer_parameters": int(sum(np.prod(exp.init_params[p].shape) for p in exp.spec.key_paths)),
+    }
 
 
 def _init_params(exp: train.Experiment, seed: int):
