@@ -219,7 +219,6 @@ class Checkpointer:
 _UINT_OF_SIZE = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
 
 
-@jax.jit
 def _leaf_sums(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """sum, sum |x| (float32) and the bit checksum (uint32, exact in any reduction order)."""
     if x.dtype == jnp.bool_:
@@ -233,19 +232,28 @@ def _leaf_sums(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return jnp.sum(f), jnp.sum(jnp.abs(f)), jnp.sum(bits * weight, dtype=jnp.uint32)
 
 
+_group_sums = jax.jit(lambda leaves: [_leaf_sums(x) for x in leaves])
+
+
 def fingerprint(tree: Any) -> list[LeafFingerprint]:
     """Per-leaf (path, shape, dtype, sum, sum|x|), computed on device, fetched in one go.
 
-    One small jit per leaf (not one for the whole tree) so leaves committed to
-    different device sets (a mesh vs a single device) are fine.
+    One jit per set of devices the leaves live on (a mesh, a single device):
+    a run's state is one compilation, not one per leaf shape.
     """
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    sums = []
-    for _, leaf in leaves:
+    arrays = []
+    for _, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         arr = jnp.asarray(leaf)
         if jnp.issubdtype(arr.dtype, jax.dtypes.prng_key):
             arr = jax.random.key_data(arr)
-        sums.append(_leaf_sums(arr))
+        arrays.append(arr)
+    groups: dict[tuple, list[int]] = {}
+    for i, arr in enumerate(arrays):
+        groups.setdefault(tuple(sorted(d.id for d in arr.sharding.device_set)), []).append(i)
+    sums = [None] * len(arrays)
+    for members in groups.values():
+        for i, value in zip(members, _group_sums([arrays[i] for i in members])):
+            sums[i] = value
     sums = jax.device_get(sums)
     return [LeafFingerprint(*meta, float(s), float(a), int(c))
             for meta, (s, a, c) in zip(_leaf_meta(tree), sums)]

@@ -145,6 +145,7 @@ def cmd_train(args) -> int:
 
     config = load_config(args.config, args.set)
     config, extra = apply_privacy_target(config, args.target_epsilon, args.target_delta)
+    _check_same_config(config)
     workdir = args.workdir or os.path.join("runs", f"{preset_name(args.config)}-{config.algorithm.name}")
     sweep.check_resumable(workdir, config)
     done = sweep.finished_summary(workdir, config.run.rounds)
@@ -153,6 +154,8 @@ def cmd_train(args) -> int:
         print(train_lib.format_table(done))
         return 0
     summary = train_lib.train(config, workdir, quiet=args.quiet, progress=not args.no_progress, **extra)
+    if not _primary():
+        return 130 if summary.get("interrupted") else 0
     if args.quiet:  # train printed nothing; the result is still worth one table
         print(train_lib.format_table(summary))
     state = "interrupted; run the same command to resume" if summary.get("interrupted") else "done"
@@ -174,6 +177,7 @@ def evaluate_run(workdir: str, split: str = "validation", step: int | None = Non
     if not os.path.exists(config_path):
         raise CliError(f"{workdir} has no config.yaml; is it a worldlm run dir?")
     config = load_yaml(config_path)
+    _check_same_config(config)
     with checkpoint.Checkpointer(workdir) as ckpt:
         latest = ckpt.latest_step()
         if latest is None:
@@ -194,6 +198,8 @@ def evaluate_run(workdir: str, split: str = "validation", step: int | None = Non
 
 def cmd_eval(args) -> int:
     result = evaluate_run(args.workdir, args.split, args.step)
+    if not _primary():
+        return 0
     name = "eval.json" if args.split == "validation" else f"eval_{args.split}.json"
     out = os.path.join(args.workdir, name)
     with open(out, "w") as f:
@@ -217,14 +223,16 @@ def cmd_sweep(args) -> int:
     from worldlm_jax import sweep
 
     base = load_config(args.config, args.set)
+    _check_same_config(base)
     grid = sweep.parse_grid(args.grid)
     points = sweep.grid_points(grid)
     for assignments in points:  # every point must be a valid config with a valid tree
         check_tree(sweep.point_config(base, assignments))
     print(f"sweep: {len(points)} point(s) in {args.workdir}")
     if args.vectorized:
-        rows = sweep.run_vectorized(base, grid, args.workdir)
+        rows = sweep.run_vectorized(base, grid, args.workdir, sweep_devices=args.sweep_devices)
         print(sweep.markdown_table([k for k, _ in grid], rows), end="")
+        print(f"wrote {os.path.join(args.workdir, 'sweep.md')}")
         return 0
     rows = sweep.run_sweep(base, grid, args.workdir, quiet=args.quiet, progress=not args.no_progress)
     print(sweep.markdown_table([k for k, _ in grid], rows), end="")
@@ -266,6 +274,32 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_P
                         "e.g. --set run.rounds=5")
 
 
+def _add_distributed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-process runs (JAX's multi-controller runtime; the same command on every "
+                             "process, with the same config, seed and data)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, reachable from every process")
+    g.add_argument("--num-processes", type=int, metavar="N", help="processes in the run")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process, 0 <= I < N (0 writes the run's files)")
+    g.add_argument("--distributed", choices=("auto",),
+                   help="auto: detect a TPU pod slice, SLURM or Open MPI job (jax.distributed.initialize())")
+    g.add_argument("--distributed-timeout", type=int, default=None, metavar="S",
+                   help="seconds to wait for every process to join (default 300); a process that dies is "
+                        "noticed by the others after a third of it")
+
+
+def _check_same_config(config: Config) -> None:
+    """Processes of one run must train the same config (checked before any data is loaded)."""
+    import yaml
+
+    from worldlm_jax import distributed
+    distributed.check_same("config (after --set overrides)", yaml.safe_dump(config.to_dict(), sort_keys=True))
+
+
+def _primary() -> bool:
+    from worldlm_jax import distributed
+    return distributed.is_primary()
+
+
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no topology, progress bar or per-round output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for log files)")
@@ -287,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-epsilon", type=float, metavar="E",
                    help="calibrate DP noise so the run ends at (E, D)-DP (when supported)")
     p.add_argument("--target-delta", type=float, metavar="D", help="delta for --target-epsilon")
+    _add_distributed_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="re-evaluate a run's latest checkpoint", formatter_class=raw,
@@ -298,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation windows (default; what training reports) or as many windows cut "
                         "from the clients' training data (written to eval_train.json)")
     p.add_argument("--step", type=int, default=None, help="checkpoint round to evaluate (default: latest)")
+    _add_distributed_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sweep", help="train a grid of configs, one run dir per point", formatter_class=raw,
@@ -313,8 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", required=True, help="sweep directory (one sub-directory per point)")
     p.add_argument("--vectorized", action="store_true",
                    help="run all points as ONE compiled program (grid over policy.* / tree policies / "
-                        "run.seed only); writes DIR/sweep.md and sweep.json, no per-point run dirs")
+                        "run.seed only); writes each point's DIR/<point>/{summary.json,metrics.jsonl,"
+                        "config.yaml} (no checkpoints: it does not resume) and DIR/sweep.md, sweep.json")
+    p.add_argument("--sweep-devices", type=int, default=0, metavar="S",
+                   help="with --vectorized: spread the points over S groups of devices (a sweep x clients "
+                        "mesh of S x N/S; S must divide the N devices, run.devices or all): each group "
+                        "trains its points on its own N/S devices. Default: the largest divisor of N that "
+                        "is <= the number of points (points are padded to a multiple of S)")
     _add_output_args(p)
+    _add_distributed_args(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="compare runs: markdown table and plots", formatter_class=raw,
@@ -344,12 +387,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from worldlm_jax import distributed
     from worldlm_jax.checkpoint import CheckpointError
     from worldlm_jax.topology import TopologyError
 
     try:
+        if hasattr(args, "coordinator"):  # before JAX starts its backends
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed == "auto",
+                                   args.distributed_timeout or distributed.DEFAULT_TIMEOUT_S)
         return args.func(args)
-    except (CliError, ConfigError, TopologyError, CheckpointError) as e:
+    except (CliError, ConfigError, TopologyError, CheckpointError, distributed.DistributedError) as e:
         print(f"worldlm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from worldlm_jax import parallel
 from worldlm_jax.engine import EngineSpec, EngineState, deployed_params
 
 
@@ -29,8 +30,8 @@ def make_evaluator(spec: EngineSpec, loss_fn, eval_tokens_CxNxBxL1: np.ndarray, 
         losses, _ = jax.lax.map(lambda t: loss_fn(params, t), tokens_NxBxL1)
         return jnp.mean(losses)
 
-    @jax.jit
     def evaluate(state: EngineState):
         return jax.lax.map(lambda xs: one_client(state, *xs), (index, tokens), batch_size=chunk)
 
-    return evaluate
+    # replicated: every process of a multi-process run can read the result
+    return jax.jit(evaluate, out_shardings=None if spec.mesh is None else parallel.replicated(spec.mesh))

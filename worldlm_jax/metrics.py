@@ -28,6 +28,19 @@ METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 
 
+class NullWriter:
+    """What processes other than 0 write in a multi-process run: nothing."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def truncate_after(self, round_: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class MetricsWriter:
     """Appends one JSON line per round to ``workdir/metrics.jsonl`` (+ TensorBoard events)."""
 

@@ -468,10 +468,13 @@ def _build(config: ModelConfig, key: jax.Array) -> tuple[Any, nnx.State]:
 
 
 def init(config: ModelConfig, key: jax.Array) -> tuple[ModelDef, Params]:
-    """Build the model: (static ModelDef, float32 params keyed by '/'-joined paths)."""
-    graphdef, state = _build(config, key)
-    params = _flatten(state)
-    return ModelDef(config, graphdef, tuple(sorted(params))), params
+    """Build the model: (static ModelDef, float32 params keyed by '/'-joined paths).
+
+    The initialisers run as one compiled program (eagerly, each op of each
+    layer would compile on its own: seconds per run)."""
+    model_def, _ = abstract_init(config)
+    params = jax.jit(lambda k: _flatten(_build(config, k)[1]))(key)
+    return model_def, params
 
 
 def abstract_init(config: ModelConfig) -> tuple[ModelDef, dict[str, jax.ShapeDtypeStruct]]:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from worldlm_jax import communication, dp_ledger, engine, evaluate, model as model_lib, parallel, partition, strategies
+from worldlm_jax import communication, distributed, dp_ledger, engine, evaluate, model as model_lib, parallel, partition, strategies
 from worldlm_jax import privacy
 from worldlm_jax.config import Config, save_yaml
 from worldlm_jax.data import corpus, pipeline
@@ -121,9 +121,33 @@ def build_experiment(config: Config, cache_dir: str = "") -> Experiment:
 
 
 # ---- host-side batches --------------------------------------------------------
-def make_batch(exp: Experiment, round_index: int) -> engine.RoundBatch:
-    """Participation and token windows of root round `round_index` (pure function of it)."""
+def batch_sharding(exp: Experiment):
+    """Token blocks (R..., S, E, B, L+1) sharded along the slot axis S (None: one device)."""
+    if exp.spec.mesh is None:
+        return None
+    n_lead = len(engine.level_rounds(exp.run_topology))
+    return parallel.NamedSharding(exp.mesh, parallel.P(*([None] * n_lead), parallel.AXIS))
+
+
+def local_slots(exp: Experiment) -> np.ndarray:
+    """The client slots whose token blocks this process feeds: those its own
+    devices hold (every slot with one process)."""
     topo = exp.run_topology
+    sharding = batch_sharding(exp)
+    if sharding is None or sharding.is_fully_addressable:
+        return np.arange(topo.n_slots)
+    shape = engine.batch_shape(topo, exp.batch_size, exp.config.data.seq_len)
+    return distributed.local_rows(sharding, shape, len(engine.level_rounds(topo)))
+
+
+def make_batch(exp: Experiment, round_index: int, slots: np.ndarray | None = None) -> engine.RoundBatch:
+    """Participation and token windows of root round `round_index` (pure function of it).
+
+    Participation (which client sits in which slot, with what weight) covers
+    every slot; token windows only `slots` (default: this process's, see
+    `local_slots`), so no process cuts the whole round's tokens."""
+    topo = exp.run_topology
+    slots = local_slots(exp) if slots is None else slots
     nested = engine.level_rounds(topo)
     steps = engine.local_steps(topo)
     clients, weights, tokens = [], [], []
@@ -131,21 +155,32 @@ def make_batch(exp: Experiment, round_index: int) -> engine.RoundBatch:
         slot_client, slot_weight = pipeline.sample_slots(topo, round_index, salt, exp.config.run.seed)
         clients.append(slot_client)
         weights.append(slot_weight)
-        tokens.append(exp.sampler.sample(round_index, slot_client, steps, exp.batch_size, salt=salt))
+        tokens.append(exp.sampler.sample(round_index, slot_client[slots], steps, exp.batch_size, salt=salt))
     shape = tuple(nested)
     stack = lambda xs: np.stack(xs).reshape(shape + xs[0].shape)
     return engine.RoundBatch(stack(tokens), stack(clients), stack(weights))
 
 
 def _put(exp: Experiment, batch: engine.RoundBatch) -> engine.RoundBatch:
-    """Place a batch: token blocks sharded along the slot axis."""
-    if exp.spec.mesh is None:
+    """Place a host batch from `make_batch`: each device gets its own slots'
+    token blocks from its own process; participation is replicated."""
+    sharding = batch_sharding(exp)
+    if sharding is None:
         return jax.tree.map(jnp.asarray, batch)
-    n_lead = len(engine.level_rounds(exp.run_topology))
-    spec = jax.sharding.PartitionSpec(*([None] * n_lead), parallel.AXIS)
-    sharding = jax.sharding.NamedSharding(exp.mesh, spec)
-    return engine.RoundBatch(jax.device_put(batch.tokens, sharding), jnp.asarray(batch.slot_client),
-                             jnp.asarray(batch.slot_weight))
+    topo = exp.run_topology
+    n_lead = len(engine.level_rounds(topo))
+    shape = engine.batch_shape(topo, exp.batch_size, exp.config.data.seq_len)
+    position = np.full(topo.n_slots, -1, np.int64)
+    position[local_slots(exp)] = np.arange(batch.tokens.shape[n_lead])
+
+    def block(index):  # the device's slice of the global array, from this process's slots
+        rows = position[np.arange(topo.n_slots)[index[n_lead]]]
+        return batch.tokens[index[:n_lead] + (rows,) + index[n_lead + 1:]]
+
+    replicated = parallel.replicated(exp.mesh)
+    return engine.RoundBatch(jax.make_array_from_callback(shape, sharding, block),
+                             jax.device_put(batch.slot_client, replicated),
+                             jax.device_put(batch.slot_weight, replicated))
 
 
 class Prefetcher:
@@ -264,16 +299,19 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
     prepare_backend(config.model)
     if config.run.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", config.run.compilation_cache)
-    save_yaml(config, os.path.join(workdir, "config.yaml"))
+    # Multi-process runs: every process computes, process 0 alone writes files and prints.
+    primary = distributed.is_primary()
+    if primary:
+        save_yaml(config, os.path.join(workdir, "config.yaml"))
     t0 = time.perf_counter()
     exp = build_experiment(config)
-    say = (lambda *a: None) if quiet else print
+    say = (lambda *a: None) if quiet or not primary else print
     say(exp.run_topology.summary())
 
     state = place_state(exp, exp.strategy.init(exp.init_params))
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=2)
     start = 0
-    writer = metrics_lib.MetricsWriter(workdir)
+    writer = metrics_lib.MetricsWriter(workdir) if primary else metrics_lib.NullWriter()
     if ckpt.latest_step() is not None:
         state, host = restore_state(exp, ckpt, like=state)
         start = int(host["round"])
@@ -299,7 +337,7 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
     except ValueError:  # not in the main thread
         pass
     bar = None
-    if progress and not quiet:
+    if progress and not quiet and primary:
         from tqdm import tqdm
         bar = tqdm(total=rounds, initial=start, unit="round", dynamic_ncols=True)
     r = start
@@ -322,7 +360,7 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
                                 tok_s=f"{rec['tokens_per_s']:.0f}")
 
     try:
-        while r < rounds and not stop["now"]:
+        while r < rounds and not distributed.any_process(stop["now"]):
             if config.privacy.target_epsilon > 0:
                 over = dp_ledger.exceeding(exp.run_topology, accountants, config.privacy.target_epsilon)
                 if over:
@@ -360,8 +398,9 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
     final = describe_eval(exp, np.asarray(exp.eval_fn(state)))
     writer.write({"round": r - 1, "eval": final, "final": True})
     writer.close()
-    write_plots(exp, workdir)
     ckpt.close()
+    if primary:
+        write_plots(exp, workdir)
     summary = {
         "algorithm": config.algorithm.name,
         "rounds_completed": r,
@@ -372,13 +411,14 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
         "topology": {"depth": exp.run_topology.depth, "clients": exp.topology.n_clients,
                      "slots": exp.run_topology.n_slots, "padding_fraction": exp.run_topology.padding_fraction},
         "parameters": int(sum(np.prod(v.shape) for v in exp.init_params.values())),
-        "bytes_communicated": _total_bytes(os.path.join(workdir, "metrics.jsonl")),
+        "bytes_communicated": _total_bytes(os.path.join(workdir, "metrics.jsonl")) if primary else {},
         "privacy": dp_ledger.report(exp.run_topology, accountants),
         "key_layer_parameters": int(sum(np.prod(exp.init_params[p].shape) for p in exp.spec.key_paths)),
     }
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    if not quiet:
+    if primary:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    if not quiet and primary:
         print(format_table(summary))
     return summary
 

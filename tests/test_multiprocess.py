@@ -1,0 +1,168 @@
+"""One run over several processes (jax.distributed on localhost, gloo collectives).
+
+Two processes with 2 CPU devices each form one 4-device mesh: their run, killed
+and resumed, ends like one process with 4 devices; bad launches fail with a
+clear message within a bounded time instead of hanging.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+TIMEOUT = 240  # seconds any launch may take before the test calls it a hang
+TIMING = ("seconds", "tokens_per_s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               PYTHONUNBUFFERED="1")
+    return env
+
+
+def _cmd(workdir, rounds, *extra):
+    return [sys.executable, "-m", "worldlm_jax.cli", "train", "--config", "tiny", "--set", f"run.rounds={rounds}",
+            "--set", "run.checkpoint_every=1", "--set", "run.eval_every=0", "--workdir", str(workdir), "--quiet",
+            *extra]
+
+
+def launch(workdir, rounds, n=2, port=None, timeout_s=60, extra=(), per_process=None):
+    """Start n processes of one run; per_process(i) -> extra args of process i."""
+    port = port or free_port()
+    procs = []
+    for i in range(n):
+        args = _cmd(workdir, rounds, *extra, *(per_process(i) if per_process else ()),
+                    "--coordinator", f"localhost:{port}", "--num-processes", str(n), "--process-id", str(i),
+                    "--distributed-timeout", str(timeout_s))
+        procs.append(subprocess.Popen(args, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def finish(procs, timeout=TIMEOUT):
+    out = []
+    deadline = time.time() + timeout
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=max(deadline - time.time(), 1))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"a process hung for more than {timeout} s")
+        out.append((p.returncode, stdout, stderr))
+    return out
+
+
+def kill_after_checkpoint(procs, workdir, step):
+    marker = os.path.join(workdir, "checkpoints", str(step))
+    deadline = time.time() + TIMEOUT
+    while not os.path.exists(marker) and all(p.poll() is None for p in procs) and time.time() < deadline:
+        time.sleep(0.05)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.communicate()
+
+
+def _records(workdir):
+    from worldlm_jax.metrics import read_metrics
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def _assert_close(a, b, rtol, where=""):
+    if isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            _assert_close(a[k], b[k], rtol, f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, rtol, f"{where}[{i}]")
+    elif isinstance(a, float):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-6, err_msg=where)
+    else:
+        assert a == b, where
+
+
+def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
+    rounds = 2
+    multi, single = tmp_path / "two-processes", tmp_path / "one-process"
+    cache = ["--set", f"run.compilation_cache={tmp_path / 'xla-cache'}"]  # the resumed launch compiles nothing
+    t0 = time.time()
+    kill_after_checkpoint(launch(multi, rounds, extra=cache), multi, step=1)  # SIGKILL both mid-run
+    assert not (multi / "summary.json").exists()
+    t1 = time.time()
+    results = finish(launch(multi, rounds, extra=cache))  # the same command resumes
+    print(f"first launch {t1 - t0:.0f} s, resumed {time.time() - t1:.0f} s")
+    for i, (code, _, stderr) in enumerate(results):
+        assert code == 0, f"process {i} failed:\n{stderr[-3000:]}"
+    printed = [line for line in results[1][1].splitlines() if not line.startswith("[Gloo]")]
+    assert printed == [], f"only process 0 prints: {printed}"
+    one = subprocess.run(_cmd(single, rounds), env=_env(4), capture_output=True, text=True, timeout=TIMEOUT)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    got = json.load(open(multi / "summary.json"))
+    want = json.load(open(single / "summary.json"))
+    assert got["rounds_completed"] == want["rounds_completed"] == rounds
+    _assert_close(got["eval"], want["eval"], rtol=1e-4, where="eval")
+    # one writer: exactly one metrics line per round (and the final evaluation)
+    _assert_close(_records(multi), _records(single), rtol=1e-4, where="metrics")
+    assert [r["round"] for r in _records(multi) if "train_loss" in r] == list(range(rounds))
+
+
+def test_process_id_and_flags_checked_before_connecting(tmp_path):
+    cases = [(["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "2"], "--process-id=2"),
+             (["--coordinator", "localhost:1", "--num-processes", "2"], "missing --process-id"),
+             (["--coordinator", "nohostport", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
+             (["--distributed", "auto", "--process-id", "0"], "--distributed auto")]
+    for flags, message in cases:
+        run = subprocess.run(_cmd(tmp_path / "x", 1, *flags), env=_env(2), capture_output=True, text=True,
+                             timeout=60)
+        assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
+    start = time.time()
+    (code, _, stderr), = finish(launch(tmp_path / "x", 1, n=2, timeout_s=3)[1:], timeout=60)
+    assert code == 2 and "did not all join" in stderr and "process 1 of 2" in stderr, stderr
+    assert time.time() - start < 45
+
+
+def test_processes_that_disagree_fail_with_a_message(tmp_path):
+    # different configs
+    procs = launch(tmp_path / "a", 2, per_process=lambda i: ["--set", f"run.seed={i}"], timeout_s=30)
+    for code, _, stderr in finish(procs, timeout=90):
+        assert code == 2 and "config (after --set overrides) of process(es) 1 differs" in stderr, stderr
+    # mismatched --num-processes: process 1 believes in 3 processes
+    port = free_port()
+    procs = launch(tmp_path / "b", 2, port=port, timeout_s=30)[:1]
+    procs += [subprocess.Popen(_cmd(tmp_path / "b", 2, "--coordinator", f"localhost:{port}", "--num-processes", "3",
+                                    "--process-id", "1", "--distributed-timeout", "30"),
+                               env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    for code, _, stderr in finish(procs, timeout=90):
+        assert code == 2 and "--num-processes of process(es) 1 differs" in stderr, stderr
+
+
+def test_a_dead_process_stops_the_others_naming_it(tmp_path):
+    workdir = tmp_path / "run"
+    procs = launch(workdir, 50, timeout_s=15)  # heartbeats time out after 5 s
+    marker = workdir / "checkpoints" / "1"
+    deadline = time.time() + TIMEOUT
+    while not marker.exists() and procs[0].poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    (code, _, stderr), _ = finish(procs, timeout=90)
+    assert code != 0 and time.time() - killed < 60
+    assert "stopped sending heartbeats" in stderr and "\n1\n" in stderr, stderr[-2000:]
