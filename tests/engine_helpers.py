@@ -52,13 +52,13 @@ def nan_loss(params, tokens_BxLp1):
 
 
 def make_spec(topology, plan=None, *, loss_fn=toy_loss, key_paths=frozenset(), client_optimizer="adamw",
-              chunk=0, max_update_norm=float("inf"), mesh=None):
+              chunk=0, max_update_norm=float("inf"), mesh=None, shard_state=True):
     plan = plan if plan is not None else strategies.averaging_plan(topology.depth)
     key_paths = frozenset(key_paths)
     return engine.EngineSpec(topology=topology, plan=plan, loss_fn=loss_fn, key_paths=key_paths,
                              key_groups=partition.key_groups(key_paths) if key_paths else {},
                              client_optimizer=client_optimizer, chunk=chunk, max_update_norm=max_update_norm,
-                             mesh=mesh)
+                             mesh=mesh, shard_state=shard_state)
 
 
 def flat_tree(n_clients: int, **policy) -> dict:

@@ -121,6 +121,7 @@ class EngineSpec:
     chunk: int = 0  # clients per device at once: 0 = all (vmap), k = lax.map chunks
     max_update_norm: float = math.inf  # larger client updates count as diverged
     mesh: Any = None
+    shard_state: bool = True  # wide levels' state sharded along their node axis (False: replicated)
 
 
 # ---- static arrays ----------------------------------------------------------
@@ -194,7 +195,7 @@ def _initial_state(spec: EngineSpec, params: Params) -> EngineState:
 # inserts the collectives.
 def stored_rows(spec: EngineSpec) -> tuple[tuple[int, ...], int]:
     """Rows each level's state (and the clients' kept state) is stored with."""
-    rows = lambda n: parallel.padded_rows(n, spec.mesh)
+    rows = lambda n: parallel.padded_rows(n, spec.mesh if spec.shard_state else None)
     return tuple(rows(lvl.size) for lvl in spec.topology.levels), rows(spec.topology.n_clients)
 
 
@@ -229,7 +230,7 @@ def repad_state(spec: EngineSpec, new: EngineState, stored: EngineState) -> Engi
 
 def state_partition_specs(spec: EngineSpec, state: EngineState) -> EngineState:
     """PartitionSpec of every leaf of a (stored) state: rows sharded where wide enough."""
-    row = lambda x, n, m: parallel.row_spec(m, spec.mesh)
+    row = lambda x, n, m: parallel.row_spec(m, spec.mesh if spec.shard_state else None)
     specs = _map_rows(spec, row, state)
     return specs._replace(round=parallel.P())
 
