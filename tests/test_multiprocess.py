@@ -38,11 +38,12 @@ def _cmd(workdir, rounds, *extra):
             *extra]
 
 
-def launch(workdir, rounds, n=2, port=None, timeout_s=60, extra=(), per_process=None):
-    """Start n processes of one run; per_process(i) -> extra args of process i."""
+def launch(workdir, rounds, n=2, port=None, timeout_s=60, extra=(), per_process=None, ids=None):
+    """Start the processes `ids` (default all n) of one n-process run;
+    per_process(i) -> extra args of process i."""
     port = port or free_port()
     procs = []
-    for i in range(n):
+    for i in range(n) if ids is None else ids:
         args = _cmd(workdir, rounds, *extra, *(per_process(i) if per_process else ()),
                     "--coordinator", f"localhost:{port}", "--num-processes", str(n), "--process-id", str(i),
                     "--distributed-timeout", str(timeout_s))
@@ -134,7 +135,7 @@ def test_process_id_and_flags_checked_before_connecting(tmp_path):
 
 def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
     start = time.time()
-    (code, _, stderr), = finish(launch(tmp_path / "x", 1, n=2, timeout_s=3)[1:], timeout=60)
+    (code, _, stderr), = finish(launch(tmp_path / "x", 1, n=2, timeout_s=3, ids=[1]), timeout=60)  # no process 0
     assert code == 2 and "did not all join" in stderr and "process 1 of 2" in stderr, stderr
     assert time.time() - start < 45
 
@@ -146,7 +147,7 @@ def test_processes_that_disagree_fail_with_a_message(tmp_path):
         assert code == 2 and "config (after --set overrides) of process(es) 1 differs" in stderr, stderr
     # mismatched --num-processes: process 1 believes in 3 processes
     port = free_port()
-    procs = launch(tmp_path / "b", 2, port=port, timeout_s=30)[:1]
+    procs = launch(tmp_path / "b", 2, port=port, timeout_s=30, ids=[0])
     procs += [subprocess.Popen(_cmd(tmp_path / "b", 2, "--coordinator", f"localhost:{port}", "--num-processes", "3",
                                     "--process-id", "1", "--distributed-timeout", "30"),
                                env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
