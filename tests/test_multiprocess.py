@@ -167,3 +167,18 @@ def test_a_dead_process_stops_the_others_naming_it(tmp_path):
     (code, _, stderr), _ = finish(procs, timeout=90)
     assert code != 0 and time.time() - killed < 60
     assert "stopped sending heartbeats" in stderr and "\n1\n" in stderr, stderr[-2000:]
+
+
+def test_a_process_cuts_only_the_token_blocks_of_its_slots():
+    from worldlm_jax import configs, train
+    from worldlm_jax.config import apply_overrides
+
+    exp = train.build_experiment(apply_overrides(configs.tiny(), ["run.rounds=1"]))
+    assert list(train.local_slots(exp)) == list(range(exp.run_topology.n_slots))  # one process: every slot
+    full = train.make_batch(exp, 3)
+    mine = np.array([1, 5, 6])
+    part = train.make_batch(exp, 3, slots=mine)
+    assert part.tokens.shape[-4] == len(mine)
+    np.testing.assert_array_equal(part.tokens, full.tokens[..., mine, :, :, :])
+    np.testing.assert_array_equal(part.slot_client, full.slot_client)  # participation: every slot
+    np.testing.assert_array_equal(part.slot_weight, full.slot_weight)
