@@ -30,6 +30,8 @@ subcommands:
   eval      re-evaluate a run's latest checkpoint; writes WORKDIR/eval.json
   sweep     train every point of a grid of overrides, one run dir each; writes DIR/sweep.md
   report    compare finished runs: a markdown table and perplexity plots
+  plan      memory per device of a run (federation state, parameters, optimizer
+            states, activations; XLA's figure), before any data is loaded
   presets   list the built-in configs
 
 configs: --config PRESET or --config path/to/config.yaml (every run dir holds its
@@ -47,6 +49,7 @@ examples:
   worldlm eval --workdir runs/demo-worldlm
   worldlm sweep --config tiny --grid algorithm.name=worldlm,fedavg --grid run.seed=0,1 --workdir runs/sweep
   worldlm report runs/demo-worldlm runs/demo-fedavg --out runs/report
+  worldlm plan --config small                               # memory per device; exit 3 if it cannot fit
 
 Re-running train or sweep with the same workdir resumes unfinished runs
 (Ctrl-C finishes the current round, checkpoints and exits cleanly).
@@ -56,6 +59,9 @@ Run 'worldlm SUBCOMMAND --help' for each subcommand's options.
 
 class CliError(Exception):
     """A user error the CLI reports as one line (exit code 2)."""
+
+
+EXIT_DOES_NOT_FIT = 3  # `plan` and `train`: the round cannot fit a device's memory
 
 
 # ---- config -----------------------------------------------------------------------
@@ -153,6 +159,10 @@ def cmd_train(args) -> int:
         print(f"{workdir} already finished {config.run.rounds} rounds; raise run.rounds to continue it")
         print(train_lib.format_table(done))
         return 0
+    if not args.skip_memory_check:  # before any data is loaded; raises DoesNotFit
+        result = memory_check(config, args.device_memory)
+        if not args.quiet and _primary():
+            print(memory_line(result))
     summary = train_lib.train(config, workdir, quiet=args.quiet, progress=not args.no_progress, **extra)
     if not _primary():
         return 130 if summary.get("interrupted") else 0
@@ -161,6 +171,37 @@ def cmd_train(args) -> int:
     state = "interrupted; run the same command to resume" if summary.get("interrupted") else "done"
     print(f"{state}: {os.path.join(workdir, 'summary.json')}")
     return 130 if summary.get("interrupted") else 0
+
+
+def memory_check(config: Config, device_memory_gib: float | None = None):
+    """`worldlm train`'s first step: the run's memory plan (no data loaded), or
+    memory_plan.DoesNotFit naming the knobs. Compiles the round for XLA's figure
+    only when the estimate comes near the device's memory."""
+    from worldlm_jax import memory_plan, train as train_lib
+
+    train_lib.prepare_backend(config.model)  # the XLA flags training uses, before JAX starts
+    return memory_plan.check(config, compile="auto", device_memory_gib=device_memory_gib)
+
+
+def memory_line(result) -> str:
+    from worldlm_jax.memory_plan import fmt_bytes
+
+    source = "XLA" if result.xla else "estimate"
+    return (f"memory per device: {fmt_bytes(result.required)} ({source}) of {fmt_bytes(result.usable)} usable "
+            f"({result.device_memory_source}); 'worldlm plan' shows the parts")
+
+
+def cmd_plan(args) -> int:
+    from worldlm_jax import memory_plan, train as train_lib
+
+    config = load_config(args.config, args.set)
+    train_lib.prepare_backend(config.model)  # plan the program training compiles (bf16 products' form)
+    result = memory_plan.plan(config, compile=not args.no_compile, device_memory_gib=args.device_memory)
+    print(memory_plan.to_json(result) if args.json else memory_plan.format_plan(result))
+    if not result.fits:
+        print(f"worldlm plan: error: {memory_plan.does_not_fit_message(result)}", file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
+    return 0
 
 
 def evaluate_run(workdir: str, split: str = "validation", step: int | None = None) -> dict:
@@ -300,6 +341,12 @@ def _primary() -> bool:
     return distributed.is_primary()
 
 
+def _add_device_memory_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device-memory", type=float, metavar="GIB",
+                   help="memory of one device in GiB, e.g. to plan a GPU/TPU run from a CPU box (default: what "
+                        "the device reports; on CPU, available host RAM / local devices)")
+
+
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no topology, progress bar or per-round output")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for log files)")
@@ -308,7 +355,7 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worldlm", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sweep,report,presets}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sweep,report,plan,presets}")
     raw = argparse.RawDescriptionHelpFormatter
 
     p = sub.add_parser("train", help="train (or resume) one run", formatter_class=raw,
@@ -321,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-epsilon", type=float, metavar="E",
                    help="calibrate DP noise so the run ends at (E, D)-DP (when supported)")
     p.add_argument("--target-delta", type=float, metavar="D", help="delta for --target-epsilon")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="start without checking that the round fits a device's memory ('worldlm plan')")
+    _add_device_memory_arg(p)
     _add_distributed_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -370,6 +420,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("plan", help="memory per device of a run, before any data is loaded", formatter_class=raw,
+                       description="Per-device memory of one round of the run: federation state per level (as\n"
+                                   "stored: wide levels sharded), the round's working copies and sums, the\n"
+                                   "clients in flight (parameters, optimizer states, activations), per-slot\n"
+                                   "copies and the batch; then XLA's own figure for the round, lowered and\n"
+                                   "compiled on abstract inputs. Loads no data, allocates nothing.\n"
+                                   f"Exits {EXIT_DOES_NOT_FIT} when the round cannot fit a device, naming "
+                                   "the knobs that lower it.",
+                       epilog="examples:\n  worldlm plan --config small\n"
+                              "  worldlm plan --config paper-125m --set run.chunk=0 --device-memory 80 --json")
+    _add_config_args(p)
+    _add_device_memory_arg(p)
+    p.add_argument("--no-compile", action="store_true",
+                   help="the estimate only: skip compiling the round for XLA's figure (seconds faster)")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON line")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("presets", help="list the built-in configs")
     p.set_defaults(func=cmd_presets)
     return parser
@@ -389,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from worldlm_jax import distributed
     from worldlm_jax.checkpoint import CheckpointError
+    from worldlm_jax.memory_plan import DoesNotFit
     from worldlm_jax.topology import TopologyError
 
     try:
@@ -396,6 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed == "auto",
                                    args.distributed_timeout or distributed.DEFAULT_TIMEOUT_S)
         return args.func(args)
+    except DoesNotFit as e:
+        print(f"worldlm {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
     except (CliError, ConfigError, TopologyError, CheckpointError, distributed.DistributedError) as e:
         print(f"worldlm {args.command}: error: {e}", file=sys.stderr)
         return 2
