@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from worldlm_jax import communication, distributed, dp_ledger, engine, evaluate, model as model_lib, parallel, partition, strategies
+from worldlm_jax import blueprint, communication, distributed, dp_ledger, engine, evaluate, model as model_lib
+from worldlm_jax import parallel, strategies
 from worldlm_jax import privacy
 from worldlm_jax.config import Config, save_yaml
 from worldlm_jax.data import corpus, pipeline
@@ -57,67 +58,27 @@ class Experiment:
         return sum(s.run_round._cache_size() for s in stages)
 
 
-def _pooled_topology(topology: Topology, weight: float) -> Topology:
-    """Centralised baseline: one client holding everyone's training data."""
-    policy = topology.levels[0].policies[0]
-    leaf = topology.leaf.policies[0]
-    spec = {"name": "pooled", "clients": 1, "sources": ["pooled"],
-            "policy": {"local_steps": leaf.local_steps, "client_lr": leaf.client_lr}}
-    return build_topology(spec, root_policy=policy).with_client_weights([weight])
-
-
 def build_experiment(config: Config, cache_dir: str = "") -> Experiment:
+    """The run's blueprint (`blueprint.abstract_run`) plus its data and real parameters."""
     config.validate()
     topology = build_topology(config.tree, known_sources=corpus.list_sources(), root_policy=config.policy)
     data = pipeline.prepare(topology, config.data.tokenizer, config.data.seq_len, config.data.val_fraction,
                             config.run.seed, config.data.max_bytes_per_source, config.data.data_dir, cache_dir)
-    weights = [len(c.train) for c in data.clients]
-    topology = topology.with_client_weights(weights)
-    model_config = config.model
-    if model_config.vocab_size != data.tokenizer.vocab_size:
-        model_config = dataclasses.replace(model_config, vocab_size=int(data.tokenizer.vocab_size))
-    model_def, params = model_lib.init(model_config, jax.random.PRNGKey(config.run.seed))
-
-    algo = config.algorithm
-    mesh = parallel.make_mesh(config.run.devices or None)
+    topology = topology.with_client_weights([len(c.train) for c in data.clients])
+    run = blueprint.abstract_run(config, topology=topology, vocab=data.tokenizer.vocab_size)
+    model_def, params = model_lib.init(run.model_def.config, jax.random.PRNGKey(config.run.seed))
     streams = [c.train for c in data.clients]
-    batch_size = config.data.batch_size
-    if algo.name == "centralized":
-        run_topology = _pooled_topology(topology, float(sum(weights)))
+    if config.algorithm.name == "centralized":
         streams = [np.concatenate(streams)]
-        batch_size *= topology.n_clients  # same tokens per round as all clients together
-    else:
-        run_topology = strategies.strategy_topology(algo.name, topology)
-    run_topology = run_topology.with_slot_multiple(mesh.size)
-    if config.privacy.target_epsilon > 0:
-        run_topology = dp_ledger.calibrate(run_topology, config.privacy.target_epsilon, config.privacy.target_delta,
-                                           config.run.rounds, config.privacy.default_clip, config.privacy.accountant)
-
-    key_paths = frozenset()
-    if strategies.uses_key_layers(algo.name):
-        mask = partition.key_layer_mask(params.keys(), algo.key_layers, model_config.n_layers)
-        key_paths = frozenset(p for p, is_key in mask.items() if is_key)
-    plan = strategies.strategy_plan(algo.name, run_topology.depth, algo.residuals, algo.similarity, algo.use_parent,
-                                    algo.residual_dim)
-    chunk = parallel.default_chunk() if config.run.chunk < 0 else config.run.chunk
-    spec = engine.EngineSpec(topology=run_topology, plan=plan, loss_fn=model_def.loss, key_paths=key_paths,
-                             key_groups=partition.key_groups(key_paths) if key_paths else {},
-                             client_optimizer=algo.client_optimizer, chunk=chunk,
-                             max_update_norm=algo.max_update_norm, mesh=mesh if mesh.size > 1 else None)
-    strategy = strategies.make_strategy(spec)
-    first_stage = None
-    if algo.schedule == "staged":
-        global_plan = strategies.global_stage_plan(run_topology.depth, algo.residuals, algo.similarity,
-                                                   algo.use_parent)
-        first_stage = strategies.make_strategy(dataclasses.replace(spec, plan=global_plan))
     sampler = RoundSampler(streams, config.data.seq_len, config.run.seed)
     eval_tokens = validation_batches([c.validation for c in data.clients], config.data.seq_len,
                                      config.data.eval_batch_size, config.data.eval_batches)
-    deploy_index = np.zeros(topology.n_clients, np.int32) if algo.name == "centralized" \
+    deploy_index = np.zeros(topology.n_clients, np.int32) if config.algorithm.name == "centralized" \
         else np.arange(topology.n_clients, dtype=np.int32)
-    eval_fn = evaluate.make_evaluator(spec, model_def.loss, eval_tokens, deploy_index)
-    return Experiment(config, topology, run_topology, spec, strategy, model_def, params, sampler, batch_size,
-                      eval_fn, data, mesh, communication.part_bytes(params, key_paths), first_stage)
+    eval_fn = evaluate.make_evaluator(run.spec, model_def.loss, eval_tokens, deploy_index)
+    return Experiment(config, topology, run.run_topology, run.spec, run.strategy, model_def, params, sampler,
+                      run.batch_size, eval_fn, data, run.mesh, communication.part_bytes(params, run.spec.key_paths),
+                      run.first_stage)
 
 
 # ---- host-side batches --------------------------------------------------------

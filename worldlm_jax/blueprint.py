@@ -1,0 +1,143 @@
+"""What a run is made of, from its config alone: no data read, nothing allocated.
+
+`abstract_run(config)` compiles the tree, sizes the model (abstract parameters),
+picks the strategy's tree and plan, the key layers, the mesh and the
+`EngineSpec`, and builds the jitted round. `train.build_experiment` adds the
+data (client weights, the tokenizer's vocabulary, token streams) and real
+parameters on top; `memory_plan` sizes a run from it before any data exists.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from worldlm_jax import engine, parallel, partition, strategies
+from worldlm_jax import model as model_lib
+from worldlm_jax.config import Config, ConfigError
+from worldlm_jax.topology import Topology, build_topology
+
+
+def pooled_topology(topology: Topology, weight: float) -> Topology:
+    """Centralised baseline: one client holding everyone's training data."""
+    policy = topology.levels[0].policies[0]
+    leaf = topology.leaf.policies[0]
+    spec = {"name": "pooled", "clients": 1, "sources": ["pooled"],
+            "policy": {"local_steps": leaf.local_steps, "client_lr": leaf.client_lr}}
+    return build_topology(spec, root_policy=policy).with_client_weights([weight])
+
+
+@dataclasses.dataclass
+class AbstractRun:
+    """What a run is made of, with abstract (ShapeDtypeStruct) parameters."""
+
+    config: Config
+    topology: Topology  # the user's tree (unit client weights: weights never change shapes)
+    run_topology: Topology  # the tree the strategy trains on (slots padded to the mesh)
+    spec: engine.EngineSpec
+    strategy: strategies.Strategy
+    first_stage: strategies.Strategy | None
+    model_def: Any
+    params: dict  # path -> jax.ShapeDtypeStruct
+    mesh: Any
+    batch_size: int  # sequences per local step of a slot
+
+    def abstract_state(self) -> engine.EngineState:
+        """The stored round state as ShapeDtypeStructs carrying their shardings."""
+        state = jax.eval_shape(self.strategy.init, self.params)
+        if self.spec.mesh is None:
+            return state
+        shardings = engine.state_shardings(self.spec, state)
+        return jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h), state, shardings)
+
+    def abstract_batch(self) -> engine.RoundBatch:
+        """RoundBatch placed as `train._put` places it: tokens sharded along the slot axis."""
+        shape = engine.batch_shape(self.run_topology, self.batch_size, self.config.data.seq_len)
+        lead = shape[:-3]
+        tokens_sharding = rep = None
+        if self.spec.mesh is not None:
+            spec = jax.sharding.PartitionSpec(*([None] * (len(lead) - 1)), parallel.AXIS)
+            tokens_sharding = jax.sharding.NamedSharding(self.mesh, spec)
+            rep = parallel.replicated(self.mesh)
+        return engine.RoundBatch(jax.ShapeDtypeStruct(shape, jnp.int32, sharding=tokens_sharding),
+                                 jax.ShapeDtypeStruct(lead, jnp.int32, sharding=rep),
+                                 jax.ShapeDtypeStruct(lead, jnp.float32, sharding=rep))
+
+    def abstract_key(self) -> jax.ShapeDtypeStruct:
+        rep = parallel.replicated(self.mesh) if self.spec.mesh is not None else None
+        return jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)
+
+
+def vocab_size(config: Config) -> int:
+    """The model's vocabulary as the run will have it, without reading the corpus:
+    `byte` has 256 tokens, `spm:N` is trained to exactly N pieces, a SentencePiece
+    model file says its own size (build_experiment sets model.vocab_size the same way)."""
+    from worldlm_jax.data.tokenizer import ByteTokenizer, get_tokenizer
+
+    name = config.data.tokenizer
+    if name == "byte":
+        return ByteTokenizer.vocab_size
+    if name.startswith("spm:"):
+        try:
+            return int(name.split(":", 1)[1])
+        except ValueError:
+            raise ConfigError(f"data.tokenizer={name!r}: expected spm:VOCAB with an integer VOCAB") from None
+    try:
+        return int(get_tokenizer(name).vocab_size)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"data.tokenizer={name!r}: {e}") from e
+
+
+def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
+                 vocab: int | None = None) -> AbstractRun:
+    """Everything `train.build_experiment` builds that does not need the data.
+
+    `topology` (default: compiled from config.tree with unit client weights) and
+    `vocab` (default: `vocab_size(config)`) are what the data would change;
+    `mesh` defaults to `parallel.make_mesh(config.run.devices or None)`.
+    """
+    from worldlm_jax import dp_ledger
+    from worldlm_jax.data import corpus
+
+    config.validate()
+    if topology is None:
+        topology = build_topology(config.tree, known_sources=corpus.list_sources(), root_policy=config.policy)
+    model_config = config.model
+    vocab = vocab_size(config) if vocab is None else int(vocab)
+    if model_config.vocab_size != vocab:
+        model_config = dataclasses.replace(model_config, vocab_size=vocab)
+    model_def, params = model_lib.abstract_init(model_config)
+
+    algo = config.algorithm
+    mesh = parallel.make_mesh(config.run.devices or None) if mesh is None else mesh
+    batch_size = config.data.batch_size
+    if algo.name == "centralized":
+        run_topology = pooled_topology(topology, float(sum(topology.client_weight)))
+        batch_size *= topology.n_clients  # same tokens per round as all clients together
+    else:
+        run_topology = strategies.strategy_topology(algo.name, topology)
+    run_topology = run_topology.with_slot_multiple(mesh.size)
+    if config.privacy.target_epsilon > 0:
+        run_topology = dp_ledger.calibrate(run_topology, config.privacy.target_epsilon, config.privacy.target_delta,
+                                           config.run.rounds, config.privacy.default_clip, config.privacy.accountant)
+    key_paths = frozenset()
+    if strategies.uses_key_layers(algo.name):
+        mask = partition.key_layer_mask(params.keys(), algo.key_layers, model_config.n_layers)
+        key_paths = frozenset(p for p, is_key in mask.items() if is_key)
+    plan = strategies.strategy_plan(algo.name, run_topology.depth, algo.residuals, algo.similarity, algo.use_parent,
+                                    algo.residual_dim)
+    chunk = parallel.default_chunk() if config.run.chunk < 0 else config.run.chunk
+    spec = engine.EngineSpec(topology=run_topology, plan=plan, loss_fn=model_def.loss, key_paths=key_paths,
+                             key_groups=partition.key_groups(key_paths) if key_paths else {},
+                             client_optimizer=algo.client_optimizer, chunk=chunk,
+                             max_update_norm=algo.max_update_norm, mesh=mesh if mesh.size > 1 else None)
+    strategy = strategies.make_strategy(spec)
+    first_stage = None
+    if algo.schedule == "staged":
+        global_plan = strategies.global_stage_plan(run_topology.depth, algo.residuals, algo.similarity,
+                                                   algo.use_parent)
+        first_stage = strategies.make_strategy(dataclasses.replace(spec, plan=global_plan))
+    return AbstractRun(config, topology, run_topology, spec, strategy, first_stage, model_def, params, mesh,
+                       batch_size)
