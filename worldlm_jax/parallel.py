@@ -47,11 +47,6 @@ def make_mesh(n_devices: int | None = None, sweep: int | None = None) -> Mesh:
     return Mesh(grid, (SWEEP_AXIS, AXIS), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
-def clients_size(mesh: Mesh | None) -> int:
-    """Devices one run's client slots are spread over: the `clients` axis (1 without a mesh)."""
-    return 1 if mesh is None else int(mesh.shape[AXIS])
-
-
 def sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(AXIS))
 
@@ -110,6 +105,10 @@ def map_reduce_clients(chunk_fn: Callable, mesh: Mesh | None, chunk: int = 0, n_
     the chunk, not the client count. chunk = 0 runs all of a device's slots as
     one chunk (vmap: the fastest on accelerators); with a mesh each device runs
     its shard and the sums are all-reduced over devices.
+
+    On a (`sweep`, `clients`) mesh only `clients` is named: under a vmap with
+    `spmd_axis_name=SWEEP_AXIS` each group of devices maps its own points'
+    slots and all-reduces within the group.
     """
     def per_device(*args):
         shared, mapped = args[:n_shared], args[n_shared:]

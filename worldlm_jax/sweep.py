@@ -222,23 +222,34 @@ def run_sweep(base: Config, grid: Sequence[tuple[str, Sequence[str]]], workdir: 
     return rows
 
 
-def run_vectorized(base: Config, grid: Sequence[tuple[str, Sequence[str]]], workdir: str) -> list[dict]:
-    """All grid points as one compiled program (`vectorized.run`); same tables."""
-    import time
+def run_vectorized(base: Config, grid: Sequence[tuple[str, Sequence[str]]], workdir: str,
+                   sweep_devices: int = 0, log: Callable[[str], None] = print) -> list[dict]:
+    """All grid points as one compiled program (`vectorized.run`), spread over
+    `sweep_devices` groups of devices (0 = `vectorized.choose_sweep_devices`).
 
+    Writes what `run_sweep` writes: DIR/<point_name>/ with config.yaml,
+    metrics.jsonl, summary.json and plots for every point, and DIR/sweep.md and
+    sweep.json, so `worldlm report DIR` reads it. A vectorised sweep does not
+    resume: re-running it trains every point again.
+    """
     from worldlm_jax import vectorized
 
     points = grid_points(grid)
-    t0 = time.perf_counter()
+    names = [point_name(a) for a in points]
+    if len(set(names)) != len(names):
+        raise ConfigError("two grid points map to the same directory name; use distinct values")
+    run_dirs = [os.path.join(workdir, name) for name in names]
+    os.makedirs(workdir, exist_ok=True)
     try:
-        evals, _, compiles = vectorized.run([point_config(base, a) for a in points])
+        _, _, compiles = vectorized.run([point_config(base, a) for a in points], sweep_devices=sweep_devices,
+                                            workdirs=run_dirs, log=log)
     except ValueError as e:
         raise ConfigError(f"--vectorized: {e}") from e
-    seconds = time.perf_counter() - t0
-    os.makedirs(workdir, exist_ok=True)
-    rows = [_row(point_name(a), dict(a), workdir, f"vectorized ({compiles} compile)",
-                 {"eval": ev, "rounds_completed": base.run.rounds, "wall_seconds": seconds})
-            for a, ev in zip(points, evals)]
+    rows = []
+    for name, a, run_dir in zip(names, points, run_dirs):
+        with open(os.path.join(run_dir, SUMMARY_FILE)) as f:
+            summary = json.load(f)
+        rows.append(_row(name, dict(a), run_dir, f"vectorized ({compiles} compile)", summary))
     write_tables(workdir, [k for k, _ in grid], rows)
     return rows
 

@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from worldlm_jax import dp_ledger, engine, parallel, strategies, train
+from worldlm_jax import dp_ledger, engine, evaluate, parallel, strategies, train
 from worldlm_jax.config import Config, save_yaml
+from worldlm_jax.data.federated import validation_batches
 from worldlm_jax.topology import Topology, build_topology
 
 SWEEP = parallel.SWEEP_AXIS
@@ -99,7 +100,8 @@ def sweep_experiment(config: Config, n_devices: int, groups: int) -> train.Exper
 
     Built as a single run on n / groups devices (so the client slots are padded
     to a multiple of the `clients` axis, not of all devices), then moved onto
-    the 2-D mesh. One device: no mesh at all, as a single run."""
+    the 2-D mesh (with its round, initial state and evaluator). One device: no
+    mesh at all, as a single run."""
     share = n_devices // groups
     exp = train.build_experiment(dataclasses.replace(config, run=dataclasses.replace(config.run, devices=share)))
     exp = dataclasses.replace(exp, config=config)
@@ -107,7 +109,13 @@ def sweep_experiment(config: Config, n_devices: int, groups: int) -> train.Exper
         return exp
     mesh = parallel.make_mesh(n_devices, sweep=groups)
     spec = dataclasses.replace(exp.spec, mesh=mesh)
-    return dataclasses.replace(exp, spec=spec, mesh=mesh, strategy=strategies.make_strategy(spec))
+    data = config.data
+    tokens = validation_batches([c.validation for c in exp.data.clients], data.seq_len, data.eval_batch_size,
+                                data.eval_batches)
+    deploy_index = np.zeros(exp.topology.n_clients, np.int32) if config.algorithm.name == "centralized" \
+        else np.arange(exp.topology.n_clients, dtype=np.int32)
+    return dataclasses.replace(exp, spec=spec, mesh=mesh, strategy=strategies.make_strategy(spec),
+                               eval_fn=evaluate.make_evaluator(spec, exp.model_def.loss, tokens, deploy_index))
 
 
 def sweep_specs(exp: train.Experiment, state_like: engine.EngineState):
@@ -150,13 +158,17 @@ def run(configs: Sequence[Config], rounds: int | None = None, sweep_devices: int
     exp = sweep_experiment(first, n_devices, groups)
     padded = list(configs) + [configs[-1]] * (-n_points % groups)
     if log is not None:
-        log(f"vectorised: {n_points} point(s) ({len(padded)} with padding) on a sweep x clients mesh of "
+        extra = f" (+{len(padded) - n_points} padding)" if len(padded) > n_points else ""
+        log(f"vectorised: {n_points} point(s){extra} on a sweep x clients mesh of "
             f"{groups} x {n_devices // groups} device(s)")
     topologies = [_point_topology(exp, c) for c in padded]
-    stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+    # stacked on the host, then sent to each group's devices (no device holds all points)
+    stack = lambda trees: jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
     policies = _on_sweep(exp, stack([engine.round_policies(t) for t in topologies]))
-    keys = _on_sweep(exp, jnp.stack([jax.random.PRNGKey(c.run.seed + 1) for c in padded]))
-    params = _on_sweep(exp, stack([_init_params(exp, c.run.seed) for c in padded]))
+    keys = _on_sweep(exp, stack([jax.random.PRNGKey(c.run.seed + 1) for c in padded]))
+    by_seed = {seed: _init_params(exp, seed) for seed in dict.fromkeys(c.run.seed for c in padded)}
+    params = _on_sweep(exp, stack([by_seed[c.run.seed] for c in padded]))
+    del by_seed
     spmd = None if exp.spec.mesh is None else SWEEP
     init = jax.vmap(exp.strategy.init, spmd_axis_name=spmd)
     if exp.spec.mesh is None:
@@ -205,26 +217,26 @@ def run(configs: Sequence[Config], rounds: int | None = None, sweep_devices: int
             states, round_metrics = step(states, batch, keys, policies)
             if not writers:
                 continue
-            for topo, acc in zip(points, accountants):
-                dp_ledger.step_all(topo.run_topology, acc)
+            for point, acc in zip(points, accountants):
+                dp_ledger.step_all(point.run_topology, acc)
             if any(accountants):
                 privacy_after[r] = [{name: {"epsilon": rep["epsilon"], "delta": rep["delta"]}
-                                     for name, rep in dp_ledger.report(p.run_topology, acc).items()}
-                                    for p, acc in zip(points, accountants)]
+                                     for name, rep in dp_ledger.report(point.run_topology, acc).items()}
+                                    for point, acc in zip(points, accountants)]
             write_rounds(fetcher.submit((r, round_metrics)))
             done = r + 1
             if first.run.eval_every and done % first.run.eval_every == 0 and done < n_rounds:
                 write_rounds(fetcher.flush())
                 write_evals(r)
         write_rounds(fetcher.flush())
+        evals = write_evals(n_rounds - 1, final=True)
     finally:
         prefetch.close()
-    evals = write_evals(n_rounds - 1, final=True) if writers else \
-        [train.describe_eval(exp, row) for row in np.asarray(evaluate(states))[:n_points]]
+        for writer in writers:
+            writer.close()
     compiles = step._cache_size()
     wall = time.perf_counter() - t0
-    for i, writer in enumerate(writers):
-        writer.close()
+    for i in range(len(writers)):
         summary = _summary(points[i], configs[i], n_rounds, evals[i], compiles, wall, accountants[i], workdirs[i])
         summary["vectorized"] = {"points": n_points, "index": i, "mesh": {SWEEP: groups,
                                                                           parallel.AXIS: n_devices // groups}}
