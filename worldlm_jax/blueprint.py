@@ -118,7 +118,7 @@ def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
         batch_size *= topology.n_clients  # same tokens per round as all clients together
     else:
         run_topology = strategies.strategy_topology(algo.name, topology)
-    run_topology = run_topology.with_slot_multiple(mesh.size)
+    run_topology = run_topology.with_slot_multiple(mesh.shape[parallel.AXIS])  # slots shard over 'clients'
     if config.privacy.target_epsilon > 0:
         run_topology = dp_ledger.calibrate(run_topology, config.privacy.target_epsilon, config.privacy.target_delta,
                                            config.run.rounds, config.privacy.default_clip, config.privacy.accountant)

@@ -269,13 +269,16 @@ def cmd_sweep(args) -> int:
     points = sweep.grid_points(grid)
     for assignments in points:  # every point must be a valid config with a valid tree
         check_tree(sweep.point_config(base, assignments))
-    print(f"sweep: {len(points)} point(s) in {args.workdir}")
+    say = print if _primary() else (lambda *a, **k: None)  # multi-process: process 0 prints
+    say(f"sweep: {len(points)} point(s) in {args.workdir}")
     if args.vectorized:
-        rows = sweep.run_vectorized(base, grid, args.workdir, sweep_devices=args.sweep_devices)
-        print(sweep.markdown_table([k for k, _ in grid], rows), end="")
-        print(f"wrote {os.path.join(args.workdir, 'sweep.md')}")
+        rows = sweep.run_vectorized(base, grid, args.workdir, sweep_devices=args.sweep_devices, log=say)
+        say(sweep.markdown_table([k for k, _ in grid], rows), end="")
+        say(f"wrote {os.path.join(args.workdir, 'sweep.md')}")
         return 0
-    rows = sweep.run_sweep(base, grid, args.workdir, quiet=args.quiet, progress=not args.no_progress)
+    rows = sweep.run_sweep(base, grid, args.workdir, quiet=args.quiet, progress=not args.no_progress, log=say)
+    if not _primary():
+        return 130 if any(r["status"] == "interrupted" for r in rows) else 0
     print(sweep.markdown_table([k for k, _ in grid], rows), end="")
     print(f"wrote {os.path.join(args.workdir, 'sweep.md')}")
     return 130 if any(r["status"] == "interrupted" for r in rows) else 0

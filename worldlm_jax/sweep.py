@@ -245,6 +245,9 @@ def run_vectorized(base: Config, grid: Sequence[tuple[str, Sequence[str]]], work
                                             workdirs=run_dirs, log=log)
     except ValueError as e:
         raise ConfigError(f"--vectorized: {e}") from e
+    from worldlm_jax import distributed
+    if not distributed.is_primary():  # only process 0 wrote the points' summaries
+        return []
     rows = []
     for name, a, run_dir in zip(names, points, run_dirs):
         with open(os.path.join(run_dir, SUMMARY_FILE)) as f:
@@ -278,6 +281,9 @@ def _num(value, digits: int) -> str:
 
 
 def write_tables(workdir: str, keys: Sequence[str], rows: Sequence[dict]) -> None:
+    from worldlm_jax import distributed
+    if not distributed.is_primary():  # multi-process sweeps: process 0 writes
+        return
     with open(os.path.join(workdir, "sweep.md"), "w") as f:
         f.write("# Sweep\n\n" + markdown_table(keys, rows))
     with open(os.path.join(workdir, "sweep.json"), "w") as f:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from worldlm_jax import dp_ledger, engine, evaluate, parallel, strategies, train
+from worldlm_jax import distributed, dp_ledger, engine, evaluate, parallel, strategies, train
 from worldlm_jax.config import Config, save_yaml
 from worldlm_jax.data.federated import validation_batches
 from worldlm_jax.topology import Topology, build_topology
@@ -240,9 +240,10 @@ def run(configs: Sequence[Config], rounds: int | None = None, sweep_devices: int
         summary = _summary(points[i], configs[i], n_rounds, evals[i], compiles, wall, accountants[i], workdirs[i])
         summary["vectorized"] = {"points": n_points, "index": i, "mesh": {SWEEP: groups,
                                                                           parallel.AXIS: n_devices // groups}}
-        with open(os.path.join(workdirs[i], "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        train.write_plots(points[i], workdirs[i])
+        if distributed.is_primary():  # multi-process sweeps: process 0 writes
+            with open(os.path.join(workdirs[i], "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            train.write_plots(points[i], workdirs[i])
     if len(padded) > n_points:
         states = jax.tree.map(lambda x: x[:n_points], states)
     return evals, states, compiles
@@ -252,6 +253,8 @@ def _open_point(workdir: str, config: Config):
     """A point's run dir, started afresh (a vectorised sweep does not resume)."""
     from worldlm_jax import metrics as metrics_lib
 
+    if not distributed.is_primary():  # multi-process sweeps: process 0 writes
+        return metrics_lib.NullWriter()
     os.makedirs(workdir, exist_ok=True)
     summary = os.path.join(workdir, "summary.json")
     if os.path.exists(summary):  # of an earlier sweep into this dir: not this one's until it finishes
