@@ -180,8 +180,3 @@ def configure_cpu_bf16_matmuls() -> bool:
         return False
     os.environ["XLA_FLAGS"] = f"{flags} {CPU_BF16_XLA_FLAG}".strip()
     return True
-
-
-def initialize_distributed(**kwargs) -> None:
-    """Multi-host runs (TPU pods, GPU clusters): JAX's own multi-controller runtime."""
-    jax.distributed.initialize(**kwargs)
