@@ -8,6 +8,10 @@ RSS is its own. Clients run chunked (default chunk: sequential per device on
 CPU), so activation memory does not grow with the number of clients; what
 still grows is the per-slot state (start/final parameters, deltas, tokens).
 Writes scaling.json and scaling.png (matplotlib, Agg) into --out.
+
+Scaling over processes (1 process x 2 devices vs 2 processes x 1 device, and the
+share of a round in cross-process collectives) is benchmarks/multiprocess.py: it
+drives its own worker processes side by side, which these one-process points cannot.
 """
 from __future__ import annotations
 
