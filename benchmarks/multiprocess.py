@@ -50,6 +50,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -187,7 +188,7 @@ def worker(args) -> None:
         collective_bytes_static=sum(b for _, b in collectives.values()),
         collective_instructions_under_1kib=sum(b <= 1024 for _, b in collectives.values()))
     chains = {size: latency_chain(exp.mesh, size) for size in LATENCY_SIZES}
-    trace_root = tempfile.mkdtemp(prefix=f"mp_trace_{args.process_id}_")
+    trace_root = tempfile.mkdtemp(prefix=f"mp_trace_{args.process_id}_")  # emptied after each trace
     n_traced = 0
     for line in sys.stdin:
         cmd = line.strip()
@@ -200,6 +201,7 @@ def worker(args) -> None:
             with jax.profiler.trace(where, create_perfetto_trace=True):
                 dt, loss = one_round()
             devices = read_trace(where, module, collectives)
+            shutil.rmtree(where, ignore_errors=True)
             seen = {op for d in devices.values() for op, _, _ in d["ops"]}
             say(event="profile", s=dt, loss=loss, process=jax.process_index(), devices=devices,
                 collective_instructions_seen=len(seen))
@@ -207,6 +209,7 @@ def worker(args) -> None:
             say(event="latency", us={str(size): run(2) for size, run in chains.items()})
         elif cmd == "quit":
             break
+    shutil.rmtree(trace_root, ignore_errors=True)
     say(event="bye", compiles=int(exp.strategy.run_round._cache_size()))
 
 
