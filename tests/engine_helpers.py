@@ -58,7 +58,7 @@ def make_spec(topology, plan=None, *, loss_fn=toy_loss, key_paths=frozenset(), c
     return engine.EngineSpec(topology=topology, plan=plan, loss_fn=loss_fn, key_paths=key_paths,
                              key_groups=partition.key_groups(key_paths) if key_paths else {},
                              client_optimizer=client_optimizer, chunk=chunk, max_update_norm=max_update_norm,
-                             mesh=mesh, shard_state=shard_state)
+                             mesh=mesh, sharded_levels=None if shard_state else frozenset())
 
 
 def flat_tree(n_clients: int, **policy) -> dict:

@@ -75,6 +75,7 @@ def test_federation_state_per_device_falls_with_the_device_count():
     tree = {"name": "world", "children": [{"name": f"f{i}", "sources": [sources[i % len(sources)]], "clients": 1}
                                           for i in range(16)]}
     config = dataclasses.replace(configs.get("tiny"), tree=tree)
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, shard_state_mb=0.0))  # a toy-sized state
     state = {}
     for devices in (1, 8):
         config = dataclasses.replace(config, run=dataclasses.replace(config.run, devices=devices))

@@ -81,3 +81,20 @@ def test_per_device_state_memory_falls_with_the_device_count():
         state_bytes[shard] = memory.argument_size_in_bytes - per_device_bytes((batch, key))
         assert state_bytes[shard] == pytest.approx(per_device_bytes(state), rel=0.05)
     assert state_bytes[True] <= state_bytes[False] / 4
+
+
+def test_only_levels_holding_enough_bytes_are_sharded():
+    import dataclasses
+    t = wide(64)
+    spec = run_spec(None, t, True)
+    params = toy_params()
+    level_bytes = [sum(x.nbytes for x in jax.tree.leaves(level)) for level in engine.init_state(
+        dataclasses.replace(spec, mesh=None), params).levels]
+    assert level_bytes[1] > level_bytes[0]  # 64 federations vs the root
+    for min_bytes, want in ((0, {0, 1}), (level_bytes[1], {1}), (level_bytes[1] + 1, set())):
+        chosen = engine.levels_worth_sharding(spec, params, min_bytes)
+        assert {d for d in chosen if d < 2} == want
+        state = engine.init_state(dataclasses.replace(spec, sharded_levels=chosen), params)
+        # the root (1 node) never splits; the 64 federations split only when chosen
+        assert state.levels[0].B["embed"].sharding.spec == parallel.P()
+        assert (state.levels[1].B["embed"].sharding.spec == parallel.P(parallel.AXIS)) == (1 in want)

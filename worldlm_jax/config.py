@@ -97,10 +97,14 @@ class RunConfig:
     devices: int = 0  # devices in the mesh (0 = all local devices)
     chunk: int = -1  # clients at once per device: -1 auto, 0 all (vmap), k chunks
     compilation_cache: str = ""  # persistent XLA compilation cache directory ('' = off)
+    # shard a tree level's state over the devices when it holds at least this many MiB
+    # (0: every level with a node per device); smaller levels stay replicated, since
+    # sharding costs a collective per parameter leaf each round (benchmarks/RESULTS.md)
+    shard_state_mb: float = 64.0
 
     def __post_init__(self):
         _positive(self, "rounds")
-        for name in ("eval_every", "checkpoint_every", "devices"):
+        for name in ("eval_every", "checkpoint_every", "devices", "shard_state_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"run.{name}={getattr(self, name)}; expected >= 0")
 

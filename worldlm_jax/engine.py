@@ -121,7 +121,9 @@ class EngineSpec:
     chunk: int = 0  # clients per device at once: 0 = all (vmap), k = lax.map chunks
     max_update_norm: float = math.inf  # larger client updates count as diverged
     mesh: Any = None
-    shard_state: bool = True  # wide levels' state sharded along their node axis (False: replicated)
+    # levels (depth = the clients' kept state) whose state is sharded along its
+    # node axis where wide enough; None = every level (`levels_worth_sharding`)
+    sharded_levels: frozenset | None = None
 
 
 # ---- static arrays ----------------------------------------------------------
@@ -192,27 +194,41 @@ def _initial_state(spec: EngineSpec, params: Params) -> EngineState:
 # round never reads: it works on the real rows and writes them back); smaller
 # levels are replicated. So per-device memory of a wide tree falls with the
 # device count, and the round's segment sums and gathers stay as they are: XLA
-# inserts the collectives.
+# inserts the collectives. Those collectives are one per parameter leaf and
+# cost a fixed latency each (on CPU, 0.5 ms across processes), so a level whose
+# state is small is better replicated: `EngineSpec.sharded_levels` (set from
+# `run.shard_state_mb` by `levels_worth_sharding`) says which levels may shard.
+def _level_mesh(spec: EngineSpec, level: int):
+    """The mesh level `level` (depth = the clients' kept state) may shard over, or None."""
+    if spec.mesh is None or (spec.sharded_levels is not None and level not in spec.sharded_levels):
+        return None
+    return spec.mesh
+
+
 def stored_rows(spec: EngineSpec) -> tuple[tuple[int, ...], int]:
     """Rows each level's state (and the clients' kept state) is stored with."""
-    rows = lambda n: parallel.padded_rows(n, spec.mesh if spec.shard_state else None)
-    return tuple(rows(lvl.size) for lvl in spec.topology.levels), rows(spec.topology.n_clients)
+    topo = spec.topology
+    return (tuple(parallel.padded_rows(lvl.size, _level_mesh(spec, d)) for d, lvl in enumerate(topo.levels)),
+            parallel.padded_rows(topo.n_clients, _level_mesh(spec, topo.depth)))
 
 
 def _map_rows(spec: EngineSpec, fn, state: EngineState, *others: EngineState) -> EngineState:
-    """fn(leaf, *other_leaves, real_rows, stored_rows) on every per-row leaf."""
+    """fn(leaf, *other_leaves, real_rows, stored_rows, mesh) on every per-row leaf
+    (mesh: what the leaf's level may shard over, or None)."""
     topo = spec.topology
     level_rows, client_rows = stored_rows(spec)
-    levels = tuple(jax.tree.map(lambda *x, n=lvl.size, m=m: fn(*x, n, m), level, *(o.levels[d] for o in others))
+    levels = tuple(jax.tree.map(lambda *x, n=lvl.size, m=m, mesh=_level_mesh(spec, d): fn(*x, n, m, mesh),
+                                level, *(o.levels[d] for o in others))
                    for d, (lvl, level, m) in enumerate(zip(topo.levels, state.levels, level_rows)))
-    clients = jax.tree.map(lambda *x: fn(*x, topo.n_clients, client_rows), state.clients,
+    clients_mesh = _level_mesh(spec, topo.depth)
+    clients = jax.tree.map(lambda *x: fn(*x, topo.n_clients, client_rows, clients_mesh), state.clients,
                            *(o.clients for o in others))
     return state._replace(levels=levels, clients=clients)
 
 
 def pad_state(spec: EngineSpec, state: EngineState) -> EngineState:
     """Real rows -> stored rows (padding rows repeat row 0)."""
-    def pad(x, n, m):
+    def pad(x, n, m, _):
         return x if x.shape[0] == m else jnp.concatenate([x, jnp.broadcast_to(x[:1], (m - n,) + x.shape[1:])])
     return _map_rows(spec, pad, state)
 
@@ -220,19 +236,28 @@ def pad_state(spec: EngineSpec, state: EngineState) -> EngineState:
 def unpad_state(spec: EngineSpec, state: EngineState, stored: bool = True) -> EngineState:
     """Stored rows -> the real rows the round works on. `stored=False`: the
     rows may be padded differently (e.g. saved on another device count)."""
-    return _map_rows(spec, lambda x, n, m: x if stored and m == n else x[:n], state)
+    return _map_rows(spec, lambda x, n, m, _: x if stored and m == n else x[:n], state)
 
 
 def repad_state(spec: EngineSpec, new: EngineState, stored: EngineState) -> EngineState:
     """Write the round's real rows back over the stored state (padding unchanged)."""
-    return _map_rows(spec, lambda x, old, n, m: x if m == n else old.at[:n].set(x), new, stored)
+    return _map_rows(spec, lambda x, old, n, m, _: x if m == n else old.at[:n].set(x), new, stored)
 
 
 def state_partition_specs(spec: EngineSpec, state: EngineState) -> EngineState:
     """PartitionSpec of every leaf of a (stored) state: rows sharded where wide enough."""
-    row = lambda x, n, m: parallel.row_spec(m, spec.mesh if spec.shard_state else None)
-    specs = _map_rows(spec, row, state)
+    specs = _map_rows(spec, lambda x, n, m, mesh: parallel.row_spec(m, mesh), state)
     return specs._replace(round=parallel.P())
+
+
+def levels_worth_sharding(spec: EngineSpec, params: Params, min_bytes: float) -> frozenset:
+    """Levels (depth = the clients' kept state) whose whole state holds at least
+    `min_bytes`: sharding those saves memory that matters; smaller ones cost
+    collectives for nothing. `params` may be abstract (ShapeDtypeStructs)."""
+    state = jax.eval_shape(lambda p: _initial_state(spec, p), params)
+    size = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    sizes = [size(level) for level in state.levels] + [size(state.clients)]
+    return frozenset(d for d, b in enumerate(sizes) if b >= min_bytes)
 
 
 def state_shardings(spec: EngineSpec, state: EngineState) -> EngineState:
