@@ -21,17 +21,15 @@ def no_data(monkeypatch):
         monkeypatch.setattr(pipeline, name, refuse)
 
 
-def test_estimate_within_25_percent_of_xla_for_the_presets():
+def check_estimates_against_xla(names):
     # The presets as they are (8 CPU devices, the tests' mesh); nothing is
     # allocated, paper-125m (35 GiB a device) is only compiled. Rounds are
     # lowered here, then compiled two at a time (XLA's compiler releases the GIL).
-    names = ("tiny", "small", "paper-125m")
     runs = {name: memory_plan.abstract_run(cli.load_config(name)) for name in names}
     estimates = {name: sum(memory_plan.estimate(run)[0].values()) for name, run in runs.items()}
     lowered = {name: memory_plan.lower_round(run) for name, run in runs.items()}
-    longest_first = ("paper-125m", "small", "tiny")
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        xla = dict(zip(longest_first, pool.map(memory_plan.compiled_memory, [lowered[n] for n in longest_first])))
+        xla = dict(zip(names, pool.map(memory_plan.compiled_memory, [lowered[n] for n in names])))
     ratios = {name: estimates[name] / xla[name]["total"] for name in names}
     print("estimate / XLA:", {n: round(r, 3) for n, r in ratios.items()})
     for name, ratio in ratios.items():
@@ -40,6 +38,15 @@ def test_estimate_within_25_percent_of_xla_for_the_presets():
     for name, run in runs.items():
         state = memory_plan.device_bytes(run.abstract_state())
         assert xla[name]["alias"] >= 0.99 * state, (name, xla[name], state)
+
+
+def test_estimate_within_25_percent_of_xla_for_the_presets():
+    check_estimates_against_xla(("small", "tiny"))
+
+
+@pytest.mark.slow  # paper-125m compiles for 35-50 s; the same estimate is checked on tiny and small above
+def test_estimate_within_25_percent_of_xla_for_paper_125m():
+    check_estimates_against_xla(("paper-125m",))
 
 
 def test_plan_exits_non_zero_naming_the_knobs_when_the_device_is_too_small(capsys, tmp_path):
