@@ -165,9 +165,7 @@ def main(argv=None):
     tfed = TorchFedAvg(tm, common.W["client_lr"], autocast_bf16=args.torch_autocast)
     ttok = torch.from_numpy(tokens.astype(np.int64))
 
-    state = w.strategy.init(w.params)
-    if w.spec.mesh is not None:  # as in throughput.py: avoids the engine's second compile on round 2
-        state = jax.device_put(state, parallel.replicated(w.spec.mesh))
+    state = w.strategy.init(w.params)  # placed as the round returns it: one compilation
     key = jax.random.PRNGKey(1)
     jax_losses, torch_losses, jt, tt = [], [], [], []
     t0 = time.perf_counter()

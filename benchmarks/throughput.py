@@ -50,8 +50,6 @@ def parse(argv=None):
                     help="XLA CPU multi-threaded Eigen (auto: off when devices > 1)")
     ap.add_argument("--xla-flags", default="", help="extra XLA_FLAGS")
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds per variant (median reported)")
-    ap.add_argument("--no-place-state", action="store_true",
-                    help="keep engine.init_state's placement (compiles the round twice with a mesh)")
     ap.add_argument("--no-clients-alone", action="store_true", help="skip the clients-only timing")
     ap.add_argument("--quiet", action="store_true", help="JSON lines only")
     return ap.parse_args(argv)
@@ -102,12 +100,7 @@ def run(args) -> list[dict]:
                              devices=devices, depth=args.depth, dtype=dtype, batch=args.batch, seq=args.seq,
                              federations_per_round=args.federations_per_round, attention=attention,
                              matmul_dtype=matmul_dtype)
-            state = w.strategy.init(w.params)
-            if w.spec.mesh is not None and not args.no_place_state:
-                # engine.init_state leaves the state on one device while the round
-                # returns it replicated over the mesh: without this the round compiles
-                # a second time on round 2 (see RESULTS.md).
-                state = jax.device_put(state, parallel.replicated(w.spec.mesh))
+            state = w.strategy.init(w.params)  # placed as the round returns it: one compilation
             key = jax.random.PRNGKey(1)
             state, metrics, first = common.time_round(w, state, key)
             state, _, second = common.time_round(w, state, key)  # catches a recompile, if any

@@ -37,7 +37,8 @@ def separate_run(exp, config):
 def test_four_points_on_a_4x2_mesh_equal_separate_runs_in_one_program(tmp_path):
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake CPU) devices: conftest sets XLA_FLAGS before JAX starts")
-    base = apply_overrides(configs.tiny(), ["run.rounds=2", "algorithm.name=worldlm"])
+    # shard_state_mb=0: the language level's small state is sharded too, so its placement shows
+    base = apply_overrides(configs.tiny(), ["run.rounds=2", "algorithm.name=worldlm", "run.shard_state_mb=0"])
     points = [apply_overrides(base, [f"policy.client_lr={lr}"]) for lr in (3e-4, 1e-3, 3e-3, 1e-2)]
     evals, states, compiles = vectorized.run(points, sweep_devices=4)
     assert compiles == 1
