@@ -158,7 +158,7 @@ def test_processes_that_disagree_fail_with_a_message(tmp_path):
 def test_a_dead_process_stops_the_others_naming_it(tmp_path):
     workdir = tmp_path / "run"
     procs = launch(workdir, 50, timeout_s=15)  # heartbeats time out after 5 s
-    marker = workdir / "checkpoints" / "1"
+    marker = workdir / "config.yaml"  # process 0 writes it once both processes joined and agreed
     deadline = time.time() + TIMEOUT
     while not marker.exists() and procs[0].poll() is None and time.time() < deadline:
         time.sleep(0.05)
