@@ -331,6 +331,10 @@ def knobs(config: Config, result: PlanResult) -> list:
     if config.model.matmul_dtype == "float32" and config.model.dtype == "float32":
         trials.append(("model.matmul_dtype", "float32 -> bfloat16 (the backward keeps bf16 operands)",
                        replace(config, model=replace(config.model, matmul_dtype="bfloat16")), None))
+    if config.run.shard_state_mb > 0 and result.devices > 1:
+        trials.append(("run.shard_state_mb", f"{config.run.shard_state_mb:g} -> 0 (shard every level with a node "
+                       "per device, however small its state)",
+                       replace(config, run=replace(config.run, shard_state_mb=0.0)), None))
     n, local = result.devices, jax.device_count()
     more = local if n < local else 2 * n
     mesh = (parallel.make_mesh(more) if more <= local else
