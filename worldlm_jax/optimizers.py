@@ -13,9 +13,12 @@ from typing import Callable
 
 import optax
 
+from worldlm_jax.registry import Registry
+
 Factory = Callable[[], optax.GradientTransformation]
 
-_REGISTRY: dict[str, Factory] = {
+OPTIMIZERS: Registry[Factory] = Registry("optimizer", "worldlm_jax.optimizers.register(name, factory)")
+_BUILT_IN: dict[str, Factory] = {
     "sgd": lambda: optax.sgd(1.0),
     "momentum": lambda: optax.sgd(1.0, momentum=0.9),
     # Server-side adaptive optimizers use eps ~1e-3 (Reddi et al. 2021, tuned range).
@@ -26,21 +29,21 @@ _REGISTRY: dict[str, Factory] = {
     "adamw": lambda: optax.adamw(1.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1),
     "client_adam": lambda: optax.adam(1.0, b1=0.9, b2=0.95, eps=1e-8),
 }
+for _name, _factory in _BUILT_IN.items():
+    OPTIMIZERS.register(_name, _factory)
 
 
-def register(name: str, factory: Factory) -> None:
-    """Add an optimizer usable by name in configs and tree policies."""
+def register(name: str, factory: Factory) -> Factory:
+    """Add an optimizer usable by name in configs and tree policies
+    (`factory()` returns an optax transformation with learning rate 1)."""
     if not callable(factory):
         raise TypeError(f"optimizer factory for {name!r} must be callable, got {type(factory).__name__}")
-    _REGISTRY[name] = factory
+    return OPTIMIZERS.register(name, factory)
 
 
 def names() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
+    return OPTIMIZERS.names()
 
 
-def get(name: str) -> optax.GradientTransformation:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown optimizer {name!r}; registered: {', '.join(names())} "
-                         "(add one with worldlm_jax.optimizers.register)")
-    return _REGISTRY[name]()
+def get(name: str, field: str = "optimizer") -> optax.GradientTransformation:
+    return OPTIMIZERS.get(name, field)()
