@@ -13,6 +13,7 @@ from engine_helpers import (POLICY, STEPS, TOY_KEY_PATHS, W3, assert_tree_close,
                             hier_single, lead, make_batches, make_spec, max_abs_diff, nan_loss, random_tokens, run,
                             toy_loss, toy_params, topo, tree2, MARK)
 from worldlm_jax import client, configs, engine, optimizers, strategies, train
+from worldlm_jax.registry import UnknownNameError
 
 
 def test_strategy_table():
@@ -26,7 +27,7 @@ def test_strategy_table():
     plan = strategies.strategy_plan("worldlm", 2, "none", "cos_delta", False)
     assert plan.owner == {"B": 0, "K": 1} and plan.residuals == "none" and not plan.use_parent
     assert plan.broadcast == (frozenset({"B"}), frozenset({"B", "K"}))
-    with pytest.raises(ValueError, match="unknown algorithm 'fedsgd'.*worldlm"):
+    with pytest.raises(UnknownNameError, match="algorithm.name='fedsgd' is not a registered strategy.*worldlm"):
         strategies.strategy_plan("fedsgd", 2)
 
 

@@ -20,15 +20,6 @@ from worldlm_jax.config import Config, ConfigError
 from worldlm_jax.topology import Topology, build_topology
 
 
-def pooled_topology(topology: Topology, weight: float) -> Topology:
-    """Centralised baseline: one client holding everyone's training data."""
-    policy = topology.levels[0].policies[0]
-    leaf = topology.leaf.policies[0]
-    spec = {"name": "pooled", "clients": 1, "sources": ["pooled"],
-            "policy": {"local_steps": leaf.local_steps, "client_lr": leaf.client_lr}}
-    return build_topology(spec, root_policy=policy).with_client_weights([weight])
-
-
 @dataclasses.dataclass
 class AbstractRun:
     """What a run is made of, with abstract (ShapeDtypeStruct) parameters."""
@@ -111,23 +102,28 @@ def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
     model_def, params = model_lib.abstract_init(model_config)
 
     algo = config.algorithm
+    definition = strategies.get(algo.name)
     mesh = parallel.make_mesh(config.run.devices or None) if mesh is None else mesh
     batch_size = config.data.batch_size
-    if algo.name == "centralized":
-        run_topology = pooled_topology(topology, float(sum(topology.client_weight)))
+    if definition.pooled:
         batch_size *= topology.n_clients  # same tokens per round as all clients together
-    else:
-        run_topology = strategies.strategy_topology(algo.name, topology)
+    run_topology = definition.topology(topology)
     run_topology = run_topology.with_slot_multiple(mesh.shape[parallel.AXIS])  # slots shard over 'clients'
     if config.privacy.target_epsilon > 0:
         run_topology = dp_ledger.calibrate(run_topology, config.privacy.target_epsilon, config.privacy.target_delta,
                                            config.run.rounds, config.privacy.default_clip, config.privacy.accountant)
     key_paths = frozenset()
-    if strategies.uses_key_layers(algo.name):
+    if definition.uses_key_layers:
         mask = partition.key_layer_mask(params.keys(), algo.key_layers, model_config.n_layers)
         key_paths = frozenset(p for p, is_key in mask.items() if is_key)
-    plan = strategies.strategy_plan(algo.name, run_topology.depth, algo.residuals, algo.similarity, algo.use_parent,
-                                    algo.residual_dim)
+    plan = definition.plan(run_topology.depth, algo)
+    if not isinstance(plan, engine.Plan):
+        raise ConfigError(f"algorithm.name={algo.name!r}: its plan() returned {type(plan).__name__}; "
+                          "expected a worldlm_jax.engine.Plan")
+    try:  # a registered strategy's plan: name it, rather than fail inside the round
+        plan.validate(run_topology.depth)
+    except ValueError as e:
+        raise ConfigError(f"algorithm.name={algo.name!r} on a depth-{run_topology.depth} tree: {e}") from e
     chunk = parallel.default_chunk() if config.run.chunk < 0 else config.run.chunk
     spec = engine.EngineSpec(topology=run_topology, plan=plan, loss_fn=model_def.loss, key_paths=key_paths,
                              key_groups=partition.key_groups(key_paths) if key_paths else {},

@@ -1,4 +1,4 @@
-"""The paper's methods as `Plan`s for the one hierarchical engine.
+"""The paper's methods as named, registered strategies for the one hierarchical engine.
 
 Each strategy is a tree transformation (the baselines flatten or pool the
 tree) plus a plan saying where the backbone B and key layers K move:
@@ -11,17 +11,26 @@ tree) plus a plan saying where the backbone B and key layers K move:
 | local       | flat      | kept by each client   | (none)                             |
 | centralized | one client on pooled data | kept  | (none)                             |
 | worldlm     | the tree  | averaged up to the root | attention per federation, kept by the lowest federations |
+
+A research group adds its own with `register(name, StrategyDef(plan=...))` in
+a module loaded with `--plugin` (or a config's `plugins:` list) and runs it
+with `algorithm.name: name`; it goes through the same blueprint, engine round,
+evaluation and checkpoints as the built-ins.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import dataclasses
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import jax
 
 from worldlm_jax.engine import EngineSpec, Plan, init_state, make_round
-from worldlm_jax.topology import Topology
+from worldlm_jax.registry import Registry
+from worldlm_jax.topology import Topology, build_topology
 
-STRATEGIES = ("worldlm", "fedavg", "hierfavg", "fedper", "local", "centralized")
+if TYPE_CHECKING:  # config.py validates algorithm.name against this module's registry at import
+    from worldlm_jax.config import AlgorithmConfig
+
 ALL, BACKBONE, NONE = frozenset({"B", "K"}), frozenset({"B"}), frozenset()
 
 
@@ -32,6 +41,52 @@ class Strategy(NamedTuple):
     run_round: Callable  # (EngineState, RoundBatch, key) -> (EngineState, metrics)
 
 
+def _same_tree(topology: Topology) -> Topology:
+    return topology
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyDef:
+    """What a strategy is, before any model or data: everything a run asks of its name.
+
+    `plan(depth, algorithm)` gets the depth of the tree the strategy trains on
+    (after `topology`) and the whole `algorithm` config section, so a strategy
+    may read residuals, similarity, use_parent, residual_dim (or ignore them).
+    """
+
+    plan: Callable[[int, AlgorithmConfig], Plan]
+    topology: Callable[[Topology], Topology] = _same_tree  # the tree it trains on (same clients, same data)
+    uses_key_layers: bool = False  # algorithm.key_layers splits the model into B and K (else all B)
+    # One client trains on everyone's data (the streams are concatenated, the
+    # batch grows by the client count) and every client deploys its one model.
+    pooled: bool = False
+
+    def __post_init__(self):
+        for field in ("plan", "topology"):
+            if not callable(getattr(self, field)):
+                raise TypeError(f"StrategyDef.{field} must be callable, got {type(getattr(self, field)).__name__}")
+
+
+STRATEGIES: Registry[StrategyDef] = Registry("strategy", "worldlm_jax.strategies.register(name, StrategyDef(...))")
+
+
+def register(name: str, definition: StrategyDef) -> StrategyDef:
+    """Add a strategy usable as `algorithm.name: name` (replaces one of that name)."""
+    if not isinstance(definition, StrategyDef):
+        raise TypeError(f"strategy {name!r} must be a worldlm_jax.strategies.StrategyDef, "
+                        f"got {type(definition).__name__}")
+    return STRATEGIES.register(name, definition)
+
+
+def get(name: str, field: str = "algorithm.name") -> StrategyDef:
+    return STRATEGIES.get(name, field)
+
+
+def names() -> tuple[str, ...]:
+    return STRATEGIES.names()
+
+
+# ---- plans ------------------------------------------------------------------------
 def averaging_plan(depth: int) -> Plan:
     """The whole model averaged at every level: FedAvg (depth 1) / HierFAVG."""
     return Plan(broadcast=(ALL,) * depth, aggregate=(ALL,) * depth, owner={"B": 0, "K": 0})
@@ -67,33 +122,57 @@ def global_stage_plan(depth: int, residuals: str = "siblings", similarity: str =
                 residuals=residuals, similarity=similarity, use_parent=use_parent)
 
 
+def pooled_topology(topology: Topology, weight: float) -> Topology:
+    """Centralised baseline: one client holding everyone's training data."""
+    policy = topology.levels[0].policies[0]
+    leaf = topology.leaf.policies[0]
+    spec = {"name": "pooled", "clients": 1, "sources": ["pooled"],
+            "policy": {"local_steps": leaf.local_steps, "client_lr": leaf.client_lr}}
+    return build_topology(spec, root_policy=policy).with_client_weights([weight])
+
+
+def _pooled(topology: Topology) -> Topology:
+    return pooled_topology(topology, float(sum(topology.client_weight)))
+
+
+def _worldlm(depth: int, algo: AlgorithmConfig) -> Plan:
+    return worldlm_plan(depth, algo.residuals, algo.similarity, algo.use_parent, algo.residual_dim)
+
+
+_BUILT_IN = {
+    "worldlm": StrategyDef(plan=_worldlm, uses_key_layers=True),
+    "fedavg": StrategyDef(plan=lambda depth, algo: averaging_plan(depth), topology=Topology.flattened),
+    "hierfavg": StrategyDef(plan=lambda depth, algo: averaging_plan(depth)),
+    "fedper": StrategyDef(plan=lambda depth, algo: fedper_plan(), topology=Topology.flattened,
+                          uses_key_layers=True),
+    "local": StrategyDef(plan=lambda depth, algo: local_plan(), topology=Topology.flattened),
+    "centralized": StrategyDef(plan=lambda depth, algo: local_plan(), topology=_pooled, pooled=True),
+}
+for _name, _definition in _BUILT_IN.items():
+    register(_name, _definition)
+
+
+# ---- by name (the config's algorithm.name) ------------------------------------------
+def check_name(name: str) -> None:
+    STRATEGIES.check(name, "algorithm.name")
+
+
 def strategy_topology(name: str, topology: Topology) -> Topology:
     """The tree a strategy runs on (same clients, same data)."""
-    check_name(name)
-    if name in ("worldlm", "hierfavg"):
-        return topology
-    return topology.flattened()
+    return get(name).topology(topology)
 
 
 def strategy_plan(name: str, depth: int, residuals="siblings", similarity="cos_delta", use_parent=True,
                   residual_dim: int = 0) -> Plan:
-    check_name(name)
-    if name in ("fedavg", "hierfavg"):
-        return averaging_plan(depth)
-    if name == "fedper":
-        return fedper_plan()
-    if name in ("local", "centralized"):
-        return local_plan()
-    return worldlm_plan(depth, residuals, similarity, use_parent, residual_dim)
+    from worldlm_jax.config import AlgorithmConfig
+
+    algo = AlgorithmConfig(name=name, residuals=residuals, similarity=similarity, use_parent=use_parent,
+                           residual_dim=residual_dim)
+    return get(name).plan(depth, algo)
 
 
 def uses_key_layers(name: str) -> bool:
-    return name in ("worldlm", "fedper")
-
-
-def check_name(name: str) -> None:
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown algorithm {name!r}; choose one of: {', '.join(STRATEGIES)}")
+    return get(name).uses_key_layers
 
 
 def make_strategy(spec: EngineSpec, jit: bool = True) -> Strategy:

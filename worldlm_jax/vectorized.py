@@ -43,8 +43,7 @@ def _point_topology(exp: train.Experiment, config: Config) -> Topology:
     the point's own policies (DP noise calibrated as a single run would)."""
     topo = build_topology(config.tree, root_policy=config.policy)
     base = exp.run_topology
-    if exp.config.algorithm.name not in ("worldlm", "hierfavg"):
-        topo = topo.flattened()
+    topo = strategies.get(exp.config.algorithm.name).topology(topo)
     if [lvl.names for lvl in topo.levels] != [lvl.names for lvl in base.levels]:
         raise ValueError("a vectorised sweep may vary only scalar policies and seeds, not the tree")
     for b, t in zip(base.levels, topo.levels):
@@ -112,7 +111,7 @@ def sweep_experiment(config: Config, n_devices: int, groups: int) -> train.Exper
     data = config.data
     tokens = validation_batches([c.validation for c in exp.data.clients], data.seq_len, data.eval_batch_size,
                                 data.eval_batches)
-    deploy_index = np.zeros(exp.topology.n_clients, np.int32) if config.algorithm.name == "centralized" \
+    deploy_index = np.zeros(exp.topology.n_clients, np.int32) if strategies.get(config.algorithm.name).pooled \
         else np.arange(exp.topology.n_clients, dtype=np.int32)
     return dataclasses.replace(exp, spec=spec, mesh=mesh, strategy=strategies.make_strategy(spec),
                                eval_fn=evaluate.make_evaluator(spec, exp.model_def.loss, tokens, deploy_index))
