@@ -211,7 +211,7 @@ def evaluate_run(workdir: str, split: str = "validation", step: int | None = Non
     """
     import numpy as np
 
-    from worldlm_jax import checkpoint, evaluate, train as train_lib
+    from worldlm_jax import checkpoint, evaluate, strategies, train as train_lib
     from worldlm_jax.data.federated import validation_batches
 
     config_path = os.path.join(workdir, "config.yaml")
@@ -230,8 +230,9 @@ def evaluate_run(workdir: str, split: str = "validation", step: int | None = Non
     else:  # the same number of fixed windows, cut from each client's training stream
         tokens = validation_batches([c.train for c in exp.data.clients], config.data.seq_len,
                                     config.data.eval_batch_size, config.data.eval_batches)
-        n = exp.topology.n_clients  # the centralized baseline deploys its one model everywhere
-        deploy = np.zeros(n, np.int32) if config.algorithm.name == "centralized" else np.arange(n, dtype=np.int32)
+        n = exp.topology.n_clients  # a pooled strategy (centralized) deploys its one model everywhere
+        pooled = strategies.get(config.algorithm.name).pooled
+        deploy = np.zeros(n, np.int32) if pooled else np.arange(n, dtype=np.int32)
         eval_fn = evaluate.make_evaluator(exp.spec, exp.model_def.loss, tokens, deploy)
     result = train_lib.describe_eval(exp, np.asarray(eval_fn(state)))
     return {"workdir": workdir, "split": split, "round": int(host["round"]), **result}

@@ -68,12 +68,12 @@ def build_experiment(config: Config, cache_dir: str = "") -> Experiment:
     run = blueprint.abstract_run(config, topology=topology, vocab=data.tokenizer.vocab_size)
     model_def, params = model_lib.init(run.model_def.config, jax.random.PRNGKey(config.run.seed))
     streams = [c.train for c in data.clients]
-    if config.algorithm.name == "centralized":
+    if strategies.get(config.algorithm.name).pooled:
         streams = [np.concatenate(streams)]
     sampler = RoundSampler(streams, config.data.seq_len, config.run.seed)
     eval_tokens = validation_batches([c.validation for c in data.clients], config.data.seq_len,
                                      config.data.eval_batch_size, config.data.eval_batches)
-    deploy_index = np.zeros(topology.n_clients, np.int32) if config.algorithm.name == "centralized" \
+    deploy_index = np.zeros(topology.n_clients, np.int32) if strategies.get(config.algorithm.name).pooled \
         else np.arange(topology.n_clients, dtype=np.int32)
     eval_fn = evaluate.make_evaluator(run.spec, model_def.loss, eval_tokens, deploy_index)
     return Experiment(config, topology, run.run_topology, run.spec, run.strategy, model_def, params, sampler,
