@@ -26,14 +26,21 @@ class ClientResult(NamedTuple):
     tokens: jax.Array  # target tokens seen
 
 
-def make_local_update(loss_fn: LossFn, tx: optax.GradientTransformation, masked_steps: bool = True):
+def make_local_update(loss_fn: LossFn, tx: optax.GradientTransformation, masked_steps: bool = True,
+                      objective_fn: Callable | None = None):
     """Returns `local_update(params, opt_state, tokens_ExBxL1, lr, n_steps) -> ClientResult`.
 
     `n_steps` (<= E) lets federations with fewer local steps share one compiled
     round: steps past it leave the parameters unchanged. With
     `masked_steps=False` every one of the E steps is taken (faster: no select).
+    `objective_fn(params, tokens) -> (value, (loss, n_tokens))`, when given, is
+    what the client descends (e.g. FedProx's proximal loss); `loss` is reported.
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if objective_fn is None:
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    else:
+        objective_grad = jax.value_and_grad(objective_fn, has_aux=True)
+        grad_fn = lambda p, t: (lambda out: (out[0][1], out[1]))(objective_grad(p, t))
 
     def local_update(params, opt_state, tokens_ExBxL1, lr, n_steps) -> ClientResult:
         def step(carry, xs):

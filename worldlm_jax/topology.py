@@ -62,6 +62,16 @@ class Policy:
     dp_clip_lr: float = 0.2  # geometric step of the adaptive clip
     dp_clip_count_stddev: float = 0.0  # noise on the clipped-count query (0 = expected participants / 20)
     dp_scope: str = "all"  # parts clipped and noised: all (B and K: both leave a federation) | backbone
+    # learning rates over root rounds (worldlm_jax.schedules): client_lr at leaf
+    # federations, server_lr everywhere, each times its schedule's factor
+    client_lr_schedule: str = "constant"  # constant | linear_warmup | cosine | warmup_cosine | registered
+    server_lr_schedule: str = "constant"
+    warmup_rounds: int = 0
+    decay_rounds: int = 0  # round the decay ends (0 = the run's last root round)
+    min_lr_ratio: float = 0.0  # the decayed rate's floor, as a fraction of the rate
+    aggregator: str = "mean"  # how children's backbone updates combine (worldlm_jax.aggregators)
+    aggregator_args: Mapping[str, float] = dataclasses.field(default_factory=dict)  # e.g. {trim: 0.2}
+    objective_args: Mapping[str, float] = dataclasses.field(default_factory=dict)  # e.g. {mu: 0.1} (leaf federations)
 
     def validate(self, where: str) -> None:
         def fail(field, value, allowed):
@@ -99,8 +109,42 @@ class Policy:
             fail("dp_clip", self.dp_clip, "adaptive clipping starts from a finite initial clip")
         if not 0 < self.dp_delta < 1:
             fail("dp_delta", self.dp_delta, "expected 0 < delta < 1")
-        if not isinstance(self.server_optimizer, str):
-            fail("server_optimizer", self.server_optimizer, "expected an optimizer name")
+        self._validate_plugins(where, fail)
+
+    def _validate_plugins(self, where: str, fail) -> None:
+        """Named rules must be registered (plug-ins load before configs are read)."""
+        from worldlm_jax import aggregators, optimizers, schedules
+        from worldlm_jax.registry import UnknownNameError
+
+        for name, registry in (("server_optimizer", optimizers.OPTIMIZERS), ("aggregator", aggregators.AGGREGATORS),
+                               ("client_lr_schedule", schedules.SCHEDULES),
+                               ("server_lr_schedule", schedules.SCHEDULES)):
+            if not isinstance(getattr(self, name), str):
+                fail(name, getattr(self, name), f"expected the name of a registered {registry.kind}")
+            try:
+                registry.check(getattr(self, name), f"{where}: policy field '{name}'")
+            except UnknownNameError as e:
+                raise TopologyError(str(e)) from None
+        for name in ("warmup_rounds", "decay_rounds"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+                fail(name, value, "expected an integer >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            fail("min_lr_ratio", self.min_lr_ratio, "expected 0 <= ratio <= 1")
+        for name in ("aggregator_args", "objective_args"):
+            args = getattr(self, name)
+            if not isinstance(args, Mapping) or not all(
+                    isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                    for k, v in args.items()):
+                fail(name, args, "expected a mapping of argument names to numbers, e.g. {trim: 0.2}")
+        declared = aggregators.get(self.aggregator).args
+        unknown = sorted(set(self.aggregator_args) - set(declared))
+        if unknown:
+            fail("aggregator_args", dict(self.aggregator_args),
+                 f"aggregator {self.aggregator!r} takes {', '.join(declared) or 'no arguments'}, not {unknown}")
+        if self.uses_dp and self.aggregator != "mean":
+            fail("aggregator", self.aggregator, "a DP federation releases the clipped, noised mean; use mean "
+                 "(or drop the DP fields)")
 
     @property
     def uses_dp(self) -> bool:
@@ -299,7 +343,10 @@ def _policy(node: Mapping[str, Any], inherited: Policy, where: str) -> Policy:
     if unknown:
         raise TopologyError(f"{where}: unknown policy field(s) {unknown}; valid fields: {', '.join(POLICY_FIELDS)}")
     values = dict(raw)
-    for name in ("client_lr", "server_lr", "tau", "eta", "residual_bias", "parent_bias",
+    for name in ("aggregator_args", "objective_args"):  # merged key by key with the inherited arguments
+        if isinstance(values.get(name), Mapping):
+            values[name] = {**getattr(inherited, name), **values[name]}
+    for name in ("min_lr_ratio", "client_lr", "server_lr", "tau", "eta", "residual_bias", "parent_bias",
                  "dp_noise_multiplier", "dp_clip", "dp_delta", "dp_target_quantile", "dp_clip_lr",
                  "dp_clip_count_stddev"):
         value = values.get(name)

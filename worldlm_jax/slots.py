@@ -1,0 +1,141 @@
+"""The client level of a round: client slots train locally and are reduced, chunk
+by chunk, to per-federation sums.
+
+A slot holds one sampled client (or padding). It starts from what its leaf
+federation broadcasts plus what the client kept, descends the run's client
+objective for its federation's local steps, and is checked (finite, norm
+bound): a diverged client counts as absent. Only per-slot scalars leave a chunk,
+plus what must: the parts a client keeps, each slot's K where its federation
+aggregates K with attention, each slot's backbone update where an aggregator
+needs them all (`aggregators`), and the objective's per-client state.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+
+from worldlm_jax import parallel, tree_ops
+from worldlm_jax.client import make_local_update
+from worldlm_jax.federation import aggregated_parts, clip_norm, sum_children
+from worldlm_jax.objectives import ObjectiveContext
+from worldlm_jax.plan import PARTS, split_parts
+from worldlm_jax.policies import RoundPolicies
+from worldlm_jax.state import Children, EngineState, RoundBatch
+
+if TYPE_CHECKING:
+    from worldlm_jax.engine import RoundStatics
+
+
+def train_slot(rs: "RoundStatics", sent_P, fed_state_P, parent, kept, opt_state, client_state, tokens, lr, steps,
+               args):
+    """One slot: its federation's broadcast parts (gathered here, per chunk, not
+    materialised for every slot) plus the parts the client kept, trained with the
+    run's client objective. Returns (ClientResult, start params, objective state)."""
+    params = {**jax.tree.map(lambda x: x[parent], sent_P), **kept}
+    if not rs.plan.client_opt_persistent:
+        opt_state = rs.client_tx.init(params)
+    objective = rs.objective
+    ctx = ObjectiveContext(params, client_state, jax.tree.map(lambda x: x[parent], fed_state_P), args)
+    objective_fn = None
+    if objective.loss is not None:
+        objective_fn = lambda p, t: objective.loss(rs.spec.loss_fn, p, t, ctx)
+    local_update = make_local_update(rs.spec.loss_fn, rs.client_tx, rs.masked_steps, objective_fn)
+    result = local_update(params, opt_state, tokens, lr, steps)
+    new_state, report = client_state, {}
+    if objective.after_training is not None:
+        new_state, report = objective.after_training(ctx, result.params, result.steps, lr)
+    return result, params, new_state, report
+
+
+def train_chunk(rs: "RoundStatics", st: RoundPolicies, sent_P, clip_P, fed_state_P, parent_N, kept_N, opt_N,
+                client_state_N, tokens_N, lr_N, steps_N, args_N, weight_N, present_N):
+    """A chunk of slots: train, check each update (finite, norm), and reduce the
+    chunk to per-federation sums."""
+    d = rs.topo.depth - 1
+    train = lambda *a: train_slot(rs, sent_P, fed_state_P, *a)
+    result, start, client_state, report = jax.vmap(train)(parent_N, kept_N, opt_N, client_state_N, tokens_N,
+                                                         lr_N, steps_N, args_N)
+    update = tree_ops.sub(result.params, start)
+    mean_loss = result.loss_sum / jnp.maximum(result.steps, 1.0)
+    valid = (tree_ops.row_all_finite(update) & jnp.isfinite(mean_loss)
+             & (tree_ops.row_sq_norms(update) <= rs.spec.max_update_norm ** 2))
+    weight = jnp.where(valid & present_N, weight_N, 0.0)
+    delta = aggregated_parts(rs, d, update)
+    sums, dp_norm = sum_children(rs, st, d, delta, weight, parent_N, clip_P[parent_N], report)
+    final = split_parts(result.params, rs.spec.key_paths)
+    per_slot = dict(loss=mean_loss, tokens=result.tokens, valid=valid, weight=weight, dp_norm=dp_norm,
+                    kept={part: final[part] for part in rs.plan.client_keeps},
+                    K=final["K"] if rs.leaf_k_attention else {},
+                    B=delta["B"] if rs.stacked[d] else {},
+                    opt=result.opt_state if rs.plan.client_opt_persistent else (),
+                    objective=client_state if rs.objective.init_client is not None else {})
+    return per_slot, sums
+
+
+def _skip_if_absent(chunk_fn):
+    """Skip a chunk in which no slot takes part (padding, clients not sampled,
+    federations not sampled): its zeros are absent slots to every consumer."""
+    def run(*args):
+        present_N = args[-1]
+        absent = lambda *a: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(chunk_fn, *a))
+        return jax.lax.cond(jnp.any(present_N), chunk_fn, absent, *args)
+    return run
+
+
+def clients_work(rs: "RoundStatics", st: RoundPolicies, state: EngineState, batch: RoundBatch, active_P):
+    """Client slots train locally from what their federation broadcasts (or what
+    they kept); diverged clients are excluded and keep their old state.
+    Returns (state with the clients' kept state written back, metrics, Children)."""
+    topo, plan = rs.topo, rs.plan
+    d = topo.depth - 1
+    lvl = state.levels[d]
+    cid = batch.slot_client
+    safe_cid = jnp.maximum(cid, 0)
+    sent = {**(lvl.B if "B" in plan.broadcast[d] else {}), **(lvl.K if "K" in plan.broadcast[d] else {})}
+    kept = {}
+    for part in PARTS:
+        if part not in plan.broadcast[d]:
+            kept.update(tree_ops.gather(getattr(state.clients, part), safe_cid))
+    opt_state = (tree_ops.gather(state.clients.opt, safe_cid) if plan.client_opt_persistent
+                 else jnp.zeros((topo.n_slots,)))
+    client_state = tree_ops.gather(state.clients.objective, safe_cid)
+    args = {a: v[st.slot_parent] for a, v in st.objective_args.items()}
+    present = (cid >= 0) & active_P[st.slot_parent] & (batch.slot_weight > 0)
+    chunk_fn = lambda *a: train_chunk(rs, st, *a)
+    # Skipping pays with small chunks (CPU); with every slot in one vmap (chunk 0,
+    # accelerators) a whole device is rarely idle and a conditional would only
+    # stand between XLA and the round's fusion.
+    run = parallel.map_reduce_clients(_skip_if_absent(chunk_fn) if rs.spec.chunk > 0 else chunk_fn,
+                                      rs.spec.mesh, rs.spec.chunk, n_shared=3)
+    out, sums = run(sent, clip_norm(rs, st, d, lvl), lvl.objective, st.slot_parent, kept, opt_state, client_state,
+                    batch.tokens, st.client_lr[st.slot_parent], st.steps[st.slot_parent], args, batch.slot_weight,
+                    present)
+    state = state._replace(clients=_write_back(rs, state.clients, out, jnp.where(out["valid"] & present, cid,
+                                                                                  topo.n_clients)))
+    weight = out["weight"]
+    n_leaf = topo.leaf.size
+    metrics = {
+        "train_loss_sum": jax.ops.segment_sum(jnp.where(weight > 0, out["loss"], 0.0), st.slot_parent,
+                                              num_segments=n_leaf),
+        "train_clients": jax.ops.segment_sum((weight > 0).astype(jnp.float32), st.slot_parent, num_segments=n_leaf),
+        "tokens": jnp.sum(jnp.where(present, out["tokens"], 0.0)),
+        "diverged": jnp.sum((present & ~out["valid"]).astype(jnp.float32)),
+    }
+    kids = Children(weight, st.slot_parent, sums, out["dp_norm"], out["K"] if rs.leaf_k_attention else None,
+                    out["B"] if rs.stacked[d] else None)
+    return state, metrics, kids
+
+
+def _write_back(rs: "RoundStatics", clients, out, rows):
+    """Clients that keep state write it back at `rows` (out of range = not: a
+    diverged or absent slot leaves its client as it was)."""
+    put = lambda old, new: jax.tree.map(lambda x, y: x.at[rows].set(y, mode="drop"), old, new)
+    for part in rs.plan.client_keeps:
+        clients = clients._replace(**{part: put(getattr(clients, part), out["kept"][part])})
+    if rs.plan.client_opt_persistent:
+        clients = clients._replace(opt=put(clients.opt, out["opt"]))
+    if rs.objective.init_client is not None:
+        clients = clients._replace(objective=put(clients.objective, out["objective"]))
+    return clients
