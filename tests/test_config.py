@@ -191,3 +191,67 @@ def test_malformed_yaml_file_is_a_config_error(tmp_path):
     path.write_text("tree: [1, 2\n")
     with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
         load_yaml(str(path))
+
+
+# ---- base: and plugins: ----------------------------------------------------------
+def test_base_preset_with_one_override_equals_the_preset_with_it(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("base: tiny\nmodel: {n_layers: 1}\n")
+    assert load_yaml(str(path)) == apply_overrides(configs.get("tiny"), ["model.n_layers=1"])
+    # a base YAML (relative to this one's folder), itself on a preset; tree: replaces the base's whole
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "child.yaml").write_text(
+        "base: ../exp.yaml\nrun: {seed: 3}\ntree: {name: w, children: [{name: en, sources: [man_en], clients: 2}]}\n")
+    child = load_yaml(str(tmp_path / "sub" / "child.yaml"))
+    assert child == apply_overrides(configs.get("tiny"), [
+        "model.n_layers=1", "run.seed=3",
+        "tree={name: w, children: [{name: en, sources: [man_en], clients: 2}]}"])
+    assert child.run.rounds == configs.get("tiny").run.rounds  # the rest of the section kept
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="is a cycle"):
+        load_yaml(str(tmp_path / "loop.yaml"))
+    (tmp_path / "nobase.yaml").write_text("base: tinny\n")
+    with pytest.raises(ConfigError, match=r"base='tinny' is neither a preset \(tiny, demo"):
+        load_yaml(str(tmp_path / "nobase.yaml"))
+
+
+def test_a_string_where_a_section_goes_suggests_base(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("model: tiny\n")
+    with pytest.raises(ConfigError) as error:
+        load_yaml(str(path))
+    message = str(error.value)
+    assert "model must be a mapping of ModelConfig fields, got 'tiny'" in message
+    assert "write 'base: tiny' at the top level" in message and "\n" not in message
+
+
+def test_plugins_in_a_yaml_load_first_relative_to_it(tmp_path):
+    (tmp_path / "lab").mkdir()
+    (tmp_path / "lab" / "opts.py").write_text(
+        "import optax\nfrom worldlm_jax import optimizers\n"
+        "optimizers.OPTIMIZERS.register('config_test_sgd', lambda: optax.sgd(1.0), replace=False)\n")
+    path = tmp_path / "exp.yaml"
+    path.write_text("base: tiny\nplugins: [lab/opts.py]\n"
+                    "algorithm: {client_optimizer: config_test_sgd}\npolicy: {server_optimizer: config_test_sgd}\n")
+    config = load_yaml(str(path))
+    assert config.plugins == (str(tmp_path / "lab" / "opts.py"),)  # absolute: the saved config finds it anywhere
+    assert config.algorithm.client_optimizer == config.policy.server_optimizer == "config_test_sgd"
+    save_yaml(config, str(tmp_path / "saved.yaml"))
+    assert load_yaml(str(tmp_path / "saved.yaml")) == config  # loaded again: not re-run (replace=False)
+    path.write_text("base: tiny\nplugins: [lab/missing.py]\n")
+    with pytest.raises(ConfigError, match=r"plugin file '.*lab/missing.py' not found"):
+        load_yaml(str(path))
+    path.write_text("plugins: lab/opts.py\n")
+    with pytest.raises(ConfigError, match="expected a list of module names or .py paths"):
+        load_yaml(str(path))
+
+
+def test_unknown_registered_names_fail_up_front_in_one_line():
+    for override, field in (("policy.server_optimizer=nope", "server_optimizer"),
+                            ("algorithm.client_optimizer=nope", "algorithm.client_optimizer='nope'"),
+                            ("run.callbacks=[nope]", "run.callbacks='nope'")):
+        with pytest.raises(ConfigError) as error:
+            apply_overrides(configs.get("tiny"), [override])
+        message = str(error.value)
+        assert field in message and "is not a registered" in message and "\n" not in message
+        assert "--plugin" in message  # how to add one

@@ -4,12 +4,17 @@ One dataclass per concept (model, data, algorithm, run, default federation
 policy) plus the tree spec (a mapping, compiled by `topology.build_topology`).
 Library functions take explicit arguments; only train.py and cli.py see the
 whole config.
+
+A YAML file may start from a preset or another YAML (`base: demo`) and list
+plug-in modules to import first (`plugins: [my_optimizers.py]`), so the names
+they register validate; see `load_yaml`.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from typing import Any, Mapping
@@ -18,6 +23,7 @@ import yaml
 
 from worldlm_jax.model import ModelConfig
 from worldlm_jax.partition import KeyLayers
+from worldlm_jax.registry import UnknownNameError
 from worldlm_jax.topology import Policy
 
 
@@ -34,6 +40,14 @@ def _positive(obj, *names):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             section = _SECTIONS.get(type(obj).__name__, type(obj).__name__)
             raise ConfigError(f"{section}.{name}={value!r}; expected an integer >= 1")
+
+
+def _registered(registry, name, field):
+    """One-line error for a name no plug-in registered (ConfigError, so the CLI reports it)."""
+    try:
+        registry.check(name, field)
+    except UnknownNameError as e:
+        raise ConfigError(str(e)) from e
 
 
 def _choice(obj, name, allowed):
@@ -67,18 +81,20 @@ class AlgorithmConfig:
     use_parent: bool = True  # the parent's K is an attention candidate
     residual_dim: int = 0  # > 0: residual similarity on count-sketch embeddings of this size
     client_optimizer: str = "adamw"
+    client_objective: str = "none"  # none | fedprox | registered (worldlm_jax.objectives); args per federation
     max_update_norm: float = math.inf  # a client update above this counts as diverged
     schedule: str = "nested"  # nested | staged (worldlm: first `staged_rounds` root rounds with a global K)
     staged_rounds: int = 0
 
     def __post_init__(self):
-        from worldlm_jax import optimizers, strategies
+        from worldlm_jax import objectives, optimizers, strategies
         from worldlm_jax.aggregation import SIMILARITIES
 
         strategies.check_name(self.name)
         _choice(self, "residuals", ("none", "siblings", "all"))
         _choice(self, "similarity", SIMILARITIES)
-        _choice(self, "client_optimizer", optimizers.names())
+        _registered(optimizers.OPTIMIZERS, self.client_optimizer, "algorithm.client_optimizer")
+        _registered(objectives.OBJECTIVES, self.client_objective, "algorithm.client_objective")
         _choice(self, "schedule", ("nested", "staged"))
         if self.residual_dim < 0:
             raise ConfigError(f"algorithm.residual_dim={self.residual_dim}; expected >= 0 (0 = full K)")
@@ -101,9 +117,14 @@ class RunConfig:
     # (0: every level with a node per device); smaller levels stay replicated, since
     # sharding costs a collective per parameter leaf each round (benchmarks/RESULTS.md)
     shard_state_mb: float = 64.0
+    callbacks: tuple[str, ...] = ()  # registered callback names (worldlm_jax.callbacks), run in this order
 
     def __post_init__(self):
+        from worldlm_jax import callbacks
+
         _positive(self, "rounds")
+        for name in self.callbacks:
+            _registered(callbacks.CALLBACKS, name, "run.callbacks")
         for name in ("eval_every", "checkpoint_every", "devices", "shard_state_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"run.{name}={getattr(self, name)}; expected >= 0")
@@ -129,6 +150,8 @@ class PrivacyConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    # modules or .py files imported before the rest is read (absolute paths once loaded)
+    plugins: tuple[str, ...] = ()
     model: ModelConfig = ModelConfig(d_model=128, n_heads=4, n_layers=3, max_len=128)
     data: DataConfig = DataConfig()
     algorithm: AlgorithmConfig = AlgorithmConfig()
@@ -140,6 +163,8 @@ class Config:
     def validate(self) -> "Config":
         """Checks across sections; run once all overrides are applied (so that
         e.g. raising seq_len and max_len in either order works)."""
+        from worldlm_jax import optimizers
+
         if self.data.seq_len > self.model.max_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_len={self.model.max_len}; "
                               "lower data.seq_len or raise model.max_len")
@@ -147,6 +172,7 @@ class Config:
             self.policy.validate("config 'policy'")
         except ValueError as e:
             raise ConfigError(str(e)) from e
+        _registered(optimizers.OPTIMIZERS, self.policy.server_optimizer, "policy.server_optimizer")
         algo = self.algorithm
         if algo.schedule == "staged" and (algo.name != "worldlm" or not 1 <= algo.staged_rounds < self.run.rounds):
             raise ConfigError(f"algorithm.schedule=staged needs algorithm.name=worldlm and 1 <= algorithm.staged_rounds "
@@ -191,7 +217,10 @@ def _coerce(value, annotation, key: str):
         if isinstance(annotation, type) and isinstance(value, annotation):
             return value
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key} must be a mapping of {annotation.__name__} fields, got {value!r}")
+            # `model: tiny` reads like "the tiny preset"; presets are whole configs, named by `base:`
+            hint = (f"; to start from a preset, write 'base: {value}' at the top level and override only "
+                    "what differs ('worldlm presets' lists them)") if isinstance(value, str) and "." not in key else ""
+            raise ConfigError(f"{key} must be a mapping of {annotation.__name__} fields, got {value!r}{hint}")
         return from_dict(annotation, value, prefix=key)
     if annotation is bool:
         if isinstance(value, bool):
@@ -245,6 +274,8 @@ def from_dict(cls, data: Mapping[str, Any], prefix: str = ""):
         return cls(**values)
     except ConfigError:
         raise
+    except UnknownNameError as e:  # names its field already
+        raise ConfigError(str(e)) from e
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
 
@@ -256,6 +287,64 @@ def _unknown_key(full: str, key: str, valid, prefix: str) -> str:
 
 
 def load_yaml(path: str) -> Config:
+    """A YAML config. Its `plugins` are imported first, so the names they
+    register validate; `base: PRESET_OR_YAML` starts from a preset or another
+    YAML, which the file's sections override key by key (`tree:` replaces the
+    base's tree whole). Relative paths in both are relative to the YAML's folder."""
+    return from_dict(Config, resolve_yaml(path)).validate()
+
+
+def resolve_yaml(path: str, _chain: tuple[str, ...] = ()) -> dict:
+    """The plain mapping of a YAML config with its base merged in and its
+    plugins imported (`plugins` then lists them all, resolved)."""
+    from worldlm_jax import plugins
+
+    path = os.path.realpath(path)
+    if path in _chain:
+        raise ConfigError(f"base: {' -> '.join(_chain + (path,))} is a cycle")
+    data = dict(_read_yaml(path))
+    folder = os.path.dirname(path)
+    specs = data.pop("plugins", None) or []
+    if not isinstance(specs, list) or not all(isinstance(s, str) for s in specs):
+        raise ConfigError(f"{path}: plugins={specs!r}; expected a list of module names or .py paths")
+    base = data.pop("base", None)
+    merged = {}
+    if base is not None:
+        merged = _base_mapping(base, folder, _chain + (path,))
+    loaded = plugins.load_all(specs, folder)
+    merged = merge(merged, data)
+    merged["plugins"] = list(dict.fromkeys([*merged.get("plugins", []), *loaded]))
+    return merged
+
+
+def _base_mapping(base, folder: str, chain: tuple[str, ...]) -> dict:
+    from worldlm_jax import configs
+
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"base={base!r}; expected a preset name ({', '.join(configs.PRESETS)}) or a YAML path")
+    if base in configs.PRESETS:
+        return configs.get(base).to_dict()
+    path = os.path.join(folder, os.path.expanduser(base))
+    if not os.path.isfile(path):
+        raise ConfigError(f"base={base!r} is neither a preset ({', '.join(configs.PRESETS)}) nor a YAML file "
+                          f"({path} not found)")
+    return resolve_yaml(path, chain)
+
+
+def merge(base: Mapping, override: Mapping) -> dict:
+    """`override` laid over `base` key by key, down nested sections (`model:
+    {n_layers: 2}` changes only n_layers), except `tree`, which is replaced whole:
+    a tree is one spec, and merging two lists of children has no clear meaning."""
+    out = dict(base)
+    for key, value in override.items():
+        if key != "tree" and isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: str) -> Mapping:
     with open(path) as f:
         try:
             data = yaml.safe_load(f) or {}
@@ -263,7 +352,7 @@ def load_yaml(path: str) -> Config:
             raise ConfigError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    return from_dict(Config, data).validate()
+    return data
 
 
 def apply_override(config, assignment: str):
@@ -288,6 +377,8 @@ def _set(obj, keys: list[str], value, prefix: str):
             return dataclasses.replace(obj, **{key: new})
         except ConfigError:
             raise
+        except UnknownNameError as e:  # names its field already
+            raise ConfigError(str(e)) from e
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{full}: {e}") from e
     if isinstance(obj, Mapping):

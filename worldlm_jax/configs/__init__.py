@@ -8,9 +8,10 @@ shards of its own data (Dirichlet ~1e3 inside).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable, Sequence
 
-from worldlm_jax.config import Config, ConfigError, DataConfig, RunConfig
+from worldlm_jax.config import Config, ConfigError, DataConfig, RunConfig, load_yaml
 from worldlm_jax.model import preset as model_preset
 from worldlm_jax.topology import Policy
 
@@ -93,3 +94,15 @@ def get(name: str) -> Config:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)} (or a path to a YAML file)")
     return PRESETS[name]()
+
+
+def load(spec: str) -> Config:
+    """A preset name or a path to a YAML config (`config.load_yaml`: its plugins
+    imported, its `base:` merged in)."""
+    if spec in PRESETS:
+        return get(spec)
+    if os.path.isfile(spec):
+        return load_yaml(spec)
+    if spec.endswith((".yaml", ".yml")) or os.sep in spec or "/" in spec:
+        raise ConfigError(f"config file {spec!r} not found")
+    return get(spec)  # raises: unknown preset, listing the presets
