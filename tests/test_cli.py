@@ -84,7 +84,7 @@ def test_presets_lists_every_preset_with_its_docstring():
 @pytest.mark.parametrize("override, expected", [
     ("run.rounds=abc", "run.rounds='abc': expected an integer"),
     ("run.round=3", "Did you mean run.rounds?"),
-    ("algorithm.name=fedsgd", "unknown algorithm 'fedsgd'"),
+    ("algorithm.name=fedsgd", "algorithm.name='fedsgd' is not a registered strategy"),
     ("data.seq_len=4096", "data.seq_len=4096 exceeds model.max_len"),
     ("tree.children=[{name: a, sources: [nope], clients: 2}]", "unknown data source 'nope'"),
 ])
@@ -130,6 +130,47 @@ def test_target_epsilon_goes_into_the_config_or_fails_clearly():
         cli.apply_privacy_target(base, None, 1e-6)
     with pytest.raises(cli.CliError, match="> 0"):
         cli.apply_privacy_target(base, -1.0, None)
+
+
+# ---- plugins ----------------------------------------------------------------------------
+PLUGIN = ("import optax\nfrom worldlm_jax import optimizers\n"
+          "optimizers.OPTIMIZERS.register('cli_test_sgd', lambda: optax.sgd(1.0), replace=False)\n")
+
+
+def test_plugin_registers_an_optimizer_the_yaml_names(tmp_path):
+    (tmp_path / "opts.py").write_text(PLUGIN)
+    path = tmp_path / "exp.yaml"
+    path.write_text("base: tiny\npolicy: {server_optimizer: cli_test_sgd}\n")
+    plan = ["plan", "--config", str(path), "--no-compile", "--json"]
+    code, _, err = run_cli(plan)
+    assert code == 2 and "'cli_test_sgd' is not a registered optimizer" in err  # without the plug-in
+    for argv in (["--plugin", str(tmp_path / "opts.py"), *plan], [*plan, "--plugin", str(tmp_path / "opts.py")]):
+        code, out, err = run_cli(argv)  # before the subcommand or after it; imported once
+        assert code == 0, err
+        assert json.loads(out)["fits"]
+
+
+@pytest.mark.parametrize("plugin, expected", [
+    ("no_such_module_xyz", "plugin 'no_such_module_xyz' failed to import: ModuleNotFoundError"),
+    ("missing/plugin.py", "plugin file '"),
+    ("broken.py", "plugin 'broken.py' failed to import: ZeroDivisionError: division by zero"),
+])
+def test_a_bad_plugin_is_a_one_line_error(plugin, expected, tmp_path, monkeypatch):
+    (tmp_path / "broken.py").write_text("x = 1 / 0\n")
+    monkeypatch.chdir(tmp_path)
+    for argv in (["--plugin", plugin, "plan", "--config", "tiny"], ["train", "--plugin", plugin, *FAST]):
+        code, out, err = run_cli(argv)
+        assert code == 2 and expected in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err + out
+
+
+def test_train_reports_a_callback_stop_as_done(tmp_path, monkeypatch):
+    from worldlm_jax import train as train_lib
+    stopped = {"algorithm": "worldlm", "rounds_completed": 2, "interrupted": True, "stopped_by": "early_stop"}
+    monkeypatch.setattr(train_lib, "train", lambda *args, **kwargs: stopped)
+    code, out, err = run_cli(["train", *FAST, "--skip-memory-check", "--workdir", str(tmp_path / "run")])
+    assert code == 0, err  # a callback's decision, not Ctrl-C (130)
+    assert "stopped by early_stop after 2 rounds" in out
 
 
 # ---- sweep grid (pure) -------------------------------------------------------------------

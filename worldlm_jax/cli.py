@@ -3,7 +3,9 @@
 Every subcommand takes a config the same way: `--config` names a preset
 (`worldlm presets` lists them) or a YAML file, and `--set key.path=value`
 overrides single fields with type checking (values are parsed as YAML).
-`main(argv)` returns the exit code, so tests can call it in-process.
+`--plugin MODULE_OR_FILE` imports user code first, so what it registers can be
+named in the config. `main(argv)` returns the exit code, so tests can call it
+in-process.
 """
 from __future__ import annotations
 
@@ -35,9 +37,15 @@ subcommands:
   presets   list the built-in configs
 
 configs: --config PRESET or --config path/to/config.yaml (every run dir holds its
-config.yaml), then any number of --set key.path=value overrides, e.g.
+config.yaml; a YAML may start from a preset with `base: demo`), then any number of
+--set key.path=value overrides, e.g.
   --set run.rounds=5 --set algorithm.name=fedavg --set policy.client_lr=1e-3
   --set algorithm.key_layers.fraction=0.5 --set data.seq_len=64
+
+plugins: --plugin my_optimizers.py (or a dotted module name; repeatable, before or
+after the subcommand) imports it before the config is read, so the optimizers,
+aggregators, strategies and callbacks it registers can be named in the config
+(a YAML's top-level `plugins:` list does the same).
 """
 
 EPILOG = """\
@@ -50,6 +58,7 @@ examples:
   worldlm sweep --config tiny --grid algorithm.name=worldlm,fedavg --grid run.seed=0,1 --workdir runs/sweep
   worldlm report runs/demo-worldlm runs/demo-fedavg --out runs/report
   worldlm plan --config small                               # memory per device; exit 3 if it cannot fit
+  worldlm --plugin my_optimizers.py train --config tiny --set policy.server_optimizer=my_opt
 
 Re-running train or sweep with the same workdir resumes unfinished runs
 (Ctrl-C finishes the current round, checkpoints and exits cleanly).
@@ -72,19 +81,18 @@ def preset_name(spec: str) -> str:
     return os.path.splitext(os.path.basename(os.path.normpath(spec)))[0] or "config"
 
 
-def load_config(spec: str, overrides: Sequence[str] = ()) -> Config:
-    """A preset or YAML file, with overrides applied; the tree is compiled to check it."""
-    if spec in configs.PRESETS:
-        config = configs.get(spec)
-    elif os.path.isfile(spec):
-        config = load_yaml(spec)
-    elif spec.endswith((".yaml", ".yml")) or os.sep in spec:
-        raise ConfigError(f"config file {spec!r} not found")
-    else:
-        configs.get(spec)  # raises: unknown preset, listing the presets
-        raise AssertionError("unreachable")
+def load_config(spec: str, overrides: Sequence[str] = (), plugins: Sequence[str] = ()) -> Config:
+    """A preset or YAML file, with overrides applied; the tree is compiled to check it.
+
+    `plugins`: resolved specs of --plugin modules (already imported), kept in the
+    config so the saved config.yaml imports them again for eval and resume."""
+    import dataclasses
+
     from worldlm_jax.sweep import normalize_override
 
+    config = configs.load(spec)
+    if plugins:
+        config = dataclasses.replace(config, plugins=tuple(dict.fromkeys((*config.plugins, *plugins))))
     config = apply_overrides(config, [normalize_override(o) for o in overrides])
     check_tree(config)
     return config
@@ -149,11 +157,11 @@ def apply_privacy_target(config: Config, epsilon: float | None, delta: float | N
 def cmd_train(args) -> int:
     from worldlm_jax import sweep, train as train_lib
 
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.set, args.plugins)
     config, extra = apply_privacy_target(config, args.target_epsilon, args.target_delta)
     _check_same_config(config)
     workdir = args.workdir or os.path.join("runs", f"{preset_name(args.config)}-{config.algorithm.name}")
-    sweep.check_resumable(workdir, config)
+    train_lib.check_resumable(workdir, config)  # before the finished-run check: train() checks it too
     done = sweep.finished_summary(workdir, config.run.rounds)
     if done is not None:
         print(f"{workdir} already finished {config.run.rounds} rounds; raise run.rounds to continue it")
@@ -164,13 +172,18 @@ def cmd_train(args) -> int:
         if not args.quiet and _primary():
             print(memory_line(result))
     summary = train_lib.train(config, workdir, quiet=args.quiet, progress=not args.no_progress, **extra)
+    # a callback's stop is the run's own decision, not an interruption to report as Ctrl-C
+    code = 130 if summary.get("interrupted") and "stopped_by" not in summary else 0
     if not _primary():
-        return 130 if summary.get("interrupted") else 0
+        return code
     if args.quiet:  # train printed nothing; the result is still worth one table
         print(train_lib.format_table(summary))
-    state = "interrupted; run the same command to resume" if summary.get("interrupted") else "done"
+    if "stopped_by" in summary:
+        state = f"stopped by {summary['stopped_by']} after {summary['rounds_completed']} rounds"
+    else:
+        state = "interrupted; run the same command to resume" if summary.get("interrupted") else "done"
     print(f"{state}: {os.path.join(workdir, 'summary.json')}")
-    return 130 if summary.get("interrupted") else 0
+    return code
 
 
 def memory_check(config: Config, device_memory_gib: float | None = None):
@@ -194,7 +207,7 @@ def memory_line(result) -> str:
 def cmd_plan(args) -> int:
     from worldlm_jax import memory_plan, train as train_lib
 
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.set, args.plugins)
     train_lib.prepare_backend(config.model)  # plan the program training compiles (bf16 products' form)
     result = memory_plan.plan(config, compile=not args.no_compile, device_memory_gib=args.device_memory)
     print(memory_plan.to_json(result) if args.json else memory_plan.format_plan(result))
@@ -264,7 +277,7 @@ def format_eval(result: dict) -> str:
 def cmd_sweep(args) -> int:
     from worldlm_jax import sweep
 
-    base = load_config(args.config, args.set)
+    base = load_config(args.config, args.set, args.plugins)
     _check_same_config(base)
     grid = sweep.parse_grid(args.grid)
     points = sweep.grid_points(grid)
@@ -319,6 +332,14 @@ def _add_config_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_P
                         "e.g. --set run.rounds=5")
 
 
+def _add_plugin_arg(p: argparse.ArgumentParser, dest: str) -> None:
+    # Separate dests before and after the subcommand: a subparser's default would
+    # otherwise overwrite what was given before it.
+    p.add_argument("--plugin", action="append", dest=dest, default=None, metavar="MODULE_OR_FILE",
+                   help="import a module (dotted name) or .py file first, so the optimizers, aggregators, "
+                        "strategies and callbacks it registers can be named in the config (repeatable)")
+
+
 def _add_distributed_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("multi-process runs (JAX's multi-controller runtime; the same command on every "
                              "process, with the same config, seed and data)")
@@ -359,6 +380,7 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worldlm", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_plugin_arg(parser, "plugins_before")
     sub = parser.add_subparsers(dest="command", metavar="{train,eval,sweep,report,plan,presets}")
     raw = argparse.RawDescriptionHelpFormatter
 
@@ -375,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-memory-check", action="store_true",
                    help="start without checking that the round fits a device's memory ('worldlm plan')")
     _add_device_memory_arg(p)
+    _add_plugin_arg(p, "plugins_after")
     _add_distributed_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -387,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation windows (default; what training reports) or as many windows cut "
                         "from the clients' training data (written to eval_train.json)")
     p.add_argument("--step", type=int, default=None, help="checkpoint round to evaluate (default: latest)")
+    _add_plugin_arg(p, "plugins_after")
     _add_distributed_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -411,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "trains its points on its own N/S devices. Default: the largest divisor of N that "
                         "is <= the number of points (points are padded to a multiple of S)")
     _add_output_args(p)
+    _add_plugin_arg(p, "plugins_after")
     _add_distributed_args(p)
     p.set_defaults(func=cmd_sweep)
 
@@ -439,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true",
                    help="the estimate only: skip compiling the round for XLA's figure (seconds faster)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON line")
+    _add_plugin_arg(p, "plugins_after")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("presets", help="list the built-in configs")
@@ -447,18 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # On CPU, one XLA device per core: clients are sharded one device per core,
-    # 1.4x a single multi-threaded device (benchmarks/RESULTS.md). Must happen
-    # before JAX starts; it touches only the host platform, so accelerators are
-    # unaffected, and an XLA_FLAGS that already sets a count wins.
-    from worldlm_jax.parallel import configure_cpu_devices
-    configure_cpu_devices(os.cpu_count() or 1)
+    from worldlm_jax import train as train_lib
+    train_lib.configure_devices()  # one CPU device per core, before JAX starts (as train() does)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    from worldlm_jax import distributed
+    from worldlm_jax import distributed, plugins
     from worldlm_jax.checkpoint import CheckpointError
     from worldlm_jax.memory_plan import DoesNotFit
     from worldlm_jax.topology import TopologyError
@@ -467,6 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(args, "coordinator"):  # before JAX starts its backends
             distributed.initialize(args.coordinator, args.num_processes, args.process_id, args.distributed == "auto",
                                    args.distributed_timeout or distributed.DEFAULT_TIMEOUT_S)
+        # after joining the processes: a plug-in may touch JAX's devices when imported
+        args.plugins = plugins.load_all([*(args.plugins_before or []), *(getattr(args, "plugins_after", None) or [])])
         return args.func(args)
     except DoesNotFit as e:
         print(f"worldlm {args.command}: error: {e}", file=sys.stderr)

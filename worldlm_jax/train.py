@@ -2,7 +2,11 @@
 
 Orchestration only (no math): the host samples clients, cuts batches for the
 next round while the current one runs, logs metrics fetched asynchronously,
-checkpoints, and resumes. All numerics live in the one jitted round function.
+runs callbacks, checkpoints, and resumes. All numerics live in the one jitted
+round function.
+
+This module is also the package's entry point: `worldlm_jax.train(config,
+workdir, callbacks=...)` calls `train` below (see `_CallableModule`).
 """
 from __future__ import annotations
 
@@ -12,8 +16,11 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
+import sys
 import time
+import types
 import warnings
 from typing import Any, Callable
 
@@ -24,6 +31,7 @@ import numpy as np
 from worldlm_jax import blueprint, communication, distributed, dp_ledger, engine, evaluate, model as model_lib
 from worldlm_jax import parallel, strategies
 from worldlm_jax import privacy
+from worldlm_jax import callbacks as callbacks_lib
 from worldlm_jax.config import Config, save_yaml
 from worldlm_jax.data import corpus, pipeline
 from worldlm_jax.data.federated import RoundSampler, validation_batches
@@ -219,17 +227,36 @@ def describe_eval(exp: Experiment, nll_C: np.ndarray) -> dict:
             "per_federation": per_fed}
 
 
+def per_federation(metrics: dict, key: str, names, static) -> dict[str, float]:
+    """{federation: value} of a per-federation round metric, or the `static`
+    policy values when the round does not report it. A level that runs nested
+    rounds may report one row per round: the last row is what the round ended with.
+    Values are written as the shortest decimal of their own dtype, so a float32
+    rate of 3e-3 reads 0.003 (as the static policy value does), not 0.0030000000260."""
+    if key not in metrics:
+        return dict(zip(names, map(float, static)))
+    values = np.asarray(metrics[key]).reshape(-1, len(names))[-1]
+    return {name: float(str(value)) for name, value in zip(names, values)}
+
+
 def round_record(exp: Experiment, round_index: int, metrics: dict, seconds: float) -> dict:
-    """Plain-Python metrics of one round (after an async device fetch)."""
-    leaf = exp.run_topology.leaf.names
+    """Plain-Python metrics of one round (after an async device fetch).
+
+    client_lr / server_lr are the rates this round used (the engine's
+    `level{d}/client_lr` and `level{d}/server_lr` metrics, which schedules
+    move), falling back to the policies' static rates when it reports none."""
+    topo = exp.run_topology
+    leaf = topo.leaf.names
     loss = np.asarray(metrics["train_loss_sum"]) / np.maximum(np.asarray(metrics["train_clients"]), 1)
     record = {"round": round_index, "seconds": seconds, "train_loss": float(np.mean(loss)),
               "train_loss_per_federation": dict(zip(leaf, map(float, loss))),
               "tokens": float(metrics["tokens"]), "tokens_per_s": float(metrics["tokens"]) / max(seconds, 1e-9),
               "diverged_clients": float(metrics["diverged"]),
-              "client_lr": {name: p.client_lr for name, p in zip(leaf, exp.run_topology.leaf.policies)},
-              "server_lr": {name: p.server_lr for lvl in exp.run_topology.levels
-                            for name, p in zip(lvl.names, lvl.policies)}}
+              "client_lr": per_federation(metrics, f"level{topo.depth - 1}/client_lr", leaf,
+                                          [p.client_lr for p in topo.leaf.policies]),
+              "server_lr": {name: lr for d, lvl in enumerate(topo.levels)
+                            for name, lr in per_federation(metrics, f"level{d}/server_lr", lvl.names,
+                                                           [p.server_lr for p in lvl.policies]).items()}}
     for key, value in metrics.items():
         if key.startswith("level"):
             record[key] = np.asarray(value).tolist()
@@ -252,10 +279,62 @@ def prepare_backend(model_config: model_lib.ModelConfig) -> None:
                       f"the same, only slower.", stacklevel=3)
 
 
-def train(config: Config, workdir: str, quiet: bool = False, progress: bool = True) -> dict:
-    """Train (or resume) the run in `workdir`; returns the summary (also written)."""
-    from worldlm_jax import checkpoint, metrics as metrics_lib
+_DEVICE_COUNT_FLAG = "xla_force_host_platform_device_count"
+_warned_devices = False
 
+
+def configure_devices() -> None:
+    """On CPU, one XLA device per core: clients are sharded one device per core,
+    1.4x a single multi-threaded device (benchmarks/RESULTS.md).
+
+    XLA reads the count once, when JAX starts its backends, so `worldlm` and
+    `train` call this first. It touches only the host platform (accelerators are
+    unaffected), and an XLA_FLAGS that already sets a count wins. When JAX has
+    already started with fewer CPU devices than cores (and not because XLA_FLAGS
+    asked for that many), warns once how to get one device per core."""
+    global _warned_devices
+    from jax._src import xla_bridge  # no public API says whether the backends have started
+
+    cores = os.cpu_count() or 1
+    if not xla_bridge.backends_are_initialized():
+        parallel.configure_cpu_devices(cores)
+        return
+    asked = re.search(rf"{_DEVICE_COUNT_FLAG}=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    have = jax.local_device_count()
+    if _warned_devices or jax.default_backend() != "cpu" or have >= cores or (asked and int(asked[1]) == have):
+        return
+    _warned_devices = True
+    warnings.warn(f"JAX started with {have} CPU device(s) on this {cores}-core machine before worldlm_jax could "
+                  f"ask for one per core, so clients share {have} device(s) (one per core trains about 1.4x "
+                  f"faster); call worldlm_jax.train before anything uses JAX, or set "
+                  f"XLA_FLAGS=--{_DEVICE_COUNT_FLAG}={cores} before JAX starts", stacklevel=3)
+
+
+def check_resumable(workdir: str, config: Config) -> None:
+    """ConfigError naming the differing fields when `workdir` holds checkpoints of
+    a run with another config (only sweep.RESUMABLE_KEYS, such as run.rounds, may
+    change): resuming it would silently mix hyper-parameters."""
+    from worldlm_jax import sweep
+
+    sweep.check_resumable(workdir, config)
+
+
+def train(config: Config | str, workdir: str, quiet: bool = False, progress: bool = True,
+          callbacks=()) -> dict:
+    """Train (or resume) the run in `workdir`; returns the summary (also written).
+
+    `config`: a Config, a preset name or a YAML path. `callbacks`: Callback
+    instances (or registered names) run after those named in run.callbacks.
+    Refuses (ConfigError) a workdir whose checkpoints belong to another config.
+    """
+    from worldlm_jax import checkpoint, configs, metrics as metrics_lib, plugins
+
+    configure_devices()
+    if isinstance(config, str):
+        config = configs.load(config)
+    plugins.load_all(config.plugins)  # a config built in this process has them; one read elsewhere may not
+    hooks = callbacks_lib.build(config, callbacks)
+    check_resumable(workdir, config)
     os.makedirs(workdir, exist_ok=True)
     prepare_backend(config.model)
     if config.run.compilation_cache:
@@ -286,8 +365,12 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
     rounds = config.run.rounds
     key = jax.random.PRNGKey(config.run.seed + 1)
     prefetch = Prefetcher(exp, start, rounds)
-    fetcher = metrics_lib.AsyncFetcher(lag=1)
+    # lag 1 dispatches round r+1 before reading round r's metrics (the device never
+    # waits on logging); callbacks must see round r before round r+1 starts, so
+    # they read each round as it ends. The records are the same either way.
+    fetcher = metrics_lib.AsyncFetcher(lag=0 if hooks else 1)
     stop = {"now": False}
+    stopped_by: list[str] = []  # callbacks that asked to stop
     old_handler = signal.getsignal(signal.SIGINT)
 
     def on_sigint(signum, frame):  # finish the round, checkpoint, exit cleanly
@@ -302,12 +385,13 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
         from tqdm import tqdm
         bar = tqdm(total=rounds, initial=start, unit="round", dynamic_ncols=True)
     r = start
+    evaluated = -1  # the round count at the last eval_every evaluation
     clock = {"last": time.perf_counter()}
     privacy_after: dict = {}
 
     def log(done):
-        # Converting round r's metrics waits for round r to finish (round r+1 is
-        # already queued), so the gap between conversions is the round time.
+        # Converting round r's metrics waits for round r to finish (at lag 1, round
+        # r+1 is already queued), so the gap between conversions is the round time.
         for rec_round, m in done:
             m = jax.tree.map(np.asarray, m)
             now = time.perf_counter()
@@ -316,12 +400,13 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
                 rec["privacy"] = privacy_after.pop(rec_round)
             clock["last"] = now
             writer.write(rec)
+            stopped_by.extend(callbacks_lib.notify(hooks, "on_round_end", rec_round, rec))
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['train_loss']:.3f}", ppl=f"{math.exp(min(rec['train_loss'], 50)):.1f}",
                                 tok_s=f"{rec['tokens_per_s']:.0f}")
 
     try:
-        while r < rounds and not distributed.any_process(stop["now"]):
+        while r < rounds and not distributed.any_process(stop["now"] or bool(stopped_by)):
             if config.privacy.target_epsilon > 0:
                 over = dp_ledger.exceeding(exp.run_topology, accountants, config.privacy.target_epsilon)
                 if over:
@@ -340,7 +425,10 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
             if bar is not None:
                 bar.update(1)
             if config.run.eval_every and r % config.run.eval_every == 0 and r < rounds:
-                writer.write({"round": r - 1, "eval": describe_eval(exp, np.asarray(exp.eval_fn(state)))})
+                evaluation = describe_eval(exp, np.asarray(exp.eval_fn(state)))
+                writer.write({"round": r - 1, "eval": evaluation})
+                stopped_by.extend(callbacks_lib.notify(hooks, "on_eval_end", r - 1, evaluation))
+                evaluated = r
             if config.run.checkpoint_every and r % config.run.checkpoint_every == 0:
                 log(fetcher.flush())
                 ckpt.save(r, state, host_state(r), force=True)
@@ -358,6 +446,8 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
             pass
     final = describe_eval(exp, np.asarray(exp.eval_fn(state)))
     writer.write({"round": r - 1, "eval": final, "final": True})
+    if evaluated != r:  # callbacks saw this state's evaluation already otherwise
+        callbacks_lib.notify(hooks, "on_eval_end", r - 1, final)
     writer.close()
     ckpt.close()
     if primary:
@@ -366,6 +456,7 @@ def train(config: Config, workdir: str, quiet: bool = False, progress: bool = Tr
         "algorithm": config.algorithm.name,
         "rounds_completed": r,
         "interrupted": r < rounds,
+        **({"stopped_by": ", ".join(dict.fromkeys(stopped_by))} if stopped_by and r < rounds else {}),
         "eval": final,
         "compiles": exp.compiles(),
         "wall_seconds": time.perf_counter() - t0,
@@ -432,3 +523,16 @@ def format_table(summary: dict) -> str:
     lines += [f"{name:<{width}} {ppl:10.3f}" for name, ppl in ev["per_federation"].items()]
     lines.append(f"{'overall':<{width}} {ev['perplexity']:10.3f}   ({ev['bits_per_byte']:.3f} bits/byte)")
     return "\n".join(lines)
+
+
+class _CallableModule(types.ModuleType):
+    """`worldlm_jax.train(config, workdir, ...)` calls `train` above. A function
+    named `train` in the package would be replaced by this module the first time
+    anything imports it (`from worldlm_jax import train as train_lib`), so the
+    module itself is made callable: both spellings keep working."""
+
+    def __call__(self, config: Config | str, workdir: str, **kwargs) -> dict:
+        return train(config, workdir, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
