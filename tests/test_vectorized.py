@@ -134,3 +134,23 @@ def test_sweep_rejects_points_that_change_the_key_layer_rule():
     base = apply_overrides(configs.tiny(), ["run.rounds=1", "algorithm.name=worldlm"])
     with pytest.raises(ValueError, match="k_agg"):
         vectorized.run([base, apply_overrides(base, ["policy.k_agg=mean"])])
+
+
+def test_a_sweep_over_warmup_lengths_is_one_program_and_each_point_warms_up_as_alone():
+    """Schedules are evaluated from the round index inside the round, their
+    lengths are policy arrays: points with other warmups share the program."""
+    base = apply_overrides(configs.tiny(), ["run.rounds=2", "policy.client_lr=3e-3",
+                                            "policy.client_lr_schedule=warmup_cosine"])
+    points = [apply_overrides(base, [f"policy.warmup_rounds={w}"]) for w in (0, 4)]
+    evals, _, compiles = vectorized.run(points)
+    assert compiles == 1
+    assert evals[0]["perplexity"] != evals[1]["perplexity"]
+    alone = train.build_experiment(base)
+    evaluation, _ = separate_run(alone, points[1])
+    np.testing.assert_allclose(evals[1]["perplexity"], evaluation["perplexity"], rtol=2e-4)
+
+
+def test_sweep_rejects_points_that_change_a_named_rule():
+    base = apply_overrides(configs.tiny(), ["run.rounds=1"])
+    with pytest.raises(ValueError, match="aggregator"):
+        vectorized.run([base, apply_overrides(base, ["policy.aggregator=median"])])

@@ -126,6 +126,25 @@ def sketch(tree_N: Params, dim: int) -> Params:
     return out
 
 
+def _residual_similarity(similarity: str, R_M: Params, K_P: Params, mean_P: Params, full_dots, onehot,
+                         residual_dim: int) -> jax.Array:
+    """(P, M, G) similarity of every residual candidate R_m - K_n to node n's
+    query, from dot products; on count-sketch embeddings when `residual_dim` > 0
+    (`full_dots` = (kk, km, mm) of the full K, reused otherwise)."""
+    if residual_dim > 0:
+        Re, Ke, Me = (sketch(t, residual_dim) for t in (R_M, K_P, mean_P))
+        kk, km, mm = _rowdot(Ke, Ke, onehot), _rowdot(Ke, Me, onehot), _rowdot(Me, Me, onehot)
+    else:
+        (Re, Ke, Me), (kk, km, mm) = (R_M, K_P, mean_P), full_dots
+    rr_M = _rowdot(Re, Re, onehot)
+    kr = _gram(Ke, Re, onehot)
+    mr = _gram(Me, Re, onehot)
+    dd = rr_M[None] - 2 * kr + kk[:, None]
+    dm = mr - km[:, None]
+    kd = kr - kk[:, None]
+    return _similarity(similarity, dd, dm, mm[:, None], kd, km[:, None], kk[:, None])
+
+
 def attend_keys(
     node_K_P: Params,
     child_K_N: Params,
@@ -168,82 +187,77 @@ def attend_keys(
     mean_P, total_P = tree_ops.weighted_mean(delta_N, w_N, child_parent_N, P)
     K32 = {p: node_K_P[p].astype(jnp.float32) for p in paths}
     n_children_P = jax.ops.segment_sum((w_N > 0).astype(jnp.float32), child_parent_N, num_segments=P)
-    ext_log_prior_P = -jnp.log(jnp.maximum(n_children_P, 1.0))
+    ext_log_prior_P = -jnp.log(jnp.maximum(n_children_P, 1.0))  # a residual or the parent: one average child
 
     attention = (policy.mode == 0)[:, None]
     inv_tau = jnp.where(attention, 1.0 / policy.tau[:, None], 0.0)  # (P, 1)
-    mm_P = _rowdot(mean_P, mean_P, onehot)
-    km_P = _rowdot(K32, mean_P, onehot)
-    kk_P = _rowdot(K32, K32, onehot)
-
-    # children
+    dots = (_rowdot(K32, K32, onehot), _rowdot(K32, mean_P, onehot), _rowdot(mean_P, mean_P, onehot))
     g = lambda x: jnp.take(x, child_parent_N, axis=0)
-    mean_N = tree_ops.gather(mean_P, child_parent_N)
-    K_N = tree_ops.gather(K32, child_parent_N)
-    sim_N = _similarity(similarity, _rowdot(delta_N, delta_N, onehot), _rowdot(delta_N, mean_N, onehot),
-                        g(mm_P), _rowdot(K_N, delta_N, onehot), g(km_P), g(kk_P))
+
+    # children: prior = data share
+    sim_N = _candidate_similarity(similarity, delta_N, tree_ops.gather(mean_P, child_parent_N),
+                                  tree_ops.gather(K32, child_parent_N), tuple(map(g, dots)), onehot)
     share_N = w_N / jnp.maximum(g(total_P), _EPS)
     logit_N = jnp.where((w_N > 0)[:, None], sim_N * g(inv_tau) + jnp.log(jnp.maximum(share_N, _EPS))[:, None],
                         -jnp.inf)
-    max_P = jax.ops.segment_max(logit_N, child_parent_N, num_segments=P)
-
+    logit_R = logit_p = None
     # residual candidates: delta_nm = R_m - K_n, all from dot products
-    use_res = residual_K_M is not None and residual_mask_PxM is not None
-    if use_res:
+    if residual_K_M is not None and residual_mask_PxM is not None:
         R = {p: residual_K_M[p].astype(jnp.float32) for p in paths}
-        if residual_dim > 0:
-            Re, Ke, Me = (sketch(t, residual_dim) for t in (R, K32, mean_P))
-            kk_e, km_e, mm_e = _rowdot(Ke, Ke, onehot), _rowdot(Ke, Me, onehot), _rowdot(Me, Me, onehot)
-        else:
-            Re, Ke, Me, kk_e, km_e, mm_e = R, K32, mean_P, kk_P, km_P, mm_P
-        rr_M = _rowdot(Re, Re, onehot)
-        kr = _gram(Ke, Re, onehot)
-        mr = _gram(Me, Re, onehot)
-        dd = rr_M[None] - 2 * kr + kk_e[:, None]
-        dm = mr - km_e[:, None]
-        kd = kr - kk_e[:, None]
-        sim_R = _similarity(similarity, dd, dm, mm_e[:, None], kd, km_e[:, None], kk_e[:, None])
+        sim_R = _residual_similarity(similarity, R, K32, mean_P, dots, onehot, residual_dim)
         allowed = residual_mask_PxM[:, :, None] & attention[:, :, None]
         logit_R = jnp.where(allowed, sim_R * inv_tau[:, :, None]
                             + (ext_log_prior_P + policy.residual_bias)[:, None, None], -jnp.inf)
-        max_P = jnp.maximum(max_P, jnp.max(logit_R, axis=1))
-
-    use_parent = parent_K_P is not None
-    if use_parent:
-        Kp = {p: parent_K_P[p].astype(jnp.float32) for p in paths}
-        delta_p = tree_ops.sub(Kp, K32)
-        sim_p = _similarity(similarity, _rowdot(delta_p, delta_p, onehot), _rowdot(delta_p, mean_P, onehot),
-                            mm_P, _rowdot(K32, delta_p, onehot), km_P, kk_P)
+    if parent_K_P is not None:
+        delta_p = tree_ops.sub({p: parent_K_P[p].astype(jnp.float32) for p in paths}, K32)
+        sim_p = _candidate_similarity(similarity, delta_p, mean_P, K32, dots, onehot)
         logit_p = jnp.where(attention, sim_p * inv_tau + (ext_log_prior_P + policy.parent_bias)[:, None], -jnp.inf)
-        max_P = jnp.maximum(max_P, logit_p)
-
-    max_P = jnp.where(jnp.isfinite(max_P), max_P, 0.0)
-    e_N = jnp.exp(logit_N - g(max_P))
-    norm_P = jax.ops.segment_sum(e_N, child_parent_N, num_segments=P)
-    if use_res:
-        e_R = jnp.exp(logit_R - max_P[:, None, :])
-        norm_P = norm_P + jnp.sum(e_R, axis=1)
-    if use_parent:
-        e_p = jnp.exp(logit_p - max_P)
-        norm_P = norm_P + e_p
-    norm_P = jnp.maximum(norm_P, _EPS)
-    a_N = e_N / g(norm_P)  # (N, G)
+    a_N, a_R, a_p = _softmax(logit_N, logit_R, logit_p, child_parent_N, P)
 
     step_P = jnp.where((policy.mode != 2) & (total_P > 0), policy.eta, 0.0)
-    out, res_w, par_w = {}, jnp.zeros((P, 0)), jnp.zeros(P)
+    out = {}
     for p in paths:
         gi = groups[p]
         move = tree_ops.weighted_sum({p: delta_N[p]}, a_N[:, gi], child_parent_N, P)[p]
-        if use_res:
-            a_R = e_R[:, :, gi] / norm_P[:, None, gi]
+        if a_R is not None:  # sum_m a_m (R_m - K_n)
             flat_R = R[p].reshape(R[p].shape[0], -1)
-            move = move + (a_R @ flat_R).reshape(move.shape) - tree_ops.expand_rows(a_R.sum(1), K32[p]) * K32[p]
-        if use_parent:
-            a_p = e_p[:, gi] / norm_P[:, gi]
-            move = move + tree_ops.expand_rows(a_p, K32[p]) * delta_p[p]
+            move = (move + (a_R[:, :, gi] @ flat_R).reshape(move.shape)
+                    - tree_ops.expand_rows(a_R[:, :, gi].sum(1), K32[p]) * K32[p])
+        if a_p is not None:
+            move = move + tree_ops.expand_rows(a_p[:, gi], K32[p]) * delta_p[p]
         out[p] = (K32[p] + tree_ops.expand_rows(step_P, move) * move).astype(node_K_P[p].dtype)
-    if use_res:
-        res_w = jnp.mean(e_R / norm_P[:, None, :], axis=2)
-    if use_parent:
-        par_w = jnp.mean(e_p / norm_P, axis=1)
+    res_w = jnp.mean(a_R, axis=2) if a_R is not None else jnp.zeros((P, 0))
+    par_w = jnp.mean(a_p, axis=1) if a_p is not None else jnp.zeros(P)
     return out, AttentionInfo(jnp.mean(a_N, axis=1), res_w, par_w)
+
+
+def _candidate_similarity(kind: str, delta, mean, K, node_dots, onehot) -> jax.Array:
+    """(rows, G) similarity of candidate deltas to the query `mean`, given the
+    node's (kk, km, mm) dot products."""
+    kk, km, mm = node_dots
+    return _similarity(kind, _rowdot(delta, delta, onehot), _rowdot(delta, mean, onehot), mm,
+                       _rowdot(K, delta, onehot), km, kk)
+
+
+def _softmax(logit_N, logit_R, logit_p, child_parent_N, P):
+    """Each node's softmax over its candidates: children (N, G), residuals
+    (P, M, G) and the parent (P, G); absent kinds are None (and stay None)."""
+    g = lambda x: jnp.take(x, child_parent_N, axis=0)
+    max_P = jax.ops.segment_max(logit_N, child_parent_N, num_segments=P)
+    if logit_R is not None:
+        max_P = jnp.maximum(max_P, jnp.max(logit_R, axis=1))
+    if logit_p is not None:
+        max_P = jnp.maximum(max_P, logit_p)
+    max_P = jnp.where(jnp.isfinite(max_P), max_P, 0.0)
+    e_N = jnp.exp(logit_N - g(max_P))
+    norm_P = jax.ops.segment_sum(e_N, child_parent_N, num_segments=P)
+    e_R = e_p = None
+    if logit_R is not None:
+        e_R = jnp.exp(logit_R - max_P[:, None, :])
+        norm_P = norm_P + jnp.sum(e_R, axis=1)
+    if logit_p is not None:
+        e_p = jnp.exp(logit_p - max_P)
+        norm_P = norm_P + e_p
+    norm_P = jnp.maximum(norm_P, _EPS)
+    return (e_N / g(norm_P), None if e_R is None else e_R / norm_P[:, None, :],
+            None if e_p is None else e_p / norm_P)

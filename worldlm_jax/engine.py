@@ -6,7 +6,7 @@ parameter parts (B = backbone, K = key layers) are broadcast down each edge of
 the tree, which are aggregated at each level, which a client keeps between
 rounds, and whose copy a client deploys. The map of one root round:
 
-    run_round                      policies at this round (`policies.scheduled`: learning-rate schedules)
+    run_round                      policies at this round (`policy_arrays.scheduled`: learning-rate schedules)
       fed_round(level 0)
         federations_work(d)        broadcast to the child federations, which each run
           run_rounds(d + 1)          their own `rounds` rounds (scan) of fed_round(d + 1)
@@ -36,18 +36,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from worldlm_jax import aggregators, objectives, optimizers, parallel, policies, slots, tree_ops
+from worldlm_jax import aggregators, objectives, optimizers, parallel, policy_arrays, slots, tree_ops
 from worldlm_jax.federation import aggregate, aggregated_parts, clip_norm, sum_children
 from worldlm_jax.objectives import ClientObjective
 from worldlm_jax.plan import (PARTS, EngineSpec, Plan, level_kinds, level_rounds, local_steps, residual_mask,
                               server_kinds, split_parts)
-from worldlm_jax.policies import RoundPolicies, round_policies, sample_children
+from worldlm_jax.policy_arrays import RoundPolicies, round_policies, sample_children
 from worldlm_jax.state import (Children, ClientState, EngineState, LevelState, RoundBatch, deployed_params,
                                init_state, levels_worth_sharding, pad_state, place_state, repad_state,
                                state_partition_specs, state_shardings, stored_rows, unpad_state)
 from worldlm_jax.topology import Topology
 
-__all__ = [  # the round, plus what callers reach through `engine.` (defined in plan, state, policies)
+__all__ = [  # the round, plus what callers reach through `engine.` (defined in plan, state, policy_arrays)
     "RoundStatics", "round_statics", "make_round", "fed_round", "federations_work", "run_rounds", "batch_shape",
     "EngineSpec", "Plan", "PARTS", "level_rounds", "local_steps", "split_parts", "RoundPolicies",
     "round_policies", "sample_children", "EngineState", "LevelState", "ClientState", "RoundBatch", "Children",
@@ -146,7 +146,7 @@ def make_round(spec: EngineSpec) -> Callable:
 
 def policies_at(rs: RoundStatics, st: RoundPolicies, round_index) -> RoundPolicies:
     """The policies of root round `round_index`: learning rates on their schedules."""
-    return policies.scheduled(st, round_index, rs.client_schedules, rs.server_schedules)
+    return policy_arrays.scheduled(st, round_index, rs.client_schedules, rs.server_schedules)
 
 
 def learning_rate_metrics(rs: RoundStatics, st: RoundPolicies) -> dict:

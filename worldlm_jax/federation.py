@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from worldlm_jax import aggregation, aggregators, privacy, tree_ops
 from worldlm_jax.plan import PARTS, Params, split_parts
-from worldlm_jax.policies import RoundPolicies
+from worldlm_jax.policy_arrays import RoundPolicies
 from worldlm_jax.state import Children, EngineState, LevelState
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from worldlm_jax.client import make_local_update
 from worldlm_jax.federation import aggregated_parts, clip_norm, sum_children
 from worldlm_jax.objectives import ObjectiveContext
 from worldlm_jax.plan import PARTS, split_parts
-from worldlm_jax.policies import RoundPolicies
+from worldlm_jax.policy_arrays import RoundPolicies
 from worldlm_jax.state import Children, EngineState, RoundBatch
 
 if TYPE_CHECKING:

@@ -1,9 +1,8 @@
 """The federation tree, compiled once into flat static arrays.
 
 A tree spec (a dict, usually from YAML) names federations, their children and
-their policies. Every federation is autonomous: its policy (rounds, sampling,
-local steps, learning rates, key-layer aggregation, privacy) is its own, and a
-field it leaves out is inherited from its parent.
+their policies. Every federation is autonomous: its policy (`policy.Policy`) is
+its own, and a field it leaves out is inherited from its parent.
 
 Design decision (improving on "the tree is a padded array shape"): each level
 of the tree is a flat axis of nodes plus a `parent` index into the level above.
@@ -20,138 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-K_AGG_MODES = ("attention", "mean", "local")
-SAMPLING_MODES = ("full", "fixed", "poisson")
-DP_SCOPES = ("backbone", "all")
+from worldlm_jax.policy import K_AGG_MODES, POLICY_FIELDS, Policy, TopologyError, inherit_policy
 
+__all__ = ["Topology", "Level", "build_topology", "Policy", "POLICY_FIELDS", "TopologyError"]
 
-class TopologyError(ValueError):
-    """A malformed tree spec; the message names the node, the field and the fix."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Policy:
-    """Rules of one federation. Unset fields are inherited from the parent."""
-
-    rounds: int = 1  # rounds with its children per round of its parent
-    clients_per_round: int | None = None  # leaf federations: None = all clients
-    # federations of federations: child federations taking part in each round
-    # (None = all); k of n drawn without replacement, or each with probability
-    # k / n under `sampling: poisson`
-    federations_per_round: int | None = None
-    sampling: str = "full"  # full | fixed (without replacement) | poisson
-    local_steps: int = 10  # leaf federations: optimizer steps per client per round
-    client_lr: float = 1e-3
-    server_optimizer: str = "sgd"  # sgd with lr 1 = FedAvg; adam = FedAdam, ...
-    server_lr: float = 1.0
-    k_agg: str = "attention"  # attention | mean | local
-    tau: float = 0.1  # attention temperature
-    eta: float = 1.0  # key-layer server step
-    residual_bias: float = 0.0  # logit bias of residual (sibling) candidates
-    parent_bias: float = 0.0  # logit bias of the parent's K as a candidate
-    dp_noise_multiplier: float = 0.0  # 0 = no DP at this federation
-    dp_clip: float = math.inf  # per-child L2 clip (inf = no clipping)
-    dp_delta: float = 1e-5
-    dp_adaptive_clip: bool = False  # track a quantile of update norms (Andrew et al. 2021)
-    dp_target_quantile: float = 0.5
-    dp_clip_lr: float = 0.2  # geometric step of the adaptive clip
-    dp_clip_count_stddev: float = 0.0  # noise on the clipped-count query (0 = expected participants / 20)
-    dp_scope: str = "all"  # parts clipped and noised: all (B and K: both leave a federation) | backbone
-    # learning rates over root rounds (worldlm_jax.schedules): client_lr at leaf
-    # federations, server_lr everywhere, each times its schedule's factor
-    client_lr_schedule: str = "constant"  # constant | linear_warmup | cosine | warmup_cosine | registered
-    server_lr_schedule: str = "constant"
-    warmup_rounds: int = 0
-    decay_rounds: int = 0  # round the decay ends (0 = the run's last root round)
-    min_lr_ratio: float = 0.0  # the decayed rate's floor, as a fraction of the rate
-    aggregator: str = "mean"  # how children's backbone updates combine (worldlm_jax.aggregators)
-    aggregator_args: Mapping[str, float] = dataclasses.field(default_factory=dict)  # e.g. {trim: 0.2}
-    objective_args: Mapping[str, float] = dataclasses.field(default_factory=dict)  # e.g. {mu: 0.1} (leaf federations)
-
-    def validate(self, where: str) -> None:
-        def fail(field, value, allowed):
-            raise TopologyError(f"{where}: policy field '{field}' = {value!r}; {allowed}")
-
-        for name in ("rounds", "local_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-                fail(name, value, "expected an integer >= 1")
-        for name in ("clients_per_round", "federations_per_round"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
-                fail(name, value, "expected an integer >= 1 or null (all take part)")
-        for name, allowed in (("sampling", SAMPLING_MODES), ("k_agg", K_AGG_MODES), ("dp_scope", DP_SCOPES)):
-            if getattr(self, name) not in allowed:
-                fail(name, getattr(self, name), f"allowed: {', '.join(allowed)}")
-        for name in ("client_lr", "server_lr", "tau", "dp_clip"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                fail(name, value, "expected a number > 0")
-        for name in ("eta", "residual_bias", "parent_bias", "dp_noise_multiplier"):
-            if not isinstance(getattr(self, name), (int, float)) or isinstance(getattr(self, name), bool):
-                fail(name, getattr(self, name), "expected a number")
-        if self.dp_noise_multiplier < 0:
-            fail("dp_noise_multiplier", self.dp_noise_multiplier, "expected a number >= 0 (0 = no DP)")
-        if self.dp_noise_multiplier > 0 and not math.isfinite(self.dp_clip):
-            fail("dp_clip", self.dp_clip, "DP noise needs a finite clip norm")
-        if not isinstance(self.dp_adaptive_clip, bool):
-            fail("dp_adaptive_clip", self.dp_adaptive_clip, "expected true or false")
-        if not 0 < self.dp_target_quantile < 1:
-            fail("dp_target_quantile", self.dp_target_quantile, "expected 0 < quantile < 1")
-        if self.dp_clip_lr < 0 or self.dp_clip_count_stddev < 0:
-            fail("dp_clip_lr / dp_clip_count_stddev", (self.dp_clip_lr, self.dp_clip_count_stddev), "expected >= 0")
-        if self.dp_adaptive_clip and not math.isfinite(self.dp_clip):
-            fail("dp_clip", self.dp_clip, "adaptive clipping starts from a finite initial clip")
-        if not 0 < self.dp_delta < 1:
-            fail("dp_delta", self.dp_delta, "expected 0 < delta < 1")
-        self._validate_plugins(where, fail)
-
-    def _validate_plugins(self, where: str, fail) -> None:
-        """Named rules must be registered (plug-ins load before configs are read)."""
-        from worldlm_jax import aggregators, optimizers, schedules
-        from worldlm_jax.registry import UnknownNameError
-
-        for name, registry in (("server_optimizer", optimizers.OPTIMIZERS), ("aggregator", aggregators.AGGREGATORS),
-                               ("client_lr_schedule", schedules.SCHEDULES),
-                               ("server_lr_schedule", schedules.SCHEDULES)):
-            if not isinstance(getattr(self, name), str):
-                fail(name, getattr(self, name), f"expected the name of a registered {registry.kind}")
-            try:
-                registry.check(getattr(self, name), f"{where}: policy field '{name}'")
-            except UnknownNameError as e:
-                raise TopologyError(str(e)) from None
-        for name in ("warmup_rounds", "decay_rounds"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
-                fail(name, value, "expected an integer >= 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            fail("min_lr_ratio", self.min_lr_ratio, "expected 0 <= ratio <= 1")
-        for name in ("aggregator_args", "objective_args"):
-            args = getattr(self, name)
-            if not isinstance(args, Mapping) or not all(
-                    isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-                    for k, v in args.items()):
-                fail(name, args, "expected a mapping of argument names to numbers, e.g. {trim: 0.2}")
-        declared = aggregators.get(self.aggregator).args
-        unknown = sorted(set(self.aggregator_args) - set(declared))
-        if unknown:
-            fail("aggregator_args", dict(self.aggregator_args),
-                 f"aggregator {self.aggregator!r} takes {', '.join(declared) or 'no arguments'}, not {unknown}")
-        if self.uses_dp and self.aggregator != "mean":
-            fail("aggregator", self.aggregator, "a DP federation releases the clipped, noised mean; use mean "
-                 "(or drop the DP fields)")
-
-    @property
-    def uses_dp(self) -> bool:
-        return self.dp_noise_multiplier > 0 or math.isfinite(self.dp_clip)
-
-
-POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(Policy))
 NODE_FIELDS = ("name", "children", "clients", "sources", "split", "alpha", "policy")
 
 
@@ -335,33 +210,6 @@ class Topology:
 
 
 # ---- building from a spec ---------------------------------------------------
-def _policy(node: Mapping[str, Any], inherited: Policy, where: str) -> Policy:
-    raw = node.get("policy") or {}
-    if not isinstance(raw, Mapping):
-        raise TopologyError(f"{where}: 'policy' must be a mapping of fields, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(POLICY_FIELDS))
-    if unknown:
-        raise TopologyError(f"{where}: unknown policy field(s) {unknown}; valid fields: {', '.join(POLICY_FIELDS)}")
-    values = dict(raw)
-    for name in ("aggregator_args", "objective_args"):  # merged key by key with the inherited arguments
-        if isinstance(values.get(name), Mapping):
-            values[name] = {**getattr(inherited, name), **values[name]}
-    for name in ("min_lr_ratio", "client_lr", "server_lr", "tau", "eta", "residual_bias", "parent_bias",
-                 "dp_noise_multiplier", "dp_clip", "dp_delta", "dp_target_quantile", "dp_clip_lr",
-                 "dp_clip_count_stddev"):
-        value = values.get(name)
-        if isinstance(value, int) and not isinstance(value, bool):
-            values[name] = float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 and inf as strings
-            try:
-                values[name] = float(value.replace(".inf", "inf"))
-            except ValueError:
-                pass
-    policy = dataclasses.replace(inherited, **values)
-    policy.validate(where)
-    return policy
-
-
 def build_topology(spec: Mapping[str, Any], known_sources: Sequence[str] | None = None,
                    root_policy: Policy | None = None) -> Topology:
     """Compile a tree spec into a Topology.
@@ -380,58 +228,22 @@ def build_topology(spec: Mapping[str, Any], known_sources: Sequence[str] | None 
     leaf_depths: set[int] = set()
 
     def visit(node, depth, parent_index, inherited, path, ancestry):
-        where = f"tree node {'/'.join(path) or '<root>'}"
-        if not isinstance(node, Mapping):
-            raise TopologyError(f"{where}: expected a mapping, got {type(node).__name__}")
-        if id(node) in ancestry:
-            raise TopologyError(f"{where}: the tree contains a cycle (a node is its own ancestor)")
-        unknown = sorted(set(node) - set(NODE_FIELDS))
-        if unknown:
-            raise TopologyError(f"{where}: unknown field(s) {unknown}; valid fields: {', '.join(NODE_FIELDS)}")
-        name = node.get("name")
-        if not isinstance(name, str) or not name:
-            raise TopologyError(f"{where}: every federation needs a non-empty string 'name'")
-        if name in seen:
-            raise TopologyError(f"{where}: duplicate federation name '{name}'; names must be unique")
-        seen.add(name)
+        name = _check_node(node, f"tree node {'/'.join(path) or '<root>'}", seen, ancestry)
         where = f"federation '{name}'"
-        policy = _policy(node, inherited, where)
+        policy = inherit_policy(node, inherited, where)
         if len(levels_nodes) <= depth:
             levels_nodes.append([])
         index = len(levels_nodes[depth])
         levels_nodes[depth].append((name, parent_index, policy))
-        has_children, has_clients = "children" in node, "clients" in node
-        if has_children == has_clients:
-            raise TopologyError(f"{where}: give exactly one of 'children' (sub-federations) or 'clients' (a number)")
-        if has_children:
-            children = node["children"]
-            if not isinstance(children, Sequence) or isinstance(children, str) or not children:
-                raise TopologyError(f"{where}: 'children' must be a non-empty list of federations")
-            for child in children:
+        if "children" in node:
+            for child in node["children"]:
                 child_name = child.get("name", "?") if isinstance(child, Mapping) else "?"
                 visit(child, depth + 1, index, policy, path + [str(child_name)], ancestry | {id(node)})
             return
-        n = node["clients"]
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise TopologyError(f"{where}: 'clients' must be an integer >= 1, got {n!r}")
-        sources = node.get("sources")
-        if isinstance(sources, str):
-            sources = [sources]
-        if not sources or not all(isinstance(s, str) for s in sources):
-            raise TopologyError(f"{where}: a leaf federation needs 'sources', a non-empty list of data sources")
-        if known_sources is not None:
-            for s in sources:
-                if ":" not in s and s not in known_sources:
-                    raise TopologyError(f"{where}: unknown data source '{s}'; known sources: {', '.join(known_sources)} "
-                                        "(or a 'dir:PATH' / 'tfds:NAME' spec)")
-        split = node.get("split", "iid")
-        alpha = float(node.get("alpha", 1.0))
-        if split not in ("iid", "dirichlet") or alpha <= 0:
-            raise TopologyError(f"{where}: split must be iid or dirichlet with alpha > 0, got {split!r}, {alpha}")
+        n, sources, split = _leaf_data(node, where, known_sources)
         leaf_depths.add(depth)
-        leaf_split.append((split, alpha))
-        for c in range(n):
-            clients.append((f"{name}/{c}", index, tuple(sources)))
+        leaf_split.append(split)
+        clients.extend((f"{name}/{c}", index, sources) for c in range(n))
 
     visit(spec, 0, -1, root_policy or Policy(), [], frozenset())
     if not clients:
@@ -439,14 +251,10 @@ def build_topology(spec: Mapping[str, Any], known_sources: Sequence[str] | None 
     if len(leaf_depths) > 1:
         raise TopologyError(f"leaf federations sit at different depths {sorted(leaf_depths)}; all must be at the "
                             "same depth (wrap a shallow one in a single-child federation)")
-    if len(levels_nodes) == len(leaf_depths) and max(leaf_depths) == 0:
-        pass  # a single federation of clients: depth 1
-    levels_nodes = levels_nodes[: max(leaf_depths) + 1]
     levels = tuple(
         Level(names=tuple(n for n, _, _ in nodes), parent=np.array([p for _, p, _ in nodes], np.int32),
               policies=tuple(pol for _, _, pol in nodes))
-        for nodes in levels_nodes
-    )
+        for nodes in levels_nodes[: max(leaf_depths) + 1])
     return Topology(
         levels=levels,
         client_names=tuple(c for c, _, _ in clients),
@@ -455,3 +263,50 @@ def build_topology(spec: Mapping[str, Any], known_sources: Sequence[str] | None 
         client_weight=np.ones(len(clients)),
         leaf_split=tuple(leaf_split),
     )
+
+
+def _check_node(node, where: str, seen: set, ancestry: frozenset) -> str:
+    """A node's fields and name are well formed (names unique: `seen` grows);
+    returns the name."""
+    if not isinstance(node, Mapping):
+        raise TopologyError(f"{where}: expected a mapping, got {type(node).__name__}")
+    if id(node) in ancestry:
+        raise TopologyError(f"{where}: the tree contains a cycle (a node is its own ancestor)")
+    unknown = sorted(set(node) - set(NODE_FIELDS))
+    if unknown:
+        raise TopologyError(f"{where}: unknown field(s) {unknown}; valid fields: {', '.join(NODE_FIELDS)}")
+    name = node.get("name")
+    if not isinstance(name, str) or not name:
+        raise TopologyError(f"{where}: every federation needs a non-empty string 'name'")
+    if name in seen:
+        raise TopologyError(f"{where}: duplicate federation name '{name}'; names must be unique")
+    seen.add(name)
+    where = f"federation '{name}'"
+    if ("children" in node) == ("clients" in node):
+        raise TopologyError(f"{where}: give exactly one of 'children' (sub-federations) or 'clients' (a number)")
+    children = node.get("children", [None])
+    if not isinstance(children, Sequence) or isinstance(children, str) or not children:
+        raise TopologyError(f"{where}: 'children' must be a non-empty list of federations")
+    return name
+
+
+def _leaf_data(node, where: str, known_sources) -> tuple[int, tuple[str, ...], tuple[str, float]]:
+    """A leaf federation's client count, data sources and (split, alpha)."""
+    n = node["clients"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise TopologyError(f"{where}: 'clients' must be an integer >= 1, got {n!r}")
+    sources = node.get("sources")
+    if isinstance(sources, str):
+        sources = [sources]
+    if not sources or not all(isinstance(s, str) for s in sources):
+        raise TopologyError(f"{where}: a leaf federation needs 'sources', a non-empty list of data sources")
+    if known_sources is not None:
+        for s in sources:
+            if ":" not in s and s not in known_sources:
+                raise TopologyError(f"{where}: unknown data source '{s}'; known sources: {', '.join(known_sources)} "
+                                    "(or a 'dir:PATH' / 'tfds:NAME' spec)")
+    split = node.get("split", "iid")
+    alpha = float(node.get("alpha", 1.0))
+    if split not in ("iid", "dirichlet") or alpha <= 0:
+        raise TopologyError(f"{where}: split must be iid or dirichlet with alpha > 0, got {split!r}, {alpha}")
+    return n, tuple(sources), (split, alpha)

@@ -36,6 +36,7 @@ from worldlm_jax.data.federated import validation_batches
 from worldlm_jax.topology import Topology, build_topology
 
 SWEEP = parallel.SWEEP_AXIS
+NAMED_RULES = ("server_optimizer", "aggregator", "client_lr_schedule", "server_lr_schedule")
 
 
 def _point_topology(exp: train.Experiment, config: Config) -> Topology:
@@ -51,6 +52,10 @@ def _point_topology(exp: train.Experiment, config: Config) -> Topology:
             # k_agg decides what the compiled round keeps per client (attention needs every child's K)
             raise ValueError("a vectorised sweep may not vary k_agg (it shapes the compiled round); "
                              "use `worldlm sweep` to compare key-layer aggregation rules")
+        for field in NAMED_RULES:  # each named rule is traced into the round; its arguments may vary
+            if [getattr(p, field) for p in b.policies] != [getattr(p, field) for p in t.policies]:
+                raise ValueError(f"a vectorised sweep may not vary {field} (each named rule is part of the "
+                                 f"compiled round; its numeric arguments may vary); use `worldlm sweep`")
     topo = dataclasses.replace(base, levels=tuple(dataclasses.replace(b, policies=t.policies)
                                                    for b, t in zip(base.levels, topo.levels)))
     privacy = config.privacy
@@ -62,7 +67,7 @@ def _point_topology(exp: train.Experiment, config: Config) -> Topology:
 
 def _policies(exp: train.Experiment, config: Config) -> engine.RoundPolicies:
     """Round policies of one sweep point, on the base experiment's tree shape."""
-    return engine.round_policies(_point_topology(exp, config))
+    return engine.round_policies(_point_topology(exp, config), exp.spec.total_rounds, exp.spec.client_objective)
 
 
 def check_static(configs: Sequence[Config]) -> None:
@@ -163,7 +168,8 @@ def run(configs: Sequence[Config], rounds: int | None = None, sweep_devices: int
     topologies = [_point_topology(exp, c) for c in padded]
     # stacked on the host, then sent to each group's devices (no device holds all points)
     stack = lambda trees: jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
-    policies = _on_sweep(exp, stack([engine.round_policies(t) for t in topologies]))
+    policies = _on_sweep(exp, stack([engine.round_policies(t, exp.spec.total_rounds, exp.spec.client_objective)
+                                          for t in topologies]))
     keys = _on_sweep(exp, stack([jax.random.PRNGKey(c.run.seed + 1) for c in padded]))
     by_seed = {seed: _init_params(exp, seed) for seed in dict.fromkeys(c.run.seed for c in padded)}
     params = _on_sweep(exp, stack([by_seed[c.run.seed] for c in padded]))
