@@ -52,6 +52,9 @@ class StrategyDef:
     `plan(depth, algorithm)` gets the depth of the tree the strategy trains on
     (after `topology`) and the whole `algorithm` config section, so a strategy
     may read residuals, similarity, use_parent, residual_dim (or ignore them).
+    The plan's use_parent holds at every level that aggregates K: a plan that
+    never aggregates K at the root (K per language family) and sets it makes
+    the root's untrained K a candidate of the families' attention.
     """
 
     plan: Callable[[int, AlgorithmConfig], Plan]
@@ -122,17 +125,15 @@ def global_stage_plan(depth: int, residuals: str = "siblings", similarity: str =
                 residuals=residuals, similarity=similarity, use_parent=use_parent)
 
 
-def pooled_topology(topology: Topology, weight: float) -> Topology:
-    """Centralised baseline: one client holding everyone's training data."""
+def pooled_topology(topology: Topology, weight: float | None = None) -> Topology:
+    """Centralised baseline: one client holding everyone's training data
+    (its weight, by default, all of theirs)."""
+    weight = float(sum(topology.client_weight)) if weight is None else weight
     policy = topology.levels[0].policies[0]
     leaf = topology.leaf.policies[0]
     spec = {"name": "pooled", "clients": 1, "sources": ["pooled"],
             "policy": {"local_steps": leaf.local_steps, "client_lr": leaf.client_lr}}
     return build_topology(spec, root_policy=policy).with_client_weights([weight])
-
-
-def _pooled(topology: Topology) -> Topology:
-    return pooled_topology(topology, float(sum(topology.client_weight)))
 
 
 def _worldlm(depth: int, algo: AlgorithmConfig) -> Plan:
@@ -146,7 +147,7 @@ _BUILT_IN = {
     "fedper": StrategyDef(plan=lambda depth, algo: fedper_plan(), topology=Topology.flattened,
                           uses_key_layers=True),
     "local": StrategyDef(plan=lambda depth, algo: local_plan(), topology=Topology.flattened),
-    "centralized": StrategyDef(plan=lambda depth, algo: local_plan(), topology=_pooled, pooled=True),
+    "centralized": StrategyDef(plan=lambda depth, algo: local_plan(), topology=pooled_topology, pooled=True),
 }
 for _name, _definition in _BUILT_IN.items():
     register(_name, _definition)
