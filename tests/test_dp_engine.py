@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from worldlm_jax import communication, dp_ledger, engine, model, partition, privacy, strategies
+from worldlm_jax import accounting, communication, dp_ledger, engine, model, partition, strategies
 from worldlm_jax.topology import build_topology
 
 CFG = model.preset("tiny", max_len=16, d_model=16, n_heads=2, n_layers=2)
@@ -101,7 +101,7 @@ def test_accountant_ledgers_follow_the_tree():
     dp_ledger.step_all(topo, accountants)
     assert accountants["a"].rounds == 6  # 3 federation rounds per root round
     report = dp_ledger.report(topo, accountants)["a"]
-    direct = privacy.epsilon_after(1.2, 0.5, 6, 1e-5, "rdp", "poisson")
+    direct = accounting.epsilon_after(1.2, 0.5, 6, 1e-5, "rdp", "poisson")
     assert report["epsilon"] == pytest.approx(direct)
     assert report["sampling_rate"] == 0.5
 

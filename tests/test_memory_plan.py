@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from worldlm_jax import cli, configs, memory_plan, model
+from worldlm_jax import cli, configs, memory_estimate, memory_plan, model
 from worldlm_jax.data import corpus, pipeline
 
 
@@ -26,17 +26,17 @@ def check_estimates_against_xla(names):
     # allocated, paper-125m (35 GiB a device) is only compiled. Rounds are
     # lowered here, then compiled two at a time (XLA's compiler releases the GIL).
     runs = {name: memory_plan.abstract_run(cli.load_config(name)) for name in names}
-    estimates = {name: sum(memory_plan.estimate(run)[0].values()) for name, run in runs.items()}
-    lowered = {name: memory_plan.lower_round(run) for name, run in runs.items()}
+    estimates = {name: sum(memory_estimate.estimate(run)[0].values()) for name, run in runs.items()}
+    lowered = {name: memory_estimate.lower_round(run) for name, run in runs.items()}
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        xla = dict(zip(names, pool.map(memory_plan.compiled_memory, [lowered[n] for n in names])))
+        xla = dict(zip(names, pool.map(memory_estimate.compiled_memory, [lowered[n] for n in names])))
     ratios = {name: estimates[name] / xla[name]["total"] for name in names}
     print("estimate / XLA:", {n: round(r, 3) for n, r in ratios.items()})
     for name, ratio in ratios.items():
         assert 0.75 <= ratio <= 1.25, (name, ratio, estimates[name], xla[name])
     # the donated state comes back in place: XLA's arguments hold the federation state
     for name, run in runs.items():
-        state = memory_plan.device_bytes(run.abstract_state())
+        state = memory_estimate.device_bytes(run.abstract_state())
         assert xla[name]["alias"] >= 0.99 * state, (name, xla[name], state)
 
 

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from worldlm_jax import kernels
 from worldlm_jax import model as M
 
 TINY = M.preset('tiny')
@@ -95,7 +96,7 @@ def test_rotary_is_relative():
     """RoPE: q.k depends only on the position difference."""
     rng = np.random.default_rng(0)
     q_k = np.tile(rng.normal(size=(2, 1, 1, 8)).astype(np.float32), (1, 10, 1, 1))
-    qs, ks = np.asarray(jax.jit(M.rotary, static_argnums=1)(q_k, 10_000.0))[:, :, 0]
+    qs, ks = np.asarray(jax.jit(kernels.rotary, static_argnums=1)(q_k, 10_000.0))[:, :, 0]
 
     def score(i, j):
         return float(qs[i] @ ks[j])
@@ -196,7 +197,7 @@ def test_flops_per_token_counts_matmuls_and_attention():
 def test_causal_attention_matches_jax_reference():
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.normal(size=(2, 16, 4, 8)), jnp.float32) for _ in range(3))
-    np.testing.assert_allclose(M.causal_attention(q, k, v),
+    np.testing.assert_allclose(kernels.causal_attention(q, k, v),
                                jax.nn.dot_product_attention(q, k, v, is_causal=True), atol=1e-5)
 
 
@@ -205,7 +206,7 @@ def test_causal_attention_gradient_matches_autodiff_of_the_reference():
     jax.nn.dot_product_attention, for q, k and v."""
     rng = np.random.default_rng(1)
     q, k, v, w = (jnp.asarray(rng.normal(size=(2, 16, 4, 8)), jnp.float32) for _ in range(4))
-    ours = jax.grad(lambda *a: jnp.sum(M.causal_attention(*a) * w), argnums=(0, 1, 2))(q, k, v)
+    ours = jax.grad(lambda *a: jnp.sum(kernels.causal_attention(*a) * w), argnums=(0, 1, 2))(q, k, v)
     ref = jax.grad(lambda *a: jnp.sum(jax.nn.dot_product_attention(*a, is_causal=True) * w),
                    argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(ours, ref):
@@ -239,12 +240,12 @@ def test_bf16_dense_is_the_float32_product_of_bf16_rounded_operands(monkeypatch,
     """Forward and both gradients of `bf16_dense` equal float32 products of the
     bf16-rounded operands (and of the bf16-rounded output gradient), in both kernel
     layouts and in both forms (split contraction with the XLA flag, plain without)."""
-    assert M.cpu_transposes_materialise()  # conftest sets the flag: the AMX form is the default here
-    monkeypatch.setattr(M, 'cpu_transposes_materialise', lambda: materialise)
+    assert kernels.cpu_transposes_materialise()  # conftest sets the flag: the AMX form is the default here
+    monkeypatch.setattr(kernels, 'cpu_transposes_materialise', lambda: materialise)
     rng = np.random.default_rng(3)
     x, g = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((24, 16), (24, 12)))
     kernel = jnp.asarray(rng.normal(size=(12, 16) if kernel_is_OxI else (16, 12)), jnp.float32)
-    y, vjp = jax.vjp(lambda x, w: M.bf16_dense(x, w, kernel_is_OxI), x, kernel)
+    y, vjp = jax.vjp(lambda x, w: kernels.bf16_dense(x, w, kernel_is_OxI), x, kernel)
     dx, dw = vjp(g)
     w_IxO = _bf16_round(kernel.T if kernel_is_OxI else kernel)
     hi = dict(precision=jax.lax.Precision.HIGHEST)
@@ -272,7 +273,7 @@ def test_bf16_matmuls_keep_every_dense_product_in_bf16_on_cpu():
     """With the flag, all three products of every dense layer (and of the tied head)
     reach XLA:CPU's compiled program with bf16 operands; without the split form XLA
     folds the backward transposes and upcasts those products to float32. A regression
-    guard for the XLA behaviour the fast path relies on (model.py, bf16 products)."""
+    guard for the XLA behaviour the fast path relies on (kernels.py, bf16 products)."""
     cfg = M.preset('tiny', matmul_dtype='bfloat16', attention='explicit')
     model_def, params = M.init(cfg, jax.random.key(0))
     tokens = _tokens(5, 2, 17)

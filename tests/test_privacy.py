@@ -10,6 +10,7 @@ import pytest
 from dp_accounting import pld, rdp
 from hypothesis import given, settings, strategies as st
 
+from worldlm_jax import accounting, privacy_policy
 from worldlm_jax import privacy as P
 
 KEY = jax.random.key(0)
@@ -155,7 +156,7 @@ def test_epsilon_matches_dp_accounting(accountant):
     acc = rdp.RdpAccountant() if accountant == "rdp" else pld.PLDAccountant()
     acc.compose(dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z)), rounds))
-    assert P.epsilon_after(z, q, rounds, delta, accountant) == pytest.approx(acc.get_epsilon(delta))
+    assert accounting.epsilon_after(z, q, rounds, delta, accountant) == pytest.approx(acc.get_epsilon(delta))
 
 
 def test_epsilon_fixed_and_full_sampling_events():
@@ -163,29 +164,29 @@ def test_epsilon_fixed_and_full_sampling_events():
     # replace-one: the clipped sum's sensitivity is 2 * clip, hence z / 2
     acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.SampledWithoutReplacementDpEvent(
         100, 10, dp_accounting.GaussianDpEvent(2.0 / 2)), 50))
-    got = P.epsilon_after(2.0, 0.1, 50, 1e-5, sampling="fixed", population=100)
+    got = accounting.epsilon_after(2.0, 0.1, 50, 1e-5, sampling="fixed", population=100)
     assert got == pytest.approx(acc.get_epsilon(1e-5))
     full = rdp.RdpAccountant()
     full.compose(dp_accounting.GaussianDpEvent(3.0), 20)
-    assert P.epsilon_after(3.0, 1.0, 20, 1e-5, sampling="full") == pytest.approx(
+    assert accounting.epsilon_after(3.0, 1.0, 20, 1e-5, sampling="full") == pytest.approx(
         full.get_epsilon(1e-5))
     with pytest.raises(ValueError, match="population"):
-        P.epsilon_after(2.0, 0.1, 50, 1e-5, sampling="fixed")
+        accounting.epsilon_after(2.0, 0.1, 50, 1e-5, sampling="fixed")
 
 
 def test_epsilon_monotone_and_edge_cases():
-    eps = [P.epsilon_after(z, 0.1, 100, 1e-5) for z in (0.8, 1.0, 2.0, 4.0)]
+    eps = [accounting.epsilon_after(z, 0.1, 100, 1e-5) for z in (0.8, 1.0, 2.0, 4.0)]
     assert all(a > b for a, b in zip(eps, eps[1:]))
-    eps = [P.epsilon_after(1.0, 0.1, r, 1e-5) for r in (1, 10, 100, 1000)]
+    eps = [accounting.epsilon_after(1.0, 0.1, r, 1e-5) for r in (1, 10, 100, 1000)]
     assert all(a < b for a, b in zip(eps, eps[1:]))
-    assert P.epsilon_after(1.0, 0.1, 0, 1e-5) == 0.0
-    assert P.epsilon_after(0.0, 0.1, 5, 1e-5) == math.inf
+    assert accounting.epsilon_after(1.0, 0.1, 0, 1e-5) == 0.0
+    assert accounting.epsilon_after(0.0, 0.1, 5, 1e-5) == math.inf
 
 
 @pytest.mark.parametrize("target", [0.5, 3.0])
 def test_calibrate_noise_hits_target(target):
-    z = P.calibrate_noise(target, 1e-5, 0.05, 300)
-    eps = P.epsilon_after(z, 0.05, 300, 1e-5)
+    z = accounting.calibrate_noise(target, 1e-5, 0.05, 300)
+    eps = accounting.epsilon_after(z, 0.05, 300, 1e-5)
     assert target * 0.99 <= eps <= target
 
 
@@ -200,20 +201,20 @@ def test_calibrate_noise_hits_target(target):
 ])
 def test_bad_policy_names_federation_and_value(kwargs, field):
     with pytest.raises(ValueError, match=f"federation 'eu-west'.*{field}".replace("(", r"\(")):
-        P.PrivacyPolicy(name="eu-west", **kwargs)
+        privacy_policy.PrivacyPolicy(name="eu-west", **kwargs)
 
 
 def test_unreachable_target_names_federation_and_target():
-    policy = P.PrivacyPolicy(name="asia", target_epsilon=1e-4)
+    policy = privacy_policy.PrivacyPolicy(name="asia", target_epsilon=1e-4)
     with pytest.raises(ValueError, match="federation 'asia'.*target_epsilon=0.0001.*unreachable"):
         policy.calibrate(sampling_rate=1.0, rounds=1000)
-    ok = P.PrivacyPolicy(name="asia", target_epsilon=2.0, sampling="full").calibrate(1.0, 10)
-    assert P.epsilon_after(ok.noise_multiplier, 1.0, 10, ok.delta, sampling="full") <= 2.0
+    ok = privacy_policy.PrivacyPolicy(name="asia", target_epsilon=2.0, sampling="full").calibrate(1.0, 10)
+    assert accounting.epsilon_after(ok.noise_multiplier, 1.0, 10, ok.delta, sampling="full") <= 2.0
 
 
 def test_stack_policies_marks_no_dp_federations():
-    arrays = P.stack_policies(
-        [None, P.PrivacyPolicy("eu", noise_multiplier=1.0, clip=0.5, adaptive_clip=True)],
+    arrays = privacy_policy.stack_policies(
+        [None, privacy_policy.PrivacyPolicy("eu", noise_multiplier=1.0, clip=0.5, adaptive_clip=True)],
         expected_counts=[4, 40])
     assert arrays.clip[0] == np.inf and arrays.noise_multiplier[0] == 0
     assert arrays.clip_lr[0] == 0 and arrays.clip_lr[1] == pytest.approx(0.2)
@@ -222,15 +223,15 @@ def test_stack_policies_marks_no_dp_federations():
 
 
 def test_federation_accountant_round_trip_and_budget_stop():
-    policy = P.PrivacyPolicy("eu", noise_multiplier=1.0, clip=1.0)
-    acc = P.FederationAccountant.from_policy(policy, sampling_rate=0.1)
+    policy = privacy_policy.PrivacyPolicy("eu", noise_multiplier=1.0, clip=1.0)
+    acc = accounting.FederationAccountant.from_policy(policy, sampling_rate=0.1)
     acc.step()
     acc.step(4)
-    back = P.FederationAccountant.from_dict(json.loads(json.dumps(acc.to_dict())))
+    back = accounting.FederationAccountant.from_dict(json.loads(json.dumps(acc.to_dict())))
     assert back == acc and back.rounds == 5
-    assert back.epsilon(1e-5) == P.epsilon_after(1.0, 0.1, 5, 1e-5)
+    assert back.epsilon(1e-5) == accounting.epsilon_after(1.0, 0.1, 5, 1e-5)
     eps = acc.epsilon(1e-5)
-    assert not P.would_exceed(acc, eps + 1e-9, 1e-5, rounds=0)
-    assert P.would_exceed(acc, eps + 1e-9, 1e-5)
+    assert not accounting.would_exceed(acc, eps + 1e-9, 1e-5, rounds=0)
+    assert accounting.would_exceed(acc, eps + 1e-9, 1e-5)
     with pytest.raises(ValueError, match="federation 'x'.*population"):
-        P.FederationAccountant("x", 1.0, 0.1, sampling="fixed")
+        accounting.FederationAccountant("x", 1.0, 0.1, sampling="fixed")

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from worldlm_jax import privacy
+from worldlm_jax import accounting
 from worldlm_jax.topology import Topology
 
 
@@ -51,13 +51,13 @@ def _nodes(topology: Topology):
             yield d, i, name, lvl.policies[i]
 
 
-def make_accountants(topology: Topology, accountant: str = "rdp") -> dict[str, privacy.FederationAccountant]:
+def make_accountants(topology: Topology, accountant: str = "rdp") -> dict[str, accounting.FederationAccountant]:
     """One ledger per federation that adds noise."""
     out = {}
     for d, i, name, policy in _nodes(topology):
         if policy.dp_noise_multiplier > 0:
             kind, rate, population = sampling_of(topology, d, i)
-            out[name] = privacy.FederationAccountant(
+            out[name] = accounting.FederationAccountant(
                 name, policy.dp_noise_multiplier, rate, accountant if kind != "fixed" else "rdp", kind,
                 population if kind == "fixed" else None)
     return out
@@ -82,9 +82,9 @@ def calibrate(topology: Topology, target_epsilon: float, target_delta: float, ro
                 kind, rate, population = sampling_of(topology, d, i)
                 releases = releases_per_root_round(topology, d, i) * root_rounds
                 try:
-                    noise = privacy.calibrate_noise(target_epsilon, target_delta, rate, releases,
-                                                    accountant if kind != "fixed" else "rdp", kind,
-                                                    population if kind == "fixed" else None)
+                    noise = accounting.calibrate_noise(target_epsilon, target_delta, rate, releases,
+                                                       accountant if kind != "fixed" else "rdp", kind,
+                                                       population if kind == "fixed" else None)
                 except ValueError as e:
                     raise ValueError(f"federation '{lvl.names[i]}': {e}") from e
                 clip = policy.dp_clip if math.isfinite(policy.dp_clip) else default_clip
@@ -112,6 +112,6 @@ def exceeding(topology: Topology, accountants: dict, target_epsilon: float) -> l
     for d, i, name, policy in _nodes(topology):
         if name in accountants:
             extra = releases_per_root_round(topology, d, i)
-            if privacy.would_exceed(accountants[name], target_epsilon, policy.dp_delta, extra):
+            if accounting.would_exceed(accountants[name], target_epsilon, policy.dp_delta, extra):
                 names.append(name)
     return names

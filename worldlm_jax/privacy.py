@@ -1,10 +1,10 @@
-"""Differential privacy for federations: DP-FedAvg aggregation and accounting.
+"""Differential privacy inside the round: DP-FedAvg's clipping and noised release,
+and adaptive clipping (pure JAX, jit/vmap friendly).
 
-Device side (pure JAX, jit/vmap friendly). A federation's children's updates
-are stacked along a leading axis N, one row per child slot; `participate_N`
-says which rows count and `parent_N` which federation (0..P-1) each row
-belongs to, so every federation of a tree level is aggregated in one call with
-per-federation policies given as arrays over P.
+A federation's children's updates are stacked along a leading axis N, one row
+per child slot; `participate_N` says which rows count and `parent_N` which
+federation (0..P-1) each row belongs to, so every federation of a tree level is
+aggregated in one call with per-federation policies given as arrays over P.
 
 DP-FedAvg (McMahan et al. 2018, "Learning Differentially Private Recurrent
 Language Models") gives user-level DP to the children of a federation: clip
@@ -13,32 +13,30 @@ each child's whole update to L2 norm `clip`, sum with weight 1 per participant
 per coordinate and divide by a *fixed* expected participant count, so the
 sensitivity of the released mean is clip / expected_count whoever took part.
 
-Host side: `PrivacyPolicy` (validated per-federation settings),
-`epsilon_after` / `calibrate_noise` over Google's dp_accounting (RDP or PLD),
-and `FederationAccountant`, a checkpointable per-federation round counter.
+What that costs in epsilon is the host's business: `accounting.py` (dp_accounting,
+noise calibration, per-federation ledgers); validated per-federation settings
+are in `privacy_policy.py`.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
-import numbers
-from typing import Any, NamedTuple, NoReturn, Sequence
+from typing import NamedTuple
 
-import dp_accounting
 import jax
 import jax.numpy as jnp
-import numpy as np
-from dp_accounting import pld, rdp
+
+from worldlm_jax.accounting import FederationAccountant
+
+__all__ = [  # FederationAccountant: defined in accounting, reached as `privacy.` by the training loop
+    "Tree", "global_norms", "clip_updates", "leaf_keys", "gaussian_noise", "DpStats", "dp_mean",
+    "clipped_sums", "dp_stats", "dp_release", "AdaptiveClipState", "adaptive_clip_init",
+    "adaptive_clip_update", "split_noise_multiplier", "FederationAccountant"]
 
 Tree = dict  # flat {path: jax.Array}; any pytree works
 f32 = jnp.float32
 
-SAMPLINGS = ("poisson", "fixed", "full")
-ACCOUNTANTS = ("rdp", "pld")
 
-
-# ----------------------------------------------------------------- device side
+# --------------------------------------------- clipping and the noised release
 def _bcast(v_N: jax.Array, leaf: jax.Array) -> jax.Array:
     """Shape a per-row vector (N,) to broadcast against a leaf (N, ...)."""
     return v_N.reshape(v_N.shape + (1,) * (leaf.ndim - 1))
@@ -210,257 +208,3 @@ def split_noise_multiplier(noise_multiplier: float, count_stddev: float) -> floa
             f"noise_multiplier / 2 = {noise_multiplier / 2}; raise it (default: "
             f"expected participants / 20).")
     return (noise_multiplier ** -2 - (2 * count_stddev) ** -2) ** -0.5
-
-
-# ----------------------------------------------------------------- host policy
-@dataclasses.dataclass(frozen=True)
-class PrivacyPolicy:
-    """DP settings of one federation (`dp:` in the topology), validated early.
-
-    noise_multiplier is the *total* z accounted for; with adaptive clipping a
-    part of it pays for the clip-count query (`update_noise_multiplier`).
-    """
-    name: str
-    noise_multiplier: float = 1.0
-    clip: float = 1.0
-    delta: float = 1e-5
-    sampling: str = "poisson"        # how children are drawn each round
-    accountant: str = "rdp"          # rdp is fast and conservative; pld is tighter
-    target_epsilon: float | None = None  # stop training before exceeding it
-    adaptive_clip: bool = False
-    target_quantile: float = 0.5     # Andrew et al. 2021: median works well
-    clip_lr: float = 0.2             # Andrew et al. 2021 default eta_C
-    clip_count_stddev: float | None = None  # None: expected participants / 20
-
-    def _fail(self, field: str, value: Any, need: str) -> NoReturn:
-        raise ValueError(f"privacy policy of federation {self.name!r}: {field}={value!r} "
-                         f"is invalid; {need}")
-
-    def __post_init__(self):
-        z, c, d = self.noise_multiplier, self.clip, self.delta
-        real = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool)  # noqa: E731
-        if not (real(z) and math.isfinite(z) and z >= 0):
-            self._fail("noise_multiplier", z, "set a finite value >= 0 (0 disables noise).")
-        if not (real(c) and c > 0):
-            self._fail("clip", c, "set a positive L2 norm bound, e.g. 1.0 (inf: no clipping).")
-        if z > 0 and math.isinf(c):
-            self._fail("clip", c, "noise needs a finite clip (noise std is noise_multiplier*clip).")
-        if not (real(d) and 0 < d < 1):
-            self._fail("delta", d, "set 0 < delta < 1, typically below 1/number of children.")
-        if self.sampling not in SAMPLINGS:
-            self._fail("sampling", self.sampling, f"use one of {SAMPLINGS}.")
-        if self.accountant not in ACCOUNTANTS:
-            self._fail("accountant", self.accountant, f"use one of {ACCOUNTANTS}.")
-        if self.sampling == "fixed" and self.accountant == "pld":
-            self._fail("accountant", self.accountant,
-                       "dp_accounting's PLD has no fixed-size sampling; use accountant='rdp' "
-                       "or sampling='poisson'.")
-        if self.target_epsilon is not None and not self.target_epsilon > 0:
-            self._fail("target_epsilon", self.target_epsilon, "set a value > 0 or None.")
-        if not 0 <= self.target_quantile <= 1:
-            self._fail("target_quantile", self.target_quantile, "set a value in [0, 1].")
-        if not self.clip_lr >= 0:
-            self._fail("clip_lr", self.clip_lr, "set a value >= 0.")
-        if self.clip_count_stddev is not None:
-            if not self.clip_count_stddev >= 0:
-                self._fail("clip_count_stddev", self.clip_count_stddev, "set a value >= 0.")
-            if self.adaptive_clip and z > 0 and self.clip_count_stddev <= z / 2:
-                self._fail("clip_count_stddev", self.clip_count_stddev,
-                           f"adaptive clipping needs it > noise_multiplier/2 = {z / 2}.")
-
-    def calibrate(self, sampling_rate: float, rounds: int,
-                  population: int | None = None) -> "PrivacyPolicy":
-        """This policy with the smallest noise that keeps target_epsilon after `rounds`."""
-        if self.target_epsilon is None:
-            self._fail("target_epsilon", None, "set a budget to calibrate the noise to.")
-        try:
-            z = calibrate_noise(self.target_epsilon, self.delta, sampling_rate, rounds,
-                                self.accountant, self.sampling, population)
-        except ValueError as e:
-            raise ValueError(f"privacy policy of federation {self.name!r}: {e}") from None
-        return dataclasses.replace(self, noise_multiplier=z)
-
-    def count_stddev(self, expected_count: float) -> float:
-        if not self.adaptive_clip:
-            return 0.0
-        return self.clip_count_stddev if self.clip_count_stddev is not None else expected_count / 20
-
-    def update_noise_multiplier(self, expected_count: float) -> float:
-        """Noise multiplier for the model update (total z minus the count's share)."""
-        if not self.adaptive_clip:
-            return float(self.noise_multiplier)
-        try:
-            return split_noise_multiplier(self.noise_multiplier, self.count_stddev(expected_count))
-        except ValueError as e:
-            raise ValueError(f"privacy policy of federation {self.name!r}: {e}") from None
-
-
-class PolicyArrays(NamedTuple):
-    """Per-federation (P,) fp32 arrays for `dp_mean` / `adaptive_clip_update`."""
-    clip: np.ndarray
-    noise_multiplier: np.ndarray  # update noise (after the adaptive split)
-    target_quantile: np.ndarray
-    clip_lr: np.ndarray           # 0 where clipping is not adaptive
-    count_stddev: np.ndarray
-
-
-def stack_policies(policies: Sequence[PrivacyPolicy | None],
-                   expected_counts: Sequence[float]) -> PolicyArrays:
-    """Stack per-federation policies; None (no DP) becomes z = 0, clip = inf."""
-    none = PrivacyPolicy("<no dp>", noise_multiplier=0.0, clip=math.inf)
-    rows = [(p or none, m) for p, m in zip(policies, expected_counts, strict=True)]
-    col = lambda f: np.asarray([f(p, m) for p, m in rows], np.float32)  # noqa: E731
-    return PolicyArrays(
-        clip=col(lambda p, m: p.clip),
-        noise_multiplier=col(lambda p, m: p.update_noise_multiplier(m)),
-        target_quantile=col(lambda p, m: p.target_quantile),
-        clip_lr=col(lambda p, m: p.clip_lr if p.adaptive_clip else 0.0),
-        count_stddev=col(lambda p, m: p.count_stddev(m)))
-
-
-# ------------------------------------------------------------------ accounting
-def round_event(noise_multiplier: float, sampling_rate: float, sampling: str = "poisson",
-                population: int | None = None) -> dp_accounting.DpEvent:
-    """The dp_accounting event of one DP-FedAvg round at a federation.
-
-    'fixed' (m of n children without replacement) is analysed under the
-    replace-one relation (Wang et al. 2019), where the clipped sum's L2
-    sensitivity is 2*clip, hence the Gaussian's multiplier z/2.
-    """
-    gauss = dp_accounting.GaussianDpEvent(noise_multiplier)
-    if sampling == "poisson":
-        return dp_accounting.PoissonSampledDpEvent(sampling_rate, gauss)
-    if sampling == "full":
-        if sampling_rate != 1:
-            raise ValueError(f"sampling='full' means sampling_rate=1, got {sampling_rate}; "
-                             "use sampling='poisson' or 'fixed' for partial participation.")
-        return gauss
-    if sampling == "fixed":
-        if population is None or int(population) < 1:
-            raise ValueError(f"sampling='fixed' needs population (number of children) >= 1, "
-                             f"got {population!r}.")
-        m = int(round(sampling_rate * population))
-        if not 1 <= m <= population:
-            raise ValueError(f"sampling_rate={sampling_rate} of population={population} gives "
-                             f"sample size {m}; need 1 <= size <= population.")
-        return dp_accounting.SampledWithoutReplacementDpEvent(
-            int(population), m, dp_accounting.GaussianDpEvent(noise_multiplier / 2))
-    raise ValueError(f"sampling={sampling!r} is unknown; use one of {SAMPLINGS}.")
-
-
-def make_accountant(accountant: str = "rdp", sampling: str = "poisson"):
-    """A fresh dp_accounting accountant for the given sampling scheme."""
-    if accountant == "rdp":
-        rel = dp_accounting.NeighboringRelation
-        return rdp.RdpAccountant(neighboring_relation=rel.REPLACE_ONE if sampling == "fixed"
-                                 else rel.ADD_OR_REMOVE_ONE)
-    if accountant == "pld":
-        if sampling == "fixed":
-            raise ValueError("accountant='pld' does not support sampling='fixed' in "
-                             "dp_accounting; use accountant='rdp'.")
-        return pld.PLDAccountant()
-    raise ValueError(f"accountant={accountant!r} is unknown; use one of {ACCOUNTANTS}.")
-
-
-@functools.lru_cache(maxsize=4096)  # logging asks the same question every round
-def epsilon_after(noise_multiplier: float, sampling_rate: float, rounds: int, delta: float,
-                  accountant: str = "rdp", sampling: str = "poisson",
-                  population: int | None = None) -> float:
-    """epsilon of `rounds` DP-FedAvg rounds at (noise, sampling rate), for delta."""
-    if not 0 < delta < 1:
-        raise ValueError(f"delta={delta} must be in (0, 1).")
-    if not 0 <= sampling_rate <= 1:
-        raise ValueError(f"sampling_rate={sampling_rate} must be in [0, 1].")
-    if rounds < 0 or noise_multiplier < 0:
-        raise ValueError(f"rounds={rounds} and noise_multiplier={noise_multiplier} must be >= 0.")
-    event = round_event(noise_multiplier, sampling_rate, sampling, population)
-    if rounds == 0 or sampling_rate == 0:
-        return 0.0
-    if noise_multiplier == 0:
-        return math.inf
-    acc = make_accountant(accountant, sampling)
-    acc.compose(dp_accounting.SelfComposedDpEvent(event, int(rounds)))
-    return float(acc.get_epsilon(delta))
-
-
-def calibrate_noise(target_epsilon: float, delta: float, sampling_rate: float, rounds: int,
-                    accountant: str = "rdp", sampling: str = "poisson",
-                    population: int | None = None, max_noise: float = 1e3,
-                    rtol: float = 1e-3) -> float:
-    """Smallest noise multiplier (within rtol) with epsilon_after <= target.
-
-    Doubling to bracket, then bisection; epsilon is decreasing in the noise.
-    The returned value is the upper end, so the budget is never exceeded.
-    """
-    eps = functools.partial(epsilon_after, sampling_rate=sampling_rate, rounds=rounds,
-                            delta=delta, accountant=accountant, sampling=sampling,
-                            population=population)
-    if not target_epsilon > 0:
-        raise ValueError(f"target_epsilon={target_epsilon} must be > 0.")
-    lo, hi = 0.0, 1.0
-    while eps(hi) > target_epsilon:
-        if hi >= max_noise:
-            raise ValueError(
-                f"target_epsilon={target_epsilon} is unreachable: even noise_multiplier="
-                f"{hi:g} gives epsilon={eps(hi):.4g} (delta={delta}, rate={sampling_rate}, "
-                f"rounds={rounds}); raise the target, lower rounds or sampling rate, or max_noise.")
-        lo, hi = hi, min(2 * hi, max_noise)
-    while hi - lo > rtol * hi:
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if eps(mid) <= target_epsilon else (mid, hi)
-    return hi
-
-
-@dataclasses.dataclass
-class FederationAccountant:
-    """Privacy ledger of one federation: the rounds composed so far.
-
-    The mechanism is fixed per run, so the ledger is just a round count and
-    epsilon is recomputed (cached) from it; `to_dict`/`from_dict` put it in a
-    checkpoint as plain JSON.
-    """
-    name: str
-    noise_multiplier: float
-    sampling_rate: float
-    accountant: str = "rdp"
-    sampling: str = "poisson"
-    population: int | None = None
-    rounds: int = 0
-
-    def __post_init__(self):
-        # plain Python numbers, so `to_dict` is JSON-ready
-        self.noise_multiplier, self.sampling_rate = float(self.noise_multiplier), float(self.sampling_rate)
-        self.rounds = int(self.rounds)
-        if self.population is not None:
-            self.population = int(self.population)
-        try:  # fail at construction, not at the first log line
-            round_event(self.noise_multiplier, self.sampling_rate, self.sampling, self.population)
-            make_accountant(self.accountant, self.sampling)
-        except ValueError as e:
-            raise ValueError(f"accountant of federation {self.name!r}: {e}") from None
-
-    @classmethod
-    def from_policy(cls, policy: PrivacyPolicy, sampling_rate: float,
-                    population: int | None = None) -> "FederationAccountant":
-        return cls(policy.name, float(policy.noise_multiplier), float(sampling_rate),
-                   policy.accountant, policy.sampling, population)
-
-    def step(self, n: int = 1) -> None:
-        self.rounds += int(n)
-
-    def epsilon(self, delta: float, extra_rounds: int = 0) -> float:
-        return epsilon_after(self.noise_multiplier, self.sampling_rate, self.rounds + extra_rounds,
-                             delta, self.accountant, self.sampling, self.population)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "FederationAccountant":
-        return cls(**d)
-
-
-def would_exceed(accountant: FederationAccountant, target_epsilon: float, delta: float,
-                 rounds: int = 1) -> bool:
-    """True if `rounds` more rounds would push epsilon past the target."""
-    return accountant.epsilon(delta, extra_rounds=rounds) > target_epsilon
