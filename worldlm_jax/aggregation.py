@@ -215,17 +215,9 @@ def attend_keys(
     a_N, a_R, a_p = _softmax(logit_N, logit_R, logit_p, child_parent_N, P)
 
     step_P = jnp.where((policy.mode != 2) & (total_P > 0), policy.eta, 0.0)
-    out = {}
-    for p in paths:
-        gi = groups[p]
-        move = tree_ops.weighted_sum({p: delta_N[p]}, a_N[:, gi], child_parent_N, P)[p]
-        if a_R is not None:  # sum_m a_m (R_m - K_n)
-            flat_R = R[p].reshape(R[p].shape[0], -1)
-            move = (move + (a_R[:, :, gi] @ flat_R).reshape(move.shape)
-                    - tree_ops.expand_rows(a_R[:, :, gi].sum(1), K32[p]) * K32[p])
-        if a_p is not None:
-            move = move + tree_ops.expand_rows(a_p[:, gi], K32[p]) * delta_p[p]
-        out[p] = (K32[p] + tree_ops.expand_rows(step_P, move) * move).astype(node_K_P[p].dtype)
+    out = {p: _step(p, groups[p], K32, delta_N, a_N, child_parent_N, P, step_P,
+                    (a_R, R) if a_R is not None else None, (a_p, delta_p) if a_p is not None else None
+                    ).astype(node_K_P[p].dtype) for p in paths}
     res_w = jnp.mean(a_R, axis=2) if a_R is not None else jnp.zeros((P, 0))
     par_w = jnp.mean(a_p, axis=1) if a_p is not None else jnp.zeros(P)
     return out, AttentionInfo(jnp.mean(a_N, axis=1), res_w, par_w)
@@ -237,6 +229,21 @@ def _candidate_similarity(kind: str, delta, mean, K, node_dots, onehot) -> jax.A
     kk, km, mm = node_dots
     return _similarity(kind, _rowdot(delta, delta, onehot), _rowdot(delta, mean, onehot), mm,
                        _rowdot(K, delta, onehot), km, kk)
+
+
+def _step(p, gi, K32, delta_N, a_N, child_parent_N, P, step_P, residual, parent):
+    """K_n + eta * sum_j a_j (K_j - K_n) for path p (group gi), from the
+    children's deltas, the residuals (a_R, R) and the parent (a_p, delta_p)."""
+    move = tree_ops.weighted_sum({p: delta_N[p]}, a_N[:, gi], child_parent_N, P)[p]
+    if residual is not None:  # sum_m a_m (R_m - K_n)
+        a_R, R = residual
+        flat_R = R[p].reshape(R[p].shape[0], -1)
+        move = (move + (a_R[:, :, gi] @ flat_R).reshape(move.shape)
+                - tree_ops.expand_rows(a_R[:, :, gi].sum(1), K32[p]) * K32[p])
+    if parent is not None:
+        a_p, delta_p = parent
+        move = move + tree_ops.expand_rows(a_p[:, gi], K32[p]) * delta_p[p]
+    return K32[p] + tree_ops.expand_rows(step_P, move) * move
 
 
 def _softmax(logit_N, logit_R, logit_p, child_parent_N, P):

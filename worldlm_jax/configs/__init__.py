@@ -78,7 +78,10 @@ def _paper(size: str) -> Callable[[], Config]:
         return Config(model=model_preset(size),
                       data=DataConfig(tokenizer="spm:8192", seq_len=512, batch_size=16, eval_batches=8),
                       run=RunConfig(rounds=100),
-                      policy=Policy(local_steps=50, client_lr=3e-4),
+                      # LM pre-training rates: linear warmup over the first tenth of the
+                      # root rounds, then a cosine decay to a tenth of the peak
+                      policy=Policy(local_steps=50, client_lr=3e-4, client_lr_schedule="warmup_cosine",
+                                    warmup_rounds=10, min_lr_ratio=0.1),
                       tree=language_tree(clients=4))
     build.__doc__ = f"The paper's {size} MPT-style decoder on the language tree (accelerators)."
     return build

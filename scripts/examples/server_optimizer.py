@@ -1,0 +1,14 @@
+"""A server optimizer: FedAvg with Nesterov momentum (FedAvgM, Hsu et al. 2019),
+registered by name and chosen per federation in a tree policy.
+
+A server optimizer is any optax transformation built with learning rate 1: the
+engine feeds it the pseudo-gradient -mean(child updates) and multiplies its
+output by the federation's own `server_lr` (and schedule).
+
+    worldlm train --plugin scripts/examples/server_optimizer.py --config scripts/examples/server_optimizer.yaml
+"""
+import optax
+
+from worldlm_jax import optimizers
+
+optimizers.register("nesterov", lambda: optax.sgd(1.0, momentum=0.9, nesterov=True))
