@@ -196,3 +196,26 @@ def test_scaffold_with_zero_control_variates_equals_fedavg_then_drifts_less():
     _, m_scaffold = run(s_scaffold, toy_params(), batches)
     drift = lambda ms: np.mean([m["level0/update_spread"][0] for m in ms[2:]])
     assert drift(m_scaffold) < 0.7 * drift(m_avg)
+
+
+# ---- bad names and arguments: one line, before anything runs ---------------------------
+@pytest.mark.parametrize("override, names", [
+    ("policy.server_optimizer=nope", ["server_optimizer", "nope", "registered: adagrad"]),
+    ("policy.aggregator=medain", ["aggregator", "medain", "median"]),
+    ("policy.client_lr_schedule=cosin", ["client_lr_schedule", "cosin", "warmup_cosine"]),
+    ("policy.aggregator_args.trim=0.2", ["aggregator_args", "trim", "mean"]),
+    ("algorithm.client_objective=fedproxy", ["client_objective", "fedproxy", "fedprox"]),
+    ("policy.objective_args.nu=0.2", ["objective_args", "nu", "mu"]),
+    ("policy.warmup_rounds=-1", ["warmup_rounds", "-1"]),
+])
+def test_a_bad_plug_in_name_or_argument_is_one_line_naming_it(override, names):
+    import contextlib
+    import io
+
+    from worldlm_jax import cli
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main(["plan", "--config", "tiny", "--set", "algorithm.client_objective=fedprox", "--set", override])
+    message = err.getvalue().strip()
+    assert code != 0 and "Traceback" not in message and len(message.splitlines()) == 1, message
+    assert all(n in message for n in names), message

@@ -11,7 +11,7 @@ import numpy as np
 
 from worldlm_jax import aggregation, aggregators, objectives, privacy, schedules
 from worldlm_jax.plan import level_kinds
-from worldlm_jax.topology import Topology
+from worldlm_jax.topology import Topology, TopologyError
 
 
 class RoundPolicies(NamedTuple):
@@ -125,7 +125,7 @@ def _objective_args(topo: Topology, objective: str) -> dict:
     for name, p in zip(topo.leaf.names, topo.leaf.policies):
         unknown = sorted(set(p.objective_args) - set(declared))
         if unknown:
-            raise ValueError(f"federation {name!r}: policy field 'objective_args' = {dict(p.objective_args)}; "
+            raise TopologyError(f"federation {name!r}: policy field 'objective_args' = {dict(p.objective_args)}; "
                              f"client objective {objective!r} takes {', '.join(declared) or 'no arguments'}, "
                              f"not {unknown}")
     return {a: jnp.asarray([p.objective_args.get(a, default) for p in topo.leaf.policies], jnp.float32)
