@@ -40,7 +40,7 @@ def parse(argv=None):
     ap.add_argument("--matmul-dtype", default="float32",
                     help="dense-product operand dtype(s), comma list: float32,bfloat16 (model.ModelConfig."
                          "matmul_dtype: bf16 operands, f32 accumulation and activations). On CPU a bfloat16 "
-                         "variant turns XLA's transpose folding off for the whole process (see model.py), "
+                         "variant turns XLA's transpose folding off for the whole process (see kernels.py), "
                          "which costs float32 variants in the same run a few percent")
     ap.add_argument("--attention", default="auto",
                     help="attention kernel(s), comma list: auto,explicit,fused (model.ModelConfig.attention)")

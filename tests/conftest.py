@@ -1,6 +1,6 @@
 """Test set-up before JAX starts: fake 8 CPU devices, so sharding is exercised on CPU, and
 turn XLA's transpose folding off, so bf16 products take their AMX form (model.CPU_BF16_XLA_FLAG;
-the form without the flag is tested by patching model.cpu_transposes_materialise)."""
+the form without the flag is tested by patching kernels.cpu_transposes_materialise)."""
 import os
 
 os.environ["XLA_FLAGS"] = (

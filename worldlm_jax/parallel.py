@@ -157,7 +157,7 @@ def configure_cpu_devices(n: int) -> None:
 
 
 def configure_cpu_bf16_matmuls() -> bool:
-    """Let bf16 products run on the CPU's AMX / AVX512-BF16 units (`model.bf16_dense`).
+    """Let bf16 products run on the CPU's AMX / AVX512-BF16 units (`kernels.bf16_dense`).
 
     Adds `model.CPU_BF16_XLA_FLAG` (XLA's transpose folding off) to XLA_FLAGS, which
     XLA reads once, when JAX starts its backends. It is left out where it cannot take
