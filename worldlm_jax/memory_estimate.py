@@ -29,7 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from worldlm_jax import engine, optimizers
+from worldlm_jax import aggregators, engine, optimizers
 from worldlm_jax.blueprint import AbstractRun
 
 # Share of the VJP residuals (what the backward reads, as JAX traces it) that
@@ -121,6 +121,11 @@ def estimate(run: AbstractRun) -> tuple[dict, dict, dict]:
     per_slot = 2 * kept + (3 * tree_bytes(parts["K"]) if leaf_k_attention else 0)
     if plan.client_opt_persistent:
         per_slot += 2 * opt
+    # A stacked aggregator (`aggregators`: median, trimmed mean) needs every
+    # slot's backbone update (the chunk's output, the stacked outputs, and one
+    # leaf-sized (federations x slots) temporary at a time while it combines).
+    if "B" in plan.aggregate[leaf] and any(not aggregators.get(p.aggregator).streamed for p in topo.leaf.policies):
+        per_slot += 2 * tree_bytes(parts["B"])
     # Per-federation sums of the leaf level's updates: each chunk's, plus the
     # chunk loop's carry when a device runs more than one chunk (DP's clipped
     # sums add nothing XLA keeps apart: measured on small).
