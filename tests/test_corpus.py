@@ -1,4 +1,5 @@
 """The embedded corpus: present, diverse, checksum-verified, with clear errors."""
+import hashlib
 import lzma
 import shutil
 
@@ -144,3 +145,61 @@ def test_roff_stripper_keeps_visible_text_and_drops_markup():
         "-a, --all\ndo not ignore entries \u2014 even hidden ones\n"
         "code line one\ncode line two"
     )
+
+
+def _recompress_edited(path, old=b" the ", new=b" teh "):
+    """Valid xz whose content differs from the manifest's: only the sha256 can tell."""
+    content = lzma.decompress(path.read_bytes())
+    assert old in content
+    path.write_bytes(lzma.compress(content.replace(old, new, 1)))
+
+
+def test_damaged_source_fails_to_load_naming_file_hashes_and_fix(corpus_copy):
+    """Loading (not only verify_corpus) checks the manifest: a one-line error with the
+    file, the expected and the actual sha256 and how to restore it; other sources load."""
+    path = corpus_copy / "man_fr.jsonl.xz"
+    _recompress_edited(path)
+    expected = corpus.source_sha256("man_fr", root=corpus_copy)
+    with pytest.raises(corpus.CorpusError) as err:
+        corpus.load_source("man_fr", root=corpus_copy)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "'man_fr'" in message and str(path) in message
+    assert f"expected {expected}" in message
+    actual = hashlib.sha256(lzma.decompress(path.read_bytes())).hexdigest()
+    assert f"is {actual}" in message and actual != expected
+    assert str(corpus.EMBEDDED_DIR / "man_fr.jsonl.xz") in message and "build_corpus.py" in message
+    docs = corpus.load_source("man_de", root=corpus_copy)  # the others still load
+    assert len(docs) == corpus.source_info("man_de").n_documents
+
+
+def test_truncated_source_fails_to_load_by_name(corpus_copy):
+    path = corpus_copy / "fortunes_pl.jsonl.xz"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(corpus.CorpusError, match=r"'fortunes_pl'.*fortunes_pl\.jsonl\.xz is not valid xz"):
+        corpus.load_source("fortunes_pl", root=corpus_copy)
+    assert corpus.load_source("fortunes_it", root=corpus_copy)
+
+
+def test_fix_hint_of_a_checkout_names_the_git_command():
+    hint = corpus._fix_hint(corpus.EMBEDDED_DIR, "man_en.jsonl.xz")
+    if any((p / ".git").exists() for p in corpus.EMBEDDED_DIR.parents):
+        assert "git -C" in hint and "checkout -- worldlm_jax/data/embedded/man_en.jsonl.xz" in hint
+    else:  # an installed package: reinstall it
+        assert "reinstall" in hint
+
+
+def test_each_source_is_hashed_once_per_process(corpus_copy, monkeypatch):
+    """The sha256 is computed on the first load only; a failed load is retried."""
+    calls = []
+    read_checked = corpus._read_checked
+    monkeypatch.setattr(corpus, "_read_checked", lambda *a: calls.append(a[0]) or read_checked(*a))
+    for _ in range(3):
+        corpus.load_source("man_es", root=corpus_copy)
+    assert calls == ["man_es"]
+    good = (corpus_copy / "man_pl.jsonl.xz").read_bytes()
+    (corpus_copy / "man_pl.jsonl.xz").write_bytes(b"garbage")
+    with pytest.raises(corpus.CorpusError, match="man_pl"):
+        corpus.load_source("man_pl", root=corpus_copy)
+    (corpus_copy / "man_pl.jsonl.xz").write_bytes(good)
+    assert corpus.load_source("man_pl", root=corpus_copy)

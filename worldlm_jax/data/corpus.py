@@ -31,8 +31,18 @@ class SourceInfo(NamedTuple):
     n_bytes: int  # UTF-8 bytes of all documents (separators excluded)
 
 
-def _fix_hint(root: Path) -> str:
-    return f"rebuild it with `{REBUILD_COMMAND}` (or restore {root} from git)"
+def _fix_hint(root: Path, file: str | None = None) -> str:
+    """How to get a good copy back: from git in a source checkout, else by reinstalling;
+    rebuilding from the Debian sources always works (and rewrites the manifest)."""
+    target = root / file if file else root
+    repo = next((p for p in (root, *root.parents) if (p / ".git").exists()), None)
+    if repo is not None:
+        restore = f"`git -C {repo} checkout -- {target.relative_to(repo)}`"
+    elif root == EMBEDDED_DIR:
+        restore = "a reinstall of worldlm_jax (`pip install --force-reinstall --no-deps` its wheel or source)"
+    else:
+        restore = f"a copy of {EMBEDDED_DIR / target.name}"
+    return f"restore it with {restore}, or rebuild the corpus with `{REBUILD_COMMAND}`"
 
 
 def _read_manifest(root: Path) -> dict:
@@ -40,11 +50,11 @@ def _read_manifest(root: Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CorpusError(f"corpus manifest {path} is missing; {_fix_hint(root)}") from None
+        raise CorpusError(f"corpus manifest {path} is missing; {_fix_hint(root, path.name)}") from None
     except json.JSONDecodeError as err:
-        raise CorpusError(f"corpus manifest {path} is corrupt ({err}); {_fix_hint(root)}") from None
+        raise CorpusError(f"corpus manifest {path} is corrupt ({err}); {_fix_hint(root, path.name)}") from None
     if not manifest.get("sources"):
-        raise CorpusError(f"corpus manifest {path} lists no sources; {_fix_hint(root)}")
+        raise CorpusError(f"corpus manifest {path} lists no sources; {_fix_hint(root, path.name)}")
     return manifest
 
 
@@ -81,26 +91,41 @@ def source_sha256(name: str, root: Path | str | None = None) -> str:
 
 
 def _read_checked(name: str, root: Path, manifest: dict | None = None) -> bytes:
-    """Decompressed content of one source, verified against the manifest checksum."""
+    """Decompressed content of one source, verified against the manifest checksum.
+
+    Raises a one-line CorpusError naming the source, its file, what is wrong (for a
+    checksum mismatch: expected and actual sha256) and how to restore the file."""
     entry = _entry(name, root, manifest)
     path = root / entry["file"]
     problem = None
     try:
-        content = lzma.decompress(path.read_bytes())
+        raw = path.read_bytes()
     except FileNotFoundError:
         problem = "is missing"
-    except lzma.LZMAError as err:
-        problem = f"is not valid xz data ({err})"
     else:
-        if not content.strip():
-            problem = "is empty"
-        elif hashlib.sha256(content).hexdigest() != entry["sha256"]:
-            problem = "does not match its sha256 in MANIFEST.json (corrupt or edited)"
+        try:
+            content = lzma.decompress(raw)
+        except lzma.LZMAError as err:
+            problem = (f"is not valid xz data ({_one_line(err)}; file sha256 "
+                       f"{hashlib.sha256(raw).hexdigest()})")
+        else:
+            actual = hashlib.sha256(content).hexdigest()
+            if not content.strip():
+                problem = "is empty"
+            elif actual != entry["sha256"]:
+                problem = (f"does not match MANIFEST.json (corrupt or edited): sha256 of its "
+                           f"content is {actual}, expected {entry['sha256']}")
     if problem:
-        raise CorpusError(f"corpus source {name!r}: {path} {problem}; {_fix_hint(root)}")
+        raise CorpusError(f"corpus source {name!r}: {path} {problem}; {_fix_hint(root, entry['file'])}")
     return content
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+# Verified once per process per (source, directory): the sha256 is computed on the
+# first load only; a failed load is not cached, so a restored file loads on retry.
 @functools.lru_cache(maxsize=64)
 def _load(name: str, root: Path) -> tuple[str, ...]:
     content = _read_checked(name, root)
@@ -108,7 +133,9 @@ def _load(name: str, root: Path) -> tuple[str, ...]:
 
 
 def load_source(name: str, root: Path | str | None = None) -> list[str]:
-    """All documents of one source, checksum-verified (cached; returns a fresh list)."""
+    """All documents of one source, checksum-verified against MANIFEST.json on the
+    first load in this process (cached; returns a fresh list). A damaged file raises
+    CorpusError naming it, the expected and actual sha256 and how to restore it."""
     return list(_load(name, _root(root)))
 
 
@@ -125,6 +152,6 @@ def verify_corpus(root: Path | str | None = None) -> dict[str, SourceInfo]:
         n_documents = content.count(b"\n")
         if n_documents != entry["n_documents"]:
             raise CorpusError(f"corpus source {name!r} has {n_documents} documents, manifest says "
-                              f"{entry['n_documents']}; {_fix_hint(root)}")
+                              f"{entry['n_documents']}; {_fix_hint(root, 'MANIFEST.json')}")
         verified[name] = SourceInfo(name, entry["language"], entry["domain"], n_documents, entry["n_bytes"])
     return verified
