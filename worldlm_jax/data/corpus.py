@@ -106,8 +106,8 @@ def _read_checked(name: str, root: Path, manifest: dict | None = None) -> bytes:
         try:
             content = lzma.decompress(raw)
         except lzma.LZMAError as err:
-            problem = (f"is not valid xz data ({_one_line(err)}; file sha256 "
-                       f"{hashlib.sha256(raw).hexdigest()})")
+            problem = (f"is not valid xz data ({_one_line(err)}), so its content cannot match "
+                       f"the expected sha256 {entry['sha256']}")
         else:
             actual = hashlib.sha256(content).hexdigest()
             if not content.strip():
