@@ -7,6 +7,7 @@ its metrics are read a round late; their records must agree.
 """
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import os
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 import worldlm_jax
-from worldlm_jax import blueprint, callbacks, cli, communication, configs, plugins, train as train_lib
+from worldlm_jax import blueprint, callbacks, cli, communication, configs, plugins, sweep, train as train_lib
 from worldlm_jax.callbacks import Callback
 from worldlm_jax.config import ConfigError, apply_overrides, load_yaml, save_yaml
 from worldlm_jax.metrics import read_metrics
@@ -130,6 +131,37 @@ def test_records_are_the_same_when_read_a_round_late(stopped, experiment_yaml, t
     late = strip(workdir / "metrics.jsonl")
     assert [r["round"] for r in late] == [0, 1, 2]
     assert late[:2] == strip(stopped[0] / "metrics.jsonl")
+
+
+def test_a_sweep_goes_on_past_a_point_a_callback_stopped_and_skips_it_when_rerun(stopped, experiment_yaml,
+                                                                                  tmp_path):
+    """stop_after_1 stops both points after 2 of their 3 rounds: each is finished as
+    far as the sweep is concerned (the sweep trains the next one, exits 0, and
+    re-running it resumes neither); `worldlm train` would resume one."""
+    argv = ["sweep", "--config", str(experiment_yaml / "exp.yaml"), "--set", "run.eval_every=0",
+            "--grid", "run.checkpoint_every=0,1", "--workdir", str(tmp_path), "--quiet"]
+    code, out, err = run_cli(argv)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "sweep.json").read_text())["points"]
+    assert [(r["status"], r["rounds_completed"]) for r in rows] == [("stopped", 2), ("stopped", 2)]
+    assert out.count("stopped by stop_after_1 after 2 rounds") == 2
+    run_dir = str(tmp_path / rows[0]["name"])
+    assert sweep.finished_summary(run_dir, 3)["stopped_by"] == "stop_after_1"
+    assert sweep.finished_summary(run_dir, 3, stopped=False) is None
+    code, out, err = run_cli(argv)
+    assert code == 0, err
+    assert out.count("finished earlier, skipped") == 2
+    assert [r["status"] for r in json.loads((tmp_path / "sweep.json").read_text())["points"]] == ["skipped"] * 2
+
+
+def test_callbacks_and_plugins_may_change_when_a_run_resumes(experiment_yaml):
+    """They change what watches the run and where its code comes from, not the
+    numbers of the rounds already run (the names a plug-in registers are compared)."""
+    config = load_yaml(str(experiment_yaml / "exp.yaml"))
+    changed = dataclasses.replace(apply_overrides(config, ["run.callbacks=[]"]), plugins=())
+    assert sweep.config_changes(config, changed) == []
+    other = apply_overrides(config, ["policy.server_optimizer=sgd"])
+    assert sweep.config_changes(config, other) == ["policy.server_optimizer"]
 
 
 def test_train_refuses_a_run_dir_with_another_config(tmp_path):

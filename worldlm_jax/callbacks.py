@@ -3,7 +3,9 @@
 A callback subclasses `Callback` and overrides what it needs. Returning True
 from a hook asks the run to stop after the current round: it checkpoints,
 evaluates and ends cleanly, its summary saying `interrupted: true` and
-`stopped_by: NAME` (re-running the same command resumes it).
+`stopped_by: NAME` (re-running `worldlm train` resumes it; `worldlm sweep`
+counts such a point as finished, goes on with the next one and skips it when
+re-run).
 
 Callbacks are named in a config (`run.callbacks: [name, ...]`) through the
 `CALLBACKS` registry of factories `factory(config) -> Callback`, or passed as

@@ -10,15 +10,20 @@ in-process.
 from __future__ import annotations
 
 import argparse
-import inspect
-import json
 import os
 import sys
-import textwrap
 from typing import Sequence
 
+from worldlm_jax import cli_commands as commands
 from worldlm_jax import configs
-from worldlm_jax.config import Config, ConfigError, apply_override, apply_overrides, load_yaml
+from worldlm_jax.cli_commands import (EXIT_DOES_NOT_FIT, CliError, apply_privacy_target, check_tree,
+                                      evaluate_run, format_eval, load_config, memory_check, memory_line,
+                                      preset_name)
+from worldlm_jax.config import ConfigError
+
+__all__ = [  # defined in cli_commands, reached as `cli.` by callers
+    "main", "build_parser", "CliError", "EXIT_DOES_NOT_FIT", "load_config", "preset_name", "check_tree",
+    "apply_privacy_target", "evaluate_run", "format_eval", "memory_check", "memory_line"]
 
 DEFAULT_PRESET = "demo"
 
@@ -66,263 +71,10 @@ Run 'worldlm SUBCOMMAND --help' for each subcommand's options.
 """
 
 
-class CliError(Exception):
-    """A user error the CLI reports as one line (exit code 2)."""
-
-
-EXIT_DOES_NOT_FIT = 3  # `plan` and `train`: the round cannot fit a device's memory
-
-
-# ---- config -----------------------------------------------------------------------
-def preset_name(spec: str) -> str:
-    """'demo' -> 'demo'; 'path/to/my_exp.yaml' -> 'my_exp' (used in default workdirs)."""
-    if spec in configs.PRESETS:
-        return spec
-    return os.path.splitext(os.path.basename(os.path.normpath(spec)))[0] or "config"
-
-
-def load_config(spec: str, overrides: Sequence[str] = (), plugins: Sequence[str] = ()) -> Config:
-    """A preset or YAML file, with overrides applied; the tree is compiled to check it.
-
-    `plugins`: resolved specs of --plugin modules (already imported), kept in the
-    config so the saved config.yaml imports them again for eval and resume."""
-    import dataclasses
-
-    from worldlm_jax.sweep import normalize_override
-
-    config = configs.load(spec)
-    if plugins:
-        config = dataclasses.replace(config, plugins=tuple(dict.fromkeys((*config.plugins, *plugins))))
-    config = apply_overrides(config, [normalize_override(o) for o in overrides])
-    check_tree(config)
-    return config
-
-
-def check_tree(config: Config) -> None:
-    """Compile the tree now, so a bad tree fails before any data is loaded."""
-    from worldlm_jax.data import corpus
-    from worldlm_jax.topology import build_topology
-
-    build_topology(config.tree, known_sources=corpus.list_sources(), root_policy=config.policy)
-
-
-def _find_field(config: Config, names: Sequence[str]) -> str | None:
-    """Dotted path of the first field of a config section named one of `names`."""
-    import dataclasses
-
-    for name in names:
-        for section in dataclasses.fields(config):
-            value = getattr(config, section.name)
-            if dataclasses.is_dataclass(value) and name in {f.name for f in dataclasses.fields(value)}:
-                return f"{section.name}.{name}"
-    return None
-
-
-def apply_privacy_target(config: Config, epsilon: float | None, delta: float | None) -> tuple[Config, dict]:
-    """--target-epsilon/--target-delta: into the config when it has fields for them,
-    else as train() keyword arguments when train accepts them, else a CliError."""
-    if epsilon is None:
-        if delta is not None:
-            raise CliError("--target-delta needs --target-epsilon")
-        return config, {}
-    if not epsilon > 0:
-        raise CliError(f"--target-epsilon={epsilon}: expected a number > 0")
-    if delta is not None and not 0 < delta < 1:
-        raise CliError(f"--target-delta={delta}: expected 0 < delta < 1")
-    from worldlm_jax.sweep import yaml_float
-
-    eps_field = _find_field(config, ("target_epsilon", "dp_target_epsilon"))
-    if eps_field is not None:
-        config = apply_override(config, f"{eps_field}={yaml_float(epsilon)}")
-        if delta is not None:
-            delta_field = _find_field(config, ("target_delta", "dp_target_delta", "dp_delta"))
-            if delta_field is None:
-                raise CliError("--target-delta: the config has no field for the DP delta")
-            config = apply_override(config, f"{delta_field}={yaml_float(delta)}")
-        return apply_overrides(config, []), {}  # validated like any override
-    from worldlm_jax import train as train_lib
-
-    params = inspect.signature(train_lib.train).parameters
-    if "target_epsilon" not in params or (delta is not None and "target_delta" not in params):
-        raise CliError("--target-epsilon: DP noise calibration to a target epsilon is not available yet "
-                       "(neither the config nor train() accepts it); set the noise directly, e.g. "
-                       "--set policy.dp_noise_multiplier=1.0 --set policy.dp_clip=1.0")
-    kwargs = {"target_epsilon": epsilon}
-    if delta is not None:
-        kwargs["target_delta"] = delta
-    return config, kwargs
-
-
-# ---- subcommands -------------------------------------------------------------------
-def cmd_train(args) -> int:
-    from worldlm_jax import sweep, train as train_lib
-
-    config = load_config(args.config, args.set, args.plugins)
-    config, extra = apply_privacy_target(config, args.target_epsilon, args.target_delta)
-    _check_same_config(config)
-    workdir = args.workdir or os.path.join("runs", f"{preset_name(args.config)}-{config.algorithm.name}")
-    train_lib.check_resumable(workdir, config)  # before the finished-run check: train() checks it too
-    done = sweep.finished_summary(workdir, config.run.rounds)
-    if done is not None:
-        print(f"{workdir} already finished {config.run.rounds} rounds; raise run.rounds to continue it")
-        print(train_lib.format_table(done))
-        return 0
-    if not args.skip_memory_check:  # before any data is loaded; raises DoesNotFit
-        result = memory_check(config, args.device_memory)
-        if not args.quiet and _primary():
-            print(memory_line(result))
-    summary = train_lib.train(config, workdir, quiet=args.quiet, progress=not args.no_progress, **extra)
-    # a callback's stop is the run's own decision, not an interruption to report as Ctrl-C
-    code = 130 if summary.get("interrupted") and "stopped_by" not in summary else 0
-    if not _primary():
-        return code
-    if args.quiet:  # train printed nothing; the result is still worth one table
-        print(train_lib.format_table(summary))
-    if "stopped_by" in summary:
-        state = f"stopped by {summary['stopped_by']} after {summary['rounds_completed']} rounds"
-    else:
-        state = "interrupted; run the same command to resume" if summary.get("interrupted") else "done"
-    print(f"{state}: {os.path.join(workdir, 'summary.json')}")
-    return code
-
-
-def memory_check(config: Config, device_memory_gib: float | None = None):
-    """`worldlm train`'s first step: the run's memory plan (no data loaded), or
-    memory_plan.DoesNotFit naming the knobs. Compiles the round for XLA's figure
-    only when the estimate comes near the device's memory."""
-    from worldlm_jax import memory_plan, train as train_lib
-
-    train_lib.prepare_backend(config.model)  # the XLA flags training uses, before JAX starts
-    return memory_plan.check(config, compile="auto", device_memory_gib=device_memory_gib)
-
-
-def memory_line(result) -> str:
-    from worldlm_jax.memory_plan import fmt_bytes
-
-    source = "XLA" if result.xla else "estimate"
-    return (f"memory per device: {fmt_bytes(result.required)} ({source}) of {fmt_bytes(result.usable)} usable "
-            f"({result.device_memory_source}); 'worldlm plan' shows the parts")
-
-
-def cmd_plan(args) -> int:
-    from worldlm_jax import memory_plan, train as train_lib
-
-    config = load_config(args.config, args.set, args.plugins)
-    train_lib.prepare_backend(config.model)  # plan the program training compiles (bf16 products' form)
-    result = memory_plan.plan(config, compile=not args.no_compile, device_memory_gib=args.device_memory)
-    print(memory_plan.to_json(result) if args.json else memory_plan.format_plan(result))
-    if not result.fits:
-        print(f"worldlm plan: error: {memory_plan.does_not_fit_message(result)}", file=sys.stderr)
-        return EXIT_DOES_NOT_FIT
-    return 0
-
-
-def evaluate_run(workdir: str, split: str = "validation", step: int | None = None) -> dict:
-    """Rebuild the run from workdir/config.yaml, restore a checkpoint and evaluate it.
-
-    Returns train.describe_eval's dict plus 'split', 'round' and 'workdir'.
-    """
-    import numpy as np
-
-    from worldlm_jax import checkpoint, evaluate, strategies, train as train_lib
-    from worldlm_jax.data.federated import validation_batches
-
-    config_path = os.path.join(workdir, "config.yaml")
-    if not os.path.exists(config_path):
-        raise CliError(f"{workdir} has no config.yaml; is it a worldlm run dir?")
-    config = load_yaml(config_path)
-    _check_same_config(config)
-    with checkpoint.Checkpointer(workdir) as ckpt:
-        latest = ckpt.latest_step()
-        if latest is None:
-            raise CliError(f"{workdir} has no checkpoint to evaluate; train it first")
-        exp = train_lib.build_experiment(config)
-        state, host = train_lib.restore_state(exp, ckpt, step)
-    if split == "validation":
-        eval_fn = exp.eval_fn
-    else:  # the same number of fixed windows, cut from each client's training stream
-        tokens = validation_batches([c.train for c in exp.data.clients], config.data.seq_len,
-                                    config.data.eval_batch_size, config.data.eval_batches)
-        n = exp.topology.n_clients  # a pooled strategy (centralized) deploys its one model everywhere
-        pooled = strategies.get(config.algorithm.name).pooled
-        deploy = np.zeros(n, np.int32) if pooled else np.arange(n, dtype=np.int32)
-        eval_fn = evaluate.make_evaluator(exp.spec, exp.model_def.loss, tokens, deploy)
-    result = train_lib.describe_eval(exp, np.asarray(eval_fn(state)))
-    return {"workdir": workdir, "split": split, "round": int(host["round"]), **result}
-
-
-def cmd_eval(args) -> int:
-    result = evaluate_run(args.workdir, args.split, args.step)
-    if not _primary():
-        return 0
-    name = "eval.json" if args.split == "validation" else f"eval_{args.split}.json"
-    out = os.path.join(args.workdir, name)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(format_eval(result))
-    print(f"wrote {out}")
-    return 0
-
-
-def format_eval(result: dict) -> str:
-    per_fed = result["per_federation"]
-    width = max([len(n) for n in per_fed] + [len("overall")]) + 2
-    lines = [f"{result['workdir']}: {result['split']} split after {result['round']} rounds",
-             f"{'federation':<{width}} perplexity"]
-    lines += [f"{name:<{width}} {ppl:10.3f}" for name, ppl in per_fed.items()]
-    lines.append(f"{'overall':<{width}} {result['perplexity']:10.3f}   ({result['bits_per_byte']:.3f} bits/byte)")
-    return "\n".join(lines)
-
-
-def cmd_sweep(args) -> int:
-    from worldlm_jax import sweep
-
-    base = load_config(args.config, args.set, args.plugins)
-    _check_same_config(base)
-    grid = sweep.parse_grid(args.grid)
-    points = sweep.grid_points(grid)
-    for assignments in points:  # every point must be a valid config with a valid tree
-        check_tree(sweep.point_config(base, assignments))
-    say = print if _primary() else (lambda *a, **k: None)  # multi-process: process 0 prints
-    say(f"sweep: {len(points)} point(s) in {args.workdir}")
-    if args.vectorized:
-        rows = sweep.run_vectorized(base, grid, args.workdir, sweep_devices=args.sweep_devices, log=say)
-        say(sweep.markdown_table([k for k, _ in grid], rows), end="")
-        say(f"wrote {os.path.join(args.workdir, 'sweep.md')}")
-        return 0
-    rows = sweep.run_sweep(base, grid, args.workdir, quiet=args.quiet, progress=not args.no_progress, log=say)
-    if not _primary():
-        return 130 if any(r["status"] == "interrupted" for r in rows) else 0
-    print(sweep.markdown_table([k for k, _ in grid], rows), end="")
-    print(f"wrote {os.path.join(args.workdir, 'sweep.md')}")
-    return 130 if any(r["status"] == "interrupted" for r in rows) else 0
-
-
-def cmd_report(args) -> int:
-    from worldlm_jax import report
-
-    try:
-        result = report.write_report(args.run_dirs, args.out)
-    except report.ReportError as e:
-        raise CliError(str(e)) from e
-    print(result["markdown"], end="")
-    print("wrote " + ", ".join(result["files"]))
-    return 0
-
-
-def cmd_presets(args) -> int:
-    for name, build in configs.PRESETS.items():
-        doc = " ".join((inspect.getdoc(build) or "").split())
-        config = build()
-        facts = (f"model d={config.model.d_model} layers={config.model.n_layers}, "
-                 f"seq_len={config.data.seq_len}, rounds={config.run.rounds}, "
-                 f"algorithm={config.algorithm.name}")
-        print(f"{name}\n" + textwrap.fill(doc, 78, initial_indent="    ", subsequent_indent="    ")
-              + f"\n    ({facts})")
-    return 0
-
-
 # ---- parser ------------------------------------------------------------------------
+_RAW = argparse.RawDescriptionHelpFormatter
+
+
 def _add_config_args(p: argparse.ArgumentParser, default: str | None = DEFAULT_PRESET) -> None:
     p.add_argument("--config", default=default, metavar="PRESET_OR_YAML",
                    help=f"a preset name ({', '.join(configs.PRESETS)}) or a YAML file"
@@ -353,19 +105,6 @@ def _add_distributed_args(p: argparse.ArgumentParser) -> None:
                         "noticed by the others after a third of it")
 
 
-def _check_same_config(config: Config) -> None:
-    """Processes of one run must train the same config (checked before any data is loaded)."""
-    import yaml
-
-    from worldlm_jax import distributed
-    distributed.check_same("config (after --set overrides)", yaml.safe_dump(config.to_dict(), sort_keys=True))
-
-
-def _primary() -> bool:
-    from worldlm_jax import distributed
-    return distributed.is_primary()
-
-
 def _add_device_memory_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-memory", type=float, metavar="GIB",
                    help="memory of one device in GiB, e.g. to plan a GPU/TPU run from a CPU box (default: what "
@@ -378,13 +117,21 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="worldlm", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="worldlm", description=DESCRIPTION, epilog=EPILOG, formatter_class=_RAW)
     _add_plugin_arg(parser, "plugins_before")
     sub = parser.add_subparsers(dest="command", metavar="{train,eval,sweep,report,plan,presets}")
-    raw = argparse.RawDescriptionHelpFormatter
+    _train_parser(sub)
+    _eval_parser(sub)
+    _sweep_parser(sub)
+    _report_parser(sub)
+    _plan_parser(sub)
+    _presets_parser(sub)
+    return parser
 
-    p = sub.add_parser("train", help="train (or resume) one run", formatter_class=raw,
+
+def _train_parser(sub) -> None:
+    """train: one run, resumed when its dir has checkpoints."""
+    p = sub.add_parser("train", help="train (or resume) one run", formatter_class=_RAW,
                        description="Train one run, or resume it when WORKDIR already has checkpoints.\n"
                                    "Writes WORKDIR/summary.json, metrics.jsonl, config.yaml, checkpoints/.",
                        epilog="example:\n  worldlm train --config tiny --set run.rounds=2 --workdir runs/smoke")
@@ -399,9 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_memory_arg(p)
     _add_plugin_arg(p, "plugins_after")
     _add_distributed_args(p)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=commands.cmd_train)
 
-    p = sub.add_parser("eval", help="re-evaluate a run's latest checkpoint", formatter_class=raw,
+
+def _eval_parser(sub) -> None:
+    """eval: a run's checkpoint, evaluated again."""
+    p = sub.add_parser("eval", help="re-evaluate a run's latest checkpoint", formatter_class=_RAW,
                        description="Rebuild the run from WORKDIR/config.yaml, restore its latest checkpoint and\n"
                                    "report perplexity per federation. Writes WORKDIR/eval.json.",
                        epilog="example:\n  worldlm eval --workdir runs/demo-worldlm")
@@ -412,9 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint round to evaluate (default: latest)")
     _add_plugin_arg(p, "plugins_after")
     _add_distributed_args(p)
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=commands.cmd_eval)
 
-    p = sub.add_parser("sweep", help="train a grid of configs, one run dir per point", formatter_class=raw,
+
+def _sweep_parser(sub) -> None:
+    """sweep: a grid of configs, one run dir per point (or one program)."""
+    p = sub.add_parser("sweep", help="train a grid of configs, one run dir per point", formatter_class=_RAW,
                        description="Train the cartesian product of --grid axes, one after the other, each in\n"
                                    "DIR/<key=value__...>. Finished points are skipped and unfinished ones\n"
                                    "resumed, so re-running the command continues the sweep.\n"
@@ -437,9 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(p)
     _add_plugin_arg(p, "plugins_after")
     _add_distributed_args(p)
-    p.set_defaults(func=cmd_sweep)
+    p.set_defaults(func=commands.cmd_sweep)
 
-    p = sub.add_parser("report", help="compare runs: markdown table and plots", formatter_class=raw,
+
+def _report_parser(sub) -> None:
+    """report: finished runs compared."""
+    p = sub.add_parser("report", help="compare runs: markdown table and plots", formatter_class=_RAW,
                        description="One row per run (algorithm, rounds, perplexity, bits/byte, ratio to the\n"
                                    "first run, perplexity per federation) in OUT/report.md, plus plots.",
                        epilog="example:\n  worldlm report runs/demo-worldlm runs/demo-fedavg --out runs/report")
@@ -447,9 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directories (a sweep directory stands for all its points); "
                         "the first is the reference")
     p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(func=cmd_report)
+    p.set_defaults(func=commands.cmd_report)
 
-    p = sub.add_parser("plan", help="memory per device of a run, before any data is loaded", formatter_class=raw,
+
+def _plan_parser(sub) -> None:
+    """plan: memory per device, before any data is loaded."""
+    p = sub.add_parser("plan", help="memory per device of a run, before any data is loaded", formatter_class=_RAW,
                        description="Per-device memory of one round of the run: federation state per level (as\n"
                                    "stored: wide levels sharded), the round's working copies and sums, the\n"
                                    "clients in flight (parameters, optimizer states, activations), per-slot\n"
@@ -465,11 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the estimate only: skip compiling the round for XLA's figure (seconds faster)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON line")
     _add_plugin_arg(p, "plugins_after")
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=commands.cmd_plan)
 
+
+def _presets_parser(sub) -> None:
+    """presets: the built-in configs."""
     p = sub.add_parser("presets", help="list the built-in configs")
-    p.set_defaults(func=cmd_presets)
-    return parser
+    p.set_defaults(func=commands.cmd_presets)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -515,9 +276,10 @@ def _raised_while_building(error: BaseException) -> bool:
         frames.append(tb.tb_frame.f_code)
         tb = tb.tb_next
     names = {(os.path.basename(c.co_filename), c.co_name) for c in frames}
-    return any(n in names for n in (("cli.py", "load_config"), ("cli.py", "check_tree"),
-                                    ("cli.py", "apply_privacy_target"), ("sweep.py", "parse_grid"), ("sweep.py", "point_config"),
-                                    ("config.py", "from_dict"), ("config.py", "apply_override")))
+    return any(n in names for n in (("cli_commands.py", "load_config"), ("cli_commands.py", "check_tree"),
+                                    ("cli_commands.py", "apply_privacy_target"), ("sweep.py", "parse_grid"),
+                                    ("sweep.py", "point_config"), ("config.py", "from_dict"),
+                                    ("config.py", "apply_override")))
 
 
 if __name__ == "__main__":

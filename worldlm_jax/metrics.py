@@ -19,7 +19,7 @@ import json
 import numbers
 import os
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
@@ -129,16 +129,18 @@ class AsyncFetcher:
     """Converts pytrees of device arrays to Python values without stalling the host loop.
 
     ``submit(tree)`` starts the device->host copy and returns the trees submitted
-    more than ``lag`` calls ago, converted (arrays -> float/int or nested lists;
-    other leaves unchanged). ``flush()`` returns the rest. Results keep
+    more than ``lag`` calls ago, converted by ``convert`` (default ``to_python``:
+    arrays -> float/int or nested lists; ``to_numpy``: NumPy arrays of their own
+    dtypes; other leaves unchanged). ``flush()`` returns the rest. Results keep
     submission order. lag=1 lets round r+1 be dispatched before round r's metrics
     are read, so the device never idles waiting for logging.
     """
 
-    def __init__(self, lag: int = 1):
+    def __init__(self, lag: int = 1, convert: Callable[[Any], Any] | None = None):
         if lag < 0:
             raise ValueError(f"AsyncFetcher lag must be >= 0, got {lag}.")
         self.lag = lag
+        self._convert = to_python if convert is None else convert
         self._pending: collections.deque = collections.deque()
 
     def submit(self, tree: Any) -> list[Any]:
@@ -148,11 +150,11 @@ class AsyncFetcher:
         self._pending.append(tree)
         ready = []
         while len(self._pending) > self.lag:
-            ready.append(to_python(self._pending.popleft()))
+            ready.append(self._convert(self._pending.popleft()))
         return ready
 
     def flush(self) -> list[Any]:
-        ready = [to_python(tree) for tree in self._pending]
+        ready = [self._convert(tree) for tree in self._pending]
         self._pending.clear()
         return ready
 
@@ -167,6 +169,15 @@ def to_python(tree: Any) -> Any:
             arr = np.asarray(leaf)
             return arr.item() if arr.ndim == 0 else arr.tolist()
         return leaf
+
+    return jax.tree.map(convert, tree)
+
+
+def to_numpy(tree: Any) -> Any:
+    """Arrays -> NumPy arrays of their own dtype (a float32 metric stays float32,
+    so its shortest decimal is float32's: 0.001, not 0.0010000000474974513)."""
+    def convert(leaf):
+        return np.asarray(leaf) if isinstance(leaf, (jax.Array, np.ndarray, np.generic)) else leaf
 
     return jax.tree.map(convert, tree)
 

@@ -2,9 +2,10 @@
 
 `parse_grid`, `grid_points` and `point_name` are pure functions; `run_sweep`
 trains the points one after the other in this process. A point whose
-`summary.json` says it finished (all configured rounds) is skipped; an
-unfinished one is resumed from its checkpoint (`train.train` resumes by itself),
-so re-running the same command after a crash or Ctrl-C continues the sweep.
+`summary.json` says it finished (all configured rounds, or stopped by a
+callback) is skipped; an unfinished one is resumed from its checkpoint
+(`train.train` resumes by itself), so re-running the same command after a crash
+or Ctrl-C continues the sweep. A point a callback stops does not stop the sweep.
 """
 from __future__ import annotations
 
@@ -23,9 +24,17 @@ _SAFE = re.compile(r"[^A-Za-z0-9._+-]")
 _MAX_NAME = 120
 
 # Fields that may differ between a run dir's saved config and the config used to
-# resume it: they change how long / how often, not what is trained.
+# resume it: they change how long, how often or where, not what is trained, so the
+# rounds already run keep their numbers. Among them:
+# - run.callbacks: callbacks only read each round's record and may stop the run
+#   (with one present the loop reads metrics a round earlier; the records are the
+#   same), so adding an early stop to a running run, or dropping one, is safe.
+# - plugins: where user code is imported from, not what is trained: every name the
+#   run uses from a plug-in (an optimizer, aggregator, schedule, strategy) is a
+#   field of its own and still compared, and a plug-in file's contents are not
+#   compared either way, so a moved plug-in (another path) may resume the run.
 RESUMABLE_KEYS = ("run.rounds", "run.eval_every", "run.checkpoint_every", "run.compilation_cache",
-                  "run.chunk", "run.devices")
+                  "run.chunk", "run.devices", "run.callbacks", "plugins")
 
 
 # ---- overrides ---------------------------------------------------------------------
@@ -166,8 +175,10 @@ def check_resumable(workdir: str, config: Config) -> None:
                           f"{saved}), or use another --workdir")
 
 
-def finished_summary(workdir: str, rounds: int) -> dict | None:
-    """The run's summary if it completed `rounds` rounds, else None."""
+def finished_summary(workdir: str, rounds: int, stopped: bool = True) -> dict | None:
+    """The run's summary if it is finished, else None: it completed `rounds`
+    rounds, or (`stopped`) a callback stopped it (`stopped_by`: the run's own
+    decision, whatever its run.rounds; Ctrl-C's interruption is not one)."""
     path = os.path.join(workdir, SUMMARY_FILE)
     try:
         with open(path) as f:
@@ -175,6 +186,8 @@ def finished_summary(workdir: str, rounds: int) -> dict | None:
     except (OSError, ValueError):
         return None
     if summary.get("rounds_completed") == rounds and not summary.get("interrupted"):
+        return summary
+    if stopped and summary.get("stopped_by"):
         return summary
     return None
 
@@ -213,7 +226,10 @@ def run_sweep(base: Config, grid: Sequence[tuple[str, Sequence[str]]], workdir: 
         else:
             log(f"[{i}/{len(plans)}] {name}: training ({config.run.rounds} rounds) in {run_dir}")
             summary = train_fn(config, run_dir, quiet=quiet, progress=progress)
-            status = "interrupted" if summary.get("interrupted") else "trained"
+            status = _status(summary)
+            if status == "stopped":  # the point is finished; the sweep goes on
+                log(f"[{i}/{len(plans)}] {name}: stopped by {summary['stopped_by']} after "
+                    f"{summary.get('rounds_completed')} rounds")
         rows.append(_row(name, dict(assignments), run_dir, status, summary))
         write_tables(workdir, keys, rows)  # after every point: a crash keeps what finished
         if status == "interrupted":
@@ -255,6 +271,14 @@ def run_vectorized(base: Config, grid: Sequence[tuple[str, Sequence[str]]], work
         rows.append(_row(name, dict(a), run_dir, f"vectorized ({compiles} compile)", summary))
     write_tables(workdir, [k for k, _ in grid], rows)
     return rows
+
+
+def _status(summary: dict) -> str:
+    """'trained', 'stopped' (by a callback: finished, see `finished_summary`) or
+    'interrupted' (Ctrl-C, the privacy budget: the sweep ends there, to be resumed)."""
+    if summary.get("stopped_by"):
+        return "stopped"
+    return "interrupted" if summary.get("interrupted") else "trained"
 
 
 def _row(name: str, assignments: dict, run_dir: str, status: str, summary: dict) -> dict:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from worldlm_jax import distributed, dp_ledger, engine, evaluate, parallel, strategies, train
+from worldlm_jax import distributed, dp_ledger, engine, evaluate, experiment, parallel, records, strategies, train
 from worldlm_jax.config import Config, save_yaml
 from worldlm_jax.data.federated import validation_batches
 from worldlm_jax.topology import Topology, build_topology
@@ -39,7 +39,7 @@ SWEEP = parallel.SWEEP_AXIS
 NAMED_RULES = ("server_optimizer", "aggregator", "client_lr_schedule", "server_lr_schedule")
 
 
-def _point_topology(exp: train.Experiment, config: Config) -> Topology:
+def _point_topology(exp: experiment.Experiment, config: Config) -> Topology:
     """The tree one sweep point trains on: the base experiment's tree shape with
     the point's own policies (DP noise calibrated as a single run would)."""
     topo = build_topology(config.tree, root_policy=config.policy)
@@ -65,7 +65,7 @@ def _point_topology(exp: train.Experiment, config: Config) -> Topology:
     return topo
 
 
-def _policies(exp: train.Experiment, config: Config) -> engine.RoundPolicies:
+def _policies(exp: experiment.Experiment, config: Config) -> engine.RoundPolicies:
     """Round policies of one sweep point, on the base experiment's tree shape."""
     return engine.round_policies(_point_topology(exp, config), exp.spec.total_rounds, exp.spec.client_objective)
 
@@ -99,7 +99,7 @@ def choose_sweep_devices(n_devices: int, n_points: int, requested: int = 0) -> i
     return max(g for g in range(1, min(n_devices, n_points) + 1) if n_devices % g == 0)
 
 
-def sweep_experiment(config: Config, n_devices: int, groups: int) -> train.Experiment:
+def sweep_experiment(config: Config, n_devices: int, groups: int) -> experiment.Experiment:
     """The experiment every point shares, on a (`sweep`=groups, `clients`=n/groups) mesh.
 
     Built as a single run on n / groups devices (so the client slots are padded
@@ -107,7 +107,7 @@ def sweep_experiment(config: Config, n_devices: int, groups: int) -> train.Exper
     the 2-D mesh (with its round, initial state and evaluator). One device: no
     mesh at all, as a single run."""
     share = n_devices // groups
-    exp = train.build_experiment(dataclasses.replace(config, run=dataclasses.replace(config.run, devices=share)))
+    exp = experiment.build_experiment(dataclasses.replace(config, run=dataclasses.replace(config.run, devices=share)))
     exp = dataclasses.replace(exp, config=config)
     if n_devices == 1:
         return exp
@@ -122,14 +122,14 @@ def sweep_experiment(config: Config, n_devices: int, groups: int) -> train.Exper
                                eval_fn=evaluate.make_evaluator(spec, exp.model_def.loss, tokens, deploy_index))
 
 
-def sweep_specs(exp: train.Experiment, state_like: engine.EngineState):
+def sweep_specs(exp: experiment.Experiment, state_like: engine.EngineState):
     """PartitionSpec of every leaf of the stacked states: `sweep` on the point
     axis, then the single run's own spec (rows over `clients` where wide)."""
     specs = engine.state_partition_specs(exp.spec, state_like)
     return jax.tree.map(lambda p: parallel.P(SWEEP, *p), specs, is_leaf=lambda x: isinstance(x, parallel.P))
 
 
-def _on_sweep(exp: train.Experiment, tree):
+def _on_sweep(exp: experiment.Experiment, tree):
     """Put a stacked tree (every leaf's first axis: the points) on the sweep axis."""
     if exp.spec.mesh is None:
         return jax.tree.map(jnp.asarray, tree)
@@ -148,8 +148,6 @@ def run(configs: Sequence[Config], rounds: int | None = None, sweep_devices: int
     Returns (per-point evaluations as dicts, the points' final states stacked,
     number of compilations of the round).
     """
-    from worldlm_jax import metrics as metrics_lib
-
     check_static(configs)
     if workdirs is not None and len(workdirs) != len(configs):
         raise ValueError(f"{len(workdirs)} workdirs for {len(configs)} points")
@@ -166,10 +164,38 @@ def run(configs: Sequence[Config], rounds: int | None = None, sweep_devices: int
         log(f"vectorised: {n_points} point(s){extra} on a sweep x clients mesh of "
             f"{groups} x {n_devices // groups} device(s)")
     topologies = [_point_topology(exp, c) for c in padded]
-    # stacked on the host, then sent to each group's devices (no device holds all points)
+    policies, keys, states = _stacked_inputs(exp, padded, topologies)
+    spmd = None if exp.spec.mesh is None else SWEEP
+    step = jax.jit(jax.vmap(engine.make_round(exp.spec), in_axes=(0, None, 0, 0), spmd_axis_name=spmd),
+                   donate_argnums=(0,))
+    n_rounds = rounds or first.run.rounds
+    points = [dataclasses.replace(exp, run_topology=t) for t in topologies[:n_points]]
+    writers = [] if workdirs is None else [_open_point(d, c) for d, c in zip(workdirs, configs)]
+    accountants = [dp_ledger.make_accountants(t, first.privacy.accountant) for t in topologies[:n_points]]
+    logger = records.RoundLogger(points[:len(writers)], writers, stacked=True)
+    states, evals = _train(exp, step, (states, keys, policies), n_rounds, n_points, logger, accountants)
+    compiles = step._cache_size()
+    wall = time.perf_counter() - t0
+    if writers and distributed.is_primary():  # multi-process sweeps: process 0 writes
+        for i, (point, config, workdir) in enumerate(zip(points, configs, workdirs)):
+            # wall_seconds: of the whole sweep (the points train together)
+            summary = records.run_summary(point, config, n_rounds, evals[i], compiles, wall, accountants[i], workdir)
+            summary["vectorized"] = {"points": n_points, "index": i,
+                                     "mesh": {SWEEP: groups, parallel.AXIS: n_devices // groups}}
+            with open(os.path.join(workdir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            records.write_plots(point, workdir)
+    if len(padded) > n_points:
+        states = jax.tree.map(lambda x: x[:n_points], states)
+    return evals, states, compiles
+
+
+def _stacked_inputs(exp: experiment.Experiment, padded: Sequence[Config], topologies: Sequence[Topology]):
+    """(policies, keys, initial states) of every point, stacked along the sweep axis:
+    stacked on the host, then sent to each group's devices (no device holds all points)."""
     stack = lambda trees: jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
     policies = _on_sweep(exp, stack([engine.round_policies(t, exp.spec.total_rounds, exp.spec.client_objective)
-                                          for t in topologies]))
+                                     for t in topologies]))
     keys = _on_sweep(exp, stack([jax.random.PRNGKey(c.run.seed + 1) for c in padded]))
     by_seed = {seed: _init_params(exp, seed) for seed in dict.fromkeys(c.run.seed for c in padded)}
     params = _on_sweep(exp, stack([by_seed[c.run.seed] for c in padded]))
@@ -177,81 +203,50 @@ def run(configs: Sequence[Config], rounds: int | None = None, sweep_devices: int
     spmd = None if exp.spec.mesh is None else SWEEP
     init = jax.vmap(exp.strategy.init, spmd_axis_name=spmd)
     if exp.spec.mesh is None:
-        states = init(params)
-    else:  # each point's state is built on its own group of devices, as the round keeps it
-        like = jax.eval_shape(exp.strategy.init, jax.tree.map(lambda x: x[0], params))
-        shardings = jax.tree.map(lambda p: parallel.NamedSharding(exp.mesh, p), sweep_specs(exp, like),
-                                 is_leaf=lambda x: isinstance(x, parallel.P))
-        states = jax.jit(init, out_shardings=shardings)(params)
-    del params
-    round_fn = engine.make_round(exp.spec)
-    step = jax.jit(jax.vmap(round_fn, in_axes=(0, None, 0, 0), spmd_axis_name=spmd), donate_argnums=(0,))
-    evaluate = jax.jit(jax.vmap(exp.eval_fn))
-    n_rounds = rounds or first.run.rounds
+        return policies, keys, init(params)
+    # each point's state is built on its own group of devices, as the round keeps it
+    like = jax.eval_shape(exp.strategy.init, jax.tree.map(lambda x: x[0], params))
+    shardings = jax.tree.map(lambda p: parallel.NamedSharding(exp.mesh, p), sweep_specs(exp, like),
+                             is_leaf=lambda x: isinstance(x, parallel.P))
+    return policies, keys, jax.jit(init, out_shardings=shardings)(params)
 
-    points = [dataclasses.replace(exp, run_topology=t) for t in topologies[:n_points]]
-    writers = [] if workdirs is None else [_open_point(d, c) for d, c in zip(workdirs, configs)]
-    accountants = [dp_ledger.make_accountants(t, first.privacy.accountant) for t in topologies[:n_points]]
-    fetcher = metrics_lib.AsyncFetcher(lag=1)
-    clock = {"last": time.perf_counter()}
-    privacy_after: dict = {}
 
-    def write_rounds(done):
-        for r, m in done:
-            m = jax.tree.map(np.asarray, m)
-            now = time.perf_counter()
-            for i, writer in enumerate(writers):
-                record = train.round_record(points[i], r, {k: v[i] for k, v in m.items()}, now - clock["last"])
-                if r in privacy_after:
-                    record["privacy"] = privacy_after[r][i]
-                writer.write(record)
-            privacy_after.pop(r, None)
-            clock["last"] = now
+def _train(exp: experiment.Experiment, step, inputs, n_rounds: int, n_points: int, logger: records.RoundLogger,
+           accountants: Sequence[dict]):
+    """The rounds of every point, logged to the points' writers (when there are any):
+    each round's records, run.eval_every evaluations and the final one.
+    Returns (the stacked final states, each point's final evaluation)."""
+    states, keys, policies = inputs
+    evaluate_points = jax.jit(jax.vmap(exp.eval_fn))
 
-    def write_evals(r, final=False):
-        nll = np.asarray(evaluate(states))
-        evals = [train.describe_eval(exp, row) for row in nll[:n_points]]
-        for writer, ev in zip(writers, evals):
-            writer.write({"round": r, "eval": ev, **({"final": True} if final else {})})
-        return evals
+    def evaluations():
+        return [records.describe_eval(exp, row) for row in np.asarray(evaluate_points(states))[:n_points]]
 
-    prefetch = train.Prefetcher(exp, 0, n_rounds)
+    eval_every = exp.config.run.eval_every
+    prefetch = experiment.Prefetcher(exp, 0, n_rounds)
     try:
         for r in range(n_rounds):
-            batch = train._put(exp, prefetch.get(r))
+            batch = experiment._put(exp, prefetch.get(r))
             states, round_metrics = step(states, batch, keys, policies)
-            if not writers:
+            if not logger.writers:
                 continue
-            for point, acc in zip(points, accountants):
+            for point, acc in zip(logger.points, accountants):
                 dp_ledger.step_all(point.run_topology, acc)
-            if any(accountants):
-                privacy_after[r] = [{name: {"epsilon": rep["epsilon"], "delta": rep["delta"]}
-                                     for name, rep in dp_ledger.report(point.run_topology, acc).items()}
-                                    for point, acc in zip(points, accountants)]
-            write_rounds(fetcher.submit((r, round_metrics)))
+            spent = [records.privacy_spent(point, acc) for point, acc in zip(logger.points, accountants)] \
+                if any(accountants) else None
+            logger.submit(r, round_metrics, spent)
             done = r + 1
-            if first.run.eval_every and done % first.run.eval_every == 0 and done < n_rounds:
-                write_rounds(fetcher.flush())
-                write_evals(r)
-        write_rounds(fetcher.flush())
-        evals = write_evals(n_rounds - 1, final=True)
+            if eval_every and done % eval_every == 0 and done < n_rounds:
+                logger.flush()
+                logger.evaluation(r, evaluations())
+        logger.flush()
+        evals = evaluations()
+        logger.evaluation(n_rounds - 1, evals, final=True)
     finally:
         prefetch.close()
-        for writer in writers:
+        for writer in logger.writers:
             writer.close()
-    compiles = step._cache_size()
-    wall = time.perf_counter() - t0
-    for i in range(len(writers)):
-        summary = _summary(points[i], configs[i], n_rounds, evals[i], compiles, wall, accountants[i], workdirs[i])
-        summary["vectorized"] = {"points": n_points, "index": i, "mesh": {SWEEP: groups,
-                                                                          parallel.AXIS: n_devices // groups}}
-        if distributed.is_primary():  # multi-process sweeps: process 0 writes
-            with open(os.path.join(workdirs[i], "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
-            train.write_plots(points[i], workdirs[i])
-    if len(padded) > n_points:
-        states = jax.tree.map(lambda x: x[:n_points], states)
-    return evals, states, compiles
+    return states, evals
 
 
 def _open_point(workdir: str, config: Config):
@@ -272,26 +267,7 @@ def _open_point(workdir: str, config: Config):
     return writer
 
 
-def _summary(exp: train.Experiment, config: Config, rounds: int, final: dict, compiles: int, wall: float,
-             accountants: dict, workdir: str) -> dict:
-    """What `train.train` writes to summary.json, for one point."""
-    return {
-        "algorithm": config.algorithm.name,
-        "rounds_completed": rounds,
-        "interrupted": rounds < config.run.rounds,
-        "eval": final,
-        "compiles": compiles,
-        "wall_seconds": wall,  # of the whole sweep: the points train together
-        "topology": {"depth": exp.run_topology.depth, "clients": exp.topology.n_clients,
-                     "slots": exp.run_topology.n_slots, "padding_fraction": exp.run_topology.padding_fraction},
-        "parameters": int(sum(np.prod(v.shape) for v in exp.init_params.values())),
-        "bytes_communicated": train._total_bytes(os.path.join(workdir, "metrics.jsonl")),
-        "privacy": dp_ledger.report(exp.run_topology, accountants),
-        "key_layer_parameters": int(sum(np.prod(exp.init_params[p].shape) for p in exp.spec.key_paths)),
-    }
-
-
-def _init_params(exp: train.Experiment, seed: int):
+def _init_params(exp: experiment.Experiment, seed: int):
     from worldlm_jax import model as model_lib
     _, params = model_lib.init(exp.model_def.config, jax.random.PRNGKey(seed))
     return params
