@@ -2,7 +2,10 @@
 import json
 import os
 import pathlib
+import re
+import shlex
 import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -235,3 +238,139 @@ def test_checkpoint_without_checksums_still_restores(run):
     restored, host = restore(workdir, abstract_state=abstract_of(states[2]))
     assert host["round"] == 2
     np.testing.assert_array_equal(restored["params"]["w_FxD"], states[2]["params"]["w_FxD"])
+
+
+# -- interrupted saves and corrupt steps: the previous good step is offered -------------
+
+
+def test_leftover_of_an_interrupted_save_is_ignored_and_removed_by_the_next_save(run, mesh):
+    """A dead run's `<step>.orbax-checkpoint-tmp` is never listed nor restored; readers
+    leave it alone (it may be a live writer's save); the writer's first save removes it."""
+    workdir, states = run
+    leftover = workdir / "checkpoints" / "7.orbax-checkpoint-tmp"
+    shutil.copytree(step_dir(workdir, 2), leftover)  # complete but never committed
+    ck = Checkpointer(workdir)
+    assert ck.all_steps() == [1, 2] and ck.latest_step() == 2
+    assert ck.interrupted_saves() == [str(leftover)]
+    _, host = ck.restore(abstract_state=abstract_of(states[2]))
+    assert host["round"] == 2 and leftover.is_dir()
+    assert ck.save(3, make_state(mesh, 3.0), {"round": 3})
+    assert not leftover.exists()  # removed before the new save starts
+    ck.close()
+    with Checkpointer(workdir) as ck:
+        assert ck.all_steps() == [1, 2, 3]
+
+
+def _largest_array_file(workdir, step):
+    return max(step_dir(workdir, step).glob("device/ocdbt.process_*/d/*"), key=os.path.getsize)
+
+
+def test_corrupt_newest_step_names_it_and_the_previous_good_step(run):
+    workdir, states = run
+    _flip(_largest_array_file(workdir, 2))
+    ck = Checkpointer(workdir)
+    with pytest.raises(ckpt_lib.CheckpointCorruptError) as err:
+        ck.restore(abstract_state=abstract_of(states[2]))
+    message, bad = str(err.value), step_dir(workdir, 2)
+    assert message.startswith(f"Checkpoint step 2 is corrupt or incomplete at {bad}")
+    assert "previous good step is 1 (verified" in message
+    assert f"`mv {bad} {bad}.damaged`" in message and "restore(step=1)" in message
+    assert f"`worldlm eval --workdir {workdir} --step 1`" in message
+    assert err.value.step == 2 and err.value.good_step == 1
+    assert ck.good_steps(abstract_of(states[2])) == [1]
+    device, host = ck.restore(step=1, abstract_state=abstract_of(states[1]))
+    assert host["round"] == 1
+    np.testing.assert_array_equal(device["params"]["w_FxD"], states[1]["params"]["w_FxD"])
+    # the message's own command sets step 2 aside; the run then resumes from step 1
+    command = re.search(r"`(mv [^`]+)`", message).group(1)
+    subprocess.run(shlex.split(command), check=True)
+    assert (workdir / "checkpoints" / "2.damaged").is_dir()
+    assert ck.all_steps() == [1]
+    _, host = ck.restore(abstract_state=abstract_of(states[1]))
+    assert host["round"] == 1
+    assert ck.save(2, states[2], {"round": 2})  # and saves step 2 anew
+    ck.close()
+    with Checkpointer(workdir) as ck:
+        assert ck.good_steps(abstract_of(states[2])) == [2, 1]
+
+
+def test_set_aside_keeps_the_damaged_step_out_of_the_way(run, mesh):
+    workdir, states = run
+    with Checkpointer(workdir) as ck:
+        assert ck.set_aside(2) == str(step_dir(workdir, 2)) + ".damaged"
+        assert ck.all_steps() == [1]
+        ck.save(2, states[2], {"round": 2})
+        ck.wait()
+        assert ck.set_aside(2) == str(step_dir(workdir, 2)) + ".damaged.1"
+        assert ck.all_steps() == [1] and ck.interrupted_saves() == []
+
+
+def test_truncated_array_file_names_the_array_and_both_steps(run):
+    """tensorstore's root error (not orbax's wrapper, whose first line names neither)
+    says which array and which file."""
+    workdir, states = run
+    _truncate(_largest_array_file(workdir, 2))
+    with pytest.raises(ckpt_lib.CheckpointCorruptError) as err:
+        restore(workdir, abstract_state=abstract_of(states[2]))
+    message = str(err.value)
+    assert "step 2" in message and "previous good step is 1" in message
+    assert "w_FxD" in message and "TensorStore details" not in message
+
+
+def test_leaf_whose_values_changed_is_named_with_both_steps(run):
+    """Bits changed inside the arrays, the files still decode: the fingerprint names the leaf."""
+    workdir, states = run
+    shutil.rmtree(step_dir(workdir, 2) / "device")
+    shutil.copytree(step_dir(workdir, 1) / "device", step_dir(workdir, 2) / "device")
+    with pytest.raises(CheckpointError) as err:
+        restore(workdir, abstract_state=abstract_of(states[2]))
+    message = str(err.value)
+    assert "step 2" in message and "previous good step is 1" in message
+    assert "leaf 'opt/0/count' does not match its saved fingerprint" in message or "corrupt" in message
+
+
+def test_previous_good_step_is_verified_not_just_listed(run, mesh):
+    """Steps 3 and 2 damaged: step 1 is offered, after step 2 was checked and refused."""
+    workdir, states = run
+    with Checkpointer(workdir) as ck:
+        ck.save(3, make_state(mesh, 3.0), {"round": 3})
+    _host_json(workdir, 3).write_text("not json")
+    _flip(_largest_array_file(workdir, 2))
+    with pytest.raises(ckpt_lib.CheckpointCorruptError) as err:
+        restore(workdir, abstract_state=abstract_of(states[2]))
+    assert err.value.step == 3 and err.value.good_step == 1 and err.value.steps_checked == (2, 1)
+    assert "JSONDecodeError" in str(err.value) and "previous good step is 1" in str(err.value)
+    with Checkpointer(workdir) as ck:
+        assert ck.good_steps(abstract_of(states[2])) == [1]
+
+
+def test_no_good_step_left_says_so(run):
+    workdir, states = run
+    for step in (1, 2):
+        _host_json(workdir, step).write_text("not json")
+    with pytest.raises(ckpt_lib.CheckpointCorruptError) as err:
+        restore(workdir, abstract_state=abstract_of(states[2]))
+    assert err.value.good_step is None
+    assert "No good step to fall back to: no earlier step is intact (checked: [1])" in str(err.value)
+    with Checkpointer(workdir) as ck:
+        assert ck.good_steps() == []
+
+
+def test_saved_shapes_of_a_corrupt_step_offers_the_previous_record(run):
+    """restore_state reads the saved shapes first: its error names the good step too
+    (checked cheaply: the record, not the arrays)."""
+    workdir, _ = run
+    _host_json(workdir, 2).write_text('{"format": 1')
+    with Checkpointer(workdir) as ck, pytest.raises(ckpt_lib.CheckpointCorruptError) as err:
+        ck.saved_shapes()
+    assert err.value.step == 2 and err.value.good_step == 1
+    assert "previous good step is 1 (its record is intact" in str(err.value)
+
+
+def test_corrupt_error_pickles():
+    import pickle
+
+    err = ckpt_lib.CheckpointCorruptError(2, "/w/checkpoints/2/host", "bad", directory="/w/checkpoints",
+                                          good_step=1, steps_checked=(1,))
+    again = pickle.loads(pickle.dumps(err))
+    assert str(again) == str(err) and again.good_step == 1

@@ -34,12 +34,30 @@ Orbax notes (0.12.8):
   the caller may donate/delete the buffers right after.
 - ``all_steps``/``latest_step`` are cached: call ``reload`` after the directory
   changes under a live manager (we do so before every restore).
+
+Interrupted saves (orbax 0.12.8, local or NFS paths: ``AtomicRenameTemporaryPath``):
+a step is written under ``<step>.orbax-checkpoint-tmp`` (each item under
+``<item>.orbax-checkpoint-tmp`` inside it), ``commit_success.txt`` is written and
+the directory is renamed to ``<step>`` last. Steps are only ever found by the
+``^<step>$`` name, so a process killed at any point of a save leaves the last good
+step as the latest; old steps (``max_to_keep``) are deleted only after the new one
+is committed. The leftover ``*.orbax-checkpoint-tmp`` directory is removed by the
+first ``save`` of the next run (not at construction: a reader, e.g. ``worldlm eval``
+on a live run, must not delete a writer's save in progress). tests/test_durability.py
+SIGKILLs a saving process at several points to keep this true across orbax updates.
+A rename is atomic against a killed process, not against a power cut on a
+filesystem that reorders metadata (orbax does not fsync); the fingerprints then
+report the damage and name the previous good step (``good_steps``).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import os
+import shlex
+import shutil
 import warnings
 from typing import Any, NamedTuple
 
@@ -49,6 +67,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 FORMAT_VERSION = 1
+# `set_aside` renames a damaged step to `<step>.damaged`: orbax only lists `^<step>$` names.
+SET_ASIDE_SUFFIX = ".damaged"
+_BARRIERS = itertools.count()  # orbax barrier names must be unique
 # Relative tolerance on per-leaf sums: restoring onto another sharding changes the
 # float32 reduction order, which moves the sum by ~log2(n) * 1e-7 of sum(|x|).
 _SUM_RTOL = 1e-4
@@ -60,6 +81,54 @@ class CheckpointError(RuntimeError):
 
 class CheckpointMismatchError(CheckpointError):
     """The checkpoint's structure differs from the requested one (the config changed)."""
+
+
+class CheckpointCorruptError(CheckpointError):
+    """One step is damaged or incomplete. ``step``, ``path`` (the damaged file or item)
+    and ``reason`` say what; ``good_step`` is the newest earlier step that passed
+    verification (None: none did, or it was not looked for), ``steps_checked`` the
+    earlier steps examined for it. The message says how to resume from ``good_step``."""
+
+    def __init__(self, step: int, path: str, reason: str, *, directory: str,
+                 good_step: int | None = None, steps_checked: tuple[int, ...] | None = None,
+                 deep: bool = True):
+        self.step, self.path, self.reason, self.directory = step, path, reason, directory
+        self.good_step, self.steps_checked, self.deep = good_step, steps_checked, deep
+        super().__init__(self.summary + " " + self._advice())
+
+    def __reduce__(self):  # picklable despite the keyword-only fields
+        return (functools.partial(CheckpointCorruptError, directory=self.directory,
+                                  good_step=self.good_step, steps_checked=self.steps_checked,
+                                  deep=self.deep), (self.step, self.path, self.reason))
+
+    @property
+    def summary(self) -> str:
+        return f"Checkpoint step {self.step} is corrupt or incomplete at {self.path}: {self.reason}."
+
+    def with_good_step(self, good_step: int | None, steps_checked: tuple[int, ...],
+                       deep: bool) -> "CheckpointCorruptError":
+        return CheckpointCorruptError(self.step, self.path, self.reason, directory=self.directory,
+                                      good_step=good_step, steps_checked=steps_checked, deep=deep)
+
+    def _advice(self) -> str:
+        bad = os.path.join(self.directory, str(self.step))
+        aside = f"`mv {shlex.quote(bad)} {shlex.quote(bad + SET_ASIDE_SUFFIX)}`"
+        if self.steps_checked is None:  # not looked for (e.g. verify() of one step)
+            return (f"Fix: move the damaged step aside ({aside}) or delete {bad}; the run then "
+                    "resumes from the newest earlier step (Checkpointer.good_steps() lists the "
+                    "intact ones).")
+        if self.good_step is None:
+            earlier = (f"no earlier step is intact (checked: {list(self.steps_checked)})"
+                       if self.steps_checked else "there is no earlier step")
+            return (f"No good step to fall back to: {earlier}. Start a new workdir, or delete "
+                    f"{self.directory} to restart this run from round 0.")
+        how = ("verified: its arrays match their saved fingerprints" if self.deep else
+               "its record is intact; its arrays are verified when it is restored")
+        return (f"The previous good step is {self.good_step} ({how}). To resume from step "
+                f"{self.good_step}, move the damaged step aside: {aside} (or delete {bad}), then "
+                f"rerun the same command; to read step {self.good_step} without that: "
+                f"Checkpointer.restore(step={self.good_step}) or `worldlm eval --workdir "
+                f"{os.path.dirname(self.directory)} --step {self.good_step}`.")
 
 
 class LeafFingerprint(NamedTuple):
@@ -90,6 +159,7 @@ class Checkpointer:
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._cleaned_interrupted = False
 
     # -- saving -------------------------------------------------------------------
 
@@ -97,6 +167,9 @@ class Checkpointer:
         """Saves ``step`` if the save interval says so (or ``force``); returns whether it did."""
         if not force and not self._manager.should_save(step):
             return False
+        if not self._cleaned_interrupted:  # the writer's first save: a dead run's leftovers
+            self.remove_interrupted_saves()
+            self._cleaned_interrupted = True
         record = {"host_state": _canonical_json(host_state),
                   "device_fingerprint": [list(f) for f in fingerprint(device_state)]}
         payload = {"format": FORMAT_VERSION, "sha256": _sha256(record), **record}
@@ -136,11 +209,86 @@ class Checkpointer:
         steps = self.all_steps()
         if not steps:
             raise CheckpointError(f"No checkpoint found in {self.directory}.")
-        payload = self._read_host_payload(steps[-1] if step is None else step)
+        try:
+            payload = self._read_host_payload(steps[-1] if step is None else step)
+        except CheckpointCorruptError as err:  # no abstract state here: a cheap check
+            raise self._offer_previous(err, None, deep=False) from err
         return {p: tuple(shape) for p, shape, *_ in payload["device_fingerprint"]}
 
     def step_path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
+
+    def interrupted_saves(self) -> list[str]:
+        """Directories of saves that never committed (``*.orbax-checkpoint-tmp``): a
+        process died mid-save. They are never restored; ``save`` removes them."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(str(p.get()) for p in ocp.path.step.all_temporary_paths(self.directory))
+
+    def remove_interrupted_saves(self) -> list[str]:
+        """Deletes the leftovers of interrupted saves (process 0 only); returns them.
+        Only for the run's writer: a reader would delete a live writer's save."""
+        if jax.process_index() != 0:
+            return []
+        removed = self.interrupted_saves()
+        for path in removed:
+            shutil.rmtree(path, ignore_errors=True)
+        return removed
+
+    def verify(self, step: int, abstract_state: Any = None, *, deep: bool = True) -> None:
+        """Raises ``CheckpointCorruptError`` if ``step`` is damaged.
+
+        ``deep``: read every array and check it against its fingerprint (as ``restore``
+        does; the arrays land as ``abstract_state`` says, else as saved). Otherwise only
+        the host record (with its checksum) is read and the device item's presence checked.
+        """
+        steps = self.all_steps()
+        if step not in steps:
+            raise CheckpointError(f"No checkpoint for step {step} in {self.directory}; "
+                                  f"available steps: {steps}.")
+        if deep:
+            device_state, _ = self._restore_step(step, abstract_state)
+            del device_state
+            return
+        self._read_host_payload(step)
+        device = os.path.join(self.step_path(step), "device")
+        if not os.path.isdir(device):
+            raise self._corrupt(step, device, "item 'device' is missing")
+
+    def good_steps(self, abstract_state: Any = None, *, deep: bool = True,
+                   below: int | None = None, limit: int | None = None) -> list[int]:
+        """Steps that pass ``verify`` (``deep`` as there), newest first; ``below``: only
+        earlier steps; ``limit``: stop after that many good ones (``limit=1``: the step a
+        resume would use). A structure mismatch counts as not good. Deep checks read every
+        array of every step examined."""
+        good = []
+        for step in reversed(self.all_steps()):
+            if below is not None and step >= below:
+                continue
+            try:
+                self.verify(step, abstract_state, deep=deep)
+            except CheckpointError:
+                continue
+            good.append(step)
+            if limit is not None and len(good) >= limit:
+                break
+        return good
+
+    def set_aside(self, step: int) -> str:
+        """Renames a (damaged) step to ``<step>.damaged`` (kept for inspection, never
+        listed nor restored), so the run resumes from the step before; returns the new
+        path. Process 0 renames; every process calls it and reloads after a barrier."""
+        source = self.step_path(step)
+        target = source + SET_ASIDE_SUFFIX
+        n = 1
+        while os.path.exists(target):
+            target, n = f"{source}{SET_ASIDE_SUFFIX}.{n}", n + 1
+        if jax.process_index() == 0:
+            os.rename(source, target)
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes(f"worldlm_set_aside_{step}_{next(_BARRIERS)}")
+        self._manager.reload()
+        return target
 
     # -- restoring ----------------------------------------------------------------
 
@@ -153,9 +301,12 @@ class Checkpointer:
         (optax NamedTuples) and where each array lands. Without it orbax returns
         plain containers of arrays as saved.
 
-        A damaged step raises ``CheckpointError``. With ``fallback_to_previous``
-        it is skipped with a warning and the next earlier step is tried; a
-        structure mismatch (config change) is never skipped.
+        A damaged step raises ``CheckpointCorruptError`` naming the step, the
+        damaged item or leaf, and the previous good step (earlier steps are verified
+        newest first, with ``abstract_state``, until one passes) with how to resume
+        from it. With ``fallback_to_previous`` a damaged step is skipped with a warning
+        and the next earlier step is tried; a structure mismatch (config change) is
+        never skipped.
         """
         steps = self.all_steps()
         if not steps:
@@ -166,15 +317,32 @@ class Checkpointer:
         if step not in steps:
             raise CheckpointError(f"No checkpoint for step {step} in {self.directory}; "
                                   f"available steps: {steps}.")
-        candidates = [s for s in reversed(steps) if s <= step] if fallback_to_previous else [step]
+        if not fallback_to_previous:
+            try:
+                return self._restore_step(step, abstract_state)
+            except CheckpointCorruptError as err:
+                raise self._offer_previous(err, abstract_state, deep=True) from err
+        candidates = [s for s in reversed(steps) if s <= step]
         for candidate, previous in zip(candidates, candidates[1:]):
             try:
                 return self._restore_step(candidate, abstract_state)
-            except CheckpointMismatchError:
-                raise  # a config change: every earlier step would mismatch too
-            except CheckpointError as err:
-                warnings.warn(f"{err} Falling back to step {previous}.", stacklevel=2)
-        return self._restore_step(candidates[-1], abstract_state)
+            except CheckpointCorruptError as err:
+                warnings.warn(f"{err.summary} Falling back to step {previous}.", stacklevel=2)
+            # a CheckpointMismatchError (config change) propagates: every earlier step
+            # would mismatch too
+        try:
+            return self._restore_step(candidates[-1], abstract_state)
+        except CheckpointCorruptError as err:  # the oldest: nothing earlier to offer
+            raise err.with_good_step(None, (), deep=True) from err
+
+    def _offer_previous(self, err: "CheckpointCorruptError", abstract_state: Any, *,
+                        deep: bool) -> "CheckpointCorruptError":
+        """``err`` with the newest earlier step that verifies (deep: reads its arrays)."""
+        earlier = tuple(s for s in reversed(self.all_steps()) if s < err.step)
+        found = self.good_steps(abstract_state, deep=deep, below=err.step, limit=1)
+        good = found[0] if found else None
+        checked = earlier if good is None else earlier[:earlier.index(good) + 1]
+        return err.with_good_step(good, checked, deep)
 
     def _restore_step(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         payload = self._read_host_payload(step)
@@ -182,7 +350,7 @@ class Checkpointer:
         if abstract_state is not None:
             _check_structure(stored, abstract_state, step, self.step_path(step))
         device_state = self._read(step, "device", ocp.args.StandardRestore(abstract_state))
-        _check_values(stored, fingerprint(device_state), step, self.step_path(step))
+        _check_values(stored, fingerprint(device_state), step, self.step_path(step), self._corrupt)
         return device_state, payload["host_state"]
 
     def _read_host_payload(self, step: int) -> dict:
@@ -191,11 +359,11 @@ class Checkpointer:
         fields = {"format", "sha256", "host_state", "device_fingerprint"}
         if (not isinstance(payload, dict) or not fields <= payload.keys()
                 or payload["format"] != FORMAT_VERSION):
-            raise CheckpointError(_corrupt(step, path, "the host JSON is not a worldlm_jax "
-                                           f"checkpoint record (format {FORMAT_VERSION})"))
+            raise self._corrupt(step, path, "the host JSON is not a worldlm_jax "
+                                f"checkpoint record (format {FORMAT_VERSION})")
         record = {k: payload[k] for k in ("host_state", "device_fingerprint")}
         if _sha256(record) != payload["sha256"]:
-            raise CheckpointError(_corrupt(step, path, "the host record's checksum does not match"))
+            raise self._corrupt(step, path, "the host record's checksum does not match")
         return payload
 
     def _read(self, step: int, item: str, restore_args: Any) -> Any:
@@ -205,12 +373,14 @@ class Checkpointer:
             value = restored[item]
         except Exception as err:  # orbax raises KeyError/ValueError/JSONDecodeError/OSError...
             path = os.path.join(self.step_path(step), item)
-            raise CheckpointError(_corrupt(step, path, f"{type(err).__name__}: "
-                                           f"{_first_line(err)}")) from err
+            raise self._corrupt(step, path, _describe(err)) from err
         if value is None:
             path = os.path.join(self.step_path(step), item)
-            raise CheckpointError(_corrupt(step, path, f"item '{item}' is missing"))
+            raise self._corrupt(step, path, f"item '{item}' is missing")
         return value
+
+    def _corrupt(self, step: int, path: str, why: str) -> "CheckpointCorruptError":
+        return CheckpointCorruptError(step, path, why, directory=self.directory)
 
 
 # -- fingerprints ---------------------------------------------------------------------
@@ -301,16 +471,16 @@ def _check_structure(stored: list[LeafFingerprint], abstract_state: Any, step: i
 
 
 def _check_values(stored: list[LeafFingerprint], restored: list[LeafFingerprint], step: int,
-                  path: str) -> None:
+                  path: str, corrupt) -> None:
     if [f.path for f in stored] != [f.path for f in restored]:
-        raise CheckpointError(_corrupt(step, path, "the restored tree differs from the one saved"))
+        raise corrupt(step, path, "the restored tree differs from the one saved")
     for want, got in zip(stored, restored):
         if want.shape != got.shape or not _close(want, got):
-            raise CheckpointError(_corrupt(
+            raise corrupt(
                 step, os.path.join(path, "device"),
                 f"leaf '{want.path}' does not match its saved fingerprint (sum {got.sum:.6g} vs "
                 f"{want.sum:.6g}, checksum {got.checksum} vs {want.checksum}, shape {got.shape} vs "
-                f"{want.shape})"))
+                f"{want.shape})")
 
 
 def _close(want: LeafFingerprint, got: LeafFingerprint) -> bool:
@@ -364,13 +534,16 @@ def _sha256(record: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _describe(err: BaseException) -> str:
+    """The root cause's type and first line: orbax wraps a tensorstore error (which names
+    the array and the file, e.g. 'OUT_OF_RANGE: Error reading "params.w/4.0" in OCDBT
+    database at local file ...') in an Exception whose first line says neither."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {_first_line(err)}"
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return (text[0][:300] if text else "")
 
-
-def _corrupt(step: int, path: str, why: str) -> str:
-    step_dir = path if os.path.basename(path) == str(step) else os.path.dirname(path)
-    return (f"Checkpoint step {step} is corrupt or incomplete at {path}: {why}. Fix: delete "
-            f"{step_dir} to resume from the previous step, or restore an earlier step "
-            "(restore(step=...) or restore(..., fallback_to_previous=True)).")
