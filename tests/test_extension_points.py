@@ -135,12 +135,15 @@ def test_trimmed_mean_keeps_at_least_one_value():
 
 
 def _client_deltas(tree_spec, n, batches):
-    """Each client's own backbone update: a run where only that client has weight."""
+    """Each client's own backbone update: FedAvg rounds where only that client
+    has weight (one compiled round for all of them)."""
+    t, s = strategy(tree_spec)
+    batches = make_batches(t, 1)
     deltas = []
     for c in range(n):
-        weights = np.eye(n, dtype=np.float32)[c]
-        t, s = strategy(tree_spec, weights=weights)
-        state, _ = run(s, toy_params(), make_batches(t, 1, weights=weights))
+        alone = [b._replace(slot_weight=np.where(b.slot_client == c, b.slot_weight, 0.0).astype(np.float32))
+                 for b in batches]
+        state, _ = run(s, toy_params(), alone)
         deltas.append(jax.tree.map(lambda b, p: b[0] - p, state.levels[0].B, toy_params()))
     return deltas
 

@@ -12,7 +12,9 @@ steps with. Two kinds:
   delta_P` sees every child's update at once. At the client level the engine
   then keeps each slot's backbone update until the level aggregates: memory
   grows with the client slots (one backbone per slot, on the slot's device).
-  Coordinate-wise `median` and `trimmed_mean` (Yin et al. 2018).
+  Coordinate-wise `median` and `trimmed_mean` (Yin et al. 2018), `multi_krum`
+  (Blanchard et al. 2017) and `geometric_median` (Weiszfeld iterations, as in
+  Pillutla et al. 2022's robust federated aggregation).
 
 Children with weight 0 (absent, padding, diverged) must not count: the
 engine drops them from a streamed mean, a `combine` ignores them. `args_N` holds the
@@ -22,6 +24,7 @@ argument is a float with a default declared by the aggregator.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Mapping
 
 import jax
@@ -103,6 +106,67 @@ def _trimmed_mean(delta_N, weight_N, parent_N, n_parents, args_P):
     return per_federation(fn, delta_N, weight_N, parent_N, n_parents)
 
 
+def _flat_rows(delta_N) -> jax.Array:
+    """(N, size) every child's whole update as one fp32 row."""
+    return jnp.concatenate([x.reshape(x.shape[0], -1).astype(jnp.float32) for x in jax.tree.leaves(delta_N)], 1)
+
+
+def _unflat_rows(rows_P: jax.Array, like_N):
+    """Rows (P, size) back into the tree of `like_N`'s leaves (P, ...)."""
+    leaves, treedef = jax.tree.flatten(like_N)
+    out, start = [], 0
+    for x in leaves:
+        size = math.prod(x.shape[1:])
+        out.append(rows_P[:, start:start + size].reshape((rows_P.shape[0],) + x.shape[1:]).astype(x.dtype))
+        start += size
+    return jax.tree.unflatten(treedef, out)
+
+
+def _multi_krum(delta_N, weight_N, parent_N, n_parents, args_P):
+    """Multi-Krum: score each participant by the summed squared distances to its
+    n - f - 2 nearest fellow participants (f = `byzantine`, the attackers a
+    federation tolerates) and average the n - f best-scored (unweighted)."""
+    member = members(weight_N, parent_N, n_parents).astype(jnp.float32)  # (P, N)
+    rows = _flat_rows(delta_N)
+    sq = jnp.sum(rows * rows, axis=1)
+    dist = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * rows @ rows.T, 0.0)  # (N, N)
+    n_P = jnp.sum(member, axis=1)
+    f_P = jnp.clip(jnp.floor(args_P["byzantine"]), 0.0, jnp.maximum(n_P - 1.0, 0.0))
+    others = (member[:, None, :] > 0) & ~jnp.eye(rows.shape[0], dtype=bool)[None]  # (P, N, N)
+    nearest = jnp.sort(jnp.where(others, dist[None], jnp.inf), axis=2)
+    k_P = jnp.clip(n_P - f_P - 2.0, 1.0, None)
+    taken = jnp.arange(rows.shape[0], dtype=jnp.float32)[None, None, :] < k_P[:, None, None]
+    score = jnp.sum(jnp.where(taken & jnp.isfinite(nearest), nearest, 0.0), axis=2)  # (P, N)
+    score = jnp.where(member > 0, score, jnp.inf)
+    rank = jnp.argsort(jnp.argsort(score, axis=1), axis=1).astype(jnp.float32)
+    chosen = ((rank < jnp.maximum(n_P - f_P, 1.0)[:, None]) & (member > 0)).astype(jnp.float32)
+    mean_P = (chosen @ rows) / jnp.maximum(jnp.sum(chosen, axis=1, keepdims=True), 1.0)
+    return _unflat_rows(mean_P, delta_N)
+
+
+GEOMETRIC_MEDIAN_ITERATIONS = 32  # Weiszfeld steps (each two products with the stacked updates)
+
+
+def _geometric_median(delta_N, weight_N, parent_N, n_parents, args_P):
+    """The data-weighted geometric median (argmin_z sum_i w_i |x_i - z|) by
+    smoothed Weiszfeld iterations from the weighted mean."""
+    member = members(weight_N, parent_N, n_parents)
+    w_PxN = jnp.where(member, weight_N[None, :], 0.0)
+    rows = _flat_rows(delta_N)
+
+    def weighted(c_PxN):
+        return (c_PxN @ rows) / jnp.maximum(jnp.sum(c_PxN, axis=1, keepdims=True), 1e-12)
+
+    sq_N = jnp.sum(rows * rows, axis=1)
+
+    def step(_, z_P):  # distances from dot products: no (P, N, size) temporary
+        sq_dist = sq_N[None, :] + jnp.sum(z_P * z_P, axis=1, keepdims=True) - 2.0 * z_P @ rows.T
+        return weighted(w_PxN / jnp.maximum(jnp.sqrt(jnp.maximum(sq_dist, 0.0)), 1e-6))
+
+    z_P = jax.lax.fori_loop(0, GEOMETRIC_MEDIAN_ITERATIONS, step, weighted(w_PxN))
+    return _unflat_rows(z_P, delta_N)
+
+
 def _clip_transform(delta_N, args_N):
     """Scale each child's update to L2 norm at most `clip` (bounded, not excluded)."""
     norm_N = jnp.sqrt(tree_ops.row_sq_norms(delta_N))
@@ -114,3 +178,5 @@ register("mean", Aggregator())
 register("clipped_mean", Aggregator(transform=_clip_transform, args={"clip": 1.0}))
 register("median", Aggregator(combine=_median))
 register("trimmed_mean", Aggregator(combine=_trimmed_mean, args={"trim": 0.1}))
+register("multi_krum", Aggregator(combine=_multi_krum, args={"byzantine": 1.0}))
+register("geometric_median", Aggregator(combine=_geometric_median))

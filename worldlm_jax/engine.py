@@ -63,12 +63,13 @@ class RoundStatics:
     topo: Topology
     plan: Plan
     client_tx: optax.GradientTransformation
-    masked_steps: bool  # federations differ in local steps
+    masked_steps: bool  # federations differ in local steps, or stragglers stop early
     objective: ClientObjective
     server_txs: tuple  # per level: the optimizer of each server kind
     client_schedules: tuple[str, ...]  # the leaf level's client_lr schedule kinds
     server_schedules: tuple  # per level: server_lr schedule kinds
     aggregator_kinds: tuple  # per level: aggregator names
+    attack_kinds: tuple[str, ...]  # the leaf level's attacks ("none": no attackers)
     stacked: tuple  # per level: some aggregator needs every child's backbone update
     residual_masks: tuple
     dp_levels: tuple
@@ -102,13 +103,15 @@ def round_statics(spec: EngineSpec) -> RoundStatics:
     return RoundStatics(
         spec=spec, topo=topo, plan=plan,
         client_tx=optimizers.get(spec.client_optimizer, "algorithm.client_optimizer"),
-        masked_steps=len({p.local_steps for p in topo.leaf.policies}) > 1,
+        masked_steps=(len({p.local_steps for p in topo.leaf.policies}) > 1
+                      or any(p.stragglers > 0 for p in topo.leaf.policies)),
         objective=objectives.get(spec.client_objective),
         server_txs=tuple(tuple(optimizers.get(n, "server_optimizer") for n in server_kinds(topo, d))
                          for d in range(D)),
         client_schedules=level_kinds(topo, D - 1, "client_lr_schedule"),
         server_schedules=tuple(level_kinds(topo, d, "server_lr_schedule") for d in range(D)),
         aggregator_kinds=aggregator_kinds,
+        attack_kinds=level_kinds(topo, D - 1, "attack"),
         stacked=tuple("B" in plan.aggregate[d] and any(not aggregators.get(k).streamed for k in kinds)
                       for d, kinds in enumerate(aggregator_kinds)),
         residual_masks=tuple(residual_mask(topo, d, plan.residuals) for d in range(D)),
@@ -159,7 +162,7 @@ def learning_rate_metrics(rs: RoundStatics, st: RoundPolicies) -> dict:
 def fed_round(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, batch: RoundBatch, active_P, key):
     """One round of every level-d federation with its children."""
     if d == rs.topo.depth - 1:
-        state, metrics, kids = slots.clients_work(rs, st, state, batch, active_P)
+        state, metrics, kids = slots.clients_work(rs, st, state, batch, active_P, jax.random.fold_in(key, 3_000_017))
     else:
         state, metrics, kids = federations_work(rs, st, d, state, batch, active_P, key)
     new_level, agg_metrics = aggregate(rs, st, d, state, kids, active_P, jax.random.fold_in(key, 1_000_003 + d))
@@ -219,7 +222,8 @@ def _with_level(state: EngineState, d: int, level: LevelState) -> EngineState:
     return state._replace(levels=tuple(levels))
 
 
-_ADDITIVE = ("train_loss_sum", "train_clients", "tokens", "diverged", "rounds", "participants")
+_ADDITIVE = ("train_loss_sum", "train_clients", "tokens", "diverged", "rounds", "participants", "dropped",
+             "stragglers", "attackers")
 
 
 def _reduce_rounds(metrics):

@@ -60,6 +60,14 @@ class Policy:
     aggregator: str = "mean"  # how children's backbone updates combine (worldlm_jax.aggregators)
     aggregator_args: Mapping[str, float] = dataclasses.field(default_factory=dict)  # e.g. {trim: 0.2}
     objective_args: Mapping[str, float] = dataclasses.field(default_factory=dict)  # e.g. {mu: 0.1} (leaf federations)
+    # faults, simulated inside the round (leaf federations; worldlm_jax.attacks). Dropped
+    # clients and attackers are not known to the DP accountant, which stays an upper bound.
+    dropout: float = 0.0  # probability that a sampled client fails to report this round
+    stragglers: float = 0.0  # probability that a client completes only a random part of its local steps
+    attack: str = "none"  # what the federation's attackers send
+    attackers: int = 0  # its first k clients attack (every round)
+    attacker_fraction: float = 0.0  # ... or this fraction of its clients (rounded up), if more
+    attack_args: Mapping[str, float] = dataclasses.field(default_factory=dict)  # e.g. {factor: 10}
 
     def validate(self, where: str) -> None:
         def fail(field, value, allowed):
@@ -101,10 +109,11 @@ class Policy:
 
     def _validate_plugins(self, where: str, fail) -> None:
         """Named rules must be registered (plug-ins load before configs are read)."""
-        from worldlm_jax import aggregators, optimizers, schedules
+        from worldlm_jax import aggregators, attacks, optimizers, schedules
         from worldlm_jax.registry import UnknownNameError
 
         for name, registry in (("server_optimizer", optimizers.OPTIMIZERS), ("aggregator", aggregators.AGGREGATORS),
+                               ("attack", attacks.ATTACKS),
                                ("client_lr_schedule", schedules.SCHEDULES),
                                ("server_lr_schedule", schedules.SCHEDULES)):
             if not isinstance(getattr(self, name), str):
@@ -119,17 +128,23 @@ class Policy:
                 fail(name, value, "expected an integer >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             fail("min_lr_ratio", self.min_lr_ratio, "expected 0 <= ratio <= 1")
-        for name in ("aggregator_args", "objective_args"):
+        for name in ("dropout", "stragglers", "attacker_fraction"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+                fail(name, value, "expected a probability, 0 <= p <= 1")
+        if not isinstance(self.attackers, (int, np.integer)) or isinstance(self.attackers, bool) or self.attackers < 0:
+            fail("attackers", self.attackers, "expected an integer >= 0 (the federation's first k clients attack)")
+        for name in ("aggregator_args", "objective_args", "attack_args"):
             args = getattr(self, name)
             if not isinstance(args, Mapping) or not all(
                     isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
                     for k, v in args.items()):
                 fail(name, args, "expected a mapping of argument names to numbers, e.g. {trim: 0.2}")
-        declared = aggregators.get(self.aggregator).args
-        unknown = sorted(set(self.aggregator_args) - set(declared))
-        if unknown:
-            fail("aggregator_args", dict(self.aggregator_args),
-                 f"aggregator {self.aggregator!r} takes {', '.join(declared) or 'no arguments'}, not {unknown}")
+        for kind, entry in (("aggregator", aggregators.get(self.aggregator)), ("attack", attacks.get(self.attack))):
+            unknown = sorted(set(getattr(self, f"{kind}_args")) - set(entry.args))
+            if unknown:
+                fail(f"{kind}_args", dict(getattr(self, f"{kind}_args")), f"{kind} {getattr(self, kind)!r} takes "
+                     f"{', '.join(entry.args) or 'no arguments'}, not {unknown}")
         if self.uses_dp and self.aggregator != "mean":
             fail("aggregator", self.aggregator, "a DP federation releases the clipped, noised mean; use mean "
                  "(or drop the DP fields)")
@@ -151,10 +166,10 @@ def inherit_policy(node: Mapping[str, Any], inherited: Policy, where: str) -> Po
     if unknown:
         raise TopologyError(f"{where}: unknown policy field(s) {unknown}; valid fields: {', '.join(POLICY_FIELDS)}")
     values = dict(raw)
-    for name in ("aggregator_args", "objective_args"):  # merged key by key with the inherited arguments
+    for name in ("aggregator_args", "objective_args", "attack_args"):  # merged key by key with the inherited ones
         if isinstance(values.get(name), Mapping):
             values[name] = {**getattr(inherited, name), **values[name]}
-    for name in ("min_lr_ratio", "client_lr", "server_lr", "tau", "eta", "residual_bias", "parent_bias",
+    for name in ("dropout", "stragglers", "attacker_fraction", "min_lr_ratio", "client_lr", "server_lr", "tau", "eta", "residual_bias", "parent_bias",
                  "dp_noise_multiplier", "dp_clip", "dp_delta", "dp_target_quantile", "dp_clip_lr",
                  "dp_clip_count_stddev"):
         value = values.get(name)

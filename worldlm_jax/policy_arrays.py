@@ -3,13 +3,14 @@ an input of the compiled round, so sweeps vmap over them) and the learning
 rates a round actually uses (`scheduled`)."""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from worldlm_jax import aggregation, aggregators, objectives, privacy, schedules
+from worldlm_jax import aggregation, aggregators, attacks, objectives, privacy, schedules
 from worldlm_jax.plan import level_kinds
 from worldlm_jax.topology import Topology, TopologyError
 
@@ -42,6 +43,12 @@ class RoundPolicies(NamedTuple):
     aggregator_choice: tuple  # per level: (n_d,) index into the level's aggregator kinds
     aggregator_args: tuple  # per level: {argument: (n_d,)}
     objective_args: dict  # {argument: (n_leaf,)} of the run's client objective
+    dropout: jax.Array  # (n_leaf,) probability a sampled client does not report
+    stragglers: jax.Array  # (n_leaf,) probability a client stops after a random part of its steps
+    attack_choice: jax.Array  # (n_leaf,) index into the leaf level's attack kinds
+    attack_args: dict  # {argument: (n_leaf,)}
+    attackers: jax.Array  # (n_leaf,) the federation's clients of rank below this attack
+    client_rank: jax.Array  # (n_clients,) a client's index within its leaf federation
 
 
 def round_policies(topo: Topology, total_rounds: int = 1, objective: str = "none") -> "RoundPolicies":
@@ -100,8 +107,15 @@ def round_policies(topo: Topology, total_rounds: int = 1, objective: str = "none
                                          float(total_rounds)), jnp.float32) for lvl in topo.levels),
         min_lr_ratio=tuple(f32(d, "min_lr_ratio") for d in range(D)),
         aggregator_choice=tuple(_choice(topo, d, "aggregator") for d in range(D)),
-        aggregator_args=tuple(_aggregator_args(topo, d) for d in range(D)),
+        aggregator_args=tuple(_named_args(topo, d, "aggregator", aggregators.get) for d in range(D)),
         objective_args=_objective_args(topo, objective),
+        dropout=f32(D - 1, "dropout"),
+        stragglers=f32(D - 1, "stragglers"),
+        attack_choice=_choice(topo, D - 1, "attack"),
+        attack_args=_named_args(topo, D - 1, "attack", attacks.get),
+        attackers=jnp.asarray([max(p.attackers, math.ceil(p.attacker_fraction * n)) for p, n in
+                               zip(topo.leaf.policies, topo.children_count(D - 1))], jnp.float32),
+        client_rank=jnp.asarray(_client_rank(topo)),
     )
 
 
@@ -111,13 +125,24 @@ def _choice(topo: Topology, level: int, field: str) -> jax.Array:
     return jnp.asarray([kinds.index(getattr(p, field)) for p in topo.levels[level].policies], jnp.int32)
 
 
-def _aggregator_args(topo: Topology, level: int) -> dict:
-    """{argument: (n_d,)} of every argument of the level's aggregators (a node's
-    own value, else its aggregator's default, else 0 for another kind's)."""
+def _named_args(topo: Topology, level: int, field: str, lookup) -> dict:
+    """{argument: (n_d,)} of every argument of the level's named rules in `field`
+    (aggregators, attacks): a node's own value, else its rule's default, else 0
+    for another rule's argument."""
     policies = topo.levels[level].policies
-    names = sorted({a for p in policies for a in aggregators.get(p.aggregator).args})
-    value = lambda p, a: p.aggregator_args.get(a, aggregators.get(p.aggregator).args.get(a, 0.0))
+    declared = lambda p: lookup(getattr(p, field)).args
+    names = sorted({a for p in policies for a in declared(p)})
+    value = lambda p, a: getattr(p, f"{field}_args").get(a, declared(p).get(a, 0.0))
     return {a: jnp.asarray([value(p, a) for p in policies], jnp.float32) for a in names}
+
+
+def _client_rank(topo: Topology) -> np.ndarray:
+    """Each client's index among its leaf federation's clients."""
+    rank = np.zeros(topo.n_clients, np.int32)
+    for leaf in range(topo.leaf.size):
+        members = np.flatnonzero(topo.client_parent == leaf)
+        rank[members] = np.arange(len(members))
+    return rank
 
 
 def _objective_args(topo: Topology, objective: str) -> dict:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
-from worldlm_jax import parallel, tree_ops
+from worldlm_jax import attacks, parallel, tree_ops
 from worldlm_jax.client import make_local_update
 from worldlm_jax.federation import aggregated_parts, clip_norm, sum_children
 from worldlm_jax.objectives import ObjectiveContext
@@ -49,22 +49,38 @@ def train_slot(rs: "RoundStatics", sent_P, fed_state_P, parent, kept, opt_state,
     return result, params, new_state, report
 
 
+def attack_updates(rs: "RoundStatics", st: RoundPolicies, update_N, parent_N, attacker_N, key_N):
+    """Attackers' updates replaced by what their federation's attack sends."""
+    if rs.attack_kinds == ("none",):
+        return update_N
+    parts = split_parts(update_N, rs.spec.key_paths)
+    args_N = {a: v[parent_N] for a, v in st.attack_args.items()}
+    for k, name in enumerate(rs.attack_kinds):
+        if name == "none":
+            continue
+        sent_B, sent_K = jax.vmap(attacks.get(name).apply)(parts["B"], parts["K"], key_N, args_N)
+        mine = attacker_N & (st.attack_choice[parent_N] == k)
+        parts = {"B": tree_ops.where_rows(mine, sent_B, parts["B"]), "K": tree_ops.where_rows(mine, sent_K, parts["K"])}
+    return {**parts["B"], **parts["K"]}
+
+
 def train_chunk(rs: "RoundStatics", st: RoundPolicies, sent_P, clip_P, fed_state_P, parent_N, kept_N, opt_N,
-                client_state_N, tokens_N, lr_N, steps_N, args_N, weight_N, present_N):
-    """A chunk of slots: train, check each update (finite, norm), and reduce the
-    chunk to per-federation sums."""
+                client_state_N, tokens_N, lr_N, steps_N, args_N, attacker_N, key_N, weight_N, present_N):
+    """A chunk of slots: train, let attackers replace their updates, check each
+    update (finite, norm), and reduce the chunk to per-federation sums."""
     d = rs.topo.depth - 1
     train = lambda *a: train_slot(rs, sent_P, fed_state_P, *a)
     result, start, client_state, report = jax.vmap(train)(parent_N, kept_N, opt_N, client_state_N, tokens_N,
                                                          lr_N, steps_N, args_N)
-    update = tree_ops.sub(result.params, start)
+    update = attack_updates(rs, st, tree_ops.sub(result.params, start), parent_N, attacker_N, key_N)
     mean_loss = result.loss_sum / jnp.maximum(result.steps, 1.0)
     valid = (tree_ops.row_all_finite(update) & jnp.isfinite(mean_loss)
              & (tree_ops.row_sq_norms(update) <= rs.spec.max_update_norm ** 2))
     weight = jnp.where(valid & present_N, weight_N, 0.0)
     delta = aggregated_parts(rs, d, update)
     sums, dp_norm = sum_children(rs, st, d, delta, weight, parent_N, clip_P[parent_N], report)
-    final = split_parts(result.params, rs.spec.key_paths)
+    final = split_parts(tree_ops.add(start, update) if rs.attack_kinds != ("none",) else result.params,
+                        rs.spec.key_paths)
     per_slot = dict(loss=mean_loss, tokens=result.tokens, valid=valid, weight=weight, dp_norm=dp_norm,
                     kept={part: final[part] for part in rs.plan.client_keeps},
                     K=final["K"] if rs.leaf_k_attention else {},
@@ -84,9 +100,10 @@ def _skip_if_absent(chunk_fn):
     return run
 
 
-def clients_work(rs: "RoundStatics", st: RoundPolicies, state: EngineState, batch: RoundBatch, active_P):
+def clients_work(rs: "RoundStatics", st: RoundPolicies, state: EngineState, batch: RoundBatch, active_P, key):
     """Client slots train locally from what their federation broadcasts (or what
-    they kept); diverged clients are excluded and keep their old state.
+    they kept); diverged clients are excluded and keep their old state; faults
+    (dropout, stragglers, attackers) are drawn from `key`.
     Returns (state with the clients' kept state written back, metrics, Children)."""
     topo, plan = rs.topo, rs.plan
     d = topo.depth - 1
@@ -102,7 +119,9 @@ def clients_work(rs: "RoundStatics", st: RoundPolicies, state: EngineState, batc
                  else jnp.zeros((topo.n_slots,)))
     client_state = tree_ops.gather(state.clients.objective, safe_cid)
     args = {a: v[st.slot_parent] for a, v in st.objective_args.items()}
-    present = (cid >= 0) & active_P[st.slot_parent] & (batch.slot_weight > 0)
+    sampled = (cid >= 0) & active_P[st.slot_parent] & (batch.slot_weight > 0)
+    faults = draw_faults(st, cid, sampled, key)
+    present = sampled & ~faults["dropped"]
     chunk_fn = lambda *a: train_chunk(rs, st, *a)
     # Skipping pays with small chunks (CPU); with every slot in one vmap (chunk 0,
     # accelerators) a whole device is rarely idle and a conditional would only
@@ -110,8 +129,8 @@ def clients_work(rs: "RoundStatics", st: RoundPolicies, state: EngineState, batc
     run = parallel.map_reduce_clients(_skip_if_absent(chunk_fn) if rs.spec.chunk > 0 else chunk_fn,
                                       rs.spec.mesh, rs.spec.chunk, n_shared=3)
     out, sums = run(sent, clip_norm(rs, st, d, lvl), lvl.objective, st.slot_parent, kept, opt_state, client_state,
-                    batch.tokens, st.client_lr[st.slot_parent], st.steps[st.slot_parent], args, batch.slot_weight,
-                    present)
+                    batch.tokens, st.client_lr[st.slot_parent], faults["steps"], args, faults["attacker"],
+                    faults["keys"], batch.slot_weight, present)
     state = state._replace(clients=_write_back(rs, state.clients, out, jnp.where(out["valid"] & present, cid,
                                                                                   topo.n_clients)))
     weight = out["weight"]
@@ -122,10 +141,30 @@ def clients_work(rs: "RoundStatics", st: RoundPolicies, state: EngineState, batc
         "train_clients": jax.ops.segment_sum((weight > 0).astype(jnp.float32), st.slot_parent, num_segments=n_leaf),
         "tokens": jnp.sum(jnp.where(present, out["tokens"], 0.0)),
         "diverged": jnp.sum((present & ~out["valid"]).astype(jnp.float32)),
+        "dropped": jnp.sum(faults["dropped"].astype(jnp.float32)),
+        "stragglers": jnp.sum((present & faults["straggler"]).astype(jnp.float32)),
+        "attackers": jnp.sum((present & faults["attacker"]).astype(jnp.float32)),
     }
     kids = Children(weight, st.slot_parent, sums, out["dp_norm"], out["K"] if rs.leaf_k_attention else None,
                     out["B"] if rs.stacked[d] else None)
     return state, metrics, kids
+
+
+def draw_faults(st: RoundPolicies, cid, sampled, key) -> dict:
+    """Per slot, from the round key: dropped (a sampled client that does not
+    report), straggler (stops after a uniform 1..E of its E local steps, so
+    its `steps`), attacker (its federation's first clients), and the slot's
+    own key for its attack."""
+    parent = st.slot_parent
+    k_drop, k_straggle, k_part, k_attack = jax.random.split(key, 4)
+    S = cid.shape[0]
+    dropped = sampled & (jax.random.uniform(k_drop, (S,)) < st.dropout[parent])
+    straggler = jax.random.uniform(k_straggle, (S,)) < st.stragglers[parent]
+    full = st.steps[parent]
+    part = 1 + jnp.floor(jax.random.uniform(k_part, (S,)) * full).astype(full.dtype)
+    attacker = (cid >= 0) & (st.client_rank[jnp.maximum(cid, 0)] < st.attackers[parent])
+    return {"dropped": dropped, "straggler": straggler, "steps": jnp.where(straggler, jnp.minimum(part, full), full),
+            "attacker": attacker, "keys": jax.random.split(k_attack, S)}
 
 
 def _write_back(rs: "RoundStatics", clients, out, rows):

@@ -36,7 +36,7 @@ from worldlm_jax.data.federated import validation_batches
 from worldlm_jax.topology import Topology, build_topology
 
 SWEEP = parallel.SWEEP_AXIS
-NAMED_RULES = ("server_optimizer", "aggregator", "client_lr_schedule", "server_lr_schedule")
+NAMED_RULES = ("server_optimizer", "aggregator", "client_lr_schedule", "server_lr_schedule", "attack")
 
 
 def _point_topology(exp: experiment.Experiment, config: Config) -> Topology:
@@ -56,6 +56,9 @@ def _point_topology(exp: experiment.Experiment, config: Config) -> Topology:
             if [getattr(p, field) for p in b.policies] != [getattr(p, field) for p in t.policies]:
                 raise ValueError(f"a vectorised sweep may not vary {field} (each named rule is part of the "
                                  f"compiled round; its numeric arguments may vary); use `worldlm sweep`")
+        if any(p.stragglers > 0 for p in t.policies) and not any(p.stragglers > 0 for p in b.policies):
+            raise ValueError("a vectorised sweep over stragglers needs them in its first point too (stragglers "
+                             "compile masked local steps); put the point with stragglers first")
     topo = dataclasses.replace(base, levels=tuple(dataclasses.replace(b, policies=t.policies)
                                                    for b, t in zip(base.levels, topo.levels)))
     privacy = config.privacy
