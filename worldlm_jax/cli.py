@@ -243,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from worldlm_jax import distributed, plugins
     from worldlm_jax.checkpoint import CheckpointError
+    from worldlm_jax.data.corpus import CorpusError
     from worldlm_jax.memory_plan import DoesNotFit
     from worldlm_jax.topology import TopologyError
 
@@ -256,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DoesNotFit as e:
         print(f"worldlm {args.command}: error: {e}", file=sys.stderr)
         return EXIT_DOES_NOT_FIT
-    except (CliError, ConfigError, TopologyError, CheckpointError, distributed.DistributedError) as e:
+    except (CliError, ConfigError, TopologyError, CheckpointError, CorpusError, distributed.DistributedError) as e:
         print(f"worldlm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:
