@@ -59,6 +59,7 @@ def _final_params(workdir):
     return host["round"], [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
+@pytest.mark.slow  # test_multiprocess kills and resumes a run too (2 processes, equal to 1 uninterrupted)
 def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     rounds = 4
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

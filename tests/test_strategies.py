@@ -277,6 +277,7 @@ def test_training_run_learns_and_writes_its_records(tmp_path):
     assert len(weights) == 3 and all(row[i] == 0 for i, row in enumerate(weights))  # never attends to itself
 
 
+@pytest.mark.slow  # two tiny trainings; test_model's bf16 tests check the same tracking on the model (seconds)
 def test_bf16_matmul_run_follows_the_float32_run(tmp_path):
     """model.matmul_dtype=bfloat16 through the whole engine (clients vmapped in chunks,
     sharded over 2 devices, custom VJPs under both): the same losses as float32, to bf16

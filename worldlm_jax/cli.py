@@ -280,6 +280,7 @@ def _raised_while_building(error: BaseException) -> bool:
     return any(n in names for n in (("cli_commands.py", "load_config"), ("cli_commands.py", "check_tree"),
                                     ("cli_commands.py", "apply_privacy_target"), ("sweep.py", "parse_grid"),
                                     ("sweep.py", "point_config"), ("config.py", "from_dict"),
+                                    ("pipeline.py", "prepare"),  # data folders, specs and splits
                                     ("config.py", "apply_override")))
 
 

@@ -349,7 +349,7 @@ def _read_yaml(path: str) -> Mapping:
         try:
             data = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+            raise ConfigError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from e
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data

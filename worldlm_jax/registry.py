@@ -51,9 +51,10 @@ class Registry(Generic[T]):
     def check(self, name: str, field: str) -> None:
         """Raise `UnknownNameError` naming `field` unless `name` is registered."""
         if name not in self._entries:
-            raise UnknownNameError(f"{field}={name!r} is not a registered {self.kind}; registered: "
-                                   f"{', '.join(self.names())} (add one with {self.register_with}, in a module "
-                                   "loaded with --plugin or a config's plugins: list)")
+            registered = f"registered: {', '.join(self.names())}" if self._entries else "none is registered"
+            raise UnknownNameError(f"{field}={name!r} is not a registered {self.kind}; {registered} (add one with "
+                                   f"{self.register_with}, in a module loaded with --plugin or a config's "
+                                   "plugins: list)")
 
     def get(self, name: str, field: str | None = None) -> T:
         self.check(name, field or self.kind)

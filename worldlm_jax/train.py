@@ -19,7 +19,7 @@ import jax
 
 from worldlm_jax import callbacks as callbacks_lib
 from worldlm_jax import distributed, model as model_lib, parallel, records
-from worldlm_jax.config import Config, save_yaml
+from worldlm_jax.config import Config, ConfigError, save_yaml
 from worldlm_jax.experiment import (Experiment, Prefetcher, _put, batch_sharding, build_experiment, local_slots,
                                     make_batch, place_state, restore_state)
 from worldlm_jax.records import (_total_bytes, describe_eval, format_table, per_federation, round_record,
@@ -125,6 +125,9 @@ def _load(config: Config | str, workdir: str, callbacks) -> tuple[Config, list]:
         config = configs.load(config)
     plugins.load_all(config.plugins)  # a config built in this process has them; one read elsewhere may not
     hooks = callbacks_lib.build(config, callbacks)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"run directory {workdir!r} exists and is not a directory; give --workdir a new "
+                          "directory or an earlier run's")
     check_resumable(workdir, config)
     os.makedirs(workdir, exist_ok=True)
     return config, hooks

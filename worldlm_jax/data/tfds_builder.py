@@ -142,7 +142,11 @@ def _load_dir(path: str, spec: str) -> list[str]:
     if not folder.is_dir():
         raise ValueError(f"data spec {spec!r}: {folder} is not a directory")
     files = sorted(folder.rglob("*.txt"))
-    return [text for text in (f.read_text(encoding="utf-8") for f in files) if text.strip()]
+    docs = [text for text in (f.read_text(encoding="utf-8") for f in files) if text.strip()]
+    if not docs:
+        raise ValueError(f"data spec {spec!r}: no non-empty .txt file under {folder.resolve()} "
+                         f"({len(files)} .txt file(s) found); a dir: source reads every *.txt below the folder")
+    return docs
 
 
 def load_documents(spec: str, data_dir: str | os.PathLike | None = None) -> list[str]:

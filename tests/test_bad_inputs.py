@@ -1,0 +1,162 @@
+"""Every bad input a user can type or point at ends in one line that names the
+field, the value and what is allowed, with a non-zero exit and no traceback.
+
+`CASES` is the table of docs/errors.md: each row is run through the CLI
+in-process (`cli.main`), and the documented table must list every case.
+"""
+import contextlib
+import io
+import os
+import textwrap
+
+import pytest
+
+from worldlm_jax import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLAN = ["plan", "--config", "tiny", "--no-compile"]
+
+
+def yaml_file(text):
+    return {"bad.yaml": textwrap.dedent(text)}
+
+
+# (id, what the user did, argv (in a tmp dir holding `files`), files, words the one-line message must contain)
+CASES = [
+    ("unknown-preset", "a preset that does not exist", ["plan", "--config", "tinny", "--no-compile"], {},
+     ["tinny", "presets", "tiny"]),
+    ("missing-yaml", "a YAML path that does not exist", ["plan", "--config", "nope.yaml", "--no-compile"], {},
+     ["nope.yaml", "not found"]),
+    ("invalid-yaml", "a YAML file that does not parse", ["plan", "--config", "bad.yaml", "--no-compile"],
+     yaml_file("run: {rounds: 2\n"), ["bad.yaml", "not valid YAML"]),
+    ("yaml-not-mapping", "a YAML file holding a list", ["plan", "--config", "bad.yaml", "--no-compile"],
+     yaml_file("- 1\n- 2\n"), ["bad.yaml", "mapping"]),
+    ("yaml-section-string", "a section given as a preset name", ["plan", "--config", "bad.yaml", "--no-compile"],
+     yaml_file("model: tiny\n"), ["model", "base: tiny"]),
+    ("unknown-base", "base: naming no preset or file", ["plan", "--config", "bad.yaml", "--no-compile"],
+     yaml_file("base: tinny\n"), ["tinny"]),
+    ("unknown-key", "a misspelt config key", PLAN + ["--set", "run.roundz=3"], {}, ["run.roundz", "run.rounds"]),
+    ("bad-override", "an override without '='", PLAN + ["--set", "run.rounds"], {}, ["run.rounds", "key.path=value"]),
+    ("wrong-type", "a word where a number goes", PLAN + ["--set", "run.rounds=many"], {},
+     ["run.rounds", "many", "integer"]),
+    ("zero-rounds", "zero rounds", PLAN + ["--set", "run.rounds=0"], {}, ["run.rounds", ">= 1"]),
+    ("val-fraction", "a validation fraction of 1.5", PLAN + ["--set", "data.val_fraction=1.5"], {},
+     ["data.val_fraction", "1.5"]),
+    ("seq-over-max-len", "sequences longer than the model's context", PLAN + ["--set", "data.seq_len=4096"], {},
+     ["data.seq_len", "model.max_len"]),
+    ("unknown-algorithm", "an algorithm nobody registered", PLAN + ["--set", "algorithm.name=fedsgd"], {},
+     ["algorithm.name", "fedsgd", "registered", "worldlm"]),
+    ("unknown-client-optimizer", "a client optimizer nobody registered",
+     PLAN + ["--set", "algorithm.client_optimizer=adamx"], {}, ["client_optimizer", "adamx", "adamw"]),
+    ("unknown-server-optimizer", "a server optimizer nobody registered",
+     PLAN + ["--set", "policy.server_optimizer=fedadamm"], {}, ["server_optimizer", "fedadamm", "registered"]),
+    ("unknown-aggregator", "an aggregator nobody registered", PLAN + ["--set", "policy.aggregator=medain"], {},
+     ["aggregator", "medain", "median"]),
+    ("undeclared-aggregator-arg", "an argument the aggregator does not take",
+     PLAN + ["--set", "policy.aggregator=median", "--set", "policy.aggregator_args.trim=0.2"], {},
+     ["aggregator_args", "trim", "median"]),
+    ("dp-with-robust-aggregator", "a DP federation with a robust aggregator",
+     PLAN + ["--set", "policy.aggregator=median", "--set", "policy.dp_clip=1.0"], {}, ["aggregator", "DP", "mean"]),
+    ("unknown-schedule", "a schedule nobody registered", PLAN + ["--set", "policy.client_lr_schedule=cosin"], {},
+     ["client_lr_schedule", "cosin", "warmup_cosine"]),
+    ("negative-warmup", "a negative warmup", PLAN + ["--set", "policy.warmup_rounds=-2"], {},
+     ["warmup_rounds", "-2"]),
+    ("unknown-objective", "a client objective nobody registered",
+     PLAN + ["--set", "algorithm.client_objective=fedproxx"], {}, ["client_objective", "fedproxx", "fedprox"]),
+    ("undeclared-objective-arg", "an objective argument the objective does not take",
+     PLAN + ["--set", "algorithm.client_objective=fedprox", "--set", "policy.objective_args.nu=0.1"], {},
+     ["objective_args", "nu", "mu"]),
+    ("dropout-probability", "a dropout probability above 1", PLAN + ["--set", "policy.dropout=1.5"], {},
+     ["dropout", "1.5", "probability"]),
+    ("unknown-attack", "an attack nobody registered", PLAN + ["--set", "policy.attack=flip"], {},
+     ["attack", "flip", "sign_flip"]),
+    ("negative-attackers", "a negative attacker count", PLAN + ["--set", "policy.attackers=-1"], {},
+     ["attackers", "-1"]),
+    ("negative-lr", "a negative learning rate", PLAN + ["--set", "policy.client_lr=-0.1"], {},
+     ["client_lr", "-0.1", "> 0"]),
+    ("unknown-k-agg", "an unknown key-layer rule", PLAN + ["--set", "policy.k_agg=max"], {},
+     ["k_agg", "max", "attention"]),
+    ("dp-noise-without-clip", "DP noise without a clip norm", PLAN + ["--set", "policy.dp_noise_multiplier=1.0"], {},
+     ["dp_clip", "finite clip"]),
+    ("bad-delta", "a DP delta of 2", PLAN + ["--set", "privacy.target_delta=2"], {}, ["target_delta", "0 < delta < 1"]),
+    ("unknown-accountant", "an unknown accountant", PLAN + ["--set", "privacy.accountant=moments"], {},
+     ["accountant", "moments", "rdp"]),
+    ("unknown-callback", "a callback nobody registered", PLAN + ["--set", "run.callbacks=[early_stop]"], {},
+     ["run.callbacks", "early_stop", "none is registered"]),
+    ("tree-node-without-name", "a tree node without a name",
+     PLAN + ["--set", "tree={children: [{clients: 2, sources: [man_en]}]}"], {}, ["name"]),
+    ("tree-duplicate-name", "two federations with one name",
+     PLAN + ["--set", "tree={name: w, children: [{name: a, clients: 1, sources: [man_en]}, "
+                      "{name: a, clients: 1, sources: [man_de]}]}"], {}, ["duplicate", "'a'"]),
+    ("tree-unknown-source", "a data source that does not exist",
+     PLAN + ["--set", "tree={name: w, children: [{name: a, clients: 1, sources: [man_xx]}]}"], {},
+     ["man_xx", "known sources"]),
+    ("tree-children-and-clients", "a federation with both children and clients",
+     PLAN + ["--set", "tree={name: w, clients: 2, sources: [man_en], children: [{name: a, clients: 1, "
+                      "sources: [man_de]}]}"], {}, ["exactly one of 'children'", "'clients'"]),
+    ("tree-uneven-depth", "leaf federations at different depths",
+     PLAN + ["--set", "tree={name: w, children: [{name: a, clients: 1, sources: [man_en]}, {name: b, children: "
+                      "[{name: c, clients: 1, sources: [man_de]}]}]}"], {}, ["different depths"]),
+    ("tree-unknown-policy-field", "a misspelt policy field in the tree",
+     PLAN + ["--set", "tree={name: w, policy: {client_rl: 0.1}, children: [{name: a, clients: 1, "
+                      "sources: [man_en]}]}"], {}, ["client_rl", "policy field"]),
+    ("missing-plugin", "a plug-in file that does not exist", ["--plugin", "nope.py"] + PLAN, {}, ["nope.py"]),
+    ("broken-plugin", "a plug-in that fails to import", ["--plugin", "broken.py"] + PLAN,
+     {"broken.py": "import not_a_module_anywhere\n"}, ["broken.py", "not_a_module_anywhere"]),
+    ("process-id-out-of-range", "a process id outside the process count",
+     ["train", "--config", "tiny", "--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "5"],
+     {}, ["--process-id", "5"]),
+    ("eval-missing-run", "evaluating a run directory that does not exist",
+     ["eval", "--workdir", "no_such_run"], {}, ["no_such_run"]),
+    ("workdir-is-a-file", "a run directory that is a file",
+     ["train", "--config", "tiny", "--workdir", "a_file", "--quiet"], {"a_file": "not a directory\n"},
+     ["a_file", "not a directory"]),
+    ("empty-data-folder", "a dir: source with no .txt files",
+     ["train", "--config", "tiny", "--workdir", "run", "--quiet", "--set",
+      "tree={name: w, children: [{name: a, clients: 1, sources: ['dir:empty']}]}"], {"empty/README": "x\n"},
+     ["dir:empty", ".txt"]),
+    ("missing-tokenizer", "a tokenizer model path that does not exist",
+     ["train", "--config", "tiny", "--workdir", "run", "--quiet", "--set", "data.tokenizer=nope.model"], {},
+     ["nope.model"]),
+    ("client-too-little-text", "a Dirichlet split that leaves a client too little text",
+     ["train", "--config", "tiny", "--workdir", "run", "--quiet", "--set", "data.max_bytes_per_source=3000",
+      "--set", "tree={name: w, children: [{name: a, clients: 8, sources: [man_en, fortunes_en], "
+               "split: dirichlet, alpha: 0.01}]}"], {}, ["client 'a/", "too few", "seq_len"]),
+]
+
+
+def run_cli(argv, tmp_path, files):
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(argv)
+            except SystemExit as e:  # argparse's own errors
+                code = e.code
+    finally:
+        os.chdir(cwd)
+    return code, err.getvalue().strip()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_a_bad_input_is_one_line_naming_what_is_wrong(case, tmp_path):
+    _, _, argv, files, words = case
+    code, message = run_cli(argv, tmp_path, files)
+    assert code not in (0, None), message
+    assert "Traceback" not in message, message
+    lines = [line for line in message.splitlines() if line.strip()]
+    assert len(lines) == 1 or (lines[0].startswith("usage:") and len(lines) == 2), message
+    assert all(word in lines[-1] for word in words), message
+
+
+def test_the_documented_table_lists_every_case():
+    with open(os.path.join(ROOT, "docs", "errors.md")) as f:
+        doc = f.read()
+    missing = [c[0] for c in CASES if f"`{c[0]}`" not in doc]
+    assert not missing, f"docs/errors.md lacks rows for {missing}"
