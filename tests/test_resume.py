@@ -8,6 +8,7 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
 
 from worldlm_jax import configs
 from worldlm_jax.config import apply_overrides, save_yaml
