@@ -69,7 +69,13 @@ def _key_takeover(b, k, key, args):
     return b, jax.tree.map(lambda x: args["factor"] * x, k)
 
 
+def _nan(b, k, key, args):
+    """A broken client: its update is NaN (the engine must exclude it)."""
+    return jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), (b, k))
+
+
 register("none", Attack(apply=lambda b, k, key, args: (b, k)))
+register("nan", Attack(apply=_nan))
 register("sign_flip", Attack(apply=_scaled(lambda args: -args["scale"]), args={"scale": 1.0}))
 register("scale", Attack(apply=_scaled(lambda args: args["factor"]), args={"factor": 10.0}))
 register("noise", Attack(apply=_noise, args={"std": 0.1}))

@@ -64,6 +64,8 @@ def round_record(exp: Experiment, round_index: int, metrics: dict, seconds: floa
               "train_loss_per_federation": dict(zip(leaf, map(float, loss))),
               "tokens": float(metrics["tokens"]), "tokens_per_s": float(metrics["tokens"]) / max(seconds, 1e-9),
               "diverged_clients": float(metrics["diverged"]),
+              **{f"{name}_clients": float(metrics[name]) for name in ("dropped", "stragglers", "attackers")
+                 if name in metrics},  # simulated faults (policy dropout, stragglers, attack)
               "client_lr": per_federation(metrics, f"level{topo.depth - 1}/client_lr", leaf,
                                           [p.client_lr for p in topo.leaf.policies]),
               "server_lr": {name: lr for d, lvl in enumerate(topo.levels)
