@@ -172,3 +172,33 @@ def test_multi_krum_without_attackers_tolerated_is_the_mean():
     args = {"byzantine": jnp.zeros(1)}
     out = aggregators.get("multi_krum").combine({"w": jnp.asarray(rows)}, jnp.ones(6), jnp.zeros(6, jnp.int32), 1, args)
     np.testing.assert_allclose(np.asarray(out["w"])[0], rows.mean(0), rtol=1e-5, atol=1e-6)
+
+
+# ---- key layers: one attacker cannot take a federation's K ------------------------------
+@functools.cache
+def _k_runs():
+    """K's update at a 5-client federation: clean, and with client 0 sending its
+    K delta 100x, under plain and robust attention."""
+    from engine_helpers import TOY_KEY_PATHS
+    norms = {}
+    for name, policy in (("clean", {}), ("attention", {"attack": "key_takeover", "attackers": 1}),
+                         ("robust", {"attack": "key_takeover", "attackers": 1, "k_agg": "robust_attention"})):
+        t = topo(flat_tree(5, tau=0.1, **BASE, **policy))
+        spec = make_spec(t, strategies.worldlm_plan(1, residuals="none", use_parent=False),
+                         key_paths=TOY_KEY_PATHS, client_optimizer="test_sgd")
+        state, _ = run(strategies.make_strategy(spec), toy_params(), make_batches(t, 1))
+        moved = [np.asarray(state.levels[0].K[p][0]) - np.asarray(toy_params()[p]) for p in sorted(TOY_KEY_PATHS)]
+        norms[name] = float(np.sqrt(sum(np.sum(m ** 2) for m in moved)))
+    return norms
+
+
+def test_a_key_layer_takeover_moves_plain_attention_far():
+    norms = _k_runs()
+    assert norms["attention"] > 10 * norms["clean"]
+
+
+def test_robust_attention_bounds_the_attackers_key_layers():
+    """Each child's K delta is bounded by its siblings' median norm, so the
+    federation's K moves no further than an honest client's update would."""
+    norms = _k_runs()
+    assert norms["robust"] < 2 * norms["clean"]

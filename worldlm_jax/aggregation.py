@@ -53,7 +53,7 @@ def server_update(params_P: Params, mean_delta_P: Params, states: tuple, txs, ch
 class AttentionPolicy(NamedTuple):
     """Per-node arrays (P,) of the key-layer rule of each federation."""
 
-    mode: jax.Array  # 0 attention, 1 mean, 2 local
+    mode: jax.Array  # 0 attention, 1 mean, 2 local, 3 robust attention
     tau: jax.Array
     eta: jax.Array
     residual_bias: jax.Array
@@ -184,12 +184,13 @@ def attend_keys(
     w_N = child_weight_N.astype(jnp.float32)
 
     delta_N = tree_ops.sub(child_K_N, tree_ops.gather(node_K_P, child_parent_N))
+    delta_N = _bounded_by_median_norm(delta_N, w_N, child_parent_N, P, policy.mode == 3)
     mean_P, total_P = tree_ops.weighted_mean(delta_N, w_N, child_parent_N, P)
     K32 = {p: node_K_P[p].astype(jnp.float32) for p in paths}
     n_children_P = jax.ops.segment_sum((w_N > 0).astype(jnp.float32), child_parent_N, num_segments=P)
     ext_log_prior_P = -jnp.log(jnp.maximum(n_children_P, 1.0))  # a residual or the parent: one average child
 
-    attention = (policy.mode == 0)[:, None]
+    attention = ((policy.mode == 0) | (policy.mode == 3))[:, None]
     inv_tau = jnp.where(attention, 1.0 / policy.tau[:, None], 0.0)  # (P, 1)
     dots = (_rowdot(K32, K32, onehot), _rowdot(K32, mean_P, onehot), _rowdot(mean_P, mean_P, onehot))
     g = lambda x: jnp.take(x, child_parent_N, axis=0)
@@ -221,6 +222,20 @@ def attend_keys(
     res_w = jnp.mean(a_R, axis=2) if a_R is not None else jnp.zeros((P, 0))
     par_w = jnp.mean(a_p, axis=1) if a_p is not None else jnp.zeros(P)
     return out, AttentionInfo(jnp.mean(a_N, axis=1), res_w, par_w)
+
+
+def _bounded_by_median_norm(delta_N: Params, w_N, parent_N, P: int, robust_P) -> Params:
+    """Robust attention (mode 3): a child's K delta longer than the median of its
+    participating siblings' is scaled down to it, so no child can dominate the
+    query (the children's mean) by sheer size and take the federation's K.
+    Other modes are unchanged (scaled by exactly 1)."""
+    norm_N = jnp.sqrt(tree_ops.row_sq_norms(delta_N))
+    member = (parent_N[None, :] == jnp.arange(P)[:, None]) & (w_N[None, :] > 0)
+    median_P = jnp.nanmedian(jnp.where(member, norm_N[None, :], jnp.nan), axis=1)
+    bound_N = jnp.take(median_P, parent_N)
+    scale_N = jnp.where(jnp.take(robust_P, parent_N) & (norm_N > bound_N),
+                        bound_N / jnp.maximum(norm_N, _EPS), 1.0)
+    return jax.tree.map(lambda x: (tree_ops.expand_rows(scale_N, x) * x).astype(x.dtype), delta_N)
 
 
 def _candidate_similarity(kind: str, delta, mean, K, node_dots, onehot) -> jax.Array:

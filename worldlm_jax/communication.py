@@ -19,6 +19,7 @@ import numpy as np
 
 from worldlm_jax.engine import Plan
 from worldlm_jax.topology import Topology
+from worldlm_jax.policy import ATTENDING
 
 
 def part_bytes(params: dict, key_paths, bytes_per_value: int = 4) -> dict[str, int]:
@@ -55,7 +56,7 @@ def round_bytes(topology: Topology, plan: Plan, sizes: dict[str, int], participa
         child_is_federation = d + 1 < topology.depth
         if child_is_federation and "K" in plan.aggregate[d + 1] and sizes["K"]:
             # only federations that aggregate K by attention read residuals and their parent's K
-            attends = np.array([p.k_agg == "attention" for p in topology.levels[d + 1].policies])
+            attends = np.array([p.k_agg in ATTENDING for p in topology.levels[d + 1].policies])
             candidates = residual_candidates(topology, d + 1, plan.residuals) + (1.0 if plan.use_parent else 0.0)
             extra = n * float(np.mean(candidates * attends)) * sizes["K"]
         out[f"level{d}"] = {"down": down, "up": up, "residual": extra, "total": down + up + extra}

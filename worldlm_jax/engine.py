@@ -46,6 +46,7 @@ from worldlm_jax.state import (Children, ClientState, EngineState, LevelState, R
                                init_state, levels_worth_sharding, pad_state, place_state, repad_state,
                                state_partition_specs, state_shardings, stored_rows, unpad_state)
 from worldlm_jax.topology import Topology
+from worldlm_jax.policy import ATTENDING
 
 __all__ = [  # the round, plus what callers reach through `engine.` (defined in plan, state, policy_arrays)
     "RoundStatics", "round_statics", "make_round", "fed_round", "federations_work", "run_rounds", "batch_shape",
@@ -97,7 +98,7 @@ def round_statics(spec: EngineSpec) -> RoundStatics:
     # keep their children's K anyway (it is their state); the client level
     # keeps it only when some leaf federation aggregates K with attention.
     leaf_k_attention = ("K" in plan.aggregate[D - 1] and bool(spec.key_paths)
-                        and any(p.k_agg == "attention" for p in topo.leaf.policies))
+                        and any(p.k_agg in ATTENDING for p in topo.leaf.policies))
     child_K_kept = [d < D - 1 or leaf_k_attention for d in range(D)]
     aggregator_kinds = tuple(level_kinds(topo, d, "aggregator") for d in range(D))
     return RoundStatics(

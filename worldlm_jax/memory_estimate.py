@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from worldlm_jax import aggregators, engine, optimizers
 from worldlm_jax.blueprint import AbstractRun
+from worldlm_jax.policy import ATTENDING
 
 # Share of the VJP residuals (what the backward reads, as JAX traces it) that
 # XLA keeps as buffers: it fuses elementwise chains (GELU, LayerNorm) and
@@ -116,7 +117,7 @@ def estimate(run: AbstractRun) -> tuple[dict, dict, dict]:
     # persistent optimizer state (gathered in and out).
     leaf = topo.depth - 1
     leaf_k_attention = ("K" in plan.aggregate[leaf] and bool(spec.key_paths)
-                        and any(p.k_agg == "attention" for p in topo.leaf.policies))
+                        and any(p.k_agg in ATTENDING for p in topo.leaf.policies))
     kept = sum(tree_bytes(parts[part]) for part in plan.client_keeps)
     per_slot = 2 * kept + (3 * tree_bytes(parts["K"]) if leaf_k_attention else 0)
     if plan.client_opt_persistent:

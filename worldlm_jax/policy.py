@@ -13,7 +13,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-K_AGG_MODES = ("attention", "mean", "local")
+K_AGG_MODES = ("attention", "mean", "local", "robust_attention")
+# key-layer rules that score every child (so the round keeps each child's K);
+# robust_attention first bounds each child's K delta by the median norm of its siblings'
+ATTENDING = ("attention", "robust_attention")
 SAMPLING_MODES = ("full", "fixed", "poisson")
 DP_SCOPES = ("backbone", "all")
 
@@ -37,7 +40,7 @@ class Policy:
     client_lr: float = 1e-3
     server_optimizer: str = "sgd"  # sgd with lr 1 = FedAvg; adam = FedAdam, ...
     server_lr: float = 1.0
-    k_agg: str = "attention"  # attention | mean | local
+    k_agg: str = "attention"  # attention | mean | local | robust_attention
     tau: float = 0.1  # attention temperature
     eta: float = 1.0  # key-layer server step
     residual_bias: float = 0.0  # logit bias of residual (sibling) candidates
