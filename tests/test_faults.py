@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from engine_helpers import (LR, STEPS, assert_tree_close, assert_tree_equal, flat_tree, make_batches, make_spec,
+from engine_helpers import (LR, STEPS, assert_tree_close, assert_tree_equal, flat_tree, make_batches, make_spec, tree2,
                             run, toy_params, topo)
 from worldlm_jax import aggregators, strategies
 
@@ -202,3 +202,19 @@ def test_robust_attention_bounds_the_attackers_key_layers():
     federation's K moves no further than an honest client's update would."""
     norms = _k_runs()
     assert norms["robust"] < 2 * norms["clean"]
+
+
+def test_a_robust_rule_at_a_federation_of_federations_combines_its_child_federations():
+    """Any level: the root's median over its three federations' backbone updates."""
+    spec = tree2([2, 2, 2], root_policy=dict(aggregator="median", **BASE),
+                 fed_policies=[{"aggregator": "mean"}] * 3)
+    t = topo(spec)
+    s = strategies.make_strategy(make_spec(t, client_optimizer="test_sgd"))
+    before = jax.tree.map(lambda x: np.asarray(x)[None], toy_params())
+    # the federations' own updates this round: a HierFAVG round's level-1 B (root unchanged while they run)
+    plain = strategies.make_strategy(make_spec(topo(tree2([2, 2, 2], root_policy=BASE)), client_optimizer="test_sgd"))
+    batches = make_batches(t, 1)
+    fed_B = run(plain, toy_params(), batches)[0].levels[1].B
+    expected = jax.tree.map(lambda f, b: np.median(f - b, axis=0, keepdims=True), fed_B, before)
+    state, _ = run(s, toy_params(), batches)
+    assert_tree_close(jax.tree.map(lambda x, b: x - b, state.levels[0].B, before), expected, atol=1e-6)

@@ -172,7 +172,8 @@ def inherit_policy(node: Mapping[str, Any], inherited: Policy, where: str) -> Po
     for name in ("aggregator_args", "objective_args", "attack_args"):  # merged key by key with the inherited ones
         if isinstance(values.get(name), Mapping):
             values[name] = {**getattr(inherited, name), **values[name]}
-    for name in ("dropout", "stragglers", "attacker_fraction", "min_lr_ratio", "client_lr", "server_lr", "tau", "eta", "residual_bias", "parent_bias",
+    for name in ("dropout", "stragglers", "attacker_fraction", "min_lr_ratio", "client_lr", "server_lr", "tau",
+                 "eta", "residual_bias", "parent_bias",
                  "dp_noise_multiplier", "dp_clip", "dp_delta", "dp_target_quantile", "dp_clip_lr",
                  "dp_clip_count_stddev"):
         value = values.get(name)
