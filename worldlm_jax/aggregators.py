@@ -49,13 +49,9 @@ class Aggregator:
         return self.combine is None
 
 
-AGGREGATORS: Registry[Aggregator] = Registry("aggregator", "worldlm_jax.aggregators.register(name, Aggregator(...))")
-
-
-def register(name: str, aggregator: Aggregator) -> Aggregator:
-    if not isinstance(aggregator, Aggregator):
-        raise TypeError(f"aggregator {name!r} must be an Aggregator, got {type(aggregator).__name__}")
-    return AGGREGATORS.register(name, aggregator)
+AGGREGATORS: Registry[Aggregator] = Registry(
+    "aggregator", "worldlm_jax.aggregators.register(name, Aggregator(...))", Aggregator)
+register = AGGREGATORS.register  # (name, Aggregator(...)): usable by name in configs
 
 
 def get(name: str, field: str = "aggregator") -> Aggregator:

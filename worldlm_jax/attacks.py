@@ -30,13 +30,9 @@ class Attack:
     args: Mapping[str, float] = dataclasses.field(default_factory=dict)  # argument -> default
 
 
-ATTACKS: Registry[Attack] = Registry("attack", "worldlm_jax.attacks.register(name, Attack(...))")
-
-
-def register(name: str, attack: Attack) -> Attack:
-    if not isinstance(attack, Attack):
-        raise TypeError(f"attack {name!r} must be an Attack, got {type(attack).__name__}")
-    return ATTACKS.register(name, attack)
+ATTACKS: Registry[Attack] = Registry(
+    "attack", "worldlm_jax.attacks.register(name, Attack(...))", Attack)
+register = ATTACKS.register  # (name, Attack(...)): usable by name in configs
 
 
 def get(name: str, field: str = "attack") -> Attack:

@@ -52,14 +52,9 @@ class ClientObjective:
             raise ValueError("a client objective with update_federation needs after_training to report to it")
 
 
-OBJECTIVES: Registry[ClientObjective] = Registry("client objective",
-                                                 "worldlm_jax.objectives.register(name, ClientObjective(...))")
-
-
-def register(name: str, objective: ClientObjective) -> ClientObjective:
-    if not isinstance(objective, ClientObjective):
-        raise TypeError(f"client objective {name!r} must be a ClientObjective, got {type(objective).__name__}")
-    return OBJECTIVES.register(name, objective)
+OBJECTIVES: Registry[ClientObjective] = Registry(
+    "client objective", "worldlm_jax.objectives.register(name, ClientObjective(...))", ClientObjective)
+register = OBJECTIVES.register  # (name, ClientObjective(...)): usable by name in configs
 
 
 def get(name: str, field: str = "algorithm.client_objective") -> ClientObjective:

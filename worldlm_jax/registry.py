@@ -20,9 +20,10 @@ class UnknownNameError(ValueError):
 class Registry(Generic[T]):
     """`name -> entry` for one kind of plug-in (`kind` names it in errors)."""
 
-    def __init__(self, kind: str, register_with: str):
+    def __init__(self, kind: str, register_with: str, entry_type: type | None = None):
         self.kind = kind
         self.register_with = register_with  # the call that adds one, for error messages
+        self.entry_type = entry_type  # what an entry must be (None: anything)
         self._entries: dict[str, T] = {}
 
     def register(self, name: str, entry: T, *, replace: bool = True) -> T:
@@ -30,6 +31,9 @@ class Registry(Generic[T]):
         `register` also works as the body of a decorator."""
         if not isinstance(name, str) or not name:
             raise TypeError(f"a {self.kind} name must be a non-empty string, got {name!r}")
+        if self.entry_type is not None and not isinstance(entry, self.entry_type):
+            raise TypeError(f"{self.kind} {name!r} must be an instance of {self.entry_type.__name__}, "
+                            f"got {type(entry).__name__}")
         if not replace and name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._entries[name] = entry
