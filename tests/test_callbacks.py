@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import worldlm_jax
-from worldlm_jax import blueprint, callbacks, cli, communication, configs, plugins, sweep, train as train_lib
+from worldlm_jax import blueprint, callbacks, cli, communication, configs, plugins, run_dirs, train as train_lib
 from worldlm_jax.callbacks import Callback
 from worldlm_jax.config import ConfigError, apply_overrides, load_yaml, save_yaml
 from worldlm_jax.metrics import read_metrics
@@ -146,8 +146,8 @@ def test_a_sweep_goes_on_past_a_point_a_callback_stopped_and_skips_it_when_rerun
     assert [(r["status"], r["rounds_completed"]) for r in rows] == [("stopped", 2), ("stopped", 2)]
     assert out.count("stopped by stop_after_1 after 2 rounds") == 2
     run_dir = str(tmp_path / rows[0]["name"])
-    assert sweep.finished_summary(run_dir, 3)["stopped_by"] == "stop_after_1"
-    assert sweep.finished_summary(run_dir, 3, stopped=False) is None
+    assert run_dirs.finished_summary(run_dir, 3)["stopped_by"] == "stop_after_1"
+    assert run_dirs.finished_summary(run_dir, 3, stopped=False) is None
     code, out, err = run_cli(argv)
     assert code == 0, err
     assert out.count("finished earlier, skipped") == 2
@@ -159,9 +159,9 @@ def test_callbacks_and_plugins_may_change_when_a_run_resumes(experiment_yaml):
     numbers of the rounds already run (the names a plug-in registers are compared)."""
     config = load_yaml(str(experiment_yaml / "exp.yaml"))
     changed = dataclasses.replace(apply_overrides(config, ["run.callbacks=[]"]), plugins=())
-    assert sweep.config_changes(config, changed) == []
+    assert run_dirs.config_changes(config, changed) == []
     other = apply_overrides(config, ["policy.server_optimizer=sgd"])
-    assert sweep.config_changes(config, other) == ["policy.server_optimizer"]
+    assert run_dirs.config_changes(config, other) == ["policy.server_optimizer"]
 
 
 def test_train_refuses_a_run_dir_with_another_config(tmp_path):

@@ -12,7 +12,7 @@ import os
 import jax
 import pytest
 
-from worldlm_jax import cli, configs, sweep
+from worldlm_jax import cli, configs, run_dirs, sweep
 from worldlm_jax.config import load_yaml
 
 # One device: the 8 fake CPU devices of conftest.py would triple compile time (sharded
@@ -122,7 +122,7 @@ def test_target_epsilon_goes_into_the_config_or_fails_clearly():
     if extra:  # train() takes them as keyword arguments
         assert extra == {"target_epsilon": 3.0, "target_delta": 1e-6}
     else:
-        flat = sweep.flatten_config(config)
+        flat = run_dirs.flatten_config(config)
         eps_keys = [k for k, v in flat.items() if k.endswith("target_epsilon")]
         assert eps_keys and flat[eps_keys[0]] == 3.0
         assert any(k.endswith("delta") and v == 1e-6 for k, v in flat.items())

@@ -105,7 +105,7 @@ def apply_privacy_target(config: Config, epsilon: float | None, delta: float | N
 
 # ---- subcommands -------------------------------------------------------------------
 def cmd_train(args) -> int:
-    from worldlm_jax import sweep, train as train_lib
+    from worldlm_jax import run_dirs, train as train_lib
 
     config = load_config(args.config, args.set, args.plugins)
     config, extra = apply_privacy_target(config, args.target_epsilon, args.target_delta)
@@ -113,7 +113,7 @@ def cmd_train(args) -> int:
     workdir = args.workdir or os.path.join("runs", f"{preset_name(args.config)}-{config.algorithm.name}")
     train_lib.check_resumable(workdir, config)  # before the finished-run check: train() checks it too
     # a run a callback stopped is resumed by the same command (a sweep skips it instead)
-    done = sweep.finished_summary(workdir, config.run.rounds, stopped=False)
+    done = run_dirs.finished_summary(workdir, config.run.rounds, stopped=False)
     if done is not None:
         print(f"{workdir} already finished {config.run.rounds} rounds; raise run.rounds to continue it")
         print(train_lib.format_table(done))

@@ -11,34 +11,30 @@ Shapes: N children, P federations of the level, (P,) arrays per federation.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 
 from worldlm_jax import aggregation, aggregators, privacy, tree_ops
 from worldlm_jax.plan import PARTS, Params, split_parts
 from worldlm_jax.policy_arrays import RoundPolicies
+from worldlm_jax.statics import RoundStatics
 from worldlm_jax.state import Children, EngineState, LevelState
 
-if TYPE_CHECKING:
-    from worldlm_jax.engine import RoundStatics
 
-
-def clip_norm(rs: "RoundStatics", st: RoundPolicies, d: int, lvl: LevelState) -> jax.Array:
+def clip_norm(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelState) -> jax.Array:
     """(P,) the clip norm level d uses this round (inf where no DP)."""
     if not rs.dp_levels[d]:
         return jnp.full((rs.topo.levels[d].size,), jnp.inf, jnp.float32)
     return jnp.where(st.dp_clip_lr[d] > 0, lvl.clip, st.dp_clip[d])
 
 
-def aggregated_parts(rs: "RoundStatics", d: int, delta: Params) -> dict:
+def aggregated_parts(rs: RoundStatics, d: int, delta: Params) -> dict:
     """{"B": ..., "K": ...} of a delta, {} for the parts level d does not aggregate."""
     parts = split_parts(delta, rs.spec.key_paths)
     return {part: parts[part] if part in rs.plan.aggregate[d] else {} for part in PARTS}
 
 
-def _streamed_backbone(rs: "RoundStatics", st: RoundPolicies, d: int, delta_B: Params, parent_N) -> Params:
+def _streamed_backbone(rs: RoundStatics, st: RoundPolicies, d: int, delta_B: Params, parent_N) -> Params:
     """Each child's backbone update as its federation's streamed aggregator
     reshapes it (`aggregators.Aggregator.transform`; mean: unchanged)."""
     for k, name in enumerate(rs.aggregator_kinds[d]):
@@ -50,7 +46,7 @@ def _streamed_backbone(rs: "RoundStatics", st: RoundPolicies, d: int, delta_B: P
     return delta_B
 
 
-def sum_children(rs: "RoundStatics", st: RoundPolicies, d: int, delta_N: dict, weight_N, parent_N, clip_N,
+def sum_children(rs: RoundStatics, st: RoundPolicies, d: int, delta_N: dict, weight_N, parent_N, clip_N,
                  report_N=None):
     """Per-federation sums over level d's children: the weighted deltas of the
     summed parts, the weighted squared norms of the backbone deltas (their
@@ -71,7 +67,7 @@ def sum_children(rs: "RoundStatics", st: RoundPolicies, d: int, delta_N: dict, w
     return sums, norms_N
 
 
-def aggregate(rs: "RoundStatics", st: RoundPolicies, d: int, state: EngineState, kids: Children, active_P, key):
+def aggregate(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, kids: Children, active_P, key):
     """Aggregate level d's children into it; returns (new level state, metrics)."""
     lvl = state.levels[d]
     P = rs.topo.levels[d].size
@@ -99,7 +95,7 @@ def aggregate(rs: "RoundStatics", st: RoundPolicies, d: int, state: EngineState,
     return lvl, metrics
 
 
-def dp_release(rs: "RoundStatics", st: RoundPolicies, d: int, lvl: LevelState, kids: Children, active_P, key):
+def dp_release(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelState, kids: Children, active_P, key):
     """The DP federations' noised means of the clipped child deltas. Returns
     ((is_dp_P, noisy {B, K}), the next clip norm, metrics)."""
     clip_P = clip_norm(rs, st, d, lvl)
@@ -120,7 +116,7 @@ def dp_release(rs: "RoundStatics", st: RoundPolicies, d: int, lvl: LevelState, k
     return (is_dp, noisy), new_clip, metrics
 
 
-def aggregate_backbone(rs: "RoundStatics", st: RoundPolicies, d: int, lvl: LevelState, kids: Children, mean_B,
+def aggregate_backbone(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelState, kids: Children, mean_B,
                        total_P, active_P, dp):
     """B <- each federation's server optimizer stepped with its aggregator's
     pseudo-gradient (the weighted mean for streamed rules; the DP release at
@@ -146,7 +142,7 @@ def aggregate_backbone(rs: "RoundStatics", st: RoundPolicies, d: int, lvl: Level
     return lvl._replace(B=new_B, server=new_server), metrics
 
 
-def aggregate_keys(rs: "RoundStatics", st: RoundPolicies, d: int, lvl: LevelState, kids: Children, mean_K,
+def aggregate_keys(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelState, kids: Children, mean_K,
                    total_P, active_P, dp, parent_K):
     """K by attention over the children's K (plus residual candidates and the
     parent's K), or the streamed mean where no leaf federation attends.
@@ -176,7 +172,7 @@ def aggregate_keys(rs: "RoundStatics", st: RoundPolicies, d: int, lvl: LevelStat
     return lvl._replace(K=new_K), metrics
 
 
-def update_objective(rs: "RoundStatics", st: RoundPolicies, lvl: LevelState, report_sums, safe_P, apply_P):
+def update_objective(rs: RoundStatics, st: RoundPolicies, lvl: LevelState, report_sums, safe_P, apply_P):
     """Leaf federations that heard from clients update the objective's state
     from the weighted mean of their reports."""
     mean_report = jax.tree.map(lambda s: s / tree_ops.expand_rows(safe_P, s), report_sums)

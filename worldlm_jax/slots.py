@@ -11,8 +11,6 @@ needs them all (`aggregators`), and the objective's per-client state.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 
@@ -22,13 +20,11 @@ from worldlm_jax.federation import aggregated_parts, clip_norm, sum_children
 from worldlm_jax.objectives import ObjectiveContext
 from worldlm_jax.plan import PARTS, split_parts
 from worldlm_jax.policy_arrays import RoundPolicies
+from worldlm_jax.statics import RoundStatics
 from worldlm_jax.state import Children, EngineState, RoundBatch
 
-if TYPE_CHECKING:
-    from worldlm_jax.engine import RoundStatics
 
-
-def train_slot(rs: "RoundStatics", sent_P, fed_state_P, parent, kept, opt_state, client_state, tokens, lr, steps,
+def train_slot(rs: RoundStatics, sent_P, fed_state_P, parent, kept, opt_state, client_state, tokens, lr, steps,
                args):
     """One slot: its federation's broadcast parts (gathered here, per chunk, not
     materialised for every slot) plus the parts the client kept, trained with the
@@ -49,7 +45,7 @@ def train_slot(rs: "RoundStatics", sent_P, fed_state_P, parent, kept, opt_state,
     return result, params, new_state, report
 
 
-def attack_updates(rs: "RoundStatics", st: RoundPolicies, update_N, parent_N, attacker_N, key_N):
+def attack_updates(rs: RoundStatics, st: RoundPolicies, update_N, parent_N, attacker_N, key_N):
     """Attackers' updates replaced by what their federation's attack sends."""
     if rs.attack_kinds == ("none",):
         return update_N
@@ -64,7 +60,7 @@ def attack_updates(rs: "RoundStatics", st: RoundPolicies, update_N, parent_N, at
     return {**parts["B"], **parts["K"]}
 
 
-def train_chunk(rs: "RoundStatics", st: RoundPolicies, sent_P, clip_P, fed_state_P, parent_N, kept_N, opt_N,
+def train_chunk(rs: RoundStatics, st: RoundPolicies, sent_P, clip_P, fed_state_P, parent_N, kept_N, opt_N,
                 client_state_N, tokens_N, lr_N, steps_N, args_N, attacker_N, key_N, weight_N, present_N):
     """A chunk of slots: train, let attackers replace their updates, check each
     update (finite, norm), and reduce the chunk to per-federation sums."""
@@ -100,7 +96,7 @@ def _skip_if_absent(chunk_fn):
     return run
 
 
-def clients_work(rs: "RoundStatics", st: RoundPolicies, state: EngineState, batch: RoundBatch, active_P, key):
+def clients_work(rs: RoundStatics, st: RoundPolicies, state: EngineState, batch: RoundBatch, active_P, key):
     """Client slots train locally from what their federation broadcasts (or what
     they kept); diverged clients are excluded and keep their old state; faults
     (dropout, stragglers, attackers) are drawn from `key`.
@@ -167,7 +163,7 @@ def draw_faults(st: RoundPolicies, cid, sampled, key) -> dict:
             "attacker": attacker, "keys": jax.random.split(k_attack, S)}
 
 
-def _write_back(rs: "RoundStatics", clients, out, rows):
+def _write_back(rs: RoundStatics, clients, out, rows):
     """Clients that keep state write it back at `rows` (out of range = not: a
     diverged or absent slot leaves its client as it was)."""
     put = lambda old, new: jax.tree.map(lambda x, y: x.at[rows].set(y, mode="drop"), old, new)

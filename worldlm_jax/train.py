@@ -24,12 +24,15 @@ from worldlm_jax.experiment import (Experiment, Prefetcher, _put, batch_sharding
                                     make_batch, place_state, restore_state)
 from worldlm_jax.records import (_total_bytes, describe_eval, format_table, per_federation, round_record,
                                  write_plots)
+from worldlm_jax.run_dirs import check_resumable
 from worldlm_jax.run_loop import RunLoop
 
 __all__ = [  # defined in experiment and records, reached as `train.` by callers
     "train", "Experiment", "Prefetcher", "build_experiment", "make_batch", "_put", "place_state", "restore_state",
     "local_slots", "batch_sharding", "describe_eval", "per_federation", "round_record", "write_plots",
     "format_table", "_total_bytes", "prepare_backend", "configure_devices", "check_resumable"]
+# check_resumable (run_dirs): ConfigError naming the differing fields when a workdir holds
+# checkpoints of a run with another config; resuming it would silently mix hyper-parameters
 
 
 def prepare_backend(model_config: model_lib.ModelConfig) -> None:
@@ -70,15 +73,6 @@ def configure_devices() -> None:
                   f"ask for one per core, so clients share {have} device(s) (one per core trains about 1.4x "
                   f"faster); call worldlm_jax.train before anything uses JAX, or set "
                   f"XLA_FLAGS=--{_DEVICE_COUNT_FLAG}={cores} before JAX starts", stacklevel=3)
-
-
-def check_resumable(workdir: str, config: Config) -> None:
-    """ConfigError naming the differing fields when `workdir` holds checkpoints of
-    a run with another config (only sweep.RESUMABLE_KEYS, such as run.rounds, may
-    change): resuming it would silently mix hyper-parameters."""
-    from worldlm_jax import sweep
-
-    sweep.check_resumable(workdir, config)
 
 
 def train(config: Config | str, workdir: str, quiet: bool = False, progress: bool = True,
