@@ -224,7 +224,7 @@ def test_stack_policies_marks_no_dp_federations():
 
 def test_federation_accountant_round_trip_and_budget_stop():
     policy = privacy_policy.PrivacyPolicy("eu", noise_multiplier=1.0, clip=1.0)
-    acc = accounting.FederationAccountant.from_policy(policy, sampling_rate=0.1)
+    acc = privacy_policy.accountant_for(policy, sampling_rate=0.1)
     acc.step()
     acc.step(4)
     back = accounting.FederationAccountant.from_dict(json.loads(json.dumps(acc.to_dict())))

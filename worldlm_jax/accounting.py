@@ -12,13 +12,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import TYPE_CHECKING
 
 import dp_accounting
 from dp_accounting import pld, rdp
 
-if TYPE_CHECKING:  # privacy_policy imports this module: the policy is needed for annotations only
-    from worldlm_jax.privacy_policy import PrivacyPolicy
 
 SAMPLINGS = ("poisson", "fixed", "full")
 ACCOUNTANTS = ("rdp", "pld")
@@ -143,12 +140,6 @@ class FederationAccountant:
             make_accountant(self.accountant, self.sampling)
         except ValueError as e:
             raise ValueError(f"accountant of federation {self.name!r}: {e}") from None
-
-    @classmethod
-    def from_policy(cls, policy: PrivacyPolicy, sampling_rate: float,
-                    population: int | None = None) -> "FederationAccountant":
-        return cls(policy.name, float(policy.noise_multiplier), float(sampling_rate),
-                   policy.accountant, policy.sampling, population)
 
     def step(self, n: int = 1) -> None:
         self.rounds += int(n)

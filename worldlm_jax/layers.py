@@ -13,16 +13,13 @@ of the engine sees these modules.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from worldlm_jax.kernels import bf16_dense, causal_attention, rotary
-
-if TYPE_CHECKING:  # model.py imports this module: the config is needed for annotations only
-    from worldlm_jax.model import ModelConfig
+from worldlm_jax.model_config import ModelConfig
 
 
 def _normal(std: float):

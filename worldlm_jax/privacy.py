@@ -25,12 +25,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from worldlm_jax.accounting import FederationAccountant
-
-__all__ = [  # FederationAccountant: defined in accounting, reached as `privacy.` by the training loop
-    "Tree", "global_norms", "clip_updates", "leaf_keys", "gaussian_noise", "DpStats", "dp_mean",
-    "clipped_sums", "dp_stats", "dp_release", "AdaptiveClipState", "adaptive_clip_init",
-    "adaptive_clip_update", "split_noise_multiplier", "FederationAccountant"]
 
 Tree = dict  # flat {path: jax.Array}; any pytree works
 f32 = jnp.float32

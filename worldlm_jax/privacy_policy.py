@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, NoReturn, Sequence
 
 import numpy as np
 
-from worldlm_jax.accounting import ACCOUNTANTS, SAMPLINGS, calibrate_noise
+from worldlm_jax.accounting import ACCOUNTANTS, SAMPLINGS, FederationAccountant, calibrate_noise
 from worldlm_jax.privacy import split_noise_multiplier
 
 
@@ -123,3 +123,10 @@ def stack_policies(policies: Sequence[PrivacyPolicy | None],
         target_quantile=col(lambda p, m: p.target_quantile),
         clip_lr=col(lambda p, m: p.clip_lr if p.adaptive_clip else 0.0),
         count_stddev=col(lambda p, m: p.count_stddev(m)))
+
+
+def accountant_for(policy: PrivacyPolicy, sampling_rate: float,
+                   population: int | None = None) -> FederationAccountant:
+    """The ledger of a federation that releases under `policy`."""
+    return FederationAccountant(policy.name, float(policy.noise_multiplier), float(sampling_rate),
+                                policy.accountant, policy.sampling, population)

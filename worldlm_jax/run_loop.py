@@ -13,7 +13,7 @@ import signal
 import jax
 import numpy as np
 
-from worldlm_jax import distributed, dp_ledger, privacy
+from worldlm_jax import accounting, distributed, dp_ledger
 from worldlm_jax import metrics as metrics_lib
 from worldlm_jax.experiment import Experiment, Prefetcher, _put, place_state, restore_state
 from worldlm_jax.records import RoundLogger, describe_eval, privacy_spent
@@ -51,7 +51,7 @@ class RunLoop:
         self.accountants = dp_ledger.make_accountants(exp.run_topology, exp.config.privacy.accountant)
         if start:
             for name, saved in host.get("privacy", {}).items():
-                self.accountants[name] = privacy.FederationAccountant.from_dict(saved)
+                self.accountants[name] = accounting.FederationAccountant.from_dict(saved)
         return start
 
     def _host_state(self, r: int) -> dict:
