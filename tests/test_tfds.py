@@ -67,7 +67,7 @@ def test_bad_specs_raise_clear_errors(spec, message, data_dir):
 
 
 def test_empty_and_missing_dirs_name_the_spec(tmp_path):
-    with pytest.raises(ValueError, match=rf"'dir:{tmp_path}' produced no documents"):
+    with pytest.raises(ValueError, match=rf"'dir:{tmp_path}': no non-empty .txt file"):
         tb.load_documents(f"dir:{tmp_path}")
     with pytest.raises(ValueError, match="not a directory"):
         tb.load_documents(f"dir:{tmp_path / 'nope'}")
