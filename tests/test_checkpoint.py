@@ -14,7 +14,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from worldlm_jax import checkpoint as ckpt_lib
+from worldlm_jax import checkpoint as ckpt_lib, fingerprints
 from worldlm_jax.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
 
 # When a read fails, orbax closes its event loop while other tensorstore reads are
@@ -220,7 +220,7 @@ def test_fingerprint_checksum_sees_what_the_sums_cannot(mesh):
     for other in (flipped, swapped):
         fp = ckpt_lib.fingerprint({"x": other})[0]
         assert abs(fp.sum - base.sum) <= 1e-4 * base.abs_sum  # the sums alone would pass it
-        assert fp.checksum != base.checksum and not ckpt_lib._close(base, fp)
+        assert fp.checksum != base.checksum and not fingerprints._close(base, fp)
     sharded = jax.device_put(x.reshape(8, 512), NamedSharding(mesh, P("fed")))
     assert ckpt_lib.fingerprint({"x": sharded})[0].checksum == \
         ckpt_lib.fingerprint({"x": x.reshape(8, 512)})[0].checksum
@@ -233,7 +233,7 @@ def test_checkpoint_without_checksums_still_restores(run):
     workdir, states = run
     payload = json.loads(_host_json(workdir, 2).read_text())
     payload["device_fingerprint"] = [entry[:5] for entry in payload["device_fingerprint"]]
-    payload["sha256"] = ckpt_lib._sha256({k: payload[k] for k in ("host_state", "device_fingerprint")})
+    payload["sha256"] = fingerprints._sha256({k: payload[k] for k in ("host_state", "device_fingerprint")})
     _host_json(workdir, 2).write_text(json.dumps(payload))
     restored, host = restore(workdir, abstract_state=abstract_of(states[2]))
     assert host["round"] == 2

@@ -19,7 +19,7 @@ rounds, and whose copy a client deploys. The map of one root round:
 
 Plug-in points (each a registry of named entries, see docs/extending.md):
 optimizers (client and server), schedules, client objectives, aggregators,
-strategies (plan + tree), and run-loop callbacks.
+simulated attacks, strategies (plan + tree), and run-loop callbacks.
 
 Autonomous federations with different rules share one compiled program:
 their policies are arrays over the level's node axis, fewer rounds or steps
