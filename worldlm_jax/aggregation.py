@@ -157,6 +157,7 @@ def attend_keys(
     residual_mask_PxM: jax.Array | None = None,
     parent_K_P: Params | None = None,
     residual_dim: int = 0,
+    robust: bool = False,
 ):
     """K_n <- K_n + eta * sum_j a_j (K_j - K_n), per key group (see WORLDLM.md).
 
@@ -168,6 +169,10 @@ def attend_keys(
     non-child candidates (the weighted mean, HierFAVG on K); mode `local` keeps
     K_n. Residuals and the parent are never the query: the query is the
     weighted mean of the children's deltas. Math in float32.
+
+    `robust` (static: some node's mode is 3, robust attention): those nodes
+    first bound each child's delta by the median norm of its participating
+    siblings' (`_bounded_by_median_norm`); then they attend like mode 0.
 
     `residual_dim` > 0 scores residual candidates on `residual_dim`-dimensional
     count-sketch embeddings of K (inner products preserved in expectation):
@@ -184,7 +189,8 @@ def attend_keys(
     w_N = child_weight_N.astype(jnp.float32)
 
     delta_N = tree_ops.sub(child_K_N, tree_ops.gather(node_K_P, child_parent_N))
-    delta_N = _bounded_by_median_norm(delta_N, w_N, child_parent_N, P, policy.mode == 3)
+    if robust:  # some node's rule is robust_attention (static: the plain rules pay nothing)
+        delta_N = _bounded_by_median_norm(delta_N, w_N, child_parent_N, P, policy.mode == 3)
     mean_P, total_P = tree_ops.weighted_mean(delta_N, w_N, child_parent_N, P)
     K32 = {p: node_K_P[p].astype(jnp.float32) for p in paths}
     n_children_P = jax.ops.segment_sum((w_N > 0).astype(jnp.float32), child_parent_N, num_segments=P)

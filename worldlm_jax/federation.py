@@ -158,7 +158,7 @@ def aggregate_keys(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelState,
             lvl.K, kids.K_N, kids.weight_N, kids.parent_N, st.attention[d], rs.spec.key_groups, rs.plan.similarity,
             residual_K_M=lvl.residual_K if res_mask is not None else None,
             residual_mask_PxM=jnp.asarray(res_mask) if res_mask is not None else None,
-            parent_K_P=parent_K, residual_dim=rs.plan.residual_dim)
+            parent_K_P=parent_K, residual_dim=rs.plan.residual_dim, robust=rs.robust_keys[d])
     if dp is not None and rs.dp_scope[d] == "all":
         is_dp, noisy = dp
         stepped = tree_ops.add(lvl.K, tree_ops.scale_rows(st.attention[d].eta, noisy["K"]))

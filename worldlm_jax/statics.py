@@ -36,6 +36,7 @@ class RoundStatics:
     adaptive_levels: tuple
     dp_scope: tuple
     leaf_k_attention: bool  # the clients' K is kept whole for attention
+    robust_keys: tuple  # per level: some federation bounds its children's K deltas (robust_attention)
     summed: tuple  # per level: parts reduced to per-federation sums as children finish
 
 
@@ -79,5 +80,6 @@ def round_statics(spec: EngineSpec) -> RoundStatics:
         adaptive_levels=tuple(any(p.dp_adaptive_clip for p in lvl.policies) for lvl in topo.levels),
         dp_scope=tuple(dp_scope),
         leaf_k_attention=leaf_k_attention,
+        robust_keys=tuple(any(p.k_agg == "robust_attention" for p in lvl.policies) for lvl in topo.levels),
         summed=tuple(frozenset(part for part in plan.aggregate[d] if part == "B" or not child_K_kept[d])
                      for d in range(D)))
