@@ -2,18 +2,32 @@
 """Reproduce the WorldLM paper's tables (arXiv:2405.14446) in kind.
 
 Every method runs on the same tree, data, tokenizer, model, token budget and
-seed; only the algorithm differs. Each run lives in DIR/runs/<method> (a rerun
-skips finished runs and resumes unfinished ones), and the script writes
+seeds; only the algorithm differs. A scenario (`--scenario`) picks the tree and
+how its clients' data differ. Each method runs `--seeds N` times (one
+vectorised program over the seeds: the seeds vary the initial model and the
+round's randomness, the data split and batches are shared, so methods and
+seeds are compared paired). Each run lives in DIR/runs/<method>/seed<k> (a
+rerun skips finished methods), and the script writes
 
-    DIR/table.md       methods x (per-federation perplexity, overall, bits/byte, ratio to WorldLM)
-    DIR/results.json   {"methods": {...}, "budget", "tree", "command", ...}
-    DIR/perplexity.png validation perplexity per round per method
+    DIR/table.md       methods x (per-federation perplexity, overall mean +- std, bits/byte, ratio to WorldLM
+                       with its spread over seeds, and whether the seeds call it a win), then one verdict
+                       per mechanism
+    DIR/results.json   {"methods": {...}, "verdicts": {...}, "scenario", "seeds", "command", ...}
+    DIR/perplexity.png validation perplexity per round per method (mean over seeds)
 
 Usage:
-    python scripts/reproduce_paper.py --budget small --out runs/paper_small
+    python scripts/reproduce_paper.py --budget small --scenario mixed --out runs/paper_mixed
+    python scripts/reproduce_paper.py --budget small --out runs/paper_small --seeds 1   # the first table (iid)
     python scripts/reproduce_paper.py --budget small --out runs/paper_swap --swap
     python scripts/reproduce_paper.py --budget small --out runs/paper_dp --dp
     python scripts/reproduce_paper.py --budget small --out runs/x --methods worldlm,fedavg --set policy.tau=1
+
+Scenarios (`--scenario`, default iid): iid (7 languages x 2 IID clients), mixed
+(each language's clients hold Dirichlet(0.3) mixtures of its man pages and
+fortunes), many-small (4 languages x 12 clients with ~10 KB each, 4 sampled per
+round), families (world -> germanic/romance/slavic -> language -> clients,
+residuals between related languages), domains (English man pages, fortunes,
+Python code, literature as four federations).
 
 Budgets: small (CPU, < 30 min for the default methods on a 2-core machine),
 medium (the `small` preset: 4 clients per language, 128-token windows; hours on
@@ -33,8 +47,9 @@ import os
 import shlex
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import yaml
 
 from worldlm_jax import configs
@@ -44,9 +59,24 @@ BASELINES = ("worldlm", "fedavg", "hierfavg", "fedper", "local", "centralized")
 ABLATIONS = {  # name -> (algorithm, overrides)
     "worldlm_mean": ("worldlm", ["policy.k_agg=mean"]),
     "worldlm_nores": ("worldlm", ["algorithm.residuals=none"]),
-    "worldlm_mean_nores": ("worldlm", ["policy.k_agg=mean", "algorithm.residuals=none"]),
+    # similarities measured in units of their spread over the children (tau 1 = one spread)
+    "worldlm_adaptive": ("worldlm", ["policy.k_agg=adaptive_attention", "policy.tau=1.0"]),
 }
+# Not a default method: with k_agg=mean the residual candidates are never used, so it
+# is worldlm_mean bit for bit (the first table printed the same row twice).
+EXTRA = {"worldlm_mean_nores": ("worldlm", ["policy.k_agg=mean", "algorithm.residuals=none"])}
 METHODS = BASELINES + tuple(ABLATIONS)
+KNOWN = METHODS + tuple(EXTRA)
+# mechanism -> (with it, without it): the verdicts table compares these pairs seed by seed
+MECHANISMS = {
+    "WorldLM vs FedAvg": ("worldlm", "fedavg"),
+    "WorldLM vs HierFAVG": ("worldlm", "hierfavg"),
+    "per-federation K vs per-client K (FedPer)": ("worldlm", "fedper"),
+    "attention vs mean": ("worldlm", "worldlm_mean"),
+    "adaptive attention vs mean": ("worldlm_adaptive", "worldlm_mean"),
+    "residuals vs none": ("worldlm", "worldlm_nores"),
+    "sharing vs local": ("worldlm", "local"),
+}
 DP_METHODS = ("fedavg", "worldlm", "worldlm_mean", "worldlm_nores")
 FLAT = ("fedavg", "fedper", "local", "centralized")  # run on topology.flattened() (or pooled)
 SWAP = ("man_ru", "man_fr")  # --swap: these two sources trade families
@@ -93,6 +123,55 @@ def family_tree(clients: int, swap: bool = False, languages: Sequence[str] = con
         for fam, langs in families.items() if langs]}
 
 
+# ---- scenarios ----------------------------------------------------------------------------
+WITH_FORTUNES = ("en", "de", "es", "ru")  # languages with both man pages and fortunes
+
+
+def mixed_tree(clients: int, languages: Sequence[str] = WITH_FORTUNES, alpha: float = 0.3) -> dict:
+    """Root -> languages -> clients holding Dirichlet(alpha) mixtures of that
+    language's man pages and fortunes: the children of one federation differ."""
+    return {"name": "world", "children": [
+        {"name": lang, "sources": [f"man_{lang}", f"fortunes_{lang}"], "clients": clients,
+         "split": "dirichlet", "alpha": alpha} for lang in languages]}
+
+
+def domains_tree(clients: int) -> dict:
+    """Root -> English domain federations (the paper's "industries") -> clients."""
+    domains = {"tech": "man_en", "informal": "fortunes_en", "code": "code_py", "literature": "lit_en"}
+    return {"name": "world", "children": [{"name": name, "sources": [source], "clients": clients}
+                                          for name, source in domains.items()]}
+
+
+def sampled(tree: dict, clients_per_round: int) -> dict:
+    """The tree with `clients_per_round` clients sampled per leaf federation per round."""
+    return with_leaf_policy(tree, {"clients_per_round": clients_per_round, "sampling": "fixed"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    tree: Callable[[bool], dict]  # tiny -> tree
+    overrides: tuple[str, ...]  # on top of the budget's (not with --budget tiny)
+    note: str
+
+
+SHRUNK = ("run.rounds=12", "run.eval_every=4")  # 9 methods x 3 seeds in about 15-20 min on 2 cores
+SCENARIOS = {
+    "iid": Scenario(lambda tiny: configs.language_tree(2, ("en", "de", "ru") if tiny else configs.LANGUAGES), (),
+                    "7 languages x 2 IID clients (the first table)"),
+    "mixed": Scenario(lambda tiny: mixed_tree(2 if tiny else 4, ("en", "ru") if tiny else WITH_FORTUNES), SHRUNK,
+                      "4 languages x 4 clients, each a Dirichlet(0.3) mixture of man pages and fortunes"),
+    "many-small": Scenario(
+        lambda tiny: sampled(configs.language_tree(4 if tiny else 12, ("en", "ru") if tiny else ("en", "de", "fr", "ru")),
+                             2 if tiny else 4),
+        SHRUNK + ("data.max_bytes_per_source=160000", "data.eval_batches=1", "data.eval_batch_size=4"),
+        "4 languages x 12 clients of ~13 KB (160 KB per language), 4 sampled per language per round"),
+    "families": Scenario(lambda tiny: family_tree(2, languages=("en", "de", "fr", "ru") if tiny else configs.LANGUAGES),
+                         SHRUNK, "world -> germanic/romance/slavic -> 7 languages -> 2 clients"),
+    "domains": Scenario(lambda tiny: domains_tree(2 if tiny else 3), SHRUNK,
+                        "English man pages, fortunes, Python code and literature x 3 clients"),
+}
+
+
 def make_tree(kind: str, clients: int, languages: Sequence[str], swap: bool = False) -> dict:
     if kind == "language":
         return configs.language_tree(clients=clients, languages=languages)
@@ -114,7 +193,7 @@ def with_leaf_policy(tree: dict, policy: dict) -> dict:
 # ---- configs ----------------------------------------------------------------------------
 def method_config(base: Config, method: str, dp: dict | None = None) -> Config:
     """The config of one method: `base` plus the algorithm (and DP) overrides only."""
-    algorithm, extra = ABLATIONS.get(method, (method, []))
+    algorithm, extra = {**ABLATIONS, **EXTRA}.get(method, (method, []))
     config = apply_overrides(base, [f"algorithm.name={algorithm}", *extra])
     if dp:
         # Client-level DP at the federation that aggregates clients, same (z, clip)
@@ -130,14 +209,24 @@ def method_config(base: Config, method: str, dp: dict | None = None) -> Config:
 
 
 def base_config(budget: str, tree: str, sets: Sequence[str], swap: bool = False,
-                clients: int | None = None) -> Config:
+                clients: int | None = None, scenario: str = "iid") -> Config:
+    """The shared config of every method: the budget's preset and overrides,
+    then the scenario's tree and overrides (a scenario other than iid replaces
+    --tree), then the user's --set."""
     b = BUDGETS[budget]
     config = configs.get(b.preset)
-    languages = ("en", "de", "ru") if budget == "tiny" else configs.LANGUAGES
-    if budget == "tiny" and tree == "family":
-        languages = ("en", "de", "fr", "ru")
-    config = dataclasses.replace(config, tree=make_tree(tree, clients or b.clients, languages, swap))
-    return apply_overrides(config, [*b.overrides, *sets])
+    tiny = budget == "tiny"
+    extra: tuple[str, ...] = ()
+    if scenario != "iid":
+        sc = SCENARIOS[scenario]
+        config = dataclasses.replace(config, tree=sc.tree(tiny))
+        extra = () if tiny else sc.overrides
+    else:
+        languages = ("en", "de", "ru") if tiny else configs.LANGUAGES
+        if tiny and tree == "family":
+            languages = ("en", "de", "fr", "ru")
+        config = dataclasses.replace(config, tree=make_tree(tree, clients or b.clients, languages, swap))
+    return apply_overrides(config, [*b.overrides, *extra, *sets])
 
 
 def _config_diff(saved, current, path: str = "") -> list[str]:
@@ -157,10 +246,9 @@ def _plain(config: Config):
 
 
 # ---- running ------------------------------------------------------------------------------
-def run_method(config: Config, workdir: str, log=print) -> dict:
-    """Train (or resume, or skip when finished) one method's run; its summary."""
-    from worldlm_jax.train import train
-
+def _finished(config: Config, workdir: str) -> dict | None:
+    """The summary of a finished run in `workdir` (None if none); a run there with
+    a different config is refused."""
     summary_path = os.path.join(workdir, "summary.json")
     config_path = os.path.join(workdir, "config.yaml")
     if os.path.exists(config_path):
@@ -174,9 +262,35 @@ def run_method(config: Config, workdir: str, log=print) -> dict:
         with open(summary_path) as f:
             summary = json.load(f)
         if summary.get("rounds_completed") == config.run.rounds:
-            log(f"  {workdir}: finished, skipped")
             return summary
+    return None
+
+
+def run_method(config: Config, workdir: str, log=print) -> dict:
+    """Train (or resume, or skip when finished) one method's run; its summary."""
+    from worldlm_jax.train import train
+
+    done = _finished(config, workdir)
+    if done is not None:
+        log(f"  {workdir}: finished, skipped")
+        return done
     return train(config, workdir, quiet=True, progress=False)
+
+
+def run_seeds(configs_by_seed: Sequence[Config], workdirs: Sequence[str], log=print) -> list[dict]:
+    """One method's runs over seeds: skipped when all are finished, else trained
+    together as one vectorised program (one compilation; the points share the
+    data batches). One seed is an ordinary (resumable) run."""
+    if len(configs_by_seed) == 1:
+        return [run_method(configs_by_seed[0], workdirs[0], log)]
+    done = [_finished(c, w) for c, w in zip(configs_by_seed, workdirs)]
+    if all(d is not None for d in done):
+        log(f"  {os.path.dirname(workdirs[0])}: finished, skipped")
+        return done
+    from worldlm_jax import vectorized
+
+    vectorized.run(configs_by_seed, workdirs=workdirs)
+    return [_finished(c, w) for c, w in zip(configs_by_seed, workdirs)]
 
 
 def eval_curve(workdir: str) -> list[tuple[int, float]]:
@@ -206,6 +320,60 @@ def method_result(summary: dict) -> dict:
     return out
 
 
+# ---- seeds: mean +- std, and when they call a difference ---------------------------------
+def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    a = np.asarray(xs, np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def paired_verdict(ppl_a: Sequence[float], ppl_b: Sequence[float], confidence: float = 0.95) -> dict:
+    """How many times lower A's perplexity is than B's, seed by seed (the seeds
+    are paired: same data, same initial model per seed index): the mean and std
+    of B/A, and a call: "better" or "worse" only when every seed agrees and a
+    paired t-test on log perplexity rejects "no difference" at `confidence`;
+    otherwise "no difference" (or "one seed" when there is nothing to test)."""
+    a, b = np.log(np.asarray(ppl_a, np.float64)), np.log(np.asarray(ppl_b, np.float64))
+    diff = b - a  # > 0: A better
+    ratio_mean, ratio_std = _mean_std(np.exp(diff))
+    n = len(diff)
+    out = {"ratio": ratio_mean, "ratio_std": ratio_std, "seeds": n}
+    if n < 2:
+        return {**out, "call": "one seed"}
+    from scipy import stats
+
+    sd = float(np.std(diff, ddof=1))
+    same_sign = bool(np.all(diff > 0) or np.all(diff < 0))
+    t_crit = float(stats.t.ppf(0.5 + confidence / 2, n - 1))
+    significant = same_sign and abs(float(np.mean(diff))) > t_crit * sd / math.sqrt(n)
+    call = ("better" if np.mean(diff) > 0 else "worse") if significant else "no difference"
+    return {**out, "call": call, "t_critical": t_crit}
+
+
+def combine_seeds(per_seed: Sequence[dict]) -> dict:
+    """One method's row from its seeds' results: means, stds, and every seed's numbers."""
+    ppl, ppl_std = _mean_std([r["perplexity"] for r in per_seed])
+    bpb, bpb_std = _mean_std([r["bits_per_byte"] for r in per_seed])
+    feds = per_seed[0]["per_federation"]
+    out = {**per_seed[0], "perplexity": ppl, "perplexity_std": ppl_std, "bits_per_byte": bpb,
+           "bits_per_byte_std": bpb_std,
+           "per_federation": {f: float(np.mean([r["per_federation"][f] for r in per_seed])) for f in feds},
+           "wall_seconds": max(r["wall_seconds"] for r in per_seed),  # the seeds train together
+           "seeds": list(per_seed)}
+    if any("epsilon" in r for r in per_seed):
+        out["epsilon"] = max((r.get("epsilon") or 0.0) for r in per_seed)
+    return out
+
+
+def verdicts(methods: dict) -> dict:
+    """Each mechanism whose two methods ran: its paired verdict."""
+    out = {}
+    for name, (with_it, without) in MECHANISMS.items():
+        if with_it in methods and without in methods:
+            ppl = lambda m: [r["perplexity"] for r in methods[m]["seeds"]]
+            out[name] = {"with": with_it, "without": without, **paired_verdict(ppl(with_it), ppl(without))}
+    return out
+
+
 # ---- table ------------------------------------------------------------------------------
 def _fmt(x: float) -> str:
     if x is None or not math.isfinite(x):
@@ -213,24 +381,46 @@ def _fmt(x: float) -> str:
     return f"{x:.2f}" if x < 1000 else f"{x:.4g}"
 
 
+def _pm(mean: float, std: float, n: int, fmt=_fmt) -> str:
+    return fmt(mean) if n < 2 else f"{fmt(mean)} ± {fmt(std)}"
+
+
 def format_table(results: dict, reference: str = "worldlm") -> str:
+    """Methods x federations (mean over seeds), overall perplexity and bits/byte
+    (mean ± std), the paired ratio to `reference` (its perplexity / the
+    reference's, mean ± std over seeds) and the seeds' call; then the verdicts."""
     methods = results["methods"]
     feds = list(dict.fromkeys(f for m in methods.values() for f in m["per_federation"]))
-    ref = methods.get(reference, {}).get("perplexity")
     show_eps = any("epsilon" in m for m in methods.values())
-    head = ["method", *feds, "overall ppl", "bits/byte", f"ppl / {reference} ppl", "MB sent", "wall s"]
+    head = ["method", *feds, "overall ppl", "bits/byte", f"ppl / {reference} ppl", "call", "MB sent", "wall s"]
     if show_eps:
         head.append("epsilon")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ref = methods.get(reference)
     for name, m in methods.items():
-        ratio = m["perplexity"] / ref if ref else math.nan
-        row = [name, *[_fmt(m["per_federation"].get(f, math.nan)) for f in feds], _fmt(m["perplexity"]),
-               f"{m['bits_per_byte']:.3f}", f"{ratio:.3f}", f"{m['bytes_communicated'] / 1e6:.1f}",
-               f"{m['wall_seconds']:.0f}"]
+        n = len(m["seeds"])
+        if ref is not None and name != reference:
+            # paired_verdict(ref, m) gives m/ref: how many times the reference is better
+            v = paired_verdict([r["perplexity"] for r in ref["seeds"]], [r["perplexity"] for r in m["seeds"]])
+            ratio = _pm(v["ratio"], v["ratio_std"], n, lambda x: f"{x:.3f}")
+            call = {"better": f"{reference} better", "worse": f"{reference} worse"}.get(v["call"], v["call"])
+        else:
+            ratio, call = "1.000", "-"
+        row = [name, *[_fmt(m["per_federation"].get(f, math.nan)) for f in feds],
+               _pm(m["perplexity"], m.get("perplexity_std", 0.0), n),
+               _pm(m["bits_per_byte"], m.get("bits_per_byte_std", 0.0), n, lambda x: f"{x:.3f}"),
+               ratio, call, f"{m['bytes_communicated'] / 1e6:.1f}", f"{m['wall_seconds']:.0f}"]
         if show_eps:
             row.append(_fmt(m["epsilon"]) if m.get("epsilon") is not None else "-")
         lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    table = "\n".join(lines) + "\n"
+    if results.get("verdicts"):
+        rows = ["", "| mechanism | with / without | ppl(without) / ppl(with) | call |", "|---|---|---|---|"]
+        for name, v in results["verdicts"].items():
+            rows.append(f"| {name} | {v['with']} / {v['without']} | "
+                        f"{_pm(v['ratio'], v['ratio_std'], v['seeds'], lambda x: f'{x:.3f}')} | {v['call']} |")
+        table += "\n".join(rows) + "\n"
+    return table
 
 
 # ---- main ----------------------------------------------------------------------------------
@@ -238,11 +428,15 @@ def parse_args(argv: Sequence[str] | None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", choices=[b for b in BUDGETS if b != "tiny"] + ["tiny"], default="small",
                    help="small (CPU) | medium | paper (accelerator)")
+    p.add_argument("--scenario", choices=tuple(SCENARIOS), default="iid",
+                   help="; ".join(f"{k}: {v.note}" for k, v in SCENARIOS.items()))
+    p.add_argument("--seeds", type=int, default=3, help="runs per method (seeds 0..N-1), one vectorised program")
     p.add_argument("--out", required=True, help="output directory (runs/, table.md, results.json, perplexity.png)")
-    p.add_argument("--methods", default="", help=f"comma list from {', '.join(METHODS)} (default: all; "
-                                                 f"with --dp: {', '.join(DP_METHODS)}; with --swap: worldlm)")
+    p.add_argument("--methods", default="", help=f"comma list from {', '.join(KNOWN)} (default: "
+                                                 f"{', '.join(METHODS)}; with --dp: {', '.join(DP_METHODS)}; "
+                                                 f"with --swap: worldlm)")
     p.add_argument("--tree", choices=("language", "family"), default=None,
-                   help="language (root -> 7 languages -> clients; default) or family "
+                   help="iid scenario: language (root -> 7 languages -> clients; default) or family "
                         "(root -> families -> languages -> clients; default with --swap)")
     p.add_argument("--swap", action="store_true",
                    help="wrong hierarchy: man_ru under romance, man_fr under slavic; each method runs on the "
@@ -260,14 +454,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     command = "python scripts/reproduce_paper.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds {args.seeds}: expected at least 1")
+    if args.scenario != "iid" and (args.tree or args.swap):
+        raise SystemExit(f"--scenario {args.scenario} brings its own tree: --tree and --swap are for --scenario iid")
     tree = args.tree or ("family" if args.swap else "language")
     if args.swap and tree != "family":
         raise SystemExit("--swap exchanges sources between language families: use --tree family")
     default = DP_METHODS if args.dp else ("worldlm",) if args.swap else METHODS
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] or list(default)
-    unknown = [m for m in methods if m not in METHODS]
+    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip())) or list(default)
+    unknown = [m for m in methods if m not in KNOWN]
     if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(KNOWN)}")
     if "worldlm" not in methods:
         methods.insert(0, "worldlm")  # the ratio's reference
     dp = {"dp_noise_multiplier": args.dp_noise, "dp_clip": args.dp_clip} if args.dp else None
@@ -275,35 +473,42 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     os.makedirs(args.out, exist_ok=True)
     variants = [("", False)] + ([("@swapped", True)] if args.swap else [])
-    runs = []  # (row name, config, workdir)
+    seeds = range(args.seeds)
+    runs = []  # (row name, [config per seed], [workdir per seed])
     for suffix, swapped in variants:
-        base = base_config(args.budget, tree, args.set, swap=swapped, clients=clients)
+        base = base_config(args.budget, tree, args.set, swap=swapped, clients=clients, scenario=args.scenario)
         for m in methods:
-            runs.append((m + suffix, method_config(base, m, dp), os.path.join(args.out, "runs", m + suffix)))
+            config = method_config(base, m, dp)
+            runs.append((m + suffix, [apply_overrides(config, [f"run.seed={k}"]) for k in seeds],
+                         [os.path.join(args.out, "runs", m + suffix, f"seed{k}") for k in seeds]))
 
-    results = {"methods": {}, "budget": args.budget, "tree": tree, "command": command,
+    results = {"methods": {}, "budget": args.budget, "scenario": args.scenario, "seeds": args.seeds,
+               "tree": tree if args.scenario == "iid" else args.scenario, "command": command,
                "swap": args.swap, "dp": dp, "overrides": list(BUDGETS[args.budget].overrides) + args.set}
     curves = {}
     t0 = time.perf_counter()
-    for name, config, workdir in runs:
-        print(f"[{time.perf_counter() - t0:6.0f} s] {name}: {config.run.rounds} rounds -> {workdir}", flush=True)
-        summary = run_method(config, workdir)
-        results["methods"][name] = method_result(summary)
-        curves[name] = eval_curve(workdir)
+    for name, configs_by_seed, workdirs in runs:
+        print(f"[{time.perf_counter() - t0:6.0f} s] {name}: {configs_by_seed[0].run.rounds} rounds x "
+              f"{len(workdirs)} seed(s) -> {os.path.dirname(workdirs[0])}", flush=True)
+        summaries = run_seeds(configs_by_seed, workdirs)
+        results["methods"][name] = combine_seeds([method_result(s) for s in summaries])
+        curves[name] = mean_curve([eval_curve(w) for w in workdirs])
         m = results["methods"][name]
-        print(f"           ppl {m['perplexity']:.3f}  bpb {m['bits_per_byte']:.3f}  "
+        print(f"           ppl {m['perplexity']:.3f} ± {m['perplexity_std']:.3f}  bpb {m['bits_per_byte']:.3f}  "
               f"{m['wall_seconds']:.0f} s", flush=True)
     results["wall_seconds"] = sum(m["wall_seconds"] for m in results["methods"].values())  # all runs
     results["invocation_seconds"] = time.perf_counter() - t0  # this call (finished runs are skipped)
-    first = runs[0][1]
+    first = runs[0][1][0]
     results["setup"] = {"model": {**first.to_dict()["model"], "vocab_size": "the tokenizer's"},
                         "tokenizer": first.data.tokenizer, "seq_len": first.data.seq_len,
                         "batch_size": first.data.batch_size, "rounds": first.run.rounds,
                         "local_steps": first.policy.local_steps, "client_lr": first.policy.client_lr,
                         "clients": sum(1 for _ in _clients(first.tree))}
-    ref = results["methods"]["worldlm"]["perplexity"]
-    for m in results["methods"].values():
-        m["ratio_to_worldlm"] = m["perplexity"] / ref
+    ref = results["methods"]["worldlm"]
+    for name, m in results["methods"].items():
+        v = paired_verdict([r["perplexity"] for r in ref["seeds"]], [r["perplexity"] for r in m["seeds"]])
+        m["ratio_to_worldlm"], m["ratio_to_worldlm_std"] = v["ratio"], v["ratio_std"]
+    results["verdicts"] = verdicts(results["methods"])
 
     table = format_table(results)
     with open(os.path.join(args.out, "table.md"), "w") as f:
@@ -317,6 +522,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(table)
     print(f"runs {results['wall_seconds']:.0f} s, this call {results['invocation_seconds']:.0f} s; wrote {args.out}/table.md, results.json, perplexity.png")
     return results
+
+
+def mean_curve(curves: Sequence[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """The seeds' evaluation curves averaged at the rounds all of them evaluated."""
+    rounds = sorted(set.intersection(*(set(r for r, _ in c) for c in curves))) if curves else []
+    return [(r, float(np.mean([dict(c)[r] for c in curves]))) for r in rounds]
 
 
 def _clients(tree: dict):

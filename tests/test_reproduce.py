@@ -21,25 +21,28 @@ def rp():
 
 def test_tiny_end_to_end(rp, tmp_path):
     out = tmp_path / "out"
-    argv = ["--budget", "tiny", "--out", str(out), "--methods", "fedavg,worldlm", "--set", "run.rounds=1"]
+    argv = ["--budget", "tiny", "--out", str(out), "--methods", "fedavg,worldlm", "--set", "run.rounds=1",
+            "--seeds", "2"]
     results = rp.main(argv)
 
     on_disk = json.loads((out / "results.json").read_text())
     assert set(on_disk["methods"]) == {"worldlm", "fedavg"}
-    assert on_disk["budget"] == "tiny" and on_disk["tree"] == "language"
+    assert on_disk["budget"] == "tiny" and on_disk["tree"] == "language" and on_disk["seeds"] == 2
     assert "--methods fedavg,worldlm" in on_disk["command"]
     assert on_disk["methods"]["worldlm"]["ratio_to_worldlm"] == 1.0
     for name, m in on_disk["methods"].items():
-        summary = json.loads((out / "runs" / name / "summary.json").read_text())
-        assert summary["rounds_completed"] == 1
-        assert m["perplexity"] == summary["eval"]["perplexity"]
-        assert m["bits_per_byte"] == summary["eval"]["bits_per_byte"]
-        assert m["per_federation"] == summary["eval"]["per_federation"]
+        per_seed = [json.loads((out / "runs" / name / f"seed{k}" / "summary.json").read_text()) for k in range(2)]
+        assert [s["rounds_completed"] for s in per_seed] == [1, 1]
+        assert per_seed[0]["vectorized"]["points"] == 2  # the seeds trained as one program
+        ppl = [s["eval"]["perplexity"] for s in per_seed]
+        assert ppl[0] != ppl[1]  # the seeds differ
+        assert m["perplexity"] == pytest.approx(sum(ppl) / 2)
+        assert m["perplexity_std"] == pytest.approx(abs(ppl[0] - ppl[1]) / math.sqrt(2))
+        assert [r["perplexity"] for r in m["seeds"]] == ppl
+        for f, v in m["per_federation"].items():
+            assert v == pytest.approx(sum(s["eval"]["per_federation"][f] for s in per_seed) / 2)
         assert set(m["per_federation"]) == {"en", "de", "ru"}
-        assert m["wall_seconds"] == summary["wall_seconds"]
-        assert m["bytes_communicated"] == summary["bytes_communicated"]["total"]
-        assert m["bytes_communicated"] == pytest.approx(sum(m["bytes_per_level"].values()))
-        assert m["bytes_communicated"] > 0
+        assert m["bytes_communicated"] == per_seed[0]["bytes_communicated"]["total"] > 0
         assert math.isfinite(m["perplexity"]) and m["perplexity"] > 1
 
     table = (out / "table.md").read_text()
@@ -48,15 +51,56 @@ def test_tiny_end_to_end(rp, tmp_path):
     cells = [c.strip() for c in rows["worldlm"].split("|")[1:-1]]
     header = [c.strip() for c in rows["method"].split("|")[1:-1]]
     assert cells[header.index("ppl / worldlm ppl")] == "1.000"
-    assert cells[header.index("overall ppl")] == f"{on_disk['methods']['worldlm']['perplexity']:.2f}"
+    w = on_disk["methods"]["worldlm"]
+    assert cells[header.index("overall ppl")] == f"{w['perplexity']:.2f} ± {w['perplexity_std']:.2f}"
     fed_cells = [c.strip() for c in rows["fedavg"].split("|")[1:-1]]
-    ratio = on_disk["methods"]["fedavg"]["perplexity"] / on_disk["methods"]["worldlm"]["perplexity"]
-    assert fed_cells[header.index("ppl / worldlm ppl")] == f"{ratio:.3f}"
+    ratios = [f["perplexity"] / r["perplexity"] for f, r in zip(on_disk["methods"]["fedavg"]["seeds"], w["seeds"])]
+    assert fed_cells[header.index("ppl / worldlm ppl")].startswith(f"{sum(ratios) / 2:.3f} ± ")
+    assert on_disk["verdicts"]["WorldLM vs FedAvg"]["ratio"] == pytest.approx(sum(ratios) / 2)
     assert (out / "perplexity.png").stat().st_size > 0
 
     # A rerun skips finished runs and reproduces the same numbers.
     again = rp.main(argv)
     assert again["methods"]["fedavg"]["perplexity"] == results["methods"]["fedavg"]["perplexity"]
+
+
+def test_paired_verdict_calls_only_what_the_seeds_support(rp):
+    better = rp.paired_verdict([100, 110, 90], [150, 160, 140])
+    assert better["call"] == "better" and better["ratio"] == pytest.approx((1.5 + 160 / 110 + 140 / 90) / 3)
+    assert rp.paired_verdict([150, 160, 140], [100, 110, 90])["call"] == "worse"
+    # a big mean difference that one seed contradicts is not a win
+    assert rp.paired_verdict([100, 100, 100], [200, 200, 95])["call"] == "no difference"
+    # consistent but tiny against noisy seeds: a paired t-test at 95% (t = 4.30 for 3 seeds) decides
+    assert rp.paired_verdict([100, 100, 100], [101, 110, 130])["call"] == "no difference"
+    assert rp.paired_verdict([100, 100, 100], [101, 101.1, 101.2])["call"] == "better"
+    assert rp.paired_verdict([100], [200])["call"] == "one seed"
+
+
+def test_scenario_trees(rp):
+    from worldlm_jax.topology import build_topology
+
+    mixed = rp.SCENARIOS["mixed"].tree(False)
+    assert all(f["split"] == "dirichlet" and len(f["sources"]) == 2 for f in mixed["children"])
+    small = build_topology(rp.SCENARIOS["many-small"].tree(False))
+    assert small.n_clients == 48 and small.n_slots == 16  # 4 of 12 sampled per language
+    fam = build_topology(rp.SCENARIOS["families"].tree(False))
+    assert fam.depth == 3 and list(fam.levels[1].names) == ["germanic", "romance", "slavic"]
+    dom = rp.SCENARIOS["domains"].tree(False)
+    assert {c["sources"][0] for c in dom["children"]} == {"man_en", "fortunes_en", "code_py", "lit_en"}
+    for name, sc in rp.SCENARIOS.items():  # every scenario builds at both sizes
+        for tiny in (True, False):
+            build_topology(sc.tree(tiny))
+        base = rp.base_config("tiny", "language", [], scenario=name)
+        assert base.run.rounds == 2  # the tiny budget keeps its own sizes
+
+
+def test_default_methods_have_no_duplicate_configs(rp):
+    """Two default methods with the same config would print the same row twice
+    (as worldlm_mean and worldlm_mean_nores once did)."""
+    base = rp.base_config("tiny", "language", [])
+    configs = {m: rp.method_config(base, m).to_dict() for m in rp.METHODS}
+    assert len({json.dumps(c, sort_keys=True, default=str) for c in configs.values()}) == len(rp.METHODS)
+    assert "worldlm_mean_nores" not in rp.METHODS and "worldlm_mean_nores" in rp.KNOWN
 
 
 def test_method_configs_differ_only_in_algorithm(rp):

@@ -53,7 +53,7 @@ def server_update(params_P: Params, mean_delta_P: Params, states: tuple, txs, ch
 class AttentionPolicy(NamedTuple):
     """Per-node arrays (P,) of the key-layer rule of each federation."""
 
-    mode: jax.Array  # 0 attention, 1 mean, 2 local, 3 robust attention
+    mode: jax.Array  # 0 attention, 1 mean, 2 local, 3 robust attention, 4 adaptive attention
     tau: jax.Array
     eta: jax.Array
     residual_bias: jax.Array
@@ -64,6 +64,14 @@ class AttentionInfo(NamedTuple):
     child_weight_N: jax.Array  # (N,) weight of each child, averaged over groups
     residual_weight_PxM: jax.Array  # (P, M)
     parent_weight_P: jax.Array  # (P,)
+    # diagnostics (None where no child K is seen: the streamed mean)
+    child_entropy_P: jax.Array | None = None  # entropy of the weights over children / log(#children), mean over groups
+    child_similarity_NxN: jax.Array | None = None  # cosine of children's K deltas, mean over groups
+    delta_norm_N: jax.Array | None = None  # |K_child - K_node| per child
+
+
+ADAPTIVE_MIN_SPREAD = 1e-3  # floor of the similarity spread adaptive attention divides by
+SIMILARITY_MATRIX_MAX = 256  # children beyond which the child-similarity matrix is not computed
 
 
 def _group_matrix(paths: Sequence[str], groups: Mapping[str, int], n_groups: int):
@@ -196,8 +204,7 @@ def attend_keys(
     n_children_P = jax.ops.segment_sum((w_N > 0).astype(jnp.float32), child_parent_N, num_segments=P)
     ext_log_prior_P = -jnp.log(jnp.maximum(n_children_P, 1.0))  # a residual or the parent: one average child
 
-    attention = ((policy.mode == 0) | (policy.mode == 3))[:, None]
-    inv_tau = jnp.where(attention, 1.0 / policy.tau[:, None], 0.0)  # (P, 1)
+    attention = ((policy.mode == 0) | (policy.mode == 3) | (policy.mode == 4))[:, None]
     dots = (_rowdot(K32, K32, onehot), _rowdot(K32, mean_P, onehot), _rowdot(mean_P, mean_P, onehot))
     g = lambda x: jnp.take(x, child_parent_N, axis=0)
 
@@ -205,6 +212,10 @@ def attend_keys(
     sim_N = _candidate_similarity(similarity, delta_N, tree_ops.gather(mean_P, child_parent_N),
                                   tree_ops.gather(K32, child_parent_N), tuple(map(g, dots)), onehot)
     share_N = w_N / jnp.maximum(g(total_P), _EPS)
+    inv_tau = jnp.where(attention, 1.0 / policy.tau[:, None], 0.0) * jnp.ones((1, n_groups))  # (P, G)
+    # adaptive attention: similarities in units of their spread across the children
+    spread_P = _weighted_spread(sim_N, share_N, child_parent_N, P)
+    inv_tau = jnp.where((policy.mode == 4)[:, None], inv_tau / jnp.maximum(spread_P, ADAPTIVE_MIN_SPREAD), inv_tau)
     logit_N = jnp.where((w_N > 0)[:, None], sim_N * g(inv_tau) + jnp.log(jnp.maximum(share_N, _EPS))[:, None],
                         -jnp.inf)
     logit_R = logit_p = None
@@ -213,7 +224,7 @@ def attend_keys(
         R = {p: residual_K_M[p].astype(jnp.float32) for p in paths}
         sim_R = _residual_similarity(similarity, R, K32, mean_P, dots, onehot, residual_dim)
         allowed = residual_mask_PxM[:, :, None] & attention[:, :, None]
-        logit_R = jnp.where(allowed, sim_R * inv_tau[:, :, None]
+        logit_R = jnp.where(allowed, sim_R * inv_tau[:, None, :]
                             + (ext_log_prior_P + policy.residual_bias)[:, None, None], -jnp.inf)
     if parent_K_P is not None:
         delta_p = tree_ops.sub({p: parent_K_P[p].astype(jnp.float32) for p in paths}, K32)
@@ -227,7 +238,37 @@ def attend_keys(
                     ).astype(node_K_P[p].dtype) for p in paths}
     res_w = jnp.mean(a_R, axis=2) if a_R is not None else jnp.zeros((P, 0))
     par_w = jnp.mean(a_p, axis=1) if a_p is not None else jnp.zeros(P)
-    return out, AttentionInfo(jnp.mean(a_N, axis=1), res_w, par_w)
+    return out, AttentionInfo(jnp.mean(a_N, axis=1), res_w, par_w, *_diagnostics(delta_N, a_N, w_N, child_parent_N,
+                                                                                  P, onehot))
+
+
+def _weighted_spread(sim_N, share_N, parent_N, P: int) -> jax.Array:
+    """(P, G) standard deviation of the children's similarities, weighted by data share."""
+    s = share_N[:, None]
+    mean_P = jax.ops.segment_sum(s * sim_N, parent_N, num_segments=P)
+    var_P = jax.ops.segment_sum(s * (sim_N - jnp.take(mean_P, parent_N, axis=0)) ** 2, parent_N, num_segments=P)
+    return jnp.sqrt(jnp.maximum(var_P, 0.0))
+
+
+def _diagnostics(delta_N: Params, a_N, w_N, parent_N, P: int, onehot):
+    """Why attention chose what it chose: the entropy of each node's weights over
+    its children (per key group, then averaged) against uniform (1 = the mean's
+    weights for equal shares), the
+    children's pairwise cosine similarity, and each child's K-delta norm."""
+    live_N = (w_N > 0).astype(jnp.float32)
+    a = a_N * live_N[:, None]  # (N, G): per key group, renormalised over the children
+    a = a / jnp.maximum(jnp.take(jax.ops.segment_sum(a, parent_N, num_segments=P), parent_N, axis=0), _EPS)
+    ent_P = jnp.mean(jax.ops.segment_sum(-a * jnp.log(jnp.maximum(a, _EPS)), parent_N, num_segments=P), axis=1)
+    n_P = jax.ops.segment_sum(live_N, parent_N, num_segments=P)
+    entropy_P = jnp.where(n_P > 1, ent_P / jnp.log(jnp.maximum(n_P, 2.0)), 1.0)
+    norm_N = jnp.sqrt(jnp.maximum(tree_ops.row_sq_norms(delta_N), 0.0))
+    similarity = None
+    if a_N.shape[0] <= SIMILARITY_MATRIX_MAX:
+        gram = _gram(delta_N, delta_N, onehot)  # (N, N, G)
+        sq = jnp.maximum(jnp.diagonal(gram, axis1=0, axis2=1).T, 0.0)  # (N, G)
+        cos = gram / jnp.sqrt(sq[:, None, :] * sq[None, :, :] + _EPS)
+        similarity = jnp.mean(cos, axis=2) * live_N[:, None] * live_N[None, :]
+    return entropy_P, similarity, norm_N
 
 
 def _bounded_by_median_norm(delta_N: Params, w_N, parent_N, P: int, robust_P) -> Params:

@@ -155,14 +155,20 @@ _ADDITIVE = ("train_loss_sum", "train_clients", "tokens", "diverged", "rounds", 
              "stragglers", "attackers")
 
 
+_PER_CHILD = ("child_similarity", "child_k_delta_norm")  # indexed by the level's children, not its nodes
+
+
 def _reduce_rounds(metrics):
     """Nested rounds: counts add up; per-node values average over the rounds
-    in which that node was active (its `level{d}/rounds` mask)."""
+    in which that node was active (its `level{d}/rounds` mask); per-child
+    diagnostics average over the rounds."""
     out = {}
     for k, v in metrics.items():
         level, _, name = k.rpartition("/")
         if name in _ADDITIVE:
             out[k] = jnp.sum(v, axis=0)
+        elif name in _PER_CHILD:
+            out[k] = jnp.mean(v, axis=0)
         else:
             active = metrics[f"{level}/rounds"]
             active = active.reshape(active.shape + (1,) * (v.ndim - active.ndim))

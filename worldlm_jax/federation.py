@@ -169,6 +169,11 @@ def aggregate_keys(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelState,
                "attention_residual": jnp.sum(residual, axis=1) if residual.size else jnp.zeros(P)}
     if residual.size:
         metrics["attention_residual_matrix"] = residual
+    if info.child_entropy_P is not None:  # diagnostics where the children's K were seen
+        metrics["attention_entropy"] = info.child_entropy_P
+        metrics["child_k_delta_norm"] = info.delta_norm_N
+        if info.child_similarity_NxN is not None:
+            metrics["child_similarity"] = info.child_similarity_NxN
     return lvl._replace(K=new_K), metrics
 
 

@@ -76,6 +76,32 @@ def plot_attention(weights: Mapping[str, object] | object,
     return _save(fig, out_png)
 
 
+def plot_similarity(matrix, labels: Sequence[str], out_png: str | os.PathLike, title: str) -> str:
+    """Heat map of the cosine similarity between a federation's children's K deltas."""
+    matrix = _matrix(matrix, title)
+    rows, cols = _row_col_labels(labels, matrix.shape, title)
+    fig = Figure(figsize=(max(5.0, 1.6 + 0.3 * len(cols)), max(4.0, 1.4 + 0.28 * len(rows))))
+    ax = fig.add_subplot(1, 1, 1)
+    image = ax.imshow(matrix, vmin=-1.0, vmax=1.0, cmap="coolwarm")
+    ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return _save(fig, out_png)
+
+
+def plot_series(series: Mapping[str, Sequence[tuple[int, float]]], out_png: str | os.PathLike, ylabel: str,
+                title: str) -> str:
+    """One line per name of (round, value) points."""
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    for name, points in series.items():
+        if points:
+            ax.plot(*zip(*points), label=name)
+    _finish(ax, "round", ylabel, title, log_y=False)
+    return _save(fig, out_png)
+
+
 def plot_methods(results: Mapping[str, Sequence[tuple[int, float]]],
                  out_png: str | os.PathLike) -> str:
     """Perplexity per round for each method (WorldLM vs baselines)."""

@@ -199,6 +199,39 @@ def write_plots(exp: Experiment, workdir: str) -> list[str]:
         columns = ["own children", *level.names, "parent"]
         written.append(plots.plot_attention({f"level {d}": weights}, {f"level {d}": (list(level.names), columns)},
                                             os.path.join(out, f"attention_level{d}.png")))
+    return written + _diagnostic_plots(exp, records, last or {}, out)
+
+
+def _child_names(exp: Experiment, d: int) -> list[str]:
+    """Names of level d's children: the federations below, or client slots as `federation/slot`."""
+    topo = exp.run_topology
+    if d + 1 < topo.depth:
+        return list(topo.levels[d + 1].names)
+    return [f"{topo.leaf.names[p]}/{i}" for i, p in enumerate(topo.slot_parent)]
+
+
+def _diagnostic_plots(exp: Experiment, records, last: dict, out: str) -> list[str]:
+    """The child-similarity matrix of the last round at each level that attends,
+    and the attention entropy of every federation over the rounds."""
+    from worldlm_jax import plots
+
+    written = []
+    for d, level in enumerate(exp.run_topology.levels):
+        matrix = last.get(f"level{d}/child_similarity")
+        if matrix is not None and np.size(matrix):
+            written.append(plots.plot_similarity(matrix, _child_names(exp, d),
+                                                 os.path.join(out, f"child_similarity_level{d}.png"),
+                                                 f"level {d}: cosine of the children's K deltas"))
+        series = {}
+        for rec in records:
+            entropy = rec.get(f"level{d}/attention_entropy")
+            if entropy is not None:
+                for name, value in zip(level.names, np.asarray(entropy).reshape(-1, level.size)[-1]):
+                    series.setdefault(name, []).append((rec["round"] + 1, float(value)))
+        if series:
+            written.append(plots.plot_series(series, os.path.join(out, f"attention_entropy_level{d}.png"),
+                                             "entropy / log(children)",
+                                             f"level {d}: attention over children (1 = uniform)"))
     return written
 
 
