@@ -61,6 +61,9 @@ ABLATIONS = {  # name -> (algorithm, overrides)
     "worldlm_nores": ("worldlm", ["algorithm.residuals=none"]),
     # similarities measured in units of their spread over the children (tau 1 = one spread)
     "worldlm_adaptive": ("worldlm", ["policy.k_agg=adaptive_attention", "policy.tau=1.0"]),
+    # each client keeps its own mixture of its siblings' K (a per-client K, like FedPer, that
+    # shares with similar siblings); the federation's K is their mean
+    "worldlm_personal": ("worldlm", ["policy.k_agg=personalized", "policy.tau=0.5"]),
 }
 # Not a default method: with k_agg=mean the residual candidates are never used, so it
 # is worldlm_mean bit for bit (the first table printed the same row twice).
@@ -74,6 +77,8 @@ MECHANISMS = {
     "per-federation K vs per-client K (FedPer)": ("worldlm", "fedper"),
     "attention vs mean": ("worldlm", "worldlm_mean"),
     "adaptive attention vs mean": ("worldlm_adaptive", "worldlm_mean"),
+    "personalised attention vs mean": ("worldlm_personal", "worldlm_mean"),
+    "personalised attention vs FedPer": ("worldlm_personal", "fedper"),
     "residuals vs none": ("worldlm", "worldlm_nores"),
     "sharing vs local": ("worldlm", "local"),
 }

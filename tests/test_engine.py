@@ -195,9 +195,11 @@ def test_one_and_eight_devices_agree(worldlm_runs):
     s8, m8 = run(eight, toy_params(), batches)
     # psum over 8 devices adds the clients' sums in another order than one device;
     # the residual attention weight is a softmax of cosines between small deltas,
-    # which turns that last-bit noise into about 1% (the states stay within 1e-4)
+    # which turns that last-bit noise into about 1% (the states stay within 1e-4);
+    # the diagnostics (attention entropy, K-delta norms and cosines: differences of
+    # states that agree to 1e-4) inherit the same noise
     assert_tree_close(s1, s8, atol=1e-4, rtol=1e-4)
-    loose = lambda k: "attention_residual" in k
+    loose = lambda k: any(name in k for name in ("attention_residual", "attention_entropy", "child_"))
     pick = lambda ms, want: [{k: v for k, v in m.items() if loose(k) == want} for m in ms]
     assert_tree_close(pick(m1, False), pick(m8, False), atol=1e-4, rtol=1e-4)
     assert_tree_close(pick(m1, True), pick(m8, True), atol=2e-3, rtol=3e-2)

@@ -95,3 +95,95 @@ def test_similarity_matrix_skipped_for_many_children(monkeypatch):
     _, node, child, w = setup()
     out, info = aggregation.attend_keys(node, child, jnp.asarray(w), jnp.asarray(PARENT), policy(0), GROUPS)
     assert info.child_similarity_NxN is None and info.delta_norm_N.shape == (len(PARENT),)
+
+
+# ---- personalised attention: each child its own mixture of its siblings' K -----------
+def personal(K, base, w, parent, tau, eta=1.0):
+    n = len(parent)
+    out = aggregation.personal_keys(K, base, jnp.asarray(w), jnp.asarray(parent), jnp.full(n, tau, jnp.float32),
+                                    jnp.full(n, eta, jnp.float32), GROUPS)
+    return {p: np.asarray(v) for p, v in out.items()}
+
+
+def test_personal_keys_at_huge_tau_give_every_child_the_weighted_mean():
+    rng, node, child, w = setup(2)
+    base = {p: v[PARENT] for p, v in node.items()}
+    out = personal(child, base, w, PARENT, 1e9)
+    for p in out:
+        for n in range(2):
+            sel = PARENT == n
+            mean = (w[sel].reshape((-1,) + (1,) * (child[p].ndim - 1)) * child[p][sel]).sum(0) / w[sel].sum()
+            np.testing.assert_allclose(out[p][sel], np.broadcast_to(mean, out[p][sel].shape), atol=1e-5)
+
+
+def test_personal_keys_one_child_and_absent_children_keep_their_own():
+    rng, node, child, w = setup(4)
+    base = {p: v[PARENT] for p, v in node.items()}
+    parent = np.array([0, 1, 1, 1, 1, 1, 1], np.int32)
+    w[3] = 0.0  # absent: unchanged, and no one's candidate
+    out = personal(child, base, w, parent, 0.3)
+    for p in out:
+        np.testing.assert_allclose(out[p][0], child[p][0], atol=1e-6)
+        np.testing.assert_array_equal(out[p][3], child[p][3])
+    w2 = w.copy()
+    w2[3] = 1.0
+    changed = personal({p: v.copy() for p, v in child.items()}, base, w2, parent, 0.3)
+    assert not np.allclose(changed["blocks/0/a"][1], out["blocks/0/a"][1])  # child 3 counts once present
+
+
+def test_personal_keys_are_permutation_equivariant_and_personal():
+    rng, node, child, w = setup(6)
+    base = {p: v[PARENT] for p, v in node.items()}
+    perm = rng.permutation(len(PARENT))
+    out = personal(child, base, w, PARENT, 0.2)
+    out_p = personal({p: v[perm] for p, v in child.items()}, {p: v[perm] for p, v in base.items()}, w[perm],
+                     PARENT[perm], 0.2)
+    for p in out:
+        np.testing.assert_allclose(out[p][perm], out_p[p], atol=1e-5)
+    # at a finite tau siblings receive different mixtures, each closest to itself
+    a = out["blocks/0/a"][PARENT == 1].reshape(4, -1)
+    own = child["blocks/0/a"][PARENT == 1].reshape(4, -1)
+    dist = np.linalg.norm(a[:, None] - own[None], axis=2)
+    assert len({tuple(np.round(r, 4)) for r in a}) == 4
+    assert np.all(np.argmin(dist, axis=1) == np.arange(4))
+
+
+def _personal_run(k_agg, tau, rounds=2, fed_policies=None):
+    from engine_helpers import TOY_KEY_PATHS, make_batches, make_spec, run, toy_params, topo, tree2
+    from worldlm_jax import blueprint, strategies
+    from worldlm_jax.config import AlgorithmConfig
+
+    policy = dict(local_steps=2, client_lr=0.3, k_agg=k_agg, tau=tau)
+    t = topo(tree2([3, 2], root_policy=policy, fed_policies=fed_policies), weights=[1, 2, 3, 1, 2])
+    plan = blueprint.with_personal_keys(strategies.worldlm_plan(2, residuals="none", use_parent=False), t,
+                                        AlgorithmConfig())
+    spec = make_spec(t, plan, key_paths=TOY_KEY_PATHS, client_optimizer="test_sgd")
+    state, _ = run(strategies.make_strategy(spec), toy_params(1), make_batches(t, rounds, seed=3))
+    from worldlm_jax import engine
+    return spec, state, engine.deployed_params(spec, state, jnp.arange(t.n_clients))
+
+
+def test_personalized_at_huge_tau_deploys_what_the_mean_deploys():
+    from engine_helpers import assert_tree_close
+    spec, state, deployed = _personal_run("personalized", 1e9)
+    assert spec.plan.personal_keys and "K" in spec.plan.client_keeps
+    _, mean_state, mean_deployed = _personal_run("mean", 1e9)
+    assert_tree_close(deployed, mean_deployed, atol=1e-5, rtol=1e-5)
+    assert_tree_close(state.levels[1].K, mean_state.levels[1].K, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(state.clients.K["blocks/0/w"], 0.0, atol=1e-5)  # no personal offsets
+
+
+def test_personalized_clients_deploy_their_own_key_layers():
+    spec, state, deployed = _personal_run("personalized", 0.05)
+    w = np.asarray(deployed["blocks/0/w"])
+    assert not np.allclose(w[0], w[1], atol=1e-4) and not np.allclose(w[3], w[4], atol=1e-4)
+    # deployed = the federation's K + the client's offset
+    np.testing.assert_allclose(w, np.asarray(state.levels[1].K["blocks/0/w"])[[0, 0, 0, 1, 1]]
+                               + np.asarray(state.clients.K["blocks/0/w"]), atol=1e-6)
+    np.testing.assert_array_equal(deployed["embed"][0], state.levels[0].B["embed"][0])  # B stays shared
+
+
+def test_personalized_on_some_leaf_federations_only_is_refused():
+    from worldlm_jax.config import ConfigError
+    with pytest.raises(ConfigError, match="k_agg=personalized is set on some leaf federations but not on F1"):
+        _personal_run("personalized", 1.0, fed_policies=[{}, {"k_agg": "mean"}])

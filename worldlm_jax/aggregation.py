@@ -53,7 +53,7 @@ def server_update(params_P: Params, mean_delta_P: Params, states: tuple, txs, ch
 class AttentionPolicy(NamedTuple):
     """Per-node arrays (P,) of the key-layer rule of each federation."""
 
-    mode: jax.Array  # 0 attention, 1 mean, 2 local, 3 robust attention, 4 adaptive attention
+    mode: jax.Array  # 0 attention, 1 mean, 2 local, 3 robust attention, 4 adaptive attention, 5 personalized
     tau: jax.Array
     eta: jax.Array
     residual_bias: jax.Array
@@ -269,6 +269,46 @@ def _diagnostics(delta_N: Params, a_N, w_N, parent_N, P: int, onehot):
         cos = gram / jnp.sqrt(sq[:, None, :] * sq[None, :, :] + _EPS)
         similarity = jnp.mean(cos, axis=2) * live_N[:, None] * live_N[None, :]
     return entropy_P, similarity, norm_N
+
+
+def personal_keys(K_N: Params, base_N: Params, w_N: jax.Array, parent_N: jax.Array, tau_N: jax.Array,
+                  eta_N: jax.Array, groups: Mapping[str, int]) -> Params:
+    """Personalised attention (k_agg `personalized`): every participating child i
+    receives its own mixture of its siblings' K,
+
+        K_i <- K_i + eta * sum_j a_ij (K_j - K_i),
+        a_ij = softmax_j( cos(K_i - base_i, K_j - base_j) / tau + log w_j ),
+
+    over the children j of i's federation with weight w_j > 0 (itself
+    included), per key group; `base` is what the federation sent (its K), so
+    the similarity compares how the children moved. As tau grows every child
+    receives the weighted mean (the federation's `mean` K); a child alone in
+    its federation keeps its own K; relabelling the children permutes the
+    result. Children with w = 0 are returned unchanged. Memory: an (N, N)
+    matrix per key group over the level's children."""
+    paths = sorted(K_N)
+    if not paths:
+        return dict(K_N)
+    n_groups = max(groups[p] for p in paths) + 1
+    onehot = _group_matrix(paths, groups, n_groups)
+    K32 = {p: K_N[p].astype(jnp.float32) for p in paths}
+    delta = tree_ops.sub(K32, {p: base_N[p].astype(jnp.float32) for p in paths})
+    gram = _gram(delta, delta, onehot)  # (N, N, G)
+    sq = jnp.maximum(jnp.diagonal(gram, axis1=0, axis2=1).T, 0.0)  # (N, G)
+    cos = gram / jnp.sqrt(sq[:, None, :] * sq[None, :, :] + _EPS)
+    live = w_N > 0
+    allowed = (parent_N[:, None] == parent_N[None, :]) & live[None, :]
+    logit = jnp.where(allowed[:, :, None], cos / tau_N[:, None, None]
+                      + jnp.log(jnp.maximum(w_N, _EPS))[None, :, None], -jnp.inf)
+    a = jax.nn.softmax(logit, axis=1)
+    a = jnp.where(live[:, None, None], a, 0.0)  # absent children: no mixture (and no NaN from an empty row)
+    out = {}
+    for p in paths:
+        flat = K32[p].reshape(K32[p].shape[0], -1)
+        a_g = a[:, :, groups[p]]
+        move = (a_g @ flat - a_g.sum(1, keepdims=True) * flat).reshape(K32[p].shape)
+        out[p] = (K32[p] + tree_ops.expand_rows(eta_N, move) * move).astype(K_N[p].dtype)
+    return out
 
 
 def _bounded_by_median_norm(delta_N: Params, w_N, parent_N, P: int, robust_P) -> Params:

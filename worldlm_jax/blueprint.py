@@ -120,6 +120,7 @@ def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
     if not isinstance(plan, engine.Plan):
         raise ConfigError(f"algorithm.name={algo.name!r}: its plan() returned {type(plan).__name__}; "
                           "expected a worldlm_jax.engine.Plan")
+    plan = with_personal_keys(plan, run_topology, algo)
     try:  # a registered strategy's plan: name it, rather than fail inside the round
         plan.validate(run_topology.depth)
     except ValueError as e:
@@ -141,3 +142,19 @@ def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
         first_stage = strategies.make_strategy(dataclasses.replace(spec, plan=global_plan))
     return AbstractRun(config, topology, run_topology, spec, strategy, first_stage, model_def, params, mesh,
                        batch_size)
+
+
+def with_personal_keys(plan: engine.Plan, topology: Topology, algo) -> engine.Plan:
+    """The plan with personal key layers when the leaf federations use
+    k_agg `personalized` (every leaf federation or none: their clients keep K)."""
+    personal = [p.k_agg == "personalized" for p in topology.leaf.policies]
+    if not any(personal):
+        return plan
+    if not all(personal):
+        where = ", ".join(n for n, p in zip(topology.leaf.names, personal) if not p)
+        raise ConfigError(f"k_agg=personalized is set on some leaf federations but not on {where}: set it on "
+                          "every federation that aggregates clients (their clients keep a personal K), or on none")
+    if plan.owner["K"] != topology.depth - 1 or "K" not in plan.broadcast[-1] or algo.schedule == "staged":
+        raise ConfigError(f"k_agg=personalized with algorithm.name={algo.name!r}: personal key layers need K "
+                          "localised at the leaf federations (algorithm.name=worldlm, schedule not staged)")
+    return dataclasses.replace(plan, personal_keys=True, client_keeps=plan.client_keeps | {"K"})

@@ -95,6 +95,8 @@ def fed_round(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, b
     else:
         state, metrics, kids = federations_work(rs, st, d, state, batch, active_P, key)
     new_level, agg_metrics = aggregate(rs, st, d, state, kids, active_P, jax.random.fold_in(key, 1_000_003 + d))
+    if d == rs.topo.depth - 1 and rs.plan.personal_keys:
+        state = slots.personalize(rs, st, state, kids, new_level.K, batch.slot_client)
     agg_metrics["rounds"] = active_P.astype(jnp.float32)
     metrics = {**metrics, **{f"level{d}/{k}": v for k, v in agg_metrics.items()}}
     return _with_level(state, d, new_level), metrics

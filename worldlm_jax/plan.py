@@ -29,6 +29,10 @@ class Plan:
     similarity: str = "cos_delta"
     use_parent: bool = False  # parent's K is an attention candidate
     residual_dim: int = 0  # > 0: score residual candidates on count-sketch embeddings of this size
+    # k_agg `personalized` at the leaf federations: each client keeps a personal offset
+    # from its federation's K (client state K, zero at the start), starts and deploys
+    # from their sum, and receives its own mixture of its siblings' K each round
+    personal_keys: bool = False
 
     def validate(self, depth: int) -> None:
         if len(self.broadcast) != depth or len(self.aggregate) != depth:
@@ -45,6 +49,10 @@ class Plan:
             if part not in self.broadcast[-1]:
                 raise ValueError(f"part {part} is aggregated from clients but not broadcast to them: a client's "
                                  "update is measured from what its federation sent")
+        if self.personal_keys and not ("K" in self.client_keeps and "K" in self.broadcast[-1]
+                                       and "K" in self.aggregate[-1] and self.owner["K"] == depth - 1):
+            raise ValueError("personal key layers need K owned, broadcast and aggregated by the leaf "
+                             "federations and kept by the clients")
         if self.similarity not in aggregation.SIMILARITIES:
             raise ValueError(f"similarity={self.similarity!r}; allowed: {', '.join(aggregation.SIMILARITIES)}")
 

@@ -13,11 +13,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-K_AGG_MODES = ("attention", "mean", "local", "robust_attention", "adaptive_attention")
+K_AGG_MODES = ("attention", "mean", "local", "robust_attention", "adaptive_attention", "personalized")
 # key-layer rules that score every child (so the round keeps each child's K);
 # robust_attention first bounds each child's K delta by the median norm of its siblings';
-# adaptive_attention divides the similarities by their spread across the children
-ATTENDING = ("attention", "robust_attention", "adaptive_attention")
+# adaptive_attention divides the similarities by their spread across the children;
+# personalized (leaf federations) gives each client its own similarity-weighted mixture
+# of its siblings' K, while the federation's own K is their weighted mean
+ATTENDING = ("attention", "robust_attention", "adaptive_attention", "personalized")
 SAMPLING_MODES = ("full", "fixed", "poisson")
 DP_SCOPES = ("backbone", "all")
 
@@ -41,7 +43,7 @@ class Policy:
     client_lr: float = 1e-3
     server_optimizer: str = "sgd"  # sgd with lr 1 = FedAvg; adam = FedAdam, ...
     server_lr: float = 1.0
-    k_agg: str = "attention"  # attention | mean | local | robust_attention | adaptive_attention
+    k_agg: str = "attention"  # attention | mean | local | robust_attention | adaptive_attention | personalized
     tau: float = 0.1  # attention temperature
     eta: float = 1.0  # key-layer server step
     residual_bias: float = 0.0  # logit bias of residual (sibling) candidates

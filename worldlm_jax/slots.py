@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from worldlm_jax import attacks, parallel, tree_ops
+from worldlm_jax import aggregation, attacks, parallel, tree_ops
 from worldlm_jax.client import make_local_update
 from worldlm_jax.federation import aggregated_parts, clip_norm, sum_children
 from worldlm_jax.objectives import ObjectiveContext
@@ -29,7 +29,10 @@ def train_slot(rs: RoundStatics, sent_P, fed_state_P, parent, kept, opt_state, c
     """One slot: its federation's broadcast parts (gathered here, per chunk, not
     materialised for every slot) plus the parts the client kept, trained with the
     run's client objective. Returns (ClientResult, start params, objective state)."""
-    params = {**jax.tree.map(lambda x: x[parent], sent_P), **kept}
+    start = jax.tree.map(lambda x: x[parent], sent_P)
+    if rs.plan.personal_keys:  # a kept K is the client's offset from its federation's K
+        kept = {p: start[p] + v if p in rs.spec.key_paths else v for p, v in kept.items()}
+    params = {**start, **kept}
     if not rs.plan.client_opt_persistent:
         opt_state = rs.client_tx.init(params)
     objective = rs.objective
@@ -78,7 +81,7 @@ def train_chunk(rs: RoundStatics, st: RoundPolicies, sent_P, clip_P, fed_state_P
     final = split_parts(tree_ops.add(start, update) if rs.attack_kinds != ("none",) else result.params,
                         rs.spec.key_paths)
     per_slot = dict(loss=mean_loss, tokens=result.tokens, valid=valid, weight=weight, dp_norm=dp_norm,
-                    kept={part: final[part] for part in rs.plan.client_keeps},
+                    kept={part: final[part] for part in _written_back(rs.plan)},
                     K=final["K"] if rs.leaf_k_attention else {},
                     B=delta["B"] if rs.stacked[d] else {},
                     opt=result.opt_state if rs.plan.client_opt_persistent else (),
@@ -109,7 +112,7 @@ def clients_work(rs: RoundStatics, st: RoundPolicies, state: EngineState, batch:
     sent = {**(lvl.B if "B" in plan.broadcast[d] else {}), **(lvl.K if "K" in plan.broadcast[d] else {})}
     kept = {}
     for part in PARTS:
-        if part not in plan.broadcast[d]:
+        if part not in plan.broadcast[d] or (part == "K" and plan.personal_keys):
             kept.update(tree_ops.gather(getattr(state.clients, part), safe_cid))
     opt_state = (tree_ops.gather(state.clients.opt, safe_cid) if plan.client_opt_persistent
                  else jnp.zeros((topo.n_slots,)))
@@ -163,11 +166,33 @@ def draw_faults(st: RoundPolicies, cid, sampled, key) -> dict:
             "attacker": attacker, "keys": jax.random.split(k_attack, S)}
 
 
+def personalize(rs: RoundStatics, st: RoundPolicies, state: EngineState, kids: Children, new_K_P, slot_client):
+    """Personal key layers, after the leaf federations updated their K: each
+    participating client keeps its own mixture of its siblings' K
+    (`aggregation.personal_keys`), stored as its offset from the federation's
+    new K; the others keep their offsets (and so follow their federation)."""
+    d = rs.topo.depth - 1
+    parent = st.slot_parent
+    policy = st.attention[d]
+    mixed = aggregation.personal_keys(kids.K_N, tree_ops.gather(state.levels[d].K, parent), kids.weight_N, parent,
+                                      policy.tau[parent], policy.eta[parent], rs.spec.key_groups)
+    offset = tree_ops.sub(mixed, tree_ops.gather(new_K_P, parent))
+    rows = jnp.where(kids.weight_N > 0, slot_client, rs.topo.n_clients)
+    K = jax.tree.map(lambda x, y: x.at[rows].set(y.astype(x.dtype), mode="drop"), state.clients.K, offset)
+    return state._replace(clients=state.clients._replace(K=K))
+
+
+def _written_back(plan) -> tuple[str, ...]:
+    """The parts a client writes back after training (a personal K is written
+    after its federation's aggregation, by `personalize`)."""
+    return tuple(p for p in sorted(plan.client_keeps) if not (p == "K" and plan.personal_keys))
+
+
 def _write_back(rs: RoundStatics, clients, out, rows):
     """Clients that keep state write it back at `rows` (out of range = not: a
     diverged or absent slot leaves its client as it was)."""
     put = lambda old, new: jax.tree.map(lambda x, y: x.at[rows].set(y, mode="drop"), old, new)
-    for part in rs.plan.client_keeps:
+    for part in _written_back(rs.plan):
         clients = clients._replace(**{part: put(getattr(clients, part), out["kept"][part])})
     if rs.plan.client_opt_persistent:
         clients = clients._replace(opt=put(clients.opt, out["opt"]))

@@ -89,6 +89,8 @@ def _initial_state(spec: EngineSpec, params: Params) -> EngineState:
         levels.append(LevelState(B, K, aggregation.init_server_states(txs, B), residual, clip, fed_objective))
     kept = {part: tree_ops.stack_rows(parts[part], topo.n_clients) if part in plan.client_keeps else {}
             for part in PARTS}
+    if plan.personal_keys:  # a personal offset from the federation's K: none yet
+        kept["K"] = jax.tree.map(jnp.zeros_like, kept["K"])
     opt = ()
     if plan.client_opt_persistent:
         opt = jax.vmap(optimizers.get(spec.client_optimizer).init)(tree_ops.stack_rows(params, topo.n_clients))
@@ -197,4 +199,6 @@ def deployed_params(spec: EngineSpec, state: EngineState, client_ids) -> Params:
             source = getattr(state.levels[level], part)
             index = jnp.asarray(topo.ancestors(level))[client_ids]
         out.update(tree_ops.gather(source, index))
+    if spec.plan.personal_keys:  # the federation's K plus the client's personal offset
+        out.update(tree_ops.add({p: out[p] for p in state.clients.K}, tree_ops.gather(state.clients.K, client_ids)))
     return out
