@@ -196,6 +196,23 @@ def test_flattened_is_one_federation_over_the_same_clients():
     np.testing.assert_allclose(f.node_weight(0), [36.0])
 
 
+@pytest.mark.parametrize("mode", ["fixed", "poisson"])
+def test_flattened_samples_as_many_clients_per_round_as_the_leaves(mode):
+    """A flat baseline over sampled federations samples the same way, as many
+    clients per round in all (else it would train on more tokens than the tree)."""
+    spec = dict(FAMILY)
+    spec["children"] = [dict(c, policy={"sampling": mode, "clients_per_round": 1}) for c in FAMILY["children"]]
+    t = build_topology(spec)
+    (pol,) = t.flattened().levels[0].policies
+    per_round = sum(min(1, n) for n in t.children_count(t.depth - 1))
+    assert t.clients_per_round() == per_round < t.n_clients
+    assert pol.sampling == mode and pol.clients_per_round == per_round
+    mixed = dict(spec, children=[dict(c) for c in spec["children"]])
+    mixed["children"][0] = dict(mixed["children"][0], policy={"sampling": "full"})
+    with pytest.raises(TopologyError, match="sample clients in different ways"):
+        build_topology(mixed).flattened()
+
+
 def test_poisson_slots_put_takers_first_and_spread_them_over_devices():
     """Absent clients sit at the ends of the device blocks (whole chunks of them
     are skipped) and every device gets an even share of the takers."""

@@ -106,7 +106,7 @@ def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
     mesh = parallel.make_mesh(config.run.devices or None) if mesh is None else mesh
     batch_size = config.data.batch_size
     if definition.pooled:
-        batch_size *= topology.n_clients  # same tokens per round as all clients together
+        batch_size *= topology.clients_per_round()  # same tokens per round as the clients that train
     run_topology = definition.topology(topology)
     run_topology = run_topology.with_slot_multiple(mesh.shape[parallel.AXIS])  # slots shard over 'clients'
     if config.privacy.target_epsilon > 0:

@@ -170,6 +170,24 @@ class Topology:
         return index
 
     # ---- derived trees for baselines ---------------------------------------
+    def clients_per_round(self) -> int:
+        """Clients (expected, under Poisson sampling) that train in one round of every leaf federation."""
+        counts = self.children_count(self.depth - 1)
+        return int(sum(min(p.clients_per_round or n, n) if p.sampling != "full" else n
+                       for p, n in zip(self.leaf.policies, counts)))
+
+    def _flat_sampling(self) -> dict:
+        """The sampling rule of one flat federation that samples clients as the
+        leaf federations do: the same mode, and as many clients per round in all
+        (so flat baselines train on as many clients' tokens as the tree)."""
+        modes = {p.sampling for p in self.leaf.policies}
+        if modes == {"full"}:
+            return {"clients_per_round": None, "sampling": "full"}
+        if len(modes) > 1:
+            raise TopologyError(f"the lowest federations sample clients in different ways ({', '.join(sorted(modes))}),"
+                                " which one flat federation cannot follow; use one sampling mode on every leaf")
+        return {"clients_per_round": self.clients_per_round(), "sampling": modes.pop()}
+
     def flattened(self) -> "Topology":
         """One federation (the root's policy) over all clients: standard FL."""
         root = self.levels[0]
@@ -180,8 +198,7 @@ class Topology:
             root.policies[0],
             local_steps=leaf.policies[0].local_steps,
             client_lr=leaf.policies[0].client_lr,
-            clients_per_round=None,
-            sampling="full",
+            **self._flat_sampling(),
         )
         # DP protects clients, so a rule set on the lowest federations carries over
         # to the flat federation when it is the same everywhere; mixed rules
