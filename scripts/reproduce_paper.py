@@ -130,6 +130,8 @@ def family_tree(clients: int, swap: bool = False, languages: Sequence[str] = con
 
 # ---- scenarios ----------------------------------------------------------------------------
 WITH_FORTUNES = ("en", "de", "es", "ru")  # languages with both man pages and fortunes
+DP_ORGANISATIONS = tuple(f"man_{lang}" for lang in configs.LANGUAGES) + tuple(
+    f"fortunes_{lang}" for lang in ("en", "de", "es", "it", "pl", "ru")) + ("code_py", "lit_en")
 
 
 def mixed_tree(clients: int, languages: Sequence[str] = WITH_FORTUNES, alpha: float = 0.3) -> dict:
@@ -152,11 +154,38 @@ def sampled(tree: dict, clients_per_round: int) -> dict:
     return with_leaf_policy(tree, {"clients_per_round": clients_per_round, "sampling": "fixed"})
 
 
+def organisations_tree(clients: int, sources: Sequence[str]) -> dict:
+    """Root -> one organisation per corpus source -> clients: the unit of
+    privacy at the root is an organisation."""
+    return {"name": "world", "children": [{"name": f"org_{src}", "sources": [src], "clients": clients}
+                                          for src in sources]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Privacy:
+    """DP calibrated to (epsilon, delta) over the run: at `level` clients (each
+    federation that aggregates clients clips and noises its clients' updates;
+    flat baselines the one flat federation: the same per-client guarantee) or
+    federations (the root clips and noises its child federations' updates:
+    an organisation is the unit)."""
+    level: str
+    epsilon: float
+    delta: float = 1e-5
+    clip: float = 1.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Scenario:
     tree: Callable[[bool], dict]  # tiny -> tree
     overrides: tuple[str, ...]  # on top of the budget's (not with --budget tiny)
     note: str
+    privacy: Privacy | None = None
+    methods: tuple[str, ...] | None = None  # default methods (None: METHODS)
+
+
+# A tiny byte-level model: DP noise grows with the square root of the parameter count
+TINY_MODEL = ("data.tokenizer=byte", "model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.max_len=64",
+              "data.seq_len=32", "data.batch_size=4", "data.eval_batches=1", "data.eval_batch_size=8")
 
 
 SHRUNK = ("run.rounds=12", "run.eval_every=4")  # 9 methods x 3 seeds in about 15-20 min on 2 cores
@@ -166,14 +195,27 @@ SCENARIOS = {
     "mixed": Scenario(lambda tiny: mixed_tree(2 if tiny else 4, ("en", "ru") if tiny else WITH_FORTUNES), SHRUNK,
                       "4 languages x 4 clients, each a Dirichlet(0.3) mixture of man pages and fortunes"),
     "many-small": Scenario(
-        lambda tiny: sampled(configs.language_tree(4 if tiny else 12, ("en", "ru") if tiny else ("en", "de", "fr", "ru")),
-                             2 if tiny else 4),
+        lambda tiny: sampled(configs.language_tree(2 if tiny else 12, ("en", "ru") if tiny else ("en", "de", "fr", "ru")),
+                             1 if tiny else 4),
         SHRUNK + ("data.max_bytes_per_source=160000", "data.eval_batches=1", "data.eval_batch_size=4"),
         "4 languages x 12 clients of ~13 KB (160 KB per language), 4 sampled per language per round"),
     "families": Scenario(lambda tiny: family_tree(2, languages=("en", "de", "fr", "ru") if tiny else configs.LANGUAGES),
                          SHRUNK, "world -> germanic/romance/slavic -> 7 languages -> 2 clients"),
     "domains": Scenario(lambda tiny: domains_tree(2 if tiny else 3), SHRUNK,
                         "English man pages, fortunes, Python code and literature x 3 clients"),
+    "dp-clients": Scenario(
+        lambda tiny: with_leaf_policy(configs.language_tree(8 if tiny else 96, ("en", "ru") if tiny else ("en", "de", "ru"),
+                                                            kind="fortunes"),
+                                      {"sampling": "poisson", "clients_per_round": 2 if tiny else 24}),
+        SHRUNK + TINY_MODEL + ("data.max_bytes_per_source=600000",),
+        "client-level DP, epsilon 8: 3 languages (fortunes) x 96 clients, Poisson-sampled 24 per round, a 2-block "
+        "d=32 byte model",
+        Privacy("clients", 8.0), ("worldlm", "fedavg", "hierfavg", "fedper", "worldlm_mean")),
+    "dp-orgs": Scenario(
+        lambda tiny: organisations_tree(2 if tiny else 4, ("man_en", "man_ru") if tiny else DP_ORGANISATIONS),
+        SHRUNK + TINY_MODEL + ("data.max_bytes_per_source=200000", "algorithm.residuals=none"),
+        "organisation-level DP at the root, epsilon 8: 15 organisations (one per corpus source) x 4 clients",
+        Privacy("federations", 8.0), ("worldlm", "hierfavg", "worldlm_mean")),
 }
 
 
@@ -196,10 +238,38 @@ def with_leaf_policy(tree: dict, policy: dict) -> dict:
 
 
 # ---- configs ----------------------------------------------------------------------------
-def method_config(base: Config, method: str, dp: dict | None = None) -> Config:
+def privacy_policy(privacy: Privacy, config: Config) -> dict:
+    """The DP policy fields that spend at most (epsilon, delta) over the run at
+    the sampling rate of the federations that release (the same rate in the
+    tree and in its flat version, so the same noise gives the same epsilon)."""
+    from worldlm_jax import accounting, dp_ledger
+    from worldlm_jax.topology import build_topology
+
+    topo = build_topology(config.tree, root_policy=config.policy)
+    level = topo.depth - 1 if privacy.level == "clients" else 0
+    kinds = {dp_ledger.sampling_of(topo, level, i) for i in range(topo.levels[level].size)}
+    if len({(kind, round(rate, 6)) for kind, rate, _ in kinds}) != 1:
+        raise SystemExit(f"DP at {privacy.level}: the releasing federations sample differently ({kinds})")
+    kind, rate, population = min(kinds)
+    fixed = kind == "fixed"  # full participation is Poisson sampling at rate 1
+    noise = accounting.calibrate_noise(privacy.epsilon, privacy.delta, rate, config.run.rounds, "rdp",
+                                       "fixed" if fixed else "poisson", population if fixed else None)
+    return {"dp_noise_multiplier": round(float(noise), 4), "dp_clip": privacy.clip, "dp_delta": privacy.delta}
+
+
+def method_config(base: Config, method: str, dp: dict | None = None, dp_level: str = "clients") -> Config:
     """The config of one method: `base` plus the algorithm (and DP) overrides only."""
     algorithm, extra = {**ABLATIONS, **EXTRA}.get(method, (method, []))
     config = apply_overrides(base, [f"algorithm.name={algorithm}", *extra])
+    if dp and dp_level == "federations":
+        # the root clips and noises its children's updates; nothing below it does
+        # (an explicit no-DP policy on the children, which would inherit the root's)
+        if algorithm in FLAT:
+            raise SystemExit(f"{method}: DP over federations needs a tree; flat methods have none")
+        tree = dict(config.tree, policy={**config.tree.get("policy", {}), **dp})
+        tree["children"] = [dict(c, policy={**c.get("policy", {}), "dp_noise_multiplier": 0.0,
+                                            "dp_clip": math.inf}) for c in tree["children"]]
+        return dataclasses.replace(config, tree=tree)
     if dp:
         # Client-level DP at the federation that aggregates clients, same (z, clip)
         # everywhere. Flat baselines train on topology.flattened(), which takes the
@@ -466,7 +536,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     tree = args.tree or ("family" if args.swap else "language")
     if args.swap and tree != "family":
         raise SystemExit("--swap exchanges sources between language families: use --tree family")
-    default = DP_METHODS if args.dp else ("worldlm",) if args.swap else METHODS
+    scenario = SCENARIOS[args.scenario]
+    default = (DP_METHODS if args.dp else ("worldlm",) if args.swap else scenario.methods or METHODS)
     methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip())) or list(default)
     unknown = [m for m in methods if m not in KNOWN]
     if unknown:
@@ -482,14 +553,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     runs = []  # (row name, [config per seed], [workdir per seed])
     for suffix, swapped in variants:
         base = base_config(args.budget, tree, args.set, swap=swapped, clients=clients, scenario=args.scenario)
+        dp_level = "clients"
+        if scenario.privacy is not None:
+            dp, dp_level = privacy_policy(scenario.privacy, base), scenario.privacy.level
         for m in methods:
-            config = method_config(base, m, dp)
+            config = method_config(base, m, dp, dp_level)
             runs.append((m + suffix, [apply_overrides(config, [f"run.seed={k}"]) for k in seeds],
                          [os.path.join(args.out, "runs", m + suffix, f"seed{k}") for k in seeds]))
 
     results = {"methods": {}, "budget": args.budget, "scenario": args.scenario, "seeds": args.seeds,
                "tree": tree if args.scenario == "iid" else args.scenario, "command": command,
-               "swap": args.swap, "dp": dp, "overrides": list(BUDGETS[args.budget].overrides) + args.set}
+               "swap": args.swap, "dp": dp, "privacy": dataclasses.asdict(scenario.privacy) if scenario.privacy else None,
+               "overrides": list(BUDGETS[args.budget].overrides) + args.set}
     curves = {}
     t0 = time.perf_counter()
     for name, configs_by_seed, workdirs in runs:

@@ -128,3 +128,31 @@ def test_swapped_family_tree(rp):
     assert langs(right)["romance"] == ["man_fr", "man_es", "man_it"]
     assert langs(wrong)["romance"] == ["man_ru", "man_es", "man_it"]
     assert langs(wrong)["slavic"] == ["man_pl", "man_fr"]
+
+
+def test_privacy_scenarios_spend_the_target_epsilon_where_they_say(rp):
+    from worldlm_jax import accounting
+    from worldlm_jax.topology import build_topology
+
+    base = rp.base_config("tiny", "language", [], scenario="dp-clients")
+    dp = rp.privacy_policy(rp.SCENARIOS["dp-clients"].privacy, base)
+    rate = 2 / 8  # 2 of 8 clients per round, Poisson
+    eps = accounting.epsilon_after(dp["dp_noise_multiplier"], rate, base.run.rounds, 1e-5, "rdp", "poisson")
+    assert 7.5 < eps <= 8.0  # calibrated: the smallest noise within the budget
+    # client level: the tree's leaves and the flat baseline's one federation, same noise and rate
+    tree = build_topology(rp.method_config(base, "worldlm", dp).tree)
+    assert [p.dp_noise_multiplier for p in tree.leaf.policies] == [dp["dp_noise_multiplier"]] * 2
+    assert tree.levels[0].policies[0].dp_noise_multiplier == 0.0
+    flat_cfg = rp.method_config(base, "fedavg", dp)
+    flat = build_topology(flat_cfg.tree, root_policy=flat_cfg.policy).flattened()
+    (pol,) = flat.levels[0].policies
+    assert pol.dp_noise_multiplier == dp["dp_noise_multiplier"] and pol.sampling == "poisson"
+    assert pol.clients_per_round / flat.n_clients == rate
+    # organisation level: the root only
+    orgs = rp.base_config("tiny", "language", [], scenario="dp-orgs")
+    dp = rp.privacy_policy(rp.SCENARIOS["dp-orgs"].privacy, orgs)
+    tree = build_topology(rp.method_config(orgs, "hierfavg", dp, "federations").tree)
+    assert tree.levels[0].policies[0].dp_noise_multiplier == dp["dp_noise_multiplier"] > 0
+    assert all(p.dp_noise_multiplier == 0.0 for p in tree.leaf.policies)
+    with pytest.raises(SystemExit, match="needs a tree"):
+        rp.method_config(orgs, "fedavg", dp, "federations")

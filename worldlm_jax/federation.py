@@ -61,8 +61,8 @@ def sum_children(rs: RoundStatics, st: RoundPolicies, d: int, delta_N: dict, wei
                                            num_segments=P) if streamed["B"] else jnp.zeros(P),
             "objective": tree_ops.weighted_sum(report_N, weight_N, parent_N, P) if report_N else {}}
     norms_N = jnp.zeros(weight_N.shape, jnp.float32)
-    if rs.dp_levels[d]:
-        dp_tree = {"B": delta_N["B"], "K": delta_N["K"] if rs.dp_scope[d] == "all" else {}}
+    dp_tree = {"B": delta_N["B"], "K": delta_N["K"] if rs.dp_scope[d] == "all" else {}}
+    if rs.dp_levels[d] and jax.tree.leaves(dp_tree):  # a level that aggregates nothing releases nothing
         sums["dp"], norms_N = privacy.clipped_sums(dp_tree, weight_N, parent_N, P, clip_N)
     return sums, norms_N
 
