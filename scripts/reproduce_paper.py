@@ -67,7 +67,13 @@ ABLATIONS = {  # name -> (algorithm, overrides)
 }
 # Not a default method: with k_agg=mean the residual candidates are never used, so it
 # is worldlm_mean bit for bit (the first table printed the same row twice).
-EXTRA = {"worldlm_mean_nores": ("worldlm", ["policy.k_agg=mean", "algorithm.residuals=none"])}
+EXTRA = {"worldlm_mean_nores": ("worldlm", ["policy.k_agg=mean", "algorithm.residuals=none"]),
+         # residual candidates with a logit bias: a fixed share of K from related federations
+         "worldlm_resbias": ("worldlm", ["policy.residual_bias=5.0"]),
+         # the same method without the middle level (families -> languages under the root)
+         "worldlm_nofamily": ("worldlm", []),
+         "hierfavg_nofamily": ("hierfavg", [])}
+FLATTEN_MIDDLE = ("worldlm_nofamily", "hierfavg_nofamily")
 METHODS = BASELINES + tuple(ABLATIONS)
 KNOWN = METHODS + tuple(EXTRA)
 # mechanism -> (with it, without it): the verdicts table compares these pairs seed by seed
@@ -80,6 +86,9 @@ MECHANISMS = {
     "personalised attention vs mean": ("worldlm_personal", "worldlm_mean"),
     "personalised attention vs FedPer": ("worldlm_personal", "fedper"),
     "residuals vs none": ("worldlm", "worldlm_nores"),
+    "residuals with bias 5 vs none": ("worldlm_resbias", "worldlm_nores"),
+    "family level vs none (WorldLM)": ("worldlm", "worldlm_nofamily"),
+    "family level vs none (HierFAVG)": ("hierfavg", "hierfavg_nofamily"),
     "sharing vs local": ("worldlm", "local"),
 }
 DP_METHODS = ("fedavg", "worldlm", "worldlm_mean", "worldlm_nores")
@@ -219,6 +228,14 @@ SCENARIOS = {
 }
 
 
+def without_middle_level(tree: dict) -> dict:
+    """Root -> families -> languages becomes root -> languages (each family's
+    children lifted to the root, their policies unchanged)."""
+    if not all("children" in f for f in tree["children"]):
+        raise SystemExit("worldlm_nofamily / hierfavg_nofamily need a tree with a middle level (--scenario families)")
+    return dict(tree, children=[lang for family in tree["children"] for lang in family["children"]])
+
+
 def make_tree(kind: str, clients: int, languages: Sequence[str], swap: bool = False) -> dict:
     if kind == "language":
         return configs.language_tree(clients=clients, languages=languages)
@@ -261,6 +278,8 @@ def method_config(base: Config, method: str, dp: dict | None = None, dp_level: s
     """The config of one method: `base` plus the algorithm (and DP) overrides only."""
     algorithm, extra = {**ABLATIONS, **EXTRA}.get(method, (method, []))
     config = apply_overrides(base, [f"algorithm.name={algorithm}", *extra])
+    if method in FLATTEN_MIDDLE:
+        config = dataclasses.replace(config, tree=without_middle_level(config.tree))
     if dp and dp_level == "federations":
         # the root clips and noises its children's updates; nothing below it does
         # (an explicit no-DP policy on the children, which would inherit the root's)
@@ -379,6 +398,42 @@ def eval_curve(workdir: str) -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
+def diagnostics(workdir: str, config: Config) -> dict:
+    """Per level, averaged over rounds: the attention entropy against uniform,
+    the weight on residual candidates and on the parent, the cosine between
+    children of the same federation and of different ones, and the children's
+    K-delta norm (levels that report them: where children's K are scored)."""
+    from worldlm_jax.metrics import read_metrics
+    from worldlm_jax.topology import build_topology
+
+    topo = build_topology(config.tree, root_policy=config.policy)
+    records = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "train_loss" in r]
+    out = {}
+    for d in range(topo.depth):
+        entropy = [np.mean(r[f"level{d}/attention_entropy"]) for r in records if f"level{d}/attention_entropy" in r]
+        if not entropy:
+            continue
+        level = {"attention_entropy": float(np.mean(entropy)),
+                 "residual_weight": float(np.mean([np.mean(r.get(f"level{d}/attention_residual", 0.0))
+                                                   for r in records])),
+                 "parent_weight": float(np.mean([np.mean(r.get(f"level{d}/attention_parent", 0.0)) for r in records])),
+                 "k_delta_norm": float(np.mean([np.mean(r[f"level{d}/child_k_delta_norm"]) for r in records
+                                                if f"level{d}/child_k_delta_norm" in r]))}
+        parent = topo.client_parent if d == topo.depth - 1 else topo.levels[d + 1].parent
+        sims = [np.asarray(r[f"level{d}/child_similarity"]) for r in records if f"level{d}/child_similarity" in r]
+        if sims and d == topo.depth - 1 and sims[0].shape[0] != len(parent):  # client slots, sampled: by slot
+            parent = topo.with_slot_multiple(1).slot_parent
+        if sims and sims[0].shape[0] == len(parent):
+            sim = np.mean(sims, axis=0)
+            live = np.abs(np.diag(sim)) > 0.5  # children that ever took part (cosine with itself: 1)
+            same = (parent[:, None] == parent[None, :]) & ~np.eye(len(parent), dtype=bool) & live[:, None] & live
+            other = (parent[:, None] != parent[None, :]) & live[:, None] & live
+            level["cos_same_federation"] = float(sim[same].mean()) if same.any() else None
+            level["cos_other_federations"] = float(sim[other].mean()) if other.any() else None
+        out[f"level{d}"] = level
+    return out
+
+
 def method_result(summary: dict) -> dict:
     ev = summary["eval"]
     per_level = summary.get("bytes_communicated", {}) or {}
@@ -489,6 +544,16 @@ def format_table(results: dict, reference: str = "worldlm") -> str:
             row.append(_fmt(m["epsilon"]) if m.get("epsilon") is not None else "-")
         lines.append("| " + " | ".join(row) + " |")
     table = "\n".join(lines) + "\n"
+    diag = {name: m["diagnostics"] for name, m in methods.items() if m.get("diagnostics")}
+    if diag:
+        table += ("\n| method (seed 0) | level | attention entropy | residual weight | parent weight | "
+                  "cos same federation | cos other federations | K-delta norm |\n|---|---|---|---|---|---|---|---|\n")
+        f = lambda x: "-" if x is None else f"{x:.3f}"
+        for name, levels in diag.items():
+            for level, v in levels.items():
+                table += (f"| {name} | {level} | {f(v['attention_entropy'])} | {f(v['residual_weight'])} | "
+                          f"{f(v['parent_weight'])} | {f(v.get('cos_same_federation'))} | "
+                          f"{f(v.get('cos_other_federations'))} | {f(v['k_delta_norm'])} |\n")
     if results.get("verdicts"):
         rows = ["", "| mechanism | with / without | ppl(without) / ppl(with) | call |", "|---|---|---|---|"]
         for name, v in results["verdicts"].items():
@@ -572,6 +637,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
               f"{len(workdirs)} seed(s) -> {os.path.dirname(workdirs[0])}", flush=True)
         summaries = run_seeds(configs_by_seed, workdirs)
         results["methods"][name] = combine_seeds([method_result(s) for s in summaries])
+        diag = diagnostics(workdirs[0], configs_by_seed[0])
+        if diag:
+            results["methods"][name]["diagnostics"] = diag  # of seed 0
         curves[name] = mean_curve([eval_curve(w) for w in workdirs])
         m = results["methods"][name]
         print(f"           ppl {m['perplexity']:.3f} ± {m['perplexity_std']:.3f}  bpb {m['bits_per_byte']:.3f}  "

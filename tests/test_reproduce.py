@@ -156,3 +156,16 @@ def test_privacy_scenarios_spend_the_target_epsilon_where_they_say(rp):
     assert all(p.dp_noise_multiplier == 0.0 for p in tree.leaf.policies)
     with pytest.raises(SystemExit, match="needs a tree"):
         rp.method_config(orgs, "fedavg", dp, "federations")
+
+
+def test_family_level_ablation_lifts_languages_to_the_root(rp):
+    from worldlm_jax.topology import build_topology
+
+    base = rp.base_config("tiny", "language", [], scenario="families")
+    with_families = build_topology(rp.method_config(base, "worldlm").tree)
+    without = build_topology(rp.method_config(base, "worldlm_nofamily").tree)
+    assert with_families.depth == 3 and without.depth == 2
+    assert list(without.levels[1].names) == list(with_families.levels[2].names)
+    assert without.client_names == with_families.client_names  # same clients, same data
+    with pytest.raises(SystemExit, match="middle level"):
+        rp.method_config(rp.base_config("tiny", "language", []), "worldlm_nofamily")
