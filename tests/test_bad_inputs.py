@@ -76,6 +76,14 @@ CASES = [
      ["client_lr", "-0.1", "> 0"]),
     ("unknown-k-agg", "an unknown key-layer rule", PLAN + ["--set", "policy.k_agg=max"], {},
      ["k_agg", "max", "attention"]),
+    ("personalized-on-some-leaves", "personal key layers in one leaf federation only",
+     PLAN + ["--set", "tree={name: w, children: [{name: a, clients: 2, sources: [man_en], policy: {k_agg: "
+                      "personalized}}, {name: b, clients: 2, sources: [man_de]}]}"], {},
+     ["k_agg=personalized", "not on b", "every federation"]),
+    ("flat-baseline-mixed-sampling", "a flat baseline over federations that sample differently",
+     PLAN + ["--set", "algorithm.name=fedavg", "--set", "tree={name: w, children: [{name: a, clients: 2, "
+                      "sources: [man_en], policy: {sampling: poisson, clients_per_round: 1}}, {name: b, "
+                      "clients: 2, sources: [man_de]}]}"], {}, ["sample clients in different ways", "one sampling mode"]),
     ("dp-noise-without-clip", "DP noise without a clip norm", PLAN + ["--set", "policy.dp_noise_multiplier=1.0"], {},
      ["dp_clip", "finite clip"]),
     ("bad-delta", "a DP delta of 2", PLAN + ["--set", "privacy.target_delta=2"], {}, ["target_delta", "0 < delta < 1"]),
