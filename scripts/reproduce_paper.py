@@ -18,6 +18,7 @@ rerun skips finished methods), and the script writes
 Usage:
     python scripts/reproduce_paper.py --budget small --scenario mixed --out runs/paper_mixed
     python scripts/reproduce_paper.py --budget small --out runs/paper_small --seeds 1   # the first table (iid)
+    python scripts/reproduce_paper.py --summarize runs/paper_mixed runs/paper_families   # verdicts x scenarios
     python scripts/reproduce_paper.py --budget small --out runs/paper_swap --swap
     python scripts/reproduce_paper.py --budget small --out runs/paper_dp --dp
     python scripts/reproduce_paper.py --budget small --out runs/x --methods worldlm,fedavg --set policy.tau=1
@@ -590,7 +591,33 @@ def parse_args(argv: Sequence[str] | None):
     return p.parse_args(argv)
 
 
+def summarize(out_dirs: Sequence[str]) -> str:
+    """One verdict per mechanism and scenario, from finished OUT dirs
+    (their results.json): ppl(without) / ppl(with), mean ± std over seeds, and the call."""
+    scenarios = {}
+    for out in out_dirs:
+        with open(os.path.join(out, "results.json")) as f:
+            r = json.load(f)
+        scenarios[r.get("scenario", out)] = r.get("verdicts", {})
+    names = [n for n in MECHANISMS if any(n in v for v in scenarios.values())]
+    lines = ["| mechanism | " + " | ".join(scenarios) + " |", "|---|" + "---|" * len(scenarios)]
+    for name in names:
+        cells = []
+        for v in scenarios.values():
+            if name in v:
+                x = v[name]
+                mark = {"better": " **helps**", "worse": " **hurts**"}.get(x["call"], "")
+                cells.append(f"{x['ratio']:.3f} ± {x['ratio_std']:.3f}{mark}")
+            else:
+                cells.append("-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
+    if argv is None and sys.argv[1:2] == ["--summarize"] or argv and argv[0] == "--summarize":
+        print(summarize((sys.argv[2:] if argv is None else argv[1:])))
+        return {}
     args = parse_args(argv)
     command = "python scripts/reproduce_paper.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))

@@ -57,6 +57,10 @@ def test_tiny_end_to_end(rp, tmp_path):
     ratios = [f["perplexity"] / r["perplexity"] for f, r in zip(on_disk["methods"]["fedavg"]["seeds"], w["seeds"])]
     assert fed_cells[header.index("ppl / worldlm ppl")].startswith(f"{sum(ratios) / 2:.3f} ± ")
     assert on_disk["verdicts"]["WorldLM vs FedAvg"]["ratio"] == pytest.approx(sum(ratios) / 2)
+    v = on_disk["verdicts"]["WorldLM vs FedAvg"]
+    row = [line for line in rp.summarize([str(out)]).splitlines() if line.startswith("| WorldLM vs FedAvg")]
+    assert row == [f"| WorldLM vs FedAvg | {v['ratio']:.3f} ± {v['ratio_std']:.3f}"
+                   + {"better": " **helps**", "worse": " **hurts**"}.get(v["call"], "") + " |"]
     assert (out / "perplexity.png").stat().st_size > 0
 
     # A rerun skips finished runs and reproduces the same numbers.
