@@ -582,6 +582,8 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--swap", action="store_true",
                    help="wrong hierarchy: man_ru under romance, man_fr under slavic; each method runs on the "
                         "correct and the swapped family tree (rows <method> and <method>@swapped)")
+    p.add_argument("--no-privacy", action="store_true",
+                   help="a privacy scenario's setting without DP (the reference for what DP costs)")
     p.add_argument("--dp", action="store_true", help="client-level DP at the client-aggregating federations")
     p.add_argument("--dp-noise", type=float, default=0.5, help="DP noise multiplier z (with --dp)")
     p.add_argument("--dp-clip", type=float, default=1.0, help="DP per-client L2 clip (with --dp)")
@@ -646,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for suffix, swapped in variants:
         base = base_config(args.budget, tree, args.set, swap=swapped, clients=clients, scenario=args.scenario)
         dp_level = "clients"
-        if scenario.privacy is not None:
+        if scenario.privacy is not None and not args.no_privacy:
             dp, dp_level = privacy_policy(scenario.privacy, base), scenario.privacy.level
         for m in methods:
             config = method_config(base, m, dp, dp_level)
@@ -655,7 +657,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     results = {"methods": {}, "budget": args.budget, "scenario": args.scenario, "seeds": args.seeds,
                "tree": tree if args.scenario == "iid" else args.scenario, "command": command,
-               "swap": args.swap, "dp": dp, "privacy": dataclasses.asdict(scenario.privacy) if scenario.privacy else None,
+               "swap": args.swap, "dp": dp,
+               "privacy": dataclasses.asdict(scenario.privacy) if scenario.privacy and not args.no_privacy else None,
                "overrides": list(BUDGETS[args.budget].overrides) + args.set}
     curves = {}
     t0 = time.perf_counter()
