@@ -218,3 +218,19 @@ def test_training_under_a_target_epsilon_logs_privacy_every_round(tmp_path):
     final = summary["privacy"]["en"]
     assert final["epsilon"] == pytest.approx(eps[-1]) and final["rounds"] == 2
     assert final["epsilon"] > 15.0  # calibrated to the budget, not far below it
+
+
+@pytest.mark.parametrize("chunk", [0, 2])
+def test_dp_on_a_federation_that_aggregates_nothing_changes_nothing(chunk):
+    """Local training releases nothing, so a DP policy on its federation has
+    nothing to clip or noise: the run equals the one without DP (in chunks too)."""
+    from engine_helpers import assert_tree_equal, flat_tree, make_batches, make_spec, run, toy_params, topo
+
+    def local_run(**dp):
+        t = topo(flat_tree(5, local_steps=2, client_lr=0.3, **dp))
+        spec = make_spec(t, strategies.local_plan(), client_optimizer="test_sgd", chunk=chunk)
+        return run(strategies.make_strategy(spec), toy_params(2), make_batches(t, 2, seed=5))[0]
+
+    with_dp, without = local_run(dp_noise_multiplier=1.0, dp_clip=0.1), local_run()
+    assert_tree_equal((with_dp.clients, with_dp.levels[0].B, with_dp.levels[0].K),
+                      (without.clients, without.levels[0].B, without.levels[0].K))

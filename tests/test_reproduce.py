@@ -46,7 +46,8 @@ def test_tiny_end_to_end(rp, tmp_path):
         assert math.isfinite(m["perplexity"]) and m["perplexity"] > 1
 
     table = (out / "table.md").read_text()
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    methods_table = table.split("\n\n")[0]  # then diagnostics and verdicts, each its own table
+    rows = {line.split("|")[1].strip(): line for line in methods_table.splitlines() if line.startswith("| ")}
     assert {"method", "worldlm", "fedavg"} <= set(rows)
     cells = [c.strip() for c in rows["worldlm"].split("|")[1:-1]]
     header = [c.strip() for c in rows["method"].split("|")[1:-1]]
@@ -62,6 +63,8 @@ def test_tiny_end_to_end(rp, tmp_path):
     assert row == [f"| WorldLM vs FedAvg | {v['ratio']:.3f} ± {v['ratio_std']:.3f}"
                    + {"better": " **helps**", "worse": " **hurts**"}.get(v["call"], "") + " |"]
     assert (out / "perplexity.png").stat().st_size > 0
+    diag = on_disk["methods"]["worldlm"]["diagnostics"]  # the leaf federations attend over their clients
+    assert 0 < diag["level1"]["attention_entropy"] <= 1 and "| worldlm | level1 |" in table
 
     # A rerun skips finished runs and reproduces the same numbers.
     again = rp.main(argv)
