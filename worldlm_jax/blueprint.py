@@ -110,8 +110,13 @@ def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
     run_topology = definition.topology(topology)
     run_topology = run_topology.with_slot_multiple(mesh.shape[parallel.AXIS])  # slots shard over 'clients'
     if config.privacy.target_epsilon > 0:
-        run_topology = dp_ledger.calibrate(run_topology, config.privacy.target_epsilon, config.privacy.target_delta,
-                                           config.run.rounds, config.privacy.default_clip, config.privacy.accountant)
+        try:
+            run_topology = dp_ledger.calibrate(run_topology, config.privacy.target_epsilon,
+                                               config.privacy.target_delta, config.run.rounds,
+                                               config.privacy.default_clip, config.privacy.accountant,
+                                               config.privacy.level)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     key_paths = frozenset()
     if definition.uses_key_layers:
         mask = partition.key_layer_mask(params.keys(), algo.key_layers, model_config.n_layers)

@@ -245,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from worldlm_jax.checkpoint import CheckpointError
     from worldlm_jax.data.corpus import CorpusError
     from worldlm_jax.memory_plan import DoesNotFit
+    from worldlm_jax.releases import ReleaseError
     from worldlm_jax.topology import TopologyError
 
     try:
@@ -257,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DoesNotFit as e:
         print(f"worldlm {args.command}: error: {e}", file=sys.stderr)
         return EXIT_DOES_NOT_FIT
-    except (CliError, ConfigError, TopologyError, CheckpointError, CorpusError, distributed.DistributedError) as e:
+    except (CliError, ConfigError, TopologyError, ReleaseError, CheckpointError, CorpusError,
+            distributed.DistributedError) as e:
         print(f"worldlm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:

@@ -136,6 +136,9 @@ class PrivacyConfig:
     target_delta: float = 1e-5
     accountant: str = "rdp"  # rdp | pld
     default_clip: float = 1.0  # clip norm for calibrated federations that set none
+    # which federations target_epsilon turns DP on at: clients (those aggregating clients: client-level
+    # DP, as flat baselines get), federations (those aggregating federations), or all
+    level: str = "clients"
 
     def __post_init__(self):
         if self.target_epsilon < 0:
@@ -146,6 +149,8 @@ class PrivacyConfig:
             raise ConfigError(f"privacy.accountant={self.accountant!r}; allowed: rdp, pld")
         if not self.default_clip > 0:
             raise ConfigError(f"privacy.default_clip={self.default_clip}; expected > 0")
+        if self.level not in ("clients", "federations", "all"):
+            raise ConfigError(f"privacy.level={self.level!r}; allowed: clients, federations, all")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,15 +70,40 @@ def step_all(topology: Topology, accountants: dict) -> None:
             accountants[name].step(releases_per_root_round(topology, d, i))
 
 
+LEVELS = ("clients", "federations", "all")  # what privacy.level protects under a target epsilon
+
+
+def protected_levels(topology: Topology, level: str) -> tuple[int, ...]:
+    """The tree levels whose federations release under `privacy.level`: the
+    federations that aggregate clients (`clients`: client-level DP, what a flat
+    baseline's one federation gives, so trees and flat baselines compare at the
+    same guarantee), those that aggregate federations (`federations`:
+    organisation-level DP), or both (`all`: each client *and* each federation
+    protected; a flat tree has no federation of federations to add)."""
+    if level not in LEVELS:
+        raise ValueError(f"privacy.level={level!r}; allowed: {', '.join(LEVELS)}")
+    leaf = topology.depth - 1
+    if level == "clients":
+        return (leaf,)
+    if level == "federations":
+        if leaf == 0:
+            raise ValueError("privacy.level=federations: this tree (or the flat one the strategy trains on) has no "
+                             "federation of federations; use privacy.level: clients")
+        return tuple(range(leaf))
+    return tuple(range(leaf + 1))
+
+
 def calibrate(topology: Topology, target_epsilon: float, target_delta: float, root_rounds: int,
-              default_clip: float = 1.0, accountant: str = "rdp") -> Topology:
-    """Turn DP on for every federation without a DP policy of its own, with the
-    smallest noise multiplier that keeps the whole run within (epsilon, delta)."""
+              default_clip: float = 1.0, accountant: str = "rdp", level: str = "clients") -> Topology:
+    """Turn DP on for every federation of the `level` it protects
+    (`protected_levels`) without a DP policy of its own, with the smallest
+    noise multiplier that keeps the whole run within (epsilon, delta)."""
+    protected = protected_levels(topology, level)
     levels = []
     for d, lvl in enumerate(topology.levels):
         policies = []
         for i, policy in enumerate(lvl.policies):
-            if policy.dp_noise_multiplier == 0:
+            if policy.dp_noise_multiplier == 0 and d in protected:
                 kind, rate, population = sampling_of(topology, d, i)
                 releases = releases_per_root_round(topology, d, i) * root_rounds
                 try:
@@ -95,15 +120,29 @@ def calibrate(topology: Topology, target_epsilon: float, target_delta: float, ro
     return dataclasses.replace(topology, levels=tuple(levels))
 
 
-def report(topology: Topology, accountants: dict) -> dict:
+def report(topology: Topology, accountants: dict, plan=None) -> dict:
+    """Per DP federation: (epsilon, delta) so far and what they cover: its
+    `level`, the `unit` protected (a client, or a child federation with all its
+    clients) and, given the run's plan, the `parts` its release carries."""
     out = {}
     for d, i, name, policy in _nodes(topology):
         if name in accountants:
             acc = accountants[name]
             out[name] = {"epsilon": acc.epsilon(policy.dp_delta), "delta": policy.dp_delta,
                          "noise_multiplier": policy.dp_noise_multiplier, "clip": policy.dp_clip,
-                         "sampling_rate": acc.sampling_rate, "rounds": acc.rounds}
+                         "sampling_rate": acc.sampling_rate, "rounds": acc.rounds,
+                         "level": d, "unit": "client" if d == topology.depth - 1 else "federation"}
+            if plan is not None:
+                out[name]["parts"] = released_parts(plan, d, policy)
     return out
+
+
+def released_parts(plan, d: int, policy) -> str:
+    """The parameter parts a DP federation at level d releases through its noise."""
+    parts = ["B"] if "B" in plan.aggregate[d] else []
+    if "K" in plan.aggregate[d] and policy.dp_scope == "all" and policy.k_agg != "local":
+        parts.append("K")
+    return "+".join(parts) or "none"
 
 
 def exceeding(topology: Topology, accountants: dict, target_epsilon: float) -> list[str]:

@@ -89,12 +89,15 @@ def learning_rate_metrics(rs: RoundStatics, st: RoundPolicies) -> dict:
 
 
 def fed_round(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, batch: RoundBatch, active_P, key):
-    """One round of every level-d federation with its children."""
+    """One round of every level-d federation with its children. The round's
+    key is split, never folded with constants: the children's work and the
+    level's aggregation draw from keys no other draw of the round uses."""
+    work_key, aggregate_key = jax.random.split(key)
     if d == rs.topo.depth - 1:
-        state, metrics, kids = slots.clients_work(rs, st, state, batch, active_P, jax.random.fold_in(key, 3_000_017))
+        state, metrics, kids = slots.clients_work(rs, st, state, batch, active_P, work_key)
     else:
-        state, metrics, kids = federations_work(rs, st, d, state, batch, active_P, key)
-    new_level, agg_metrics = aggregate(rs, st, d, state, kids, active_P, jax.random.fold_in(key, 1_000_003 + d))
+        state, metrics, kids = federations_work(rs, st, d, state, batch, active_P, work_key)
+    new_level, agg_metrics = aggregate(rs, st, d, state, kids, active_P, aggregate_key)
     if d == rs.topo.depth - 1 and rs.plan.personal_keys:
         state = slots.personalize(rs, st, state, kids, new_level.K, batch.slot_client)
     agg_metrics["rounds"] = active_P.astype(jnp.float32)
@@ -111,8 +114,9 @@ def federations_work(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineS
     lvl = state.levels[d]
     child_level = state.levels[d + 1]
     parent = st.parents[d + 1]
-    sampled = sample_children(jax.random.fold_in(key, 2_000_003 + d), parent, st.children_per_round[d],
-                              st.poisson_children[d], topo.children_count(d))
+    sample_key, rounds_key = jax.random.split(key)
+    sampled = sample_children(sample_key, parent, st.children_per_round[d], st.poisson_children[d],
+                              topo.children_count(d))
     active_child = active_P[parent] & sampled
     for part in PARTS:
         if part in plan.broadcast[d]:
@@ -120,7 +124,7 @@ def federations_work(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineS
             child_level = child_level._replace(
                 **{part: tree_ops.where_rows(active_child, sent, getattr(child_level, part))})
     state = _with_level(state, d + 1, child_level)
-    state, metrics = run_rounds(rs, st, d + 1, state, batch, active_child, key)
+    state, metrics = run_rounds(rs, st, d + 1, state, batch, active_child, rounds_key)
     child_level = state.levels[d + 1]
     weight = jnp.where(active_child, st.node_weight[d + 1], 0.0)
     # level d itself does not change while its children run
@@ -138,12 +142,12 @@ def run_rounds(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, 
                active_parent_P, key):
     """Level-d federations each run their own number of rounds (scan)."""
     def body(state, xs):
-        r, sub_batch = xs
+        r, sub_batch, round_key = xs
         active = active_parent_P & (r < st.rounds[d])
-        return fed_round(rs, st, d, state, sub_batch, active, jax.random.fold_in(key, r))
+        return fed_round(rs, st, d, state, sub_batch, active, round_key)
 
     n = level_rounds(rs.topo)[d - 1]
-    state, metrics = jax.lax.scan(body, state, (jnp.arange(n), batch))
+    state, metrics = jax.lax.scan(body, state, (jnp.arange(n), batch, jax.random.split(key, n)))
     return state, _reduce_rounds(metrics)
 
 

@@ -11,11 +11,14 @@ Shapes: N children, P federations of the level, (P,) arrays per federation.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from worldlm_jax import aggregation, aggregators, privacy, tree_ops
 from worldlm_jax.plan import PARTS, Params, split_parts
+from worldlm_jax.policy import K_AGG_MODES
 from worldlm_jax.policy_arrays import RoundPolicies
 from worldlm_jax.statics import RoundStatics
 from worldlm_jax.state import Children, EngineState, LevelState
@@ -61,10 +64,26 @@ def sum_children(rs: RoundStatics, st: RoundPolicies, d: int, delta_N: dict, wei
                                            num_segments=P) if streamed["B"] else jnp.zeros(P),
             "objective": tree_ops.weighted_sum(report_N, weight_N, parent_N, P) if report_N else {}}
     norms_N = jnp.zeros(weight_N.shape, jnp.float32)
-    dp_tree = {"B": delta_N["B"], "K": delta_N["K"] if rs.dp_scope[d] == "all" else {}}
-    if rs.dp_levels[d] and jax.tree.leaves(dp_tree):  # a level that aggregates nothing releases nothing
-        sums["dp"], norms_N = privacy.clipped_sums(dp_tree, weight_N, parent_N, P, clip_N)
+    if rs.dp_levels[d]:
+        dp_tree = released_deltas(rs, st, d, delta_N, parent_N)
+        if jax.tree.leaves(dp_tree):  # a level that aggregates nothing releases nothing
+            if dp_tree["B"] and dp_tree["K"] and "K" not in rs.plan.broadcast[d]:
+                sums["dp"], norms_N = privacy.clipped_part_sums(dp_tree, weight_N, parent_N, P, clip_N)
+            else:
+                sums["dp"], norms_N = privacy.clipped_sums(dp_tree, weight_N, parent_N, P, clip_N)
     return sums, norms_N
+
+
+def released_deltas(rs: RoundStatics, st: RoundPolicies, d: int, delta_N: dict, parent_N) -> dict:
+    """{"B": ..., "K": ...}: what level d's DP federations clip and noise. B
+    where the level aggregates it; K where it aggregates K and `dp_scope` is
+    `all`, as zeros under a federation whose K stays its own (`k_agg: local`
+    releases no K, so its children's K deltas must not take clip budget)."""
+    if rs.dp_scope[d] != "all" or not delta_N["K"]:
+        return {"B": delta_N["B"], "K": {}}
+    keeps_own_N = (st.attention[d].mode == K_AGG_MODES.index("local"))[parent_N]
+    return {"B": delta_N["B"], "K": tree_ops.where_rows(keeps_own_N, jax.tree.map(jnp.zeros_like, delta_N["K"]),
+                                                        delta_N["K"])}
 
 
 def aggregate(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, kids: Children, active_P, key):
@@ -95,25 +114,44 @@ def aggregate(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, k
     return lvl, metrics
 
 
+class DpRelease(NamedTuple):
+    """What a level's DP federations release this round."""
+    is_dp_P: jax.Array  # (P,) the federation clips (and maybe noises): its release replaces the plain mean
+    noised_P: jax.Array  # (P,) it adds noise: the release runs at every active round, even with no participant
+    mean: dict  # {"B": ..., "K": ...} the noised means of the clipped deltas
+
+
+def applies(total_P, active_P, dp: DpRelease | None):
+    """(P,) where a level's aggregate is applied: active federations that heard
+    from a child, and active noised DP federations whatever took part (the
+    mechanism the accountant analyses releases every round, an empty sum
+    included: skipping it would release "nobody took part" without noise)."""
+    heard = total_P > 0
+    return active_P & (heard | dp.noised_P) if dp is not None else active_P & heard
+
+
 def dp_release(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelState, kids: Children, active_P, key):
     """The DP federations' noised means of the clipped child deltas. Returns
-    ((is_dp_P, noisy {B, K}), the next clip norm, metrics)."""
+    (DpRelease, the next clip norm, metrics)."""
     clip_P = clip_norm(rs, st, d, lvl)
+    noise_key, count_key = jax.random.split(key)  # the update's noise and the clip count's: never the same draw
     stats = privacy.dp_stats(kids.dp_norm_N, kids.weight_N, kids.parent_N, rs.topo.levels[d].size, clip_P)
-    noisy = privacy.dp_release(kids.sums["dp"], stats.count_P, clip_P, st.dp_noise[d], st.dp_expected[d], key)
+    noisy = privacy.dp_release(kids.sums["dp"], stats.count_P, clip_P, st.dp_noise[d], st.dp_expected[d], noise_key)
     metrics = {}
     new_clip = lvl.clip
     if rs.adaptive_levels[d]:
         participate = (kids.weight_N > 0).astype(jnp.float32)
         moved = privacy.adaptive_clip_update(
             privacy.adaptive_clip_init(clip_P), stats.norms_N, participate, kids.parent_N, st.dp_target_quantile[d],
-            st.dp_clip_lr[d], st.dp_count_std[d], jax.random.fold_in(key, 7), expected_count_P=st.dp_expected[d])
+            st.dp_clip_lr[d], st.dp_count_std[d], count_key, expected_count_P=st.dp_expected[d])
         adaptive = st.dp_clip_lr[d] > 0
-        new_clip = jnp.where(adaptive & active_P & (stats.count_P > 0), moved.clip, lvl.clip)
+        # the count is released with noise whoever took part: the clip moves at every active round
+        new_clip = jnp.where(adaptive & active_P & ((stats.count_P > 0) | (st.dp_noise[d] > 0)), moved.clip,
+                             lvl.clip)
         metrics["dp_clip"] = new_clip
     metrics["dp_clipped_fraction"] = stats.clipped_fraction_P
     is_dp = (st.dp_noise[d] > 0) | jnp.isfinite(st.dp_clip[d])
-    return (is_dp, noisy), new_clip, metrics
+    return DpRelease(is_dp, st.dp_noise[d] > 0, noisy), new_clip, metrics
 
 
 def aggregate_backbone(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelState, kids: Children, mean_B,
@@ -128,9 +166,8 @@ def aggregate_backbone(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelSt
             combined = combine(kids.B_N, kids.weight_N, kids.parent_N, P, st.aggregator_args[d])
             mean_B = tree_ops.where_rows(st.aggregator_choice[d] == k, combined, mean_B)
     if dp is not None:
-        is_dp, noisy = dp
-        mean_B = tree_ops.where_rows(is_dp, noisy["B"], mean_B)
-    apply = active_P & (total_P > 0)
+        mean_B = tree_ops.where_rows(dp.is_dp_P, dp.mean["B"], mean_B)
+    apply = applies(total_P, active_P, dp)
     new_B, new_server = aggregation.server_update(lvl.B, mean_B, lvl.server, rs.server_txs[d], st.server_choice[d],
                                                   st.server_lr[d], apply)
     metrics = {"update_norm": jnp.sqrt(tree_ops.row_sq_norms(mean_B)) if mean_B else jnp.zeros(P)}
@@ -159,11 +196,11 @@ def aggregate_keys(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelState,
             residual_K_M=lvl.residual_K if res_mask is not None else None,
             residual_mask_PxM=jnp.asarray(res_mask) if res_mask is not None else None,
             parent_K_P=parent_K, residual_dim=rs.plan.residual_dim, robust=rs.robust_keys[d])
-    if dp is not None and rs.dp_scope[d] == "all":
-        is_dp, noisy = dp
-        stepped = tree_ops.add(lvl.K, tree_ops.scale_rows(st.attention[d].eta, noisy["K"]))
-        attended = tree_ops.where_rows(is_dp, stepped, attended)
-    new_K = tree_ops.where_rows(active_P & (total_P > 0), attended, lvl.K)
+    keeps_own = st.attention[d].mode == K_AGG_MODES.index("local")
+    if dp is not None and rs.dp_scope[d] == "all":  # K released: its noised mean, never attention over raw K
+        stepped = tree_ops.add(lvl.K, tree_ops.scale_rows(st.attention[d].eta, dp.mean["K"]))
+        attended = tree_ops.where_rows(dp.is_dp_P & ~keeps_own, stepped, attended)
+    new_K = tree_ops.where_rows(applies(total_P, active_P, dp) & ~keeps_own, attended, lvl.K)
     residual = info.residual_weight_PxM
     metrics = {"attention_parent": info.parent_weight_P,
                "attention_residual": jnp.sum(residual, axis=1) if residual.size else jnp.zeros(P)}

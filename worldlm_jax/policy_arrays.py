@@ -64,7 +64,8 @@ def round_policies(topo: Topology, total_rounds: int = 1, objective: str = "none
         count = topo.children_count(d).astype(np.float32)
         if d == D - 1:
             cpr = topo.leaf.policy_array("clients_per_round", np.float32)
-            count = np.where(cpr > 0, np.minimum(cpr, count), count)
+            sampled = np.array([p.sampling != "full" for p in topo.leaf.policies])  # under full every client trains
+            count = np.where(sampled & (cpr > 0), np.minimum(cpr, count), count)
         else:
             count = topo.federations_sampled(d).astype(np.float32)
         per_round.append(jnp.asarray(count, jnp.int32))

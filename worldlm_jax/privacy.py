@@ -62,14 +62,15 @@ def clip_updates(updates_N: Tree, clip_N: jax.Array) -> tuple[Tree, jax.Array]:
 
 
 def leaf_keys(key: jax.Array, tree: Tree) -> Tree:
-    """One PRNG key per leaf: fold_in(key, leaf index in flatten order).
+    """One PRNG key per leaf: `split(key, leaves)`, in flatten order.
 
     Depends only on the tree structure (dict keys flatten sorted), never on
     leaf values, so two same-shaped leaves get independent noise and the
-    noise is reproducible from the key alone.
+    noise is reproducible from the key alone. Split, not `fold_in(key, i)`:
+    a fold-in with a small index is what any other use of `key` might fold in.
     """
     leaves, treedef = jax.tree.flatten(tree)
-    return jax.tree.unflatten(treedef, [jax.random.fold_in(key, i) for i in range(len(leaves))])
+    return jax.tree.unflatten(treedef, list(jax.random.split(key, max(len(leaves), 1))[:len(leaves)]))
 
 
 def gaussian_noise(key: jax.Array, like_tree_P: Tree, std_P: jax.Array) -> Tree:
@@ -122,6 +123,32 @@ def clipped_sums(updates_N: Tree, participate_N: jax.Array, parent_N: jax.Array,
     masked = jax.tree.map(lambda x: jnp.where(_bcast(w_N, x), x, 0.0), clipped)
     sums_P = jax.tree.map(lambda x: jax.ops.segment_sum(x, parent_N, num_segments=n_parents), masked)
     return sums_P, norms_N
+
+
+def clipped_part_sums(parts_N: dict, participate_N: jax.Array, parent_N: jax.Array, n_parents: int,
+                      clip_N: jax.Array) -> tuple[dict, jax.Array]:
+    """`clipped_sums` with each part ({"B": tree, "K": tree}) clipped on its own
+    to a share of the clip, clip * sqrt(share), shares proportional to the
+    parts' sizes (summing to 1): a row's joint norm stays within `clip`, so the
+    sensitivity, the noise and the accounting are those of `clipped_sums`,
+    while a large part cannot scale the other down to nothing. For levels
+    whose K "delta" is the distance between two states that drift apart (K
+    aggregated there but never broadcast down), not an update. The norm
+    returned per row is max over parts of norm / sqrt(share): > clip exactly
+    where some part was clipped (what clipped fractions and adaptive clipping
+    count)."""
+    sizes = {name: sum(x[0].size for x in jax.tree.leaves(tree)) for name, tree in parts_N.items()}
+    total = sum(sizes.values())
+    sums, norms_N = {}, jnp.zeros(participate_N.shape, f32)
+    for name, tree in parts_N.items():
+        if not sizes[name]:
+            sums[name] = tree
+            continue
+        root_share = (sizes[name] / total) ** 0.5
+        sums[name], part_N = clipped_sums(tree, participate_N, parent_N, n_parents,
+                                          jnp.asarray(clip_N, f32) * root_share)
+        norms_N = jnp.maximum(norms_N, part_N / root_share)
+    return sums, norms_N
 
 
 def dp_stats(norms_N: jax.Array, participate_N: jax.Array, parent_N: jax.Array, n_parents: int,

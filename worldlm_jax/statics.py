@@ -8,7 +8,7 @@ import dataclasses
 
 import optax
 
-from worldlm_jax import aggregators, objectives, optimizers
+from worldlm_jax import aggregators, objectives, optimizers, releases
 from worldlm_jax.objectives import ClientObjective
 from worldlm_jax.plan import EngineSpec, Plan, level_kinds, residual_mask, server_kinds
 from worldlm_jax.policy import ATTENDING
@@ -43,6 +43,7 @@ class RoundStatics:
 def round_statics(spec: EngineSpec) -> RoundStatics:
     topo, plan = spec.topology, spec.plan
     plan.validate(topo.depth)
+    releases.check(spec)  # nothing leaves a DP federation but through its release
     D = topo.depth
     dp_scope = []
     for d, lvl in enumerate(topo.levels):

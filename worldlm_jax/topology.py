@@ -258,6 +258,12 @@ def build_topology(spec: Mapping[str, Any], known_sources: Sequence[str] | None 
                 visit(child, depth + 1, index, policy, path + [str(child_name)], ancestry | {id(node)})
             return
         n, sources, split = _leaf_data(node, where, known_sources)
+        if policy.sampling == "full" and policy.clients_per_round is not None and policy.clients_per_round < n:
+            # every client trains under `full`: a smaller count would be silently ignored, and under DP
+            # the release would divide by it (a step clients / clients_per_round times too large)
+            raise TopologyError(f"{where}: policy field 'clients_per_round' = {policy.clients_per_round} with "
+                                f"sampling=full, under which all {n} clients train; set sampling: fixed or poisson "
+                                "to sample that many, or drop clients_per_round")
         leaf_depths.add(depth)
         leaf_split.append(split)
         clients.extend((f"{name}/{c}", index, sources) for c in range(n))
