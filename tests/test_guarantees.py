@@ -192,3 +192,16 @@ def test_a_flat_tree_has_no_federations_level_to_protect():
         dp_ledger.calibrate(flat, 8.0, 1e-5, 10, level="federations")
     calibrated = dp_ledger.calibrate(flat, 8.0, 1e-5, 10, level="clients")
     assert calibrated.levels[0].policies[0].dp_noise_multiplier > 0
+
+
+def test_per_child_diagnostics_average_over_the_rounds_the_child_took_part_in():
+    """Nested rounds: a child absent from a round (its diagnostics are 0 there)
+    does not pull its average down."""
+    norm = jnp.asarray([[2.0, 4.0, 0.0], [6.0, 0.0, 0.0]])  # (rounds, children)
+    present = jnp.asarray([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    cos = jnp.ones((2, 3, 3)) * present[:, :, None] * present[:, None, :] * 0.5
+    out = engine._reduce_rounds({"level1/child_k_delta_norm": norm, "level1/child_present": present,
+                                 "level1/child_similarity": cos, "level1/rounds": jnp.ones((2, 1))})
+    np.testing.assert_allclose(np.asarray(out["level1/child_k_delta_norm"]), [4.0, 4.0, 0.0])
+    np.testing.assert_allclose(np.asarray(out["level1/child_similarity"])[:2, :2], 0.5)
+    np.testing.assert_allclose(np.asarray(out["level1/child_present"]), [2.0, 1.0, 0.0])

@@ -10,8 +10,10 @@ import pytest
 from dp_accounting import pld, rdp
 from hypothesis import given, settings, strategies as st
 
-from worldlm_jax import accounting, privacy_policy
+from worldlm_jax import accounting, dp_ledger
 from worldlm_jax import privacy as P
+from worldlm_jax.policy import TopologyError
+from worldlm_jax.topology import build_topology
 
 KEY = jax.random.key(0)
 
@@ -191,40 +193,28 @@ def test_calibrate_noise_hits_target(target):
 
 
 # ----------------------------------------------------------------- policies
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(clip=0.0), "clip=0.0"), (dict(clip=-1.0), "clip=-1.0"),
-    (dict(noise_multiplier=-0.5), "noise_multiplier=-0.5"),
-    (dict(delta=0.0), "delta=0.0"), (dict(delta=1.5), "delta=1.5"),
-    (dict(clip=math.inf), "clip=inf"), (dict(sampling="bernoulli"), "sampling='bernoulli'"),
-    (dict(accountant="moments"), "accountant='moments'"),
-    (dict(sampling="fixed", accountant="pld"), "accountant='pld'"),
+@pytest.mark.parametrize("fields, named", [
+    (dict(dp_clip=0.0), "'dp_clip' = 0.0"), (dict(dp_clip=-1.0), "'dp_clip' = -1.0"),
+    (dict(dp_noise_multiplier=-0.5), "'dp_noise_multiplier' = -0.5"),
+    (dict(dp_delta=0.0), "'dp_delta' = 0.0"), (dict(dp_delta=1.5), "'dp_delta' = 1.5"),
+    (dict(dp_noise_multiplier=1.0), "'dp_clip' = inf"),
 ])
-def test_bad_policy_names_federation_and_value(kwargs, field):
-    with pytest.raises(ValueError, match=f"federation 'eu-west'.*{field}".replace("(", r"\(")):
-        privacy_policy.PrivacyPolicy(name="eu-west", **kwargs)
+def test_bad_policy_names_federation_and_value(fields, named):
+    with pytest.raises(TopologyError, match=f"federation 'eu-west'.*{named}"):
+        build_topology({"name": "root", "children": [{"name": "eu-west", "clients": 2, "sources": ["s"],
+                                                      "policy": fields}]})
 
 
 def test_unreachable_target_names_federation_and_target():
-    policy = privacy_policy.PrivacyPolicy(name="asia", target_epsilon=1e-4)
+    topology = build_topology({"name": "asia", "clients": 2, "sources": ["s"]})
     with pytest.raises(ValueError, match="federation 'asia'.*target_epsilon=0.0001.*unreachable"):
-        policy.calibrate(sampling_rate=1.0, rounds=1000)
-    ok = privacy_policy.PrivacyPolicy(name="asia", target_epsilon=2.0, sampling="full").calibrate(1.0, 10)
-    assert accounting.epsilon_after(ok.noise_multiplier, 1.0, 10, ok.delta, sampling="full") <= 2.0
-
-
-def test_stack_policies_marks_no_dp_federations():
-    arrays = privacy_policy.stack_policies(
-        [None, privacy_policy.PrivacyPolicy("eu", noise_multiplier=1.0, clip=0.5, adaptive_clip=True)],
-        expected_counts=[4, 40])
-    assert arrays.clip[0] == np.inf and arrays.noise_multiplier[0] == 0
-    assert arrays.clip_lr[0] == 0 and arrays.clip_lr[1] == pytest.approx(0.2)
-    assert arrays.count_stddev[1] == pytest.approx(2.0)
-    assert arrays.noise_multiplier[1] == pytest.approx(P.split_noise_multiplier(1.0, 2.0))
+        dp_ledger.calibrate(topology, 1e-4, 1e-5, 1000)
+    ok = dp_ledger.calibrate(topology, 2.0, 1e-5, 10).levels[0].policies[0]
+    assert accounting.epsilon_after(ok.dp_noise_multiplier, 1.0, 10, ok.dp_delta, sampling="full") <= 2.0
 
 
 def test_federation_accountant_round_trip_and_budget_stop():
-    policy = privacy_policy.PrivacyPolicy("eu", noise_multiplier=1.0, clip=1.0)
-    acc = privacy_policy.accountant_for(policy, sampling_rate=0.1)
+    acc = accounting.FederationAccountant("eu", 1.0, 0.1)
     acc.step()
     acc.step(4)
     back = accounting.FederationAccountant.from_dict(json.loads(json.dumps(acc.to_dict())))

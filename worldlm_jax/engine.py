@@ -158,7 +158,7 @@ def _with_level(state: EngineState, d: int, level: LevelState) -> EngineState:
 
 
 _ADDITIVE = ("train_loss_sum", "train_clients", "tokens", "diverged", "rounds", "participants", "dropped",
-             "stragglers", "attackers")
+             "stragglers", "attackers", "child_present")
 
 
 _PER_CHILD = ("child_similarity", "child_k_delta_norm")  # indexed by the level's children, not its nodes
@@ -167,14 +167,18 @@ _PER_CHILD = ("child_similarity", "child_k_delta_norm")  # indexed by the level'
 def _reduce_rounds(metrics):
     """Nested rounds: counts add up; per-node values average over the rounds
     in which that node was active (its `level{d}/rounds` mask); per-child
-    diagnostics average over the rounds."""
+    diagnostics over the rounds in which that child took part (a pair's
+    similarity: in which both did; `level{d}/child_present`)."""
     out = {}
     for k, v in metrics.items():
         level, _, name = k.rpartition("/")
         if name in _ADDITIVE:
             out[k] = jnp.sum(v, axis=0)
         elif name in _PER_CHILD:
-            out[k] = jnp.mean(v, axis=0)
+            present = metrics[f"{level}/child_present"]  # (rounds, N)
+            if v.ndim == 3:  # (rounds, N, N)
+                present = present[:, :, None] * present[:, None, :]
+            out[k] = jnp.sum(v * present, axis=0) / jnp.maximum(jnp.sum(present, axis=0), 1.0)
         else:
             active = metrics[f"{level}/rounds"]
             active = active.reshape(active.shape + (1,) * (v.ndim - active.ndim))

@@ -209,6 +209,7 @@ def aggregate_keys(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelState,
     if info.child_entropy_P is not None:  # diagnostics where the children's K were seen
         metrics["attention_entropy"] = info.child_entropy_P
         metrics["child_k_delta_norm"] = info.delta_norm_N
+        metrics["child_present"] = (kids.weight_N > 0).astype(jnp.float32)  # what per-child averages count
         if info.child_similarity_NxN is not None:
             metrics["child_similarity"] = info.child_similarity_NxN
     return lvl._replace(K=new_K), metrics

@@ -15,7 +15,7 @@ sensitivity of the released mean is clip / expected_count whoever took part.
 
 What that costs in epsilon is the host's business: `accounting.py` (dp_accounting,
 noise calibration, per-federation ledgers); validated per-federation settings
-are in `privacy_policy.py`.
+are `Policy` fields (policy.py), stacked per level by `policy_arrays.round_policies`.
 """
 from __future__ import annotations
 
