@@ -21,6 +21,23 @@ def yaml_file(text):
     return {"bad.yaml": textwrap.dedent(text)}
 
 
+def run_with_steps(*steps):
+    """Writes a healthy run dir: tiny's config.yaml and checkpoints of `steps` (a small state)."""
+    def write(path):
+        import jax.numpy as jnp
+
+        from worldlm_jax import configs
+        from worldlm_jax.checkpoint import Checkpointer
+        from worldlm_jax.config import save_yaml
+
+        path.mkdir(parents=True, exist_ok=True)
+        save_yaml(configs.load("tiny"), str(path / "config.yaml"))
+        with Checkpointer(path) as ckpt:
+            for step in steps:
+                ckpt.save(step, {"w": jnp.zeros(2)}, {"round": step}, force=True)
+    return write
+
+
 # (id, what the user did, argv (in a tmp dir holding `files`), files, words the one-line message must contain)
 CASES = [
     ("unknown-preset", "a preset that does not exist", ["plan", "--config", "tinny", "--no-compile"], {},
@@ -130,6 +147,14 @@ CASES = [
      ["train", "--config", "tiny", "--workdir", "run", "--quiet", "--set", "data.max_bytes_per_source=3000",
       "--set", "tree={name: w, children: [{name: a, clients: 8, sources: [man_en, fortunes_en], "
                "split: dirichlet, alpha: 0.01}]}"], {}, ["client 'a/", "too few", "seq_len"]),
+    ("eval-step-never-saved", "evaluating a step a healthy run never saved",
+     ["eval", "--workdir", "run", "--step", "1"], {"run": run_with_steps(2, 3)},
+     ["step 1 was never saved", "available steps: [2, 3]"]),
+    ("nonfinite-state", "a run whose state turns non-finite (a scale attack of 1e30)",
+     ["train", "--config", "tiny", "--workdir", "run", "--quiet", "--set",
+      "tree={name: w, children: [{name: en, clients: 2, sources: [man_en]}]}", "--set", "policy.attack=scale",
+      "--set", "policy.attackers=1", "--set", "policy.attack_args={factor: 1.0e+30}"], {},
+     ["round 0", "federation 'en' (level 1, w/en)", "non-finite"]),
 ]
 
 
@@ -137,7 +162,10 @@ def run_cli(argv, tmp_path, files):
     for name, text in files.items():
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        if callable(text):  # a case's own directory (e.g. a run dir), written by it
+            text(path)
+        else:
+            path.write_text(text)
     out, err = io.StringIO(), io.StringIO()
     cwd = os.getcwd()
     os.chdir(tmp_path)

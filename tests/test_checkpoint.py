@@ -98,6 +98,21 @@ def test_missing_checkpoint_and_step_are_reported(tmp_path, run):
         restore(run[0], step=9)
 
 
+@pytest.mark.parametrize("call", ["saved_shapes", "restore", "verify"])
+def test_a_step_never_saved_is_named_as_such_not_as_damage(run, call):
+    """`worldlm eval --step 3` on a healthy run whose step 3 was never saved: eval reads
+    the saved shapes first. Nothing is damaged, so nothing may be moved or deleted."""
+    workdir, _ = run
+    with Checkpointer(workdir) as ck, pytest.raises(CheckpointError) as err:
+        getattr(ck, call)(step=3)
+    message = str(err.value)
+    assert "step 3 was never saved" in message and "available steps: [1, 2]" in message, message
+    assert not re.search(r"corrupt|damaged|delete|\bmv\b|rm -", message), message
+    assert isinstance(err.value, ckpt_lib.CheckpointStepNotSavedError) and err.value.steps == [1, 2]
+    with Checkpointer(workdir) as ck:
+        assert ck.all_steps() == [1, 2] and ck.good_steps() == [2, 1]  # both still there and intact
+
+
 def _truncate(path):
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2)

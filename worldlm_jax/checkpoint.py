@@ -61,11 +61,13 @@ import jax
 import orbax.checkpoint as ocp
 
 from worldlm_jax.fingerprints import (SET_ASIDE_SUFFIX, CheckpointCorruptError, CheckpointError,
-                                      CheckpointMismatchError, LeafFingerprint, _canonical_json, _check_structure,
-                                      _check_values, _describe, _sha256, fingerprint, leaf_paths)
+                                      CheckpointMismatchError, CheckpointStepNotSavedError, LeafFingerprint,
+                                      _canonical_json, _check_structure, _check_values, _describe, _sha256,
+                                      fingerprint, leaf_paths)
 
 __all__ = [  # errors and fingerprints live in fingerprints.py; callers reach them here too
-    "Checkpointer", "CheckpointError", "CheckpointMismatchError", "CheckpointCorruptError", "LeafFingerprint",
+    "Checkpointer", "CheckpointError", "CheckpointMismatchError", "CheckpointCorruptError",
+    "CheckpointStepNotSavedError", "LeafFingerprint",
     "fingerprint", "leaf_paths", "FORMAT_VERSION", "SET_ASIDE_SUFFIX"]
 
 FORMAT_VERSION = 1
@@ -134,13 +136,23 @@ class Checkpointer:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
+    def check_saved(self, step: int | None = None) -> list[int]:
+        """The saved steps; raises CheckpointError when there are none, and
+        CheckpointStepNotSavedError when ``step`` is not one of them: a step that
+        was never saved is not a damaged one (nothing needs moving or deleting)."""
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"No checkpoint found in {self.directory}. Start a fresh run "
+                                  "or point the workdir at the run to resume.")
+        if step is not None and step not in steps:
+            raise CheckpointStepNotSavedError(step, self.directory, steps)
+        return steps
+
     def saved_shapes(self, step: int | None = None) -> dict[str, tuple[int, ...]]:
         """Shape of every saved leaf of ``step`` (default: the latest), by path, from
         the host record alone (no array is read): lets a caller restore a state
         whose layout depends on the device count onto another device count."""
-        steps = self.all_steps()
-        if not steps:
-            raise CheckpointError(f"No checkpoint found in {self.directory}.")
+        steps = self.check_saved(step)  # before reading: orbax calls a missing step unreadable
         try:
             payload = self._read_host_payload(steps[-1] if step is None else step)
         except CheckpointCorruptError as err:  # no abstract state here: a cheap check
@@ -174,10 +186,7 @@ class Checkpointer:
         does; the arrays land as ``abstract_state`` says, else as saved). Otherwise only
         the host record (with its checksum) is read and the device item's presence checked.
         """
-        steps = self.all_steps()
-        if step not in steps:
-            raise CheckpointError(f"No checkpoint for step {step} in {self.directory}; "
-                                  f"available steps: {steps}.")
+        self.check_saved(step)
         if deep:
             device_state, _ = self._restore_step(step, abstract_state)
             del device_state
@@ -240,15 +249,9 @@ class Checkpointer:
         and the next earlier step is tried; a structure mismatch (config change) is
         never skipped.
         """
-        steps = self.all_steps()
-        if not steps:
-            raise CheckpointError(f"No checkpoint found in {self.directory}. Start a fresh run "
-                                  "or point the workdir at the run to resume.")
+        steps = self.check_saved(step)
         if step is None:
             step = steps[-1]
-        if step not in steps:
-            raise CheckpointError(f"No checkpoint for step {step} in {self.directory}; "
-                                  f"available steps: {steps}.")
         if not fallback_to_previous:
             try:
                 return self._restore_step(step, abstract_state)

@@ -21,6 +21,13 @@ class CliError(Exception):
 
 
 EXIT_DOES_NOT_FIT = 3  # `plan` and `train`: the round cannot fit a device's memory
+EXIT_NONFINITE = 4  # `train` and `sweep`: a round left a federation's state NaN or Inf (run_loop.NonFiniteStateError)
+
+
+def _stopped_nonfinite(command: str, error: Exception) -> int:
+    """A run whose state broke: its one line (round, level, federation), like any CLI error."""
+    print(f"worldlm {command}: error: {error}", file=sys.stderr)
+    return EXIT_NONFINITE
 
 
 # ---- config -----------------------------------------------------------------------
@@ -122,7 +129,11 @@ def cmd_train(args) -> int:
         result = memory_check(config, args.device_memory)
         if not args.quiet and _primary():
             print(memory_line(result))
-    summary = train_lib.train(config, workdir, quiet=args.quiet, progress=not args.no_progress, **extra)
+    from worldlm_jax.run_loop import NonFiniteStateError
+    try:
+        summary = train_lib.train(config, workdir, quiet=args.quiet, progress=not args.no_progress, **extra)
+    except NonFiniteStateError as e:
+        return _stopped_nonfinite("train", e)
     # a callback's stop is the run's own decision, not an interruption to report as Ctrl-C
     code = 130 if summary.get("interrupted") and "stopped_by" not in summary else 0
     if not _primary():
@@ -187,6 +198,7 @@ def evaluate_run(workdir: str, split: str = "validation", step: int | None = Non
         latest = ckpt.latest_step()
         if latest is None:
             raise CliError(f"{workdir} has no checkpoint to evaluate; train it first")
+        ckpt.check_saved(step)  # a step never saved says so (and lists the saved ones) before data loads
         exp = train_lib.build_experiment(config)
         state, host = train_lib.restore_state(exp, ckpt, step)
     if split == "validation":
@@ -241,7 +253,11 @@ def cmd_sweep(args) -> int:
         say(sweep.markdown_table([k for k, _ in grid], rows), end="")
         say(f"wrote {os.path.join(args.workdir, 'sweep.md')}")
         return 0
-    rows = sweep.run_sweep(base, grid, args.workdir, quiet=args.quiet, progress=not args.no_progress, log=say)
+    from worldlm_jax.run_loop import NonFiniteStateError
+    try:  # the log names the point that was training
+        rows = sweep.run_sweep(base, grid, args.workdir, quiet=args.quiet, progress=not args.no_progress, log=say)
+    except NonFiniteStateError as e:
+        return _stopped_nonfinite("sweep", e)
     if not _primary():
         return 130 if any(r["status"] == "interrupted" for r in rows) else 0
     print(sweep.markdown_table([k for k, _ in grid], rows), end="")

@@ -30,6 +30,20 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or incomplete; the message says how to fix it."""
 
 
+class CheckpointStepNotSavedError(CheckpointError):
+    """The step asked for is not among the saved ones (never saved, or no longer
+    kept): nothing is damaged, so the message lists the steps there are."""
+
+    def __init__(self, step: int, directory: str, steps):
+        self.step, self.directory, self.steps = step, directory, list(steps)
+        super().__init__(f"Checkpoint step {step} was never saved in {directory} (or is no longer kept: a run "
+                         f"keeps its newest steps); available steps: {self.steps}. Ask for one of them "
+                         f"(worldlm eval --step N), or leave the step out for the latest ({self.steps[-1]}).")
+
+    def __reduce__(self):
+        return (CheckpointStepNotSavedError, (self.step, self.directory, self.steps))
+
+
 class CheckpointMismatchError(CheckpointError):
     """The checkpoint's structure differs from the requested one (the config changed)."""
 

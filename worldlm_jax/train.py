@@ -25,12 +25,13 @@ from worldlm_jax.experiment import (Experiment, Prefetcher, _put, batch_sharding
 from worldlm_jax.records import (_total_bytes, describe_eval, format_table, per_federation, round_record,
                                  write_plots)
 from worldlm_jax.run_dirs import check_resumable
-from worldlm_jax.run_loop import RunLoop
+from worldlm_jax.run_loop import NonFiniteStateError, RunLoop
 
 __all__ = [  # defined in experiment and records, reached as `train.` by callers
     "train", "Experiment", "Prefetcher", "build_experiment", "make_batch", "_put", "place_state", "restore_state",
     "local_slots", "batch_sharding", "describe_eval", "per_federation", "round_record", "write_plots",
-    "format_table", "_total_bytes", "prepare_backend", "configure_devices", "check_resumable"]
+    "format_table", "_total_bytes", "prepare_backend", "configure_devices", "check_resumable",
+    "NonFiniteStateError"]
 # check_resumable (run_dirs): ConfigError naming the differing fields when a workdir holds
 # checkpoints of a run with another config; resuming it would silently mix hyper-parameters
 
@@ -82,6 +83,9 @@ def train(config: Config | str, workdir: str, quiet: bool = False, progress: boo
     `config`: a Config, a preset name or a YAML path. `callbacks`: Callback
     instances (or registered names) run after those named in run.callbacks.
     Refuses (ConfigError) a workdir whose checkpoints belong to another config.
+    Raises NonFiniteStateError (run_loop) when a round leaves a federation's state
+    NaN or Inf: metrics.jsonl has the rounds so far, no checkpoint holds that state
+    and no summary is written.
     """
     configure_devices()
     config, hooks = _load(config, workdir, callbacks)

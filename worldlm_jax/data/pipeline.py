@@ -1,20 +1,22 @@
 """From a topology to client token streams and per-round fixed-shape batches.
 
 Sources of a leaf federation -> documents -> split into its clients (iid or
-Dirichlet) -> tokenised train/validation streams per client. Each round, the
-host samples the participating clients of every leaf federation (full, fixed
-size or Poisson, from a round-indexed RNG) and cuts fixed-shape windows.
+Dirichlet) -> each client's validation text held out -> a tokenizer trained on
+the training text only -> tokenised train/validation streams per client. Each
+round, the host samples the participating clients of every leaf federation
+(full, fixed size or Poisson, from a round-indexed RNG) and cuts fixed-shape
+windows.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import NamedTuple, Sequence
 
 import numpy as np
 
 from worldlm_jax.data import federated, tfds_builder
-from worldlm_jax.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, get_tokenizer
+from worldlm_jax.data.tokenizer import (ByteTokenizer, SentencePieceTokenizer, get_tokenizer, training_digest,
+                                        training_lines)
 from worldlm_jax.topology import Topology
 
 
@@ -58,20 +60,113 @@ def leaf_documents(topology: Topology, max_bytes: int = 0, data_dir: str = ""):
 
 def make_tokenizer(name: str, texts: Sequence[str], cache_dir: str, seed: int = 0):
     """`byte`, a SentencePiece model path, or `spm:VOCAB` (trained once on `texts`
-    and cached by a hash of the training text, so reruns reuse it)."""
+    and cached under a digest of exactly the lines it is trained on, so reruns
+    reuse it and a model trained on other text, e.g. before validation was held
+    out, never is)."""
     if name == "byte":
         return ByteTokenizer()
     if name.startswith("spm:"):
         vocab = int(name.split(":", 1)[1])
-        digest = hashlib.sha256()
-        for t in texts:
-            digest.update(t.encode("utf-8", "replace"))
-        path = os.path.join(cache_dir, f"spm_{vocab}_{digest.hexdigest()[:12]}.model")
+        path = tokenizer_cache_path(texts, vocab, cache_dir, seed)
         if os.path.exists(path):
             return SentencePieceTokenizer.load(path)
         os.makedirs(cache_dir, exist_ok=True)
         return SentencePieceTokenizer.train(texts, vocab, path, seed=seed)
     return get_tokenizer(name)
+
+
+def tokenizer_cache_path(texts: Sequence[str], vocab: int, cache_dir: str, seed: int = 0) -> str:
+    """Where `spm:VOCAB` trained on `texts` is cached: keyed on the trainer's input lines."""
+    lines = training_lines(texts, SentencePieceTokenizer.MAX_LINES, seed)
+    return os.path.join(cache_dir, f"spm_{vocab}_{training_digest(lines, vocab)[:16]}.model")
+
+
+# ---- validation first, in text ------------------------------------------------
+class ClientText(NamedTuple):
+    """One client's text split into training and validation, before any tokenizer
+    exists (so a tokenizer trained on `train` never saw validation text). Pieces
+    are (text, followed by a document end); only a document cut in two by the
+    tail split has a piece without its end."""
+
+    train: list
+    validation: list
+
+    def train_texts(self) -> list[str]:
+        return [text for text, _ in self.train if text]
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def split_validation(docs: Sequence[str], val_fraction: float, seed: int, *, seq_len: int,
+                     name: str = "client") -> ClientText:
+    """Hold out about val_fraction of a client's text (UTF-8 bytes) for validation.
+
+    Whole documents (picked with `seed`), so validation is text the model and the
+    tokenizer never saw; when that cannot leave both sides seq_len + 1 bytes
+    (few or very unequal documents), the tail of the client's text (its documents
+    in order), cut at a character boundary. With byte tokens this is exactly the
+    split `federated.make_client_data` makes on tokens.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction} for {name}")
+    need = seq_len + 1
+    sizes = [_utf8_len(doc) + 1 for doc in docs]  # + the document end
+    total = sum(sizes)
+    val_docs: set[int] = set()
+    val_size = 0
+    for i in np.random.default_rng(seed).permutation(len(docs)):
+        if val_size >= max(val_fraction * total, need):
+            break
+        val_docs.add(int(i))
+        val_size += sizes[i]
+    if total - val_size >= need and val_size >= need:
+        return ClientText([(d, True) for i, d in enumerate(docs) if i not in val_docs],
+                          [(docs[i], True) for i in sorted(val_docs)])
+    n_val = max(int(np.ceil(val_fraction * total)), need)
+    if total - n_val < need:
+        raise ValueError(f"{name} has {total} bytes of text: too few for a train and a validation stream "
+                         f"of at least seq_len + 1 = {need} tokens each (give it more documents or use a "
+                         "shorter seq_len)")
+    return _tail_split(docs, sizes, total - n_val)
+
+
+def _tail_split(docs: Sequence[str], sizes: Sequence[int], cut: int) -> ClientText:
+    """Bytes [0, cut) of the documents (each followed by its end) train, the rest
+    validates; a document the cut falls in is split at the character boundary at
+    or before it (validation grows by at most 3 bytes)."""
+    start = 0
+    for k, size in enumerate(sizes):
+        if cut < start + size:
+            break
+        start += size
+    raw = docs[k].encode("utf-8")
+    offset = cut - start  # in [0, len(raw)]: at len(raw) the cut falls before the document end
+    while offset > 0 and offset < len(raw) and (raw[offset] & 0xC0) == 0x80:
+        offset -= 1  # a UTF-8 continuation byte: step back to its character's start
+    head, tail = raw[:offset].decode("utf-8"), raw[offset:].decode("utf-8")
+    return ClientText([(d, True) for d in docs[:k]] + [(head, False)],
+                      [(tail, True)] + [(d, True) for d in docs[k + 1:]])
+
+
+def _stream(pieces, tokenizer) -> np.ndarray:
+    eos = np.array([tokenizer.eos_id], np.int32)
+    parts = [part for text, end in pieces
+             for part in ((tokenizer.encode(text).astype(np.int32), eos) if end else
+                          (tokenizer.encode(text).astype(np.int32),))]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int32)
+
+
+def client_data(text: ClientText, tokenizer, *, seq_len: int, name: str = "client") -> federated.ClientData:
+    """A client's split text -> its train/validation token streams."""
+    data = federated.ClientData(_stream(text.train, tokenizer), _stream(text.validation, tokenizer))
+    need = seq_len + 1
+    if len(data.train) < need or len(data.validation) < need:  # only a tokenizer that merges bytes
+        raise ValueError(f"{name} has {len(data.train)} training and {len(data.validation)} validation tokens "
+                         f"after tokenising: each needs at least seq_len + 1 = {need} (give it more documents, "
+                         "raise data.val_fraction or use a shorter seq_len)")
+    return data
 
 
 def prepare(topology: Topology, tokenizer_name: str, seq_len: int, val_fraction: float, seed: int,
@@ -86,13 +181,17 @@ def prepare(topology: Topology, tokenizer_name: str, seq_len: int, val_fraction:
                                           labels=labels.tolist() if len(set(labels.tolist())) > 1 else None)
         for client, indices in zip(members, parts):
             client_docs[client] = [docs[i] for i in indices]
-    train_texts = [d for docs in client_docs for d in docs]
+    # validation first: the tokenizer is trained on what the clients train on, nothing else
+    texts = [split_validation(docs, val_fraction, seed + c, seq_len=seq_len,
+                              name=f"client '{topology.client_names[c]}'")
+             for c, docs in enumerate(client_docs)]
+    train_texts = [t for text in texts for t in text.train_texts()]
     cache = cache_dir or os.path.expanduser("~/.cache/worldlm_jax/tokenizers")
     tokenizer = make_tokenizer(tokenizer_name, train_texts, cache, seed)
-    clients = [federated.make_client_data(docs, tokenizer, val_fraction, seed + c, seq_len=seq_len,
-                                          name=f"client '{topology.client_names[c]}'")
-               for c, docs in enumerate(client_docs)]
-    sample = train_texts[:: max(1, len(train_texts) // 200)]
+    clients = [client_data(text, tokenizer, seq_len=seq_len, name=f"client '{topology.client_names[c]}'")
+               for c, text in enumerate(texts)]
+    val_texts = [t for text in texts for t, _ in text.validation if t]
+    sample = val_texts[:: max(1, len(val_texts) // 200)]  # bits per byte are measured on validation text
     bpt = federated_bytes_per_token(tokenizer, sample)
     return FederatedData(clients, tokenizer, bpt)
 

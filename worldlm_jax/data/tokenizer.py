@@ -8,6 +8,7 @@ that want shorter sequences. Both expose the same small API:
 """
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
@@ -59,7 +60,7 @@ def _sentencepiece():
     return sentencepiece
 
 
-def _training_lines(texts: Iterable[str], max_lines: int, seed: int) -> list[str]:
+def training_lines(texts: Iterable[str], max_lines: int, seed: int) -> list[str]:
     """Non-empty lines of texts, subsampled with an explicit seed.
 
     SentencePiece's BPE trainer is deterministic given its input, so the seed
@@ -72,8 +73,28 @@ def _training_lines(texts: Iterable[str], max_lines: int, seed: int) -> list[str
     return lines
 
 
+# What the trainer is given besides its lines (see SentencePieceTokenizer.train): part
+# of a cached model's key, so a change here never reuses a model trained otherwise.
+_TRAINER_OPTIONS = dict(model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+                        remove_extra_whitespaces=False, user_defined_symbols=["\n"], character_coverage=0.9995,
+                        unk_id=0, bos_id=-1, eos_id=1, pad_id=-1)
+
+
+def training_digest(lines: Sequence[str], vocab_size: int) -> str:
+    """SHA-256 (hex) of exactly what a SentencePiece model is trained from: its
+    lines (length-prefixed: ["ab", "c"] and ["a", "bc"] differ), the vocabulary
+    size and the trainer's options."""
+    digest = hashlib.sha256(repr((sorted(_TRAINER_OPTIONS.items()), int(vocab_size))).encode())
+    for line in lines:
+        raw = line.encode("utf-8", "surrogatepass")
+        digest.update(len(raw).to_bytes(8, "little") + raw)
+    return digest.hexdigest()
+
+
 class SentencePieceTokenizer:
     """SentencePiece BPE with byte fallback, so any text round-trips exactly."""
+
+    MAX_LINES = 200_000  # lines the trainer sees at most (a seeded subsample beyond)
 
     def __init__(self, model_proto: bytes, path: str | None = None):
         spm = _sentencepiece()
@@ -84,24 +105,19 @@ class SentencePieceTokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, model_path: str | Path, seed: int = 0,
-              max_lines: int = 200_000) -> "SentencePieceTokenizer":
+              max_lines: int = MAX_LINES) -> "SentencePieceTokenizer":
         """Train BPE offline on texts and save the model to model_path."""
         spm = _sentencepiece()
-        lines = _training_lines(texts, max_lines, seed)
+        lines = training_lines(texts, max_lines, seed)
         if not lines:
             raise ValueError("SentencePieceTokenizer.train got no non-empty text")
         model = io.BytesIO()
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
-            model_type="bpe",
-            byte_fallback=True,  # unseen characters become bytes instead of <unk>
-            normalization_rule_name="identity",  # exact round trip: no NFKC
-            remove_extra_whitespaces=False,
-            user_defined_symbols=["\n"],  # lines are trained separately; keep newlines as a token
-            character_coverage=0.9995,
-            unk_id=0, bos_id=-1, eos_id=1, pad_id=-1,
-            minloglevel=2,
-        )
+            sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, minloglevel=2,
+            # byte_fallback: unseen characters become bytes instead of <unk>; identity
+            # normalisation: an exact round trip (no NFKC); "\n" a symbol: lines are
+            # trained separately, newlines stay a token
+            **_TRAINER_OPTIONS)
         path = Path(model_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(model.getvalue())
