@@ -155,6 +155,28 @@ CASES = [
       "tree={name: w, children: [{name: en, clients: 2, sources: [man_en]}]}", "--set", "policy.attack=scale",
       "--set", "policy.attackers=1", "--set", "policy.attack_args={factor: 1.0e+30}"], {},
      ["round 0", "federation 'en' (level 1, w/en)", "non-finite"]),
+    # nothing leaves a DP federation but through its release (worldlm_jax/releases.py)
+    ("dp-personal-keys", "personal key layers in a DP federation",
+     PLAN + ["--set", "policy.k_agg=personalized", "--set", "policy.dp_noise_multiplier=1.0", "--set",
+             "policy.dp_clip=1.0"], {}, ["federation 'en'", "k_agg=personalized", "no DP release"]),
+    ("dp-scope-backbone-with-key-layers", "DP on the backbone only while the key layers are aggregated",
+     PLAN + ["--set", "policy.dp_scope=backbone", "--set", "policy.dp_clip=1.0"], {},
+     ["federation 'world'", "dp_scope=backbone", "k_agg=attention", "dp_scope: all"]),
+    ("dp-residuals-across-a-dp-release", "sibling residuals under a DP federation of federations",
+     PLAN + ["--set", "tree.policy.dp_noise_multiplier=1.0", "--set", "tree.policy.dp_clip=1.0"], {},
+     ["federation 'world'", "algorithm.residuals=siblings", "algorithm.residuals: none"]),
+    ("dp-stateful-objective", "a stateful client objective in a DP federation",
+     ["--plugin", os.path.join(ROOT, "scripts", "examples", "scaffold.py")] + PLAN
+     + ["--set", "algorithm.client_objective=scaffold", "--set", "policy.dp_clip=1.0"], {},
+     ["federation 'en'", "algorithm.client_objective=scaffold", "stateless objective"]),
+    ("full-sampling-fewer-clients", "clients_per_round below the client count under sampling: full",
+     PLAN + ["--set", "policy.clients_per_round=1"], {}, ["'clients_per_round' = 1", "sampling=full",
+                                                          "sampling: fixed or poisson"]),
+    ("unknown-privacy-level", "a privacy level that does not exist", PLAN + ["--set", "privacy.level=orgs"], {},
+     ["privacy.level='orgs'", "clients, federations, all"]),
+    ("privacy-level-without-federations", "organisation-level DP for a flat baseline",
+     PLAN + ["--set", "algorithm.name=fedavg", "--set", "privacy.target_epsilon=8", "--set",
+             "privacy.level=federations"], {}, ["privacy.level=federations", "privacy.level: clients"]),
 ]
 
 

@@ -173,7 +173,7 @@ def run_summary(exp: Experiment, config, rounds_completed: int, final: dict, com
         "parameters": int(sum(np.prod(v.shape) for v in exp.init_params.values())),
         "bytes_communicated": (_total_bytes(os.path.join(workdir, metrics_lib.METRICS_FILE))
                                if distributed.is_primary() else {}),
-        "privacy": dp_ledger.report(exp.run_topology, accountants),
+        "privacy": dp_ledger.report(exp.run_topology, accountants, exp.spec.plan),  # with level, unit, parts
         "key_layer_parameters": int(sum(np.prod(exp.init_params[p].shape) for p in exp.spec.key_paths)),
     }
 
@@ -255,4 +255,13 @@ def format_table(summary: dict) -> str:
              f"{'federation':<{width}} perplexity"]
     lines += [f"{name:<{width}} {ppl:10.3f}" for name, ppl in ev["per_federation"].items()]
     lines.append(f"{'overall':<{width}} {ev['perplexity']:10.3f}   ({ev['bits_per_byte']:.3f} bits/byte)")
+    lines += [privacy_line(name, rep) for name, rep in summary.get("privacy", {}).items()]
     return "\n".join(lines)
+
+
+def privacy_line(name: str, rep: dict) -> str:
+    """What one federation's epsilon covers: its level, the unit it protects, the parts it releases."""
+    unit = {"client": "each client", "federation": "each child federation"}.get(rep.get("unit"), "its children")
+    parts = f", releasing {rep['parts']}" if "parts" in rep else ""
+    return (f"DP {name} (level {rep.get('level', '?')}): epsilon {rep['epsilon']:.3g} at delta {rep['delta']:g} "
+            f"for {unit}{parts}")

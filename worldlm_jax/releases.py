@@ -111,7 +111,7 @@ def _residual_paths(spec: EngineSpec) -> list[Path]:
                     out.append(Path(d, topo.levels[d].names[f], "residuals", False,
                                     f"federation {topo.levels[d].names[f]!r} (dp_noise_multiplier="
                                     f"{policy.dp_noise_multiplier}, dp_clip={policy.dp_clip}): "
-                                    f"algorithm.residuals={plan.residuals} shares {names[i]!r}'s K with {names[j]!r} "
+                                    f"algorithm.residuals={plan.residuals} shares the K of {names[i]!r} with {names[j]!r} "
                                     "outside its DP release; set algorithm.residuals: none, or drop the DP fields"))
     return out
 
