@@ -44,8 +44,12 @@ ATTACKS = {  # name: (attack, its arguments)
 def scenarios() -> list[tuple[str, str, dict]]:
     """(scenario, aggregator, leaf-federation policy)."""
     out = [("clean", rule, {}) for rule in RULES]
-    out += [("nan_10pct", "mean", {"attack": "nan", "attackers": 1}),
-            ("dropout_10pct", "mean", {"dropout": 0.1}),
+    # NaN clients under every rule: the engine gives them weight 0, but the stacked rules see
+    # their rows and must select them away (issue 20: multi_krum and geometric_median did not)
+    nan = {"attack": "nan", "attackers": 1}
+    out += [("nan_10pct", rule, nan) for rule in RULES]
+    out += [("nan_10pct", "multi_krum, robust_attention", {**nan, "k_agg": "robust_attention"})]
+    out += [("dropout_10pct", "mean", {"dropout": 0.1}),
             ("stragglers_30pct", "mean", {"stragglers": 0.3})]
     for name, (attack, args) in ATTACKS.items():
         for rule in ("mean", "median", "multi_krum", "median, robust_attention", "multi_krum, robust_attention"):

@@ -194,6 +194,22 @@ def test_residual_candidates_matter_only_where_masked_in():
     assert np.all(np.asarray(info_c.residual_weight_PxM) == 0)
 
 
+def test_a_residual_candidate_no_node_may_attend_may_hold_nan():
+    """A masked-out candidate enters the weighted sum with weight 0, so it is
+    masked to 0 before the product (0 * NaN would poison every node)."""
+    rng, node, child, w = setup(4)
+    res = stacked(rng, P)
+    mask = jnp.array([[True, False], [True, False]])  # candidate 1: nobody's
+    out, _ = attend(node, child, w, policy(0, tau=1.0), residual_K_M=res, residual_mask_PxM=mask)
+    poisoned = {p: v.copy() for p, v in res.items()}
+    for v in poisoned.values():
+        v[1] = np.nan
+    out_p, info = attend(node, child, w, policy(0, tau=1.0), residual_K_M=poisoned, residual_mask_PxM=mask)
+    for p in out:  # the candidate is 0 in both programs: the same numbers exactly
+        np.testing.assert_array_equal(out_p[p], out[p], err_msg=p)
+    assert np.all(np.isfinite(np.asarray(info.residual_weight_PxM)))
+
+
 def test_parent_candidate_in_attention_mode():
     rng, node, child, w = setup(5)
     parent = {p: node[p] + 0.3 * rng.normal(size=node[p].shape).astype(np.float32) for p in node}

@@ -4,6 +4,11 @@ All functions are pure and work on stacked flat parameter dicts (`{path: array}`
 with a leading node axis). Shapes: N children (client slots or federations of
 the level below), P aggregating nodes, M residual candidates, G key groups
 (one per key transformer block: attention weights are computed per block).
+
+A child of weight 0 (absent, padding, diverged) may hold anything, NaN and Inf
+included: every rule masks its row (`jnp.where`, `tree_ops.zero_absent_rows`)
+before any product or sum over children, never multiplies it by its 0 weight
+(0 * NaN is NaN), and reports 0 for it in the diagnostics.
 """
 from __future__ import annotations
 
@@ -67,7 +72,7 @@ class AttentionInfo(NamedTuple):
     # diagnostics (None where no child K is seen: the streamed mean)
     child_entropy_P: jax.Array | None = None  # entropy of the weights over children / log(#children), mean over groups
     child_similarity_NxN: jax.Array | None = None  # cosine of children's K deltas, mean over groups
-    delta_norm_N: jax.Array | None = None  # |K_child - K_node| per child
+    delta_norm_N: jax.Array | None = None  # |K_child - K_node| per child (0 for absent children)
 
 
 ADAPTIVE_MIN_SPREAD = 1e-3  # floor of the similarity spread adaptive attention divides by
@@ -176,7 +181,10 @@ def attend_keys(
     over all candidates of the node. Mode `mean` drops the similarity and the
     non-child candidates (the weighted mean, HierFAVG on K); mode `local` keeps
     K_n. Residuals and the parent are never the query: the query is the
-    weighted mean of the children's deltas. Math in float32.
+    weighted mean of the children's deltas. Math in float32. Children with
+    weight 0 may hold anything (NaN included): their deltas are set to 0 before
+    every product, so they change no node's K, weights or diagnostics; so are
+    residual candidates that no attending node may use.
 
     `robust` (static: some node's mode is 3, robust attention): those nodes
     first bound each child's delta by the median norm of its participating
@@ -196,7 +204,8 @@ def attend_keys(
     P = node_K_P[paths[0]].shape[0]
     w_N = child_weight_N.astype(jnp.float32)
 
-    delta_N = tree_ops.sub(child_K_N, tree_ops.gather(node_K_P, child_parent_N))
+    # an absent child's K may be NaN: select it away before any product (median norm, dots, Gram)
+    delta_N = tree_ops.zero_absent_rows(tree_ops.sub(child_K_N, tree_ops.gather(node_K_P, child_parent_N)), w_N)
     if robust:  # some node's rule is robust_attention (static: the plain rules pay nothing)
         delta_N = _bounded_by_median_norm(delta_N, w_N, child_parent_N, P, policy.mode == 3)
     mean_P, total_P = tree_ops.weighted_mean(delta_N, w_N, child_parent_N, P)
@@ -221,9 +230,12 @@ def attend_keys(
     logit_R = logit_p = None
     # residual candidates: delta_nm = R_m - K_n, all from dot products
     if residual_K_M is not None and residual_mask_PxM is not None:
-        R = {p: residual_K_M[p].astype(jnp.float32) for p in paths}
+        allowed_PxM = residual_mask_PxM & attention
+        # a candidate no attending node may use enters `a_R @ R` with weight 0: it must not be NaN there
+        R = tree_ops.zero_absent_rows({p: residual_K_M[p].astype(jnp.float32) for p in paths},
+                                      jnp.any(allowed_PxM, axis=0).astype(jnp.float32))
         sim_R = _residual_similarity(similarity, R, K32, mean_P, dots, onehot, residual_dim)
-        allowed = residual_mask_PxM[:, :, None] & attention[:, :, None]
+        allowed = allowed_PxM[:, :, None]
         logit_R = jnp.where(allowed, sim_R * inv_tau[:, None, :]
                             + (ext_log_prior_P + policy.residual_bias)[:, None, None], -jnp.inf)
     if parent_K_P is not None:
@@ -243,10 +255,13 @@ def attend_keys(
 
 
 def _weighted_spread(sim_N, share_N, parent_N, P: int) -> jax.Array:
-    """(P, G) standard deviation of the children's similarities, weighted by data share."""
+    """(P, G) standard deviation of the children's similarities, weighted by data
+    share; children of share 0 are selected out (their similarity may be NaN)."""
     s = share_N[:, None]
-    mean_P = jax.ops.segment_sum(s * sim_N, parent_N, num_segments=P)
-    var_P = jax.ops.segment_sum(s * (sim_N - jnp.take(mean_P, parent_N, axis=0)) ** 2, parent_N, num_segments=P)
+    live = s > 0
+    mean_P = jax.ops.segment_sum(jnp.where(live, s * sim_N, 0.0), parent_N, num_segments=P)
+    dev = jnp.where(live, sim_N - jnp.take(mean_P, parent_N, axis=0), 0.0)
+    var_P = jax.ops.segment_sum(s * dev ** 2, parent_N, num_segments=P)
     return jnp.sqrt(jnp.maximum(var_P, 0.0))
 
 
@@ -254,20 +269,22 @@ def _diagnostics(delta_N: Params, a_N, w_N, parent_N, P: int, onehot):
     """Why attention chose what it chose: the entropy of each node's weights over
     its children (per key group, then averaged) against uniform (1 = the mean's
     weights for equal shares), the
-    children's pairwise cosine similarity, and each child's K-delta norm."""
+    children's pairwise cosine similarity, and each child's K-delta norm
+    (absent children: 0, whatever their K held)."""
     live_N = (w_N > 0).astype(jnp.float32)
     a = a_N * live_N[:, None]  # (N, G): per key group, renormalised over the children
     a = a / jnp.maximum(jnp.take(jax.ops.segment_sum(a, parent_N, num_segments=P), parent_N, axis=0), _EPS)
     ent_P = jnp.mean(jax.ops.segment_sum(-a * jnp.log(jnp.maximum(a, _EPS)), parent_N, num_segments=P), axis=1)
     n_P = jax.ops.segment_sum(live_N, parent_N, num_segments=P)
     entropy_P = jnp.where(n_P > 1, ent_P / jnp.log(jnp.maximum(n_P, 2.0)), 1.0)
-    norm_N = jnp.sqrt(jnp.maximum(tree_ops.row_sq_norms(delta_N), 0.0))
+    norm_N = jnp.where(w_N > 0, jnp.sqrt(jnp.maximum(tree_ops.row_sq_norms(delta_N), 0.0)), 0.0)
     similarity = None
     if a_N.shape[0] <= SIMILARITY_MATRIX_MAX:
         gram = _gram(delta_N, delta_N, onehot)  # (N, N, G)
         sq = jnp.maximum(jnp.diagonal(gram, axis1=0, axis2=1).T, 0.0)  # (N, G)
         cos = gram / jnp.sqrt(sq[:, None, :] * sq[None, :, :] + _EPS)
-        similarity = jnp.mean(cos, axis=2) * live_N[:, None] * live_N[None, :]
+        both = (live_N[:, None] > 0) & (live_N[None, :] > 0)
+        similarity = jnp.where(both, jnp.mean(cos, axis=2), 0.0)
     return entropy_P, similarity, norm_N
 
 
@@ -284,19 +301,22 @@ def personal_keys(K_N: Params, base_N: Params, w_N: jax.Array, parent_N: jax.Arr
     the similarity compares how the children moved. As tau grows every child
     receives the weighted mean (the federation's `mean` K); a child alone in
     its federation keeps its own K; relabelling the children permutes the
-    result. Children with w = 0 are returned unchanged. Memory: an (N, N)
-    matrix per key group over the level's children."""
+    result. Children with w = 0 are returned unchanged; their K may hold
+    anything (NaN included) and is masked before every product, so it moves no
+    sibling. Memory: an (N, N) matrix per key group over the level's children."""
     paths = sorted(K_N)
     if not paths:
         return dict(K_N)
     n_groups = max(groups[p] for p in paths) + 1
     onehot = _group_matrix(paths, groups, n_groups)
     K32 = {p: K_N[p].astype(jnp.float32) for p in paths}
-    delta = tree_ops.sub(K32, {p: base_N[p].astype(jnp.float32) for p in paths})
+    live = w_N > 0
+    # absent children's K (maybe NaN) enter neither the Gram matrix nor `a_g @ flat`
+    K_live = tree_ops.zero_absent_rows(K32, w_N)
+    delta = tree_ops.zero_absent_rows(tree_ops.sub(K32, {p: base_N[p].astype(jnp.float32) for p in paths}), w_N)
     gram = _gram(delta, delta, onehot)  # (N, N, G)
     sq = jnp.maximum(jnp.diagonal(gram, axis1=0, axis2=1).T, 0.0)  # (N, G)
     cos = gram / jnp.sqrt(sq[:, None, :] * sq[None, :, :] + _EPS)
-    live = w_N > 0
     allowed = (parent_N[:, None] == parent_N[None, :]) & live[None, :]
     logit = jnp.where(allowed[:, :, None], cos / tau_N[:, None, None]
                       + jnp.log(jnp.maximum(w_N, _EPS))[None, :, None], -jnp.inf)
@@ -304,10 +324,11 @@ def personal_keys(K_N: Params, base_N: Params, w_N: jax.Array, parent_N: jax.Arr
     a = jnp.where(live[:, None, None], a, 0.0)  # absent children: no mixture (and no NaN from an empty row)
     out = {}
     for p in paths:
-        flat = K32[p].reshape(K32[p].shape[0], -1)
+        flat = K_live[p].reshape(K_live[p].shape[0], -1)
         a_g = a[:, :, groups[p]]
         move = (a_g @ flat - a_g.sum(1, keepdims=True) * flat).reshape(K32[p].shape)
-        out[p] = (K32[p] + tree_ops.expand_rows(eta_N, move) * move).astype(K_N[p].dtype)
+        mixed = K_live[p] + tree_ops.expand_rows(eta_N, move) * move
+        out[p] = jnp.where(tree_ops.expand_rows(live, mixed), mixed, K32[p]).astype(K_N[p].dtype)
     return out
 
 

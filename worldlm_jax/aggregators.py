@@ -16,8 +16,12 @@ steps with. Two kinds:
   (Blanchard et al. 2017) and `geometric_median` (Weiszfeld iterations, as in
   Pillutla et al. 2022's robust federated aggregation).
 
-Children with weight 0 (absent, padding, diverged) must not count: the
-engine drops them from a streamed mean, a `combine` ignores them. `args_N` holds the
+Children with weight 0 (absent, padding, diverged) must not count, and their
+rows may hold anything, NaN and Inf included (a diverged client, a padding
+slot, an attacker sending NaN): the engine selects them out of a streamed mean
+(`tree_ops.weighted_sum`), and a `combine` masks them before every product or
+sum over rows (`jnp.where`, `tree_ops.zero_absent_rows`; never by multiplying
+with the weight: 0 * NaN is NaN). `args_N` holds the
 arguments of each child's federation, `args_P` of each federation; every
 argument is a float with a default declared by the aggregator.
 """
@@ -66,7 +70,8 @@ def members(weight_N: jax.Array, parent_N: jax.Array, n_parents: int) -> jax.Arr
 
 def per_federation(fn: Callable, delta_N, weight_N, parent_N, n_parents: int):
     """Apply `fn(values_PxN, member_PxN) -> (P, ...)` to every leaf, with each
-    federation's row of children (fp32; non-members are for `fn` to ignore).
+    federation's row of children (fp32; non-members are for `fn` to ignore:
+    they may hold NaN, so `fn` selects them away with `jnp.where`).
     Memory: P x N x leaf size for the leaf being combined."""
     member = members(weight_N, parent_N, n_parents)
 
@@ -102,9 +107,11 @@ def _trimmed_mean(delta_N, weight_N, parent_N, n_parents, args_P):
     return per_federation(fn, delta_N, weight_N, parent_N, n_parents)
 
 
-def _flat_rows(delta_N) -> jax.Array:
-    """(N, size) every child's whole update as one fp32 row."""
-    return jnp.concatenate([x.reshape(x.shape[0], -1).astype(jnp.float32) for x in jax.tree.leaves(delta_N)], 1)
+def _flat_rows(delta_N, weight_N) -> jax.Array:
+    """(N, size) every child's whole update as one fp32 row; rows of weight 0
+    are 0 (whatever they held), so the products over rows below stay finite."""
+    live = tree_ops.zero_absent_rows(delta_N, weight_N)
+    return jnp.concatenate([x.reshape(x.shape[0], -1).astype(jnp.float32) for x in jax.tree.leaves(live)], 1)
 
 
 def _unflat_rows(rows_P: jax.Array, like_N):
@@ -121,11 +128,15 @@ def _unflat_rows(rows_P: jax.Array, like_N):
 def _multi_krum(delta_N, weight_N, parent_N, n_parents, args_P):
     """Multi-Krum: score each participant by the summed squared distances to its
     n - f - 2 nearest fellow participants (f = `byzantine`, the attackers a
-    federation tolerates) and average the n - f best-scored (unweighted)."""
+    federation tolerates) and average the n - f best-scored (unweighted). A tie
+    at the boundary takes every tied child: with n - f - 2 = 1 two mutually
+    nearest children score exactly alike, and picking one by its slot would
+    make the result depend on the children's order."""
     member = members(weight_N, parent_N, n_parents).astype(jnp.float32)  # (P, N)
-    rows = _flat_rows(delta_N)
+    rows = _flat_rows(delta_N, weight_N)  # absent rows 0: `rows @ rows.T` and `chosen @ rows` stay finite
     sq = jnp.sum(rows * rows, axis=1)
     dist = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * rows @ rows.T, 0.0)  # (N, N)
+    dist = 0.5 * (dist + dist.T)  # exactly symmetric (the product's rounding need not be): ties stay ties
     n_P = jnp.sum(member, axis=1)
     f_P = jnp.clip(jnp.floor(args_P["byzantine"]), 0.0, jnp.maximum(n_P - 1.0, 0.0))
     others = (member[:, None, :] > 0) & ~jnp.eye(rows.shape[0], dtype=bool)[None]  # (P, N, N)
@@ -134,8 +145,9 @@ def _multi_krum(delta_N, weight_N, parent_N, n_parents, args_P):
     taken = jnp.arange(rows.shape[0], dtype=jnp.float32)[None, None, :] < k_P[:, None, None]
     score = jnp.sum(jnp.where(taken & jnp.isfinite(nearest), nearest, 0.0), axis=2)  # (P, N)
     score = jnp.where(member > 0, score, jnp.inf)
-    rank = jnp.argsort(jnp.argsort(score, axis=1), axis=1).astype(jnp.float32)
-    chosen = ((rank < jnp.maximum(n_P - f_P, 1.0)[:, None]) & (member > 0)).astype(jnp.float32)
+    m_P = jnp.maximum(n_P - f_P, 1.0).astype(jnp.int32)  # how many to keep
+    threshold_P = jnp.take_along_axis(jnp.sort(score, axis=1), m_P[:, None] - 1, axis=1)  # the m-th best score
+    chosen = ((score <= threshold_P) & (member > 0)).astype(jnp.float32)
     mean_P = (chosen @ rows) / jnp.maximum(jnp.sum(chosen, axis=1, keepdims=True), 1.0)
     return _unflat_rows(mean_P, delta_N)
 
@@ -148,7 +160,7 @@ def _geometric_median(delta_N, weight_N, parent_N, n_parents, args_P):
     smoothed Weiszfeld iterations from the weighted mean."""
     member = members(weight_N, parent_N, n_parents)
     w_PxN = jnp.where(member, weight_N[None, :], 0.0)
-    rows = _flat_rows(delta_N)
+    rows = _flat_rows(delta_N, weight_N)  # absent rows 0: `c_PxN @ rows` stays finite
 
     def weighted(c_PxN):
         return (c_PxN @ rows) / jnp.maximum(jnp.sum(c_PxN, axis=1, keepdims=True), 1e-12)

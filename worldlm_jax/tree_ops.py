@@ -40,6 +40,18 @@ def weighted_sum(tree_N: PyTree, weight_N: jax.Array, segment_N: jax.Array, n_se
     return jax.tree.map(one, tree_N)
 
 
+def zero_absent_rows(tree_N: PyTree, weight_N: jax.Array) -> PyTree:
+    """Every leaf with the rows of non-positive weight (absent, padding,
+    diverged) set to 0, selected away rather than multiplied by their weight.
+
+    Such a row may hold anything, NaN and Inf included, and 0 * NaN is NaN: a
+    rule that multiplies rows by weights or by each other (a matrix product, a
+    distance, a Gram matrix) masks them with this first.
+    """
+    live_N = weight_N > 0
+    return jax.tree.map(lambda x: jnp.where(expand_rows(live_N, x), x, jnp.zeros((), x.dtype)), tree_N)
+
+
 def weighted_mean(tree_N: PyTree, weight_N: jax.Array, segment_N: jax.Array, n_segments: int):
     """Weighted mean of children per parent; parents with no weight get 0.
 
