@@ -60,8 +60,9 @@ def sum_children(rs: RoundStatics, st: RoundPolicies, d: int, delta_N: dict, wei
     streamed = {part: delta_N[part] if part in rs.summed[d] else {} for part in PARTS}
     streamed["B"] = _streamed_backbone(rs, st, d, streamed["B"], parent_N)
     sums = {"delta": tree_ops.weighted_sum(streamed, weight_N, parent_N, P), "dp": {},
-            "sq_norm": jax.ops.segment_sum(weight_N * tree_ops.row_sq_norms(streamed["B"]), parent_N,
-                                           num_segments=P) if streamed["B"] else jnp.zeros(P),
+            # `where`, not a product: an absent row may hold NaN (0 * NaN is NaN)
+            "sq_norm": jax.ops.segment_sum(jnp.where(weight_N > 0, weight_N * tree_ops.row_sq_norms(streamed["B"]),
+                                                     0.0), parent_N, num_segments=P) if streamed["B"] else jnp.zeros(P),
             "objective": tree_ops.weighted_sum(report_N, weight_N, parent_N, P) if report_N else {}}
     norms_N = jnp.zeros(weight_N.shape, jnp.float32)
     if rs.dp_levels[d]:
