@@ -160,3 +160,182 @@ def hier_single():
 def lead(batches, n=1):
     """Add the nested-round axis to flat-tree batches."""
     return [engine.RoundBatch(*(np.broadcast_to(x, (n,) + x.shape).copy() for x in b)) for b in batches]
+
+
+# ---- "equal up to summation order": tolerances that follow from the computation ----
+# (docs/determinism.md states the argument; every comparison of runs that add the same
+# numbers in another order - devices, sharded state, client chunks, processes - uses these.)
+EPS32 = float(np.finfo(np.float32).eps)  # 2**-23, twice float32's unit roundoff
+SAFETY = 10.0  # margin on a measured rounding sensitivity (one random sample of the noise)
+
+
+def toy_summands(rounds: int, local_steps: int, children: int, batch: int = 2, seq_len: int = 6,
+                 per_step: int | None = None) -> int:
+    """An over-count of the float32 additions that can feed one element of a toy run.
+
+    Per local step the gradient contracts over batch*seq_len tokens, VOCAB logits and D
+    features (`per_step`: another model's count, e.g. `decoder_step_summands`); per round
+    every level sums its children (`children`: the most children of one node, summed over
+    the levels); rounds repeat it all. (A nested sum's error is bounded by the sum of its
+    stages' lengths; counting every contraction of the model, not only those one element
+    passes through, also covers modest cancellation, sum|t| / |sum t|.)"""
+    per_step = batch * seq_len + VOCAB + D if per_step is None else per_step
+    return rounds * (local_steps * per_step + children)
+
+
+def decoder_step_summands(cfg, batch: int, seq_len: int) -> int:
+    """`toy_summands`' per-step count for the real decoder (model.ModelConfig `cfg`): weight
+    gradients contract over batch*seq_len tokens, the logits over the vocabulary and the
+    model width, each layer over its width, MLP width and the attended positions."""
+    return batch * seq_len + cfg.vocab_size + cfg.d_model + cfg.n_layers * (cfg.d_model + cfg.ff_dim + seq_len)
+
+
+def toy_updates(rounds: int, local_steps: int, levels: int) -> int:
+    """Roundings of a state element's own value in a toy run: each local step adds its step
+    to the parameter, the client's delta subtracts the start, and each level adds the mean."""
+    return rounds * (local_steps + 1 + levels)
+
+
+def change(final, initial):
+    """|final - initial| per element (float64): what a run added to each element (0 where
+    both are the same infinity, e.g. an unclipped DP bound)."""
+    def diff(f, i):
+        f, i = np.asarray(f, np.float64), np.asarray(i, np.float64)
+        with np.errstate(invalid="ignore"):
+            return np.where(f == i, 0.0, np.abs(f - i))
+    return jax.tree.map(diff, final, initial)
+
+
+def ulp_perturbed(params, seed: int = 0):
+    """`params` with every element moved to a neighbouring float32 (one ulp, up or down at
+    random): the inputs of a run whose differences to the unperturbed run measure how much
+    the program itself magnifies rounding noise (Monte Carlo arithmetic, Parker 1997)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, v in params.items():
+        x = np.asarray(v, np.float32)
+        out[k] = jnp.asarray(np.nextafter(x, np.where(rng.random(x.shape) < 0.5, -np.inf, np.inf).astype(np.float32)))
+    return out
+
+
+def _row_norms(x, like) -> np.ndarray:
+    """2-norm of each row of `x` (broadcast to `like`'s shape, non-finite entries of `like`
+    left out): one row per federation / client along the leading axis of a >= 2-d leaf; a
+    scalar or a vector (one number per federation) is a single row."""
+    like = np.asarray(like)
+    x = np.where(np.isfinite(like), np.broadcast_to(np.asarray(x, np.float64), like.shape), 0.0)
+    return np.linalg.norm(x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(1, -1), axis=1)
+
+
+def summation_order_excess(a, b, reference_scale, n_summands: int, *, values=None, n_updates: int = 0,
+                           amplification: float = 1.0, sensitivity=None, safety: float = SAFETY):
+    """(ratio, where): the largest difference of a and b relative to the bound of
+    `assert_close_up_to_summation_order`, over leaves and rows (<= 1: within it)."""
+    assert jax.tree.structure(a) == jax.tree.structure(b), "tree structures differ"
+    leaves = lambda t: jax.tree.leaves(t) if t is not None else [None] * len(jax.tree.leaves(b))
+    trees = [jax.tree.leaves(b), leaves(reference_scale), leaves(values), leaves(sensitivity)]
+    assert len({len(t) for t in trees}) == 1, "reference_scale / values / sensitivity: trees unlike a"
+    worst, where = 0.0, ""
+    for (path, x), y, scale, value, sens in zip(jax.tree_util.tree_flatten_with_path(a)[0], *trees):
+        x, y, name = np.asarray(x), np.asarray(y), jax.tree_util.keystr(path)
+        assert x.shape == y.shape, f"{name}: shapes {x.shape} vs {y.shape}"
+        if x.size == 0:
+            continue
+        if not np.issubdtype(x.dtype, np.floating):  # counts, flags, round numbers: exact
+            if not np.array_equal(x, y):
+                return float("inf"), f"{name} (not a float: must be equal)"
+            continue
+        finite = np.isfinite(x)
+        if not (np.array_equal(finite, np.isfinite(y)) and np.array_equal(x[~finite], y[~finite], equal_nan=True)):
+            return float("inf"), f"{name} (non-finite entries differ)"
+        scale_r = _row_norms(scale, x)
+        with np.errstate(invalid="ignore"):
+            diff_r = _row_norms(np.where(finite, x.astype(np.float64) - y, 0.0), x)
+        bound_r = amplification * EPS32 * (n_summands * scale_r
+                                           + (n_updates * _row_norms(value, x) if value is not None else 0.0))
+        if sens is not None:
+            sens_r = _row_norms(sens, x)
+            # the leaf's measured noise relative to its scale, applied to every row (one sample
+            # per row is too few: a row the perturbation happened to leave alone gets a margin)
+            kappa = np.max(np.where(scale_r > 0, sens_r / np.where(scale_r > 0, scale_r, 1.0), 0.0))
+            bound_r = bound_r + safety * np.maximum(sens_r, kappa * scale_r)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio_r = np.where(diff_r == 0, 0.0, diff_r / bound_r)
+        r = int(np.argmax(ratio_r))
+        if ratio_r[r] > worst:
+            worst, where = float(ratio_r[r]), f"{name} row {r}: |a - b| = {diff_r[r]:.3g}, bound {bound_r[r]:.3g}"
+    return worst, where
+
+
+def assert_close_up_to_summation_order(a, b, reference_scale, n_summands: int, *, values=None, n_updates: int = 0,
+                                       amplification: float = 1.0, sensitivity=None, safety: float = SAFETY,
+                                       err: str = ""):
+    """Assert that a and b, float32 results of one computation whose sums were added in
+    different orders (devices, sharded rows, client chunks, processes), differ by no more
+    than float32 rounding allows, whatever CPU (vector width, FMA, oneDNN) computed them.
+
+    The argument. A float32 sum of n terms t_i, in any order, is within (n - 1) u sum|t_i|
+    of the exact sum (u = eps32 / 2; Higham, Accuracy and Stability of Numerical Algorithms,
+    sec. 4.2), so two orders are within n eps32 sum|t_i| of each other, and a chain of rounded
+    operations adds its stages' errors (to first order). So, per leaf and per row r:
+
+        |a_r - b_r| <= amplification * eps32 * (n_summands * |reference_scale_r|
+                                                + n_updates * |values_r|)
+                       + safety * sensitivity_r
+
+    - `reference_scale` (a tree like a): what was summed, e.g. `change(final, initial)`, the
+      sum of a run's updates; `n_summands` the additions that can feed one element
+      (`toy_summands`);
+    - `values` / `n_updates`: the roundings of an element's own value (x + step rounds at
+      |x|; `toy_updates`);
+    - `amplification`: how much what follows the sums magnifies their error, to be justified
+      where it is passed (1: sums, means, plain SGD steps);
+    - `sensitivity` (a tree like a): where that factor cannot be argued (a softmax over cosines
+      of small deltas, an adaptive optimizer's division by sqrt(v)) it is measured, as
+      |run(ulp_perturbed inputs) - run(inputs)| of the same program: the noise one rounding
+      of every input grows into. `safety` times it (per leaf, relative to the scale) is added.
+
+    Norms are 2-norms over a row (a federation / client along the leading axis of a >= 2-d
+    leaf; a scalar or a vector leaf is one row): one element where an optimizer divides by a
+    tiny sqrt(v) cannot fail it alone, while a wrong row (a dropped federation, a wrong
+    gather) differs by the size of its change, orders of magnitude above the bound (the tests
+    check that margin with `summation_order_excess`). Integer leaves and non-finite entries
+    must be equal.
+    """
+    ratio, where = summation_order_excess(a, b, reference_scale, n_summands, values=values, n_updates=n_updates,
+                                          amplification=amplification, sensitivity=sensitivity, safety=safety)
+    assert ratio <= 1.0, f"{err} beyond float32 summation order ({ratio:.3g} x the bound): {where}"
+
+
+def assert_trained_close(a, b, initial, *, rounds: int, local_steps: int, children: int, levels: int = 1,
+                         sensitivity=None, amplification: float = 1.0, err: str = ""):
+    """`assert_close_up_to_summation_order` for states (or parts, or deployed parameters) of
+    two toy runs from `initial` (a tree like b, or broadcastable to it leaf by leaf): the
+    scale is what the run added (b - initial), the values are b, the counts `toy_summands`
+    and `toy_updates`. A dict `initial` may hold more keys than b (e.g. all the parameters)."""
+    if isinstance(b, dict) and isinstance(initial, dict):
+        initial = {k: initial[k] for k in b}
+    assert_close_up_to_summation_order(
+        a, b, change(b, initial), toy_summands(rounds, local_steps, children), values=jax.tree.map(np.abs, b),
+        n_updates=toy_updates(rounds, local_steps, levels), sensitivity=sensitivity, amplification=amplification,
+        err=err)
+
+
+def with_distinct_residuals(state, level: int, n_rows: int, spread: float = 0.05, seed: int = 0):
+    """`state` with the residual K of `level`'s first `n_rows` rows moved apart (spread * N(0, 1);
+    added to the leaves, so they stay placed as they were and a round does not recompile). In a fresh state every residual equals the initial K, so
+    every residual candidate's delta R_m - K_n is zero; the engine scores it from expanded dot
+    products (|R|^2 - 2 <R, K> + |K|^2), whose value is then rounding noise that the attention
+    softmax magnifies, and a wrong residual gather would be invisible. Distinct residuals make
+    the round well-conditioned and every residual row matter."""
+    lv = state.levels[level]
+    rng = np.random.default_rng(seed)
+    R = {}
+    for p in sorted(lv.residual_K):
+        x = lv.residual_K[p]
+        noise = np.zeros(x.shape, x.dtype)
+        noise[:n_rows] = spread * rng.standard_normal(noise[:n_rows].shape)
+        R[p] = x + noise
+    levels = list(state.levels)
+    levels[level] = lv._replace(residual_K=R)
+    return state._replace(levels=tuple(levels))
