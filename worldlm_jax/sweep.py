@@ -178,6 +178,12 @@ def run_vectorized(base: Config, grid: Sequence[tuple[str, Sequence[str]]], work
     metrics.jsonl, summary.json and plots for every point, and DIR/sweep.md and
     sweep.json, so `worldlm report DIR` reads it. A vectorised sweep does not
     resume: re-running it trains every point again.
+
+    Each point runs on n / S of the n devices (`run_sweep` runs each on all n),
+    so its clients' sums are split over other devices: a point equals its
+    sequential run up to float summation order, not bit for bit (README, sweeps).
+    Each point draws its own data, client sample and token windows from its own
+    run.seed, as its sequential run does (`vectorized` module docstring).
     """
     from worldlm_jax import vectorized
 
