@@ -210,6 +210,26 @@ def test_a_residual_candidate_no_node_may_attend_may_hold_nan():
     assert np.all(np.isfinite(np.asarray(info.residual_weight_PxM)))
 
 
+@pytest.mark.parametrize("kind", aggregation.SIMILARITIES)
+def test_a_residual_that_has_not_moved_scores_as_a_zero_delta(kind):
+    """A residual equal to the node's K (a fresh state: every residual is the
+    initial K): the expanded |R - K|^2 cancels to rounding noise, which gave
+    cosines of -1.2 (4096 coordinates) to -20 (1e5), CPU- and order-dependent,
+    then divided by tau. It scores exactly what a zero delta scores; residuals
+    that moved keep their similarity (cosines within [-1, 1])."""
+    rng = np.random.default_rng(0)
+    onehot = {"a": jax.nn.one_hot(0, 1)}
+    for n in (12, 4096, 100_000):
+        K = {"a": jnp.asarray(rng.normal(size=(2, n)) * 3, jnp.float32)}
+        m = {"a": jnp.asarray(rng.normal(size=(2, n)) * 0.01, jnp.float32)}
+        dots = tuple(aggregation._rowdot(x, y, onehot) for x, y in ((K, K), (K, m), (m, m)))
+        sim = np.asarray(aggregation._residual_similarity(kind, K, K, m, dots, onehot, 0))[..., 0]  # (P, M)
+        zero = np.asarray(aggregation._similarity(kind, 0.0, 0.0, dots[2], 0.0, dots[1], dots[0]))[:, 0]
+        np.testing.assert_allclose(np.diagonal(sim), zero, rtol=1e-6, atol=1e-7)
+        if kind != "neg_l2":
+            assert np.all(np.abs(sim) <= 1.0 + 1e-5), (n, sim)
+
+
 def test_parent_candidate_in_attention_mode():
     rng, node, child, w = setup(5)
     parent = {p: node[p] + 0.3 * rng.normal(size=node[p].shape).astype(np.float32) for p in node}

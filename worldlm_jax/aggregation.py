@@ -76,6 +76,10 @@ class AttentionInfo(NamedTuple):
 
 
 ADAPTIVE_MIN_SPREAD = 1e-3  # floor of the similarity spread adaptive attention divides by
+# A residual candidate whose expanded |R - K|^2 is below this fraction of |R|^2 + |K|^2
+# (R within about 1% of K) is scored as not having moved: float32 dot products over
+# a key group carry a relative rounding error of ~log2(size) * 6e-8, some 100x below.
+RESIDUAL_RESOLUTION = 1e-4
 SIMILARITY_MATRIX_MAX = 256  # children beyond which the child-similarity matrix is not computed
 
 
@@ -153,8 +157,13 @@ def _residual_similarity(similarity: str, R_M: Params, K_P: Params, mean_P: Para
     kr = _gram(Ke, Re, onehot)
     mr = _gram(Me, Re, onehot)
     dd = rr_M[None] - 2 * kr + kk[:, None]
-    dm = mr - km[:, None]
-    kd = kr - kk[:, None]
+    # |R - K|^2 expanded cancels where R is close to K (a fresh state: every residual
+    # is the initial K): below its rounding error the delta is taken as exactly 0, so
+    # the candidate scores what a zero delta scores instead of CPU-dependent noise
+    moved = dd > RESIDUAL_RESOLUTION * (rr_M[None] + kk[:, None])
+    dd = jnp.where(moved, dd, 0.0)
+    dm = jnp.where(moved, mr - km[:, None], 0.0)
+    kd = jnp.where(moved, kr - kk[:, None], 0.0)
     return _similarity(similarity, dd, dm, mm[:, None], kd, km[:, None], kk[:, None])
 
 
