@@ -107,7 +107,7 @@ def _point_topology(exp: experiment.Experiment, config: Config,
     privacy = config.privacy
     if privacy.target_epsilon > 0:
         topo = dp_ledger.calibrate(topo, privacy.target_epsilon, privacy.target_delta, config.run.rounds,
-                                   privacy.default_clip, privacy.accountant)
+                                   privacy.default_clip, privacy.accountant, privacy.level)
     return topo
 
 
