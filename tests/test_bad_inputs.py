@@ -107,7 +107,7 @@ CASES = [
     ("unknown-accountant", "an unknown accountant", PLAN + ["--set", "privacy.accountant=moments"], {},
      ["accountant", "moments", "rdp"]),
     ("unknown-callback", "a callback nobody registered", PLAN + ["--set", "run.callbacks=[early_stop]"], {},
-     ["run.callbacks", "early_stop", "none is registered"]),
+     ["run.callbacks", "early_stop", "registered"]),
     ("tree-node-without-name", "a tree node without a name",
      PLAN + ["--set", "tree={children: [{clients: 2, sources: [man_en]}]}"], {}, ["name"]),
     ("tree-duplicate-name", "two federations with one name",
