@@ -63,6 +63,42 @@ def test_split_errors_name_the_problem():
         split_documents(DOCS, 2, method="dirichlet", labels=[0, 1])
 
 
+def _least_bytes(clients, docs=DOCS) -> int:
+    return min(sum(len(docs[i].encode("utf-8")) + 1 for i in client) for client in clients)
+
+
+def test_dirichlet_redraws_a_draw_that_starves_a_client():
+    # Dir(0.3) over 4 clients: seed 0's first draw leaves a client 437 bytes, below the minimum
+    first = split_documents(DOCS, 4, "dirichlet", alpha=0.3, seed=0, labels=LABELS)
+    assert _least_bytes(first) < 2000
+    clients = split_documents(DOCS, 4, "dirichlet", alpha=0.3, seed=0, labels=LABELS, min_bytes=2000)
+    _assert_partition(clients, len(DOCS), 4)
+    assert _least_bytes(clients) >= 2000 and clients != first
+    assert clients == split_documents(DOCS, 4, "dirichlet", alpha=0.3, seed=0, labels=LABELS, min_bytes=2000)
+    # without labels (quantity skew) too: the first draw leaves a client 27 bytes
+    assert _least_bytes(split_documents(DOCS, 4, "dirichlet", alpha=0.3, seed=0)) < 1000
+    sizes = split_documents(DOCS, 4, "dirichlet", alpha=0.3, seed=0, min_bytes=1000)
+    _assert_partition(sizes, len(DOCS), 4)
+    assert _least_bytes(sizes) >= 1000
+
+
+def test_dirichlet_first_draw_that_meets_the_minimum_is_unchanged():
+    first = split_documents(DOCS, 4, "dirichlet", alpha=0.3, seed=2, labels=LABELS)
+    assert _least_bytes(first) >= 2000  # seed 2's first draw already gives every client 2517 bytes
+    assert split_documents(DOCS, 4, "dirichlet", alpha=0.3, seed=2, labels=LABELS, min_bytes=2000) == first
+    assert split_documents(DOCS, 4, "iid", seed=2, min_bytes=10 ** 6) == split_documents(DOCS, 4, "iid", seed=2)
+
+
+def test_dirichlet_minimum_that_cannot_be_met_names_the_federation():
+    total = sum(len(d) + 1 for d in DOCS)
+    with pytest.raises(ValueError, match=rf"^federation 'a': {total} bytes of documents cannot give 4 clients"):
+        split_documents(DOCS, 4, "dirichlet", alpha=0.3, labels=LABELS, min_bytes=total, name="federation 'a'")
+    # feasible in total, but no draw gives every one of 8 clients an equal share at Dir(0.05)
+    with pytest.raises(ValueError, match=r"^federation 'b': 100 Dirichlet\(0.05\) draws each left a client"):
+        split_documents(DOCS, 8, "dirichlet", alpha=0.05, labels=LABELS, min_bytes=total // 8,
+                        name="federation 'b'")
+
+
 def test_client_data_holds_out_whole_documents():
     docs = corpus.load_source("fortunes_ru")[:200]
     tok = ByteTokenizer()

@@ -139,3 +139,89 @@ def test_tokenizer_cache_is_keyed_on_its_training_text(marked_pipeline, tmp_path
     other = prepare(tmp_path, val_fraction=0.4)  # another split: other training text, another model
     assert other.tokenizer.path != first.tokenizer.path and len(seen) > trained
     assert len(list(tmp_path.glob("spm_1000_*.model"))) == 2
+
+
+# ---- a byte floor that a merging tokenizer leaves short in tokens ---------------------------
+@pytest.fixture
+def man_en_pipeline(monkeypatch, tmp_path):
+    """pipeline.prepare on one federation of 12 IID clients of man_en's first 160 KB (the
+    many-small scenario's English federation) with spm:1024, recording every split it
+    makes and the texts of every tokenizer it builds."""
+    pytest.importorskip("sentencepiece")
+    from worldlm_jax.data import pipeline
+    from worldlm_jax.topology import build_topology
+
+    splits: list[tuple[str, object, object]] = []  # (client, floor, ClientText) in call order
+    trained: list[list[str]] = []
+    real_split, real_make = pipeline.split_validation, pipeline.make_tokenizer
+
+    def recording_split(docs, *args, name="client", floor=None, **kwargs):
+        text = real_split(docs, *args, name=name, floor=floor, **kwargs)
+        splits.append((name, floor, text))
+        return text
+
+    def recording_make(name, texts, cache_dir, seed=0):
+        trained.append(list(texts))
+        return real_make(name, texts, cache_dir, seed)
+
+    monkeypatch.setattr(pipeline, "split_validation", recording_split)
+    monkeypatch.setattr(pipeline, "make_tokenizer", recording_make)
+    topology = build_topology({"name": "w", "children": [{"name": "en", "clients": 12, "sources": ["man_en"]}]},
+                              known_sources=corpus.list_sources())
+
+    def prepare(seed, seq_len=64):
+        splits.clear(), trained.clear()
+        return pipeline.prepare(topology, "spm:1024", seq_len, 0.1, seed, max_bytes=160_000, cache_dir=str(tmp_path))
+    return prepare, splits, trained, tmp_path
+
+
+def _final_splits(splits) -> dict:
+    return {name: text for name, _, text in splits}  # the last split of each client
+
+
+def test_client_short_in_tokens_gets_a_raised_byte_floor_and_a_retrained_tokenizer(man_en_pipeline):
+    from worldlm_jax.data import pipeline
+
+    prepare, splits, trained, cache = man_en_pipeline
+    data = prepare(seed=1)  # one client holds a single 337-byte page: 65 bytes of validation, 33 tokens
+    resplit = [(name, floor) for name, floor, _ in splits if floor is not None]
+    assert resplit and all(min(floor) >= 65 and max(floor) > 65 for _, floor in resplit)
+    first_tokenizer = SentencePieceTokenizer.load(pipeline.tokenizer_cache_path(trained[0], 1024, str(cache), 1))
+    first = {name: text for name, floor, text in splits if floor is None}
+    name = resplit[0][0]
+    before = pipeline._client_streams(first[name], first_tokenizer)
+    assert min(len(before.train), len(before.validation)) < 65  # the byte floor held, the token count not
+    assert len(trained) >= 2  # retrained on the new training text
+    for client in data.clients:
+        assert len(client.train) >= 65 and len(client.validation) >= 65
+    # the tokenizer in use was trained on exactly the final split's training text, and none of its validation
+    final = _final_splits(splits)
+    train_texts = [t for text in final.values() for t in text.train_texts()]
+    assert trained[-1] == train_texts
+    assert data.tokenizer.path == pipeline.tokenizer_cache_path(train_texts, 1024, str(cache), 1)
+    validation = {t for text in final.values() for t, _ in text.validation if t}
+    assert not validation & set(train_texts)
+    for client, text in zip(data.clients, final.values()):
+        streams = pipeline._client_streams(text, data.tokenizer)
+        assert np.array_equal(client.train, streams.train) and np.array_equal(client.validation, streams.validation)
+
+
+def test_split_whose_clients_have_their_tokens_is_unchanged(man_en_pipeline):
+    from worldlm_jax.data import pipeline
+
+    prepare, splits, trained, cache = man_en_pipeline
+    data = prepare(seed=3)  # every client has 65 tokens a side at the plain floor
+    assert len(trained) == 1 and all(floor is None for _, floor, _ in splits)
+    tokenizer = pipeline.make_tokenizer("spm:1024", trained[0], str(cache), 3)
+    assert data.tokenizer.path == tokenizer.path
+    for client, text in zip(data.clients, _final_splits(splits).values()):
+        plain = pipeline.client_data(text, tokenizer, seq_len=64)
+        assert np.array_equal(client.train, plain.train) and np.array_equal(client.validation, plain.validation)
+
+
+def test_client_that_cannot_reach_the_floor_gets_the_one_line_error(man_en_pipeline):
+    prepare, _, _, _ = man_en_pipeline
+    with pytest.raises(ValueError, match=r"^client 'en/\d+' has \d+ training and \d+ validation tokens after "
+                                         r"tokenising: each needs at least seq_len \+ 1 = 101") as error:
+        prepare(seed=1, seq_len=100)  # the 337-byte page is about 170 tokens: not 2 x 101
+    assert "\n" not in str(error.value)
