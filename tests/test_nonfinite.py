@@ -131,3 +131,19 @@ def test_the_last_good_checkpoint_survives_a_round_that_breaks(tmp_path, monkeyp
     assert not any(np.isnan(np.asarray(x)).any() for x in jax.tree.leaves(state)  # (clip norms are +inf: no DP)
                    if jnp.issubdtype(np.asarray(x).dtype, jnp.inexact))
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_vectorised_sweep_stops_at_the_point_whose_state_broke(tmp_path):
+    """A vectorised sweep ran every point to the end and exited 0 with a nan point;
+    now it stops at the first round that broke a point, naming the point, and exits 4."""
+    workdir = tmp_path / "sweep"
+    code, lines = _run_cli(["sweep", "--config", "tiny", "--workdir", str(workdir), "--quiet", "--vectorized",
+                            "--set", ONE_LEAF, "--set", "policy.attack=scale",
+                            "--set", "policy.attack_args={factor: 1.0e+30}", "--set", "run.rounds=3",
+                            "--grid", "policy.attackers=0,1"])
+    assert code == EXIT_NONFINITE, lines
+    error = [line for line in lines if "error" in line]
+    assert len(error) == 1 and error[0].startswith(
+        "worldlm sweep: error: sweep point 1 (run.seed=0): round 0 left the state of federation 'en' "
+        "(level 1, w/en) non-finite"), lines
+    assert not list(workdir.glob("*/summary.json"))  # the sweep did not finish

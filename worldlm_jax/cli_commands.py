@@ -248,12 +248,15 @@ def cmd_sweep(args) -> int:
         check_tree(sweep.point_config(base, assignments))
     say = print if _primary() else (lambda *a, **k: None)  # multi-process: process 0 prints
     say(f"sweep: {len(points)} point(s) in {args.workdir}")
+    from worldlm_jax.run_loop import NonFiniteStateError
     if args.vectorized:
-        rows = sweep.run_vectorized(base, grid, args.workdir, sweep_devices=args.sweep_devices, log=say)
+        try:  # the error names the point
+            rows = sweep.run_vectorized(base, grid, args.workdir, sweep_devices=args.sweep_devices, log=say)
+        except NonFiniteStateError as e:
+            return _stopped_nonfinite("sweep", e)
         say(sweep.markdown_table([k for k, _ in grid], rows), end="")
         say(f"wrote {os.path.join(args.workdir, 'sweep.md')}")
         return 0
-    from worldlm_jax.run_loop import NonFiniteStateError
     try:  # the log names the point that was training
         rows = sweep.run_sweep(base, grid, args.workdir, quiet=args.quiet, progress=not args.no_progress, log=say)
     except NonFiniteStateError as e:

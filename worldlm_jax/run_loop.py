@@ -56,20 +56,29 @@ def _level_rows(level, n: int) -> jax.Array:
     return _finite_rows(level._replace(clip=()), n) & ~jnp.isnan(clip) & (clip > -jnp.inf)
 
 
-def finite_flags(spec):
-    """state -> (per level (n_d,) bool, then (n_clients,) for the clients' kept state):
-    one jitted reduction over the whole state. Its outputs are replicated, so under
-    multi-process every process reads the same flags and all stop at the same round."""
-    topo = spec.topology
+def state_flags(topology):
+    """state -> (per level (n_d,) bool, then (n_clients,) for the clients' kept state),
+    not jitted: `finite_flags` jits it for one run, `vectorized` vmaps it over points."""
 
     def flags(state):
-        levels = [_level_rows(level, lvl.size) for level, lvl in zip(state.levels, topo.levels)]
-        return (*levels, _finite_rows(state.clients, topo.n_clients))
+        levels = [_level_rows(level, lvl.size) for level, lvl in zip(state.levels, topology.levels)]
+        return (*levels, _finite_rows(state.clients, topology.n_clients))
 
-    if spec.mesh is None:
-        return jax.jit(flags)
+    return flags
+
+
+def replicated_jit(fn, mesh):
+    """jit `fn` with its outputs replicated over `mesh` (None: one device), so under
+    multi-process every process reads the same flags and all stop at the same round."""
+    if mesh is None:
+        return jax.jit(fn)
     from jax.sharding import NamedSharding, PartitionSpec
-    return jax.jit(flags, out_shardings=NamedSharding(spec.mesh, PartitionSpec()))
+    return jax.jit(fn, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
+def finite_flags(spec):
+    """`state_flags` of the run's tree as one jitted reduction over the whole state."""
+    return replicated_jit(state_flags(spec.topology), spec.mesh)
 
 
 def federation_path(topology, level: int, index: int) -> str:

@@ -121,13 +121,16 @@ def clients_work(rs: RoundStatics, st: RoundPolicies, state: EngineState, batch:
     sampled = (cid >= 0) & active_P[st.slot_parent] & (batch.slot_weight > 0)
     faults = draw_faults(st, cid, sampled, key)
     present = sampled & ~faults["dropped"]
-    chunk_fn = lambda *a: train_chunk(rs, st, *a)
+    # `st` travels as an argument, not in a closure: inside the device map a
+    # captured array keeps the outer mesh's sharding type, and a vectorised
+    # sweep on a mesh (its policies sharded on the sweep axis) cannot gather it.
+    chunk_fn = lambda st_, *a: train_chunk(rs, st_, *a)
     # Skipping pays with small chunks (CPU); with every slot in one vmap (chunk 0,
     # accelerators) a whole device is rarely idle and a conditional would only
     # stand between XLA and the round's fusion.
     run = parallel.map_reduce_clients(_skip_if_absent(chunk_fn) if rs.spec.chunk > 0 else chunk_fn,
-                                      rs.spec.mesh, rs.spec.chunk, n_shared=3)
-    out, sums = run(sent, clip_norm(rs, st, d, lvl), lvl.objective, st.slot_parent, kept, opt_state, client_state,
+                                      rs.spec.mesh, rs.spec.chunk, n_shared=4)
+    out, sums = run(st, sent, clip_norm(rs, st, d, lvl), lvl.objective, st.slot_parent, kept, opt_state, client_state,
                     batch.tokens, st.client_lr[st.slot_parent], faults["steps"], args, faults["attacker"],
                     faults["keys"], batch.slot_weight, present)
     state = state._replace(clients=_write_back(rs, state.clients, out, jnp.where(out["valid"] & present, cid,

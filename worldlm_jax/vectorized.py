@@ -70,7 +70,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from worldlm_jax import distributed, dp_ledger, engine, evaluate, experiment, parallel, records, strategies, train
+from worldlm_jax import (distributed, dp_ledger, engine, evaluate, experiment, parallel, records, run_loop,
+                         strategies, train)
 from worldlm_jax.config import Config, save_yaml
 from worldlm_jax.data.federated import validation_batches
 from worldlm_jax.topology import Topology, build_topology
@@ -459,6 +460,14 @@ def _train(exp: experiment.Experiment, points: Sequence[experiment.Experiment], 
         nll = np.asarray(evaluate_points(states, eval_tokens))
         return [records.describe_eval(point, row) for point, row in zip(points[:n_points], nll)]
 
+    finite = run_loop.replicated_jit(jax.vmap(run_loop.state_flags(exp.spec.topology)), exp.spec.mesh)
+    pending: list[tuple[int, tuple]] = []  # (round, flags): read one round late, as the metrics are
+
+    def check_finite(keep: int):
+        while len(pending) > keep:
+            r, flags = pending.pop(0)
+            _check_points_finite(points[:n_points], r, flags, logger)
+
     eval_every = exp.config.run.eval_every
     local_points, local_slots = local_blocks(exp, len(points))
     prefetch = _Prefetcher(lambda r: host_batch(points, r, local_points, local_slots), n_rounds)
@@ -466,6 +475,8 @@ def _train(exp: experiment.Experiment, points: Sequence[experiment.Experiment], 
         for r in range(n_rounds):
             batch = put_batch(exp, prefetch.get(r), local_points, local_slots)
             states, round_metrics = step(states, batch, keys, policies)
+            pending.append((r, finite(states)))
+            check_finite(keep=1)
             if not logger.writers:
                 continue
             for point, acc in zip(logger.points, accountants):
@@ -477,6 +488,7 @@ def _train(exp: experiment.Experiment, points: Sequence[experiment.Experiment], 
             if eval_every and done % eval_every == 0 and done < n_rounds:
                 logger.flush()
                 logger.evaluation(r, evaluations())
+        check_finite(keep=0)
         logger.flush()
         evals = evaluations()
         logger.evaluation(n_rounds - 1, evals, final=True)
@@ -485,6 +497,22 @@ def _train(exp: experiment.Experiment, points: Sequence[experiment.Experiment], 
         for writer in logger.writers:
             writer.close()
     return states, evals
+
+
+def _check_points_finite(points: Sequence[experiment.Experiment], round_index: int, flags,
+                         logger: records.RoundLogger) -> None:
+    """Stop the sweep at the first round that left a point's state non-finite:
+    the rounds logged so far are written (no summary.json: the sweep did not
+    finish), and the error names the point, then the round, level and federation
+    as a separate run's would (`run_loop.nonfinite_error`). Padding points copy
+    the last real one and are not checked."""
+    host = [np.asarray(f) for f in flags]  # each (P, n_d)
+    for i, point in enumerate(points):
+        error = run_loop.nonfinite_error(point.run_topology, round_index, [f[i] for f in host], None)
+        if error is not None:
+            logger.flush()
+            raise run_loop.NonFiniteStateError(f"sweep point {i} (run.seed={point.config.run.seed}): {error}",
+                                               error.round, error.level, error.federation)
 
 
 def _open_point(workdir: str, config: Config):
