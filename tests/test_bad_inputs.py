@@ -143,10 +143,11 @@ CASES = [
     ("missing-tokenizer", "a tokenizer model path that does not exist",
      ["train", "--config", "tiny", "--workdir", "run", "--quiet", "--set", "data.tokenizer=nope.model"], {},
      ["nope.model"]),
-    ("client-too-little-text", "a Dirichlet split that leaves a client too little text",
-     ["train", "--config", "tiny", "--workdir", "run", "--quiet", "--set", "data.max_bytes_per_source=3000",
-      "--set", "tree={name: w, children: [{name: a, clients: 8, sources: [man_en, fortunes_en], "
-               "split: dirichlet, alpha: 0.01}]}"], {}, ["client 'a/", "too few", "seq_len"]),
+    ("client-too-little-text", "a Dirichlet split that leaves a client too little text in every draw",
+     ["train", "--config", "tiny", "--workdir", "run", "--quiet", "--set", "data.max_bytes_per_source=400",
+      "--set", "tree={name: w, children: [{name: a, clients: 6, sources: [fortunes_en], "
+               "split: dirichlet, alpha: 0.01}]}"], {},
+     ["federation 'a'", "100 Dirichlet(0.01) draws", "fewer than 66 bytes", "seq_len"]),
     ("eval-step-never-saved", "evaluating a step a healthy run never saved",
      ["eval", "--workdir", "run", "--step", "1"], {"run": run_with_steps(2, 3)},
      ["step 1 was never saved", "available steps: [2, 3]"]),

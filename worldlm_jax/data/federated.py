@@ -69,7 +69,8 @@ def _split_dirichlet(labels_N: np.ndarray, n_clients: int, alpha: float, rng: np
     minimum)."""
     if sizes_N.sum() < n_clients * min_bytes:
         raise ValueError(f"{name}: {sizes_N.sum()} bytes of documents cannot give {n_clients} clients "
-                         f"{min_bytes} bytes each (use fewer clients, more documents or a shorter seq_len)")
+                         f"{min_bytes} bytes each, the least a train and a validation stream need (use fewer "
+                         "clients, more documents or a shorter seq_len)")
     least = 0
     for _ in range(MAX_DIRICHLET_DRAWS):
         clients = _draw_dirichlet(labels_N, n_clients, alpha, rng)
@@ -77,7 +78,8 @@ def _split_dirichlet(labels_N: np.ndarray, n_clients: int, alpha: float, rng: np
         if least >= min_bytes:
             return clients
     raise ValueError(f"{name}: {MAX_DIRICHLET_DRAWS} Dirichlet({alpha}) draws each left a client fewer than "
-                     f"{min_bytes} bytes (the last: {least}); use a larger alpha, fewer clients or more documents")
+                     f"{min_bytes} bytes, the least a train and a validation stream need (the last draw: {least}); "
+                     "use a larger alpha, fewer clients, more documents or a shorter seq_len")
 
 
 def split_documents(docs: Sequence[str], n_clients: int, method: str = "iid", alpha: float = 1.0,
