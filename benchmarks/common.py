@@ -93,8 +93,10 @@ def build(clients=16, steps=5, preset="w", chunk=0, devices=1, depth=1, dtype="f
     import jax.numpy as jnp
     import numpy as np
 
-    from worldlm_jax import client as client_lib
-    from worldlm_jax import engine, model, optimizers, parallel, strategies, topology
+    from worldlm_jax import engine, model
+    from worldlm_jax.engine import client as client_lib, parallel, strategies
+    from worldlm_jax.plugins import optimizers
+    from worldlm_jax.tree import topology
 
     topo = topology.build_topology(tree_spec(clients, depth, steps, client_lr, federations_per_round))
     mesh = parallel.make_mesh(devices) if devices > 1 else None
@@ -104,7 +106,7 @@ def build(clients=16, steps=5, preset="w", chunk=0, devices=1, depth=1, dtype="f
     plan = strategies.averaging_plan(topo.depth)
     spec = engine.EngineSpec(topology=topo, plan=plan, loss_fn=model_def.loss, key_paths=frozenset(),
                              key_groups={}, client_optimizer="adamw", chunk=chunk, mesh=mesh)
-    strategy = strategies.make_strategy(spec)
+    strategy = engine.make_strategy(spec)
 
     shape = engine.batch_shape(topo, batch, seq)
     rng = np.random.default_rng(seed)
@@ -184,7 +186,7 @@ def matmul_peak_gflops(devices: int = 1, n: int = 2048, reps: int = 5, dtype: st
         times.append(time.perf_counter() - t)
     best = max(best, 2 * n ** 3 / min(times) / 1e9)
     if devices > 1:
-        from worldlm_jax import parallel
+        from worldlm_jax.engine import parallel
         mesh = parallel.make_mesh(devices)
         xs = jax.device_put(jnp.broadcast_to(x, (devices, n, n)), parallel.sharded(mesh))
         g = jax.jit(jax.shard_map(lambda a: jnp.einsum("bij,bjk->bik", a, a, preferred_element_type=jnp.float32),

@@ -148,7 +148,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     common.configure(devices=args.devices, eigen_threads=args.eigen)
-    from worldlm_jax import parallel
+    from worldlm_jax.engine import parallel
     if args.matmul_dtype == "bfloat16":
         parallel.configure_cpu_bf16_matmuls()
     import jax

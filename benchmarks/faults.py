@@ -27,9 +27,9 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from worldlm_jax import configs, train  # noqa: E402
-from worldlm_jax.config import apply_overrides  # noqa: E402
-from worldlm_jax.metrics import read_metrics  # noqa: E402
+from worldlm_jax.config import apply_overrides, presets as configs  # noqa: E402
+from worldlm_jax.outputs.metrics import read_metrics  # noqa: E402
+from worldlm_jax.run import training as train  # noqa: E402
 
 RULES = ("mean", "median", "trimmed_mean", "multi_krum", "geometric_median")
 ATTACKS = {  # name: (attack, its arguments)

@@ -5,7 +5,7 @@ share of a round spent in collectives.
     .venv/bin/python benchmarks/multiprocess.py --workloads tiny --rounds 20
 
 Both set-ups form the same global mesh of 2 CPU devices and run the same compiled
-round (`train.build_experiment`, `place_state`, `make_batch`, `_put`, the
+round (`experiment_lib.build_experiment`, `place_state`, `make_batch`, `_put`, the
 strategy's `run_round`: what `worldlm train` runs); the only difference is that
 (a) one process drives both devices, so the round's collectives are in-process,
 while (b) two processes (`distributed.initialize` on localhost) drive one device
@@ -74,8 +74,7 @@ SETUPS = (("1 process x 2 devices", 1, 2), ("2 processes x 1 device", 2, 1))
 def workload_config(name: str, sets=()):
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    from worldlm_jax import configs
-    from worldlm_jax.config import apply_overrides
+    from worldlm_jax.config import apply_overrides, presets as configs
     from worldlm_jax.model import preset
 
     cfg = configs.tiny()
@@ -148,21 +147,21 @@ def worker(args) -> None:
 
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    from worldlm_jax import distributed
+    from worldlm_jax.run import distributed
     if args.num_processes > 1:  # before JAX starts its backends
         distributed.initialize(f"localhost:{args.port}", args.num_processes, args.process_id, timeout_s=240)
     import jax
     import numpy as np
 
-    from worldlm_jax import train
+    from worldlm_jax.run import experiment as experiment_lib
 
     if args.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
     cfg = workload_config(args.workload, args.set)
     t0 = time.perf_counter()
-    exp = train.build_experiment(cfg)
-    state = train.place_state(exp, exp.strategy.init(exp.init_params))
-    batch = train._put(exp, train.make_batch(exp, 0))  # one round's batch, reused: the round alone is timed
+    exp = experiment_lib.build_experiment(cfg)
+    state = experiment_lib.place_state(exp, exp.strategy.init(exp.init_params))
+    batch = experiment_lib._put(exp, experiment_lib.make_batch(exp, 0))  # one round's batch, reused: the round alone is timed
     key = jax.random.PRNGKey(1)
 
     def one_round():
@@ -224,7 +223,7 @@ def latency_chain(mesh, size: int):
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from worldlm_jax import parallel
+    from worldlm_jax.engine import parallel
 
     def body(x):
         return jax.lax.fori_loop(0, LATENCY_CHAIN, lambda i, y: jax.lax.psum(y, parallel.AXIS) * 0.5, x)

@@ -75,7 +75,7 @@ def run(args) -> list[dict]:
         common.configure(devices=0, eigen_threads="on" if args.eigen == "auto" else args.eigen,
                          extra_flags=args.xla_flags)
     matmul_dtypes = args.matmul_dtype.split(",")
-    from worldlm_jax import parallel
+    from worldlm_jax.engine import parallel
     if "bfloat16" in matmul_dtypes:
         parallel.configure_cpu_bf16_matmuls()
     import jax

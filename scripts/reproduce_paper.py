@@ -4,9 +4,12 @@
 Every method runs on the same tree, data, tokenizer, model, token budget and
 seeds; only the algorithm differs. A scenario (`--scenario`) picks the tree and
 how its clients' data differ. Each method runs `--seeds N` times (one
-vectorised program over the seeds: the seeds vary the initial model and the
-round's randomness, the data split and batches are shared, so methods and
-seeds are compared paired). Each run lives in DIR/runs/<method>/seed<k> (a
+vectorised program over the seeds). A seed varies everything a separate run
+with that seed varies: the document split (and so each client's Dirichlet
+mixture in `mixed`), the validation hold-out and the tokenizer trained on that
+seed's training text, the initial model, the client sample and the token
+windows. Methods are compared paired by seed: seed k of every method has the
+same split, tokenizer and initial model. Each run lives in DIR/runs/<method>/seed<k> (a
 rerun skips finished methods), and the script writes
 
     DIR/table.md       methods x (per-federation perplexity, overall mean +- std, bits/byte, ratio to WorldLM
@@ -53,8 +56,7 @@ from typing import Callable, Sequence
 import numpy as np
 import yaml
 
-from worldlm_jax import configs
-from worldlm_jax.config import Config, apply_overrides
+from worldlm_jax.config import Config, apply_overrides, presets as configs
 
 BASELINES = ("worldlm", "fedavg", "hierfavg", "fedper", "local", "centralized")
 ABLATIONS = {  # name -> (algorithm, overrides)
@@ -260,8 +262,8 @@ def privacy_policy(privacy: Privacy, config: Config) -> dict:
     """The DP policy fields that spend at most (epsilon, delta) over the run at
     the sampling rate of the federations that release (the same rate in the
     tree and in its flat version, so the same noise gives the same epsilon)."""
-    from worldlm_jax import accounting, dp_ledger
-    from worldlm_jax.topology import build_topology
+    from worldlm_jax.privacy import accounting, ledger as dp_ledger
+    from worldlm_jax.tree.topology import build_topology
 
     topo = build_topology(config.tree, root_policy=config.policy)
     level = topo.depth - 1 if privacy.level == "clients" else 0
@@ -363,7 +365,7 @@ def _finished(config: Config, workdir: str) -> dict | None:
 
 def run_method(config: Config, workdir: str, log=print) -> dict:
     """Train (or resume, or skip when finished) one method's run; its summary."""
-    from worldlm_jax.train import train
+    from worldlm_jax.run.training import train
 
     done = _finished(config, workdir)
     if done is not None:
@@ -374,15 +376,16 @@ def run_method(config: Config, workdir: str, log=print) -> dict:
 
 def run_seeds(configs_by_seed: Sequence[Config], workdirs: Sequence[str], log=print) -> list[dict]:
     """One method's runs over seeds: skipped when all are finished, else trained
-    together as one vectorised program (one compilation; the points share the
-    data batches). One seed is an ordinary (resumable) run."""
+    together as one vectorised program (one compilation; each seed has its own
+    data split, client sample and token windows, as in a separate run). One seed
+    is an ordinary (resumable) run."""
     if len(configs_by_seed) == 1:
         return [run_method(configs_by_seed[0], workdirs[0], log)]
     done = [_finished(c, w) for c, w in zip(configs_by_seed, workdirs)]
     if all(d is not None for d in done):
         log(f"  {os.path.dirname(workdirs[0])}: finished, skipped")
         return done
-    from worldlm_jax import vectorized
+    from worldlm_jax.sweeps import vectorized
 
     vectorized.run(configs_by_seed, workdirs=workdirs)
     return [_finished(c, w) for c, w in zip(configs_by_seed, workdirs)]
@@ -390,7 +393,7 @@ def run_seeds(configs_by_seed: Sequence[Config], workdirs: Sequence[str], log=pr
 
 def eval_curve(workdir: str) -> list[tuple[int, float]]:
     """(rounds completed, overall perplexity) of every evaluation in metrics.jsonl."""
-    from worldlm_jax.metrics import read_metrics
+    from worldlm_jax.outputs.metrics import read_metrics
 
     points = {}
     for rec in read_metrics(os.path.join(workdir, "metrics.jsonl")):
@@ -404,8 +407,8 @@ def diagnostics(workdir: str, config: Config) -> dict:
     the weight on residual candidates and on the parent, the cosine between
     children of the same federation and of different ones, and the children's
     K-delta norm (levels that report them: where children's K are scored)."""
-    from worldlm_jax.metrics import read_metrics
-    from worldlm_jax.topology import build_topology
+    from worldlm_jax.outputs.metrics import read_metrics
+    from worldlm_jax.tree.topology import build_topology
 
     topo = build_topology(config.tree, root_policy=config.policy)
     records = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "train_loss" in r]
@@ -459,7 +462,7 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
 
 def paired_verdict(ppl_a: Sequence[float], ppl_b: Sequence[float], confidence: float = 0.95) -> dict:
     """How many times lower A's perplexity is than B's, seed by seed (the seeds
-    are paired: same data, same initial model per seed index): the mean and std
+    are paired: same split, tokenizer and initial model per seed index): the mean and std
     of B/A, and a call: "better" or "worse" only when every seed agrees and a
     paired t-test on log perplexity rejects "no difference" at `confidence`;
     otherwise "no difference" (or "one seed" when there is nothing to test)."""
@@ -695,7 +698,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         json.dump(results, f, indent=2, default=str)
     curves = {k: v for k, v in curves.items() if v}
     if curves:
-        from worldlm_jax.plots import plot_methods
+        from worldlm_jax.outputs.plots import plot_methods
         plot_methods(curves, os.path.join(args.out, "perplexity.png"))
     print(table)
     print(f"runs {results['wall_seconds']:.0f} s, this call {results['invocation_seconds']:.0f} s; wrote {args.out}/table.md, results.json, perplexity.png")

@@ -12,8 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from worldlm_jax import engine, optimizers, partition, strategies
-from worldlm_jax.topology import build_topology
+from worldlm_jax import engine
+from worldlm_jax.engine import strategies
+from worldlm_jax.model import partition
+from worldlm_jax.plugins import optimizers
+from worldlm_jax.tree.topology import build_topology
 
 VOCAB = 11
 D = 4
@@ -154,7 +157,7 @@ def hier_single():
     k_agg: mean in the policy is irrelevant here (no key layers) but lets WorldLM
     runs on the same tree be compared with it."""
     t = topo(tree2([3], root_policy=dict(POLICY, k_agg="mean")), weights=W3, slot_multiple=4)
-    return t, strategies.make_strategy(make_spec(t, loss_fn=nan_loss, client_optimizer="test_sgd"))
+    return t, engine.make_strategy(make_spec(t, loss_fn=nan_loss, client_optimizer="test_sgd"))
 
 
 def lead(batches, n=1):
@@ -339,3 +342,13 @@ def with_distinct_residuals(state, level: int, n_rows: int, spread: float = 0.05
     levels = list(state.levels)
     levels[level] = lv._replace(residual_K=R)
     return state._replace(levels=tuple(levels))
+
+
+def strategy_plan(name: str, depth: int, residuals="siblings", similarity="cos_delta", use_parent=True,
+                  residual_dim: int = 0):
+    """The plan of registered strategy `name` for a tree of `depth`, with these algorithm fields."""
+    from worldlm_jax.config import AlgorithmConfig
+
+    algo = AlgorithmConfig(name=name, residuals=residuals, similarity=similarity, use_parent=use_parent,
+                           residual_dim=residual_dim)
+    return strategies.get(name).plan(depth, algo)

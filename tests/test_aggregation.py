@@ -5,7 +5,8 @@ import numpy as np
 import optax
 import pytest
 
-from worldlm_jax import aggregation, optimizers
+from worldlm_jax.engine import aggregation
+from worldlm_jax.plugins import optimizers
 
 P = 2
 PARENT = np.array([0, 0, 0, 1, 1, 1, 1], np.int32)

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from worldlm_jax import cli
+from worldlm_jax.cli import parser as cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAN = ["plan", "--config", "tiny", "--no-compile"]
@@ -26,12 +26,11 @@ def run_with_steps(*steps):
     def write(path):
         import jax.numpy as jnp
 
-        from worldlm_jax import configs
-        from worldlm_jax.checkpoint import Checkpointer
-        from worldlm_jax.config import save_yaml
+        from worldlm_jax.config import presets as configs, save_yaml
+        from worldlm_jax.outputs.checkpoint import Checkpointer
 
         path.mkdir(parents=True, exist_ok=True)
-        save_yaml(configs.load("tiny"), str(path / "config.yaml"))
+        save_yaml(configs.get("tiny"), str(path / "config.yaml"))
         with Checkpointer(path) as ckpt:
             for step in steps:
                 ckpt.save(step, {"w": jnp.zeros(2)}, {"round": step}, force=True)

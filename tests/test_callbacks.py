@@ -21,10 +21,14 @@ import numpy as np
 import pytest
 
 import worldlm_jax
-from worldlm_jax import blueprint, callbacks, cli, communication, configs, plugins, run_dirs, train as train_lib
-from worldlm_jax.callbacks import Callback
-from worldlm_jax.config import ConfigError, apply_overrides, load_yaml, save_yaml
-from worldlm_jax.metrics import read_metrics
+from worldlm_jax import plugins
+from worldlm_jax.cli import parser as cli
+from worldlm_jax.config import ConfigError, apply_overrides, load_yaml, presets as configs, save_yaml
+from worldlm_jax.outputs.metrics import read_metrics
+from worldlm_jax.plugins import callbacks
+from worldlm_jax.plugins.callbacks import Callback
+from worldlm_jax.run import (blueprint, communication, dirs as run_dirs, records as records_lib,
+                             training as train_lib)
 
 PLUGIN = """
 import optax
@@ -186,13 +190,13 @@ def test_round_record_reports_the_learning_rates_the_round_used():
     metrics = {"train_loss_sum": np.ones(3), "train_clients": np.full(3, 2.0), "tokens": np.float32(10),
                "diverged": np.float32(0), "level0/participants": np.array([3.0]),
                "level1/participants": np.array([2.0, 2.0, 2.0])}
-    static = train_lib.round_record(exp, 0, dict(metrics), 1.0)
+    static = records_lib.round_record(exp, 0, dict(metrics), 1.0)
     assert static["client_lr"] == {"en": 3e-3, "de": 3e-3, "ru": 3e-3}
     assert static["server_lr"] == {"world": 1.0, "en": 1.0, "de": 1.0, "ru": 1.0}
     metrics |= {"level1/client_lr": np.array([1e-3, 2e-3, 4e-3], np.float32),
                 "level0/server_lr": np.array([0.5], np.float32),
                 "level1/server_lr": np.array([0.25, 0.125, 1.0], np.float32)}
-    scheduled = train_lib.round_record(exp, 0, metrics, 1.0)
+    scheduled = records_lib.round_record(exp, 0, metrics, 1.0)
     assert scheduled["client_lr"] == {"en": 1e-3, "de": 2e-3, "ru": 4e-3}  # float32's shortest decimals
     assert scheduled["server_lr"] == {"world": 0.5, "en": 0.25, "de": 0.125, "ru": 1.0}
 
@@ -211,10 +215,9 @@ def test_callbacks_are_built_from_names_and_instances():
     assert asked == ["b"] and recorder.rounds == [(4, {"round": 4})]
 
 
-def test_the_package_entry_point_is_the_train_module_and_importing_it_is_cheap():
-    assert worldlm_jax.train is train_lib and callable(train_lib)
-    assert train_lib.train.__name__ == "train" and worldlm_jax.Callback is Callback
-    code = "import sys, worldlm_jax; assert 'jax' not in sys.modules and 'worldlm_jax.train' not in sys.modules"
+def test_the_package_entry_point_is_the_train_function_and_importing_it_is_cheap():
+    assert worldlm_jax.train is train_lib.train and worldlm_jax.Callback is Callback
+    code = "import sys, worldlm_jax; assert 'jax' not in sys.modules and 'worldlm_jax.run' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

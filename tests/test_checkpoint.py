@@ -14,8 +14,8 @@ import optax
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from worldlm_jax import checkpoint as ckpt_lib, fingerprints
-from worldlm_jax.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
+from worldlm_jax.outputs import checkpoint as ckpt_lib, fingerprints
+from worldlm_jax.outputs.checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError
 
 # When a read fails, orbax closes its event loop while other tensorstore reads are
 # still pending; their late callbacks raise "Event loop is closed" (harmless), and

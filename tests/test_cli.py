@@ -12,8 +12,10 @@ import os
 import jax
 import pytest
 
-from worldlm_jax import cli, configs, run_dirs, sweep
-from worldlm_jax.config import load_yaml
+from worldlm_jax.cli import commands as cli_commands, parser as cli
+from worldlm_jax.config import load_yaml, presets as configs
+from worldlm_jax.run import dirs as run_dirs
+from worldlm_jax.sweeps import grid as sweep
 
 # One device: the 8 fake CPU devices of conftest.py would triple compile time (sharded
 # slices in checkpointing); the CLI does not care how many devices train.
@@ -106,19 +108,19 @@ def test_unknown_preset_and_missing_yaml(tmp_path):
 
 
 def test_scientific_notation_and_yaml_config(tmp_path):
-    config = cli.load_config("tiny", ["policy.client_lr=1e-3", "run.rounds=4"])
+    config = cli_commands.load_config("tiny", ["policy.client_lr=1e-3", "run.rounds=4"])
     assert config.policy.client_lr == 0.001 and config.run.rounds == 4
     path = tmp_path / "exp.yaml"
     path.write_text("run: {rounds: 3}\nalgorithm: {name: fedavg}\n"
                     "tree: {name: w, children: [{name: en, sources: [man_en], clients: 2}]}\n")
-    config = cli.load_config(str(path), ["run.seed=5"])
+    config = cli_commands.load_config(str(path), ["run.seed=5"])
     assert (config.run.rounds, config.algorithm.name, config.run.seed) == (3, "fedavg", 5)
-    assert cli.preset_name(str(path)) == "exp" and cli.preset_name("demo") == "demo"
+    assert cli_commands.preset_name(str(path)) == "exp" and cli_commands.preset_name("demo") == "demo"
 
 
 def test_target_epsilon_goes_into_the_config_or_fails_clearly():
     base = configs.get("tiny")
-    config, extra = cli.apply_privacy_target(base, 3.0, 1e-6)
+    config, extra = cli_commands.apply_privacy_target(base, 3.0, 1e-6)
     if extra:  # train() takes them as keyword arguments
         assert extra == {"target_epsilon": 3.0, "target_delta": 1e-6}
     else:
@@ -126,14 +128,14 @@ def test_target_epsilon_goes_into_the_config_or_fails_clearly():
         eps_keys = [k for k, v in flat.items() if k.endswith("target_epsilon")]
         assert eps_keys and flat[eps_keys[0]] == 3.0
         assert any(k.endswith("delta") and v == 1e-6 for k, v in flat.items())
-    with pytest.raises(cli.CliError, match="--target-delta needs --target-epsilon"):
-        cli.apply_privacy_target(base, None, 1e-6)
-    with pytest.raises(cli.CliError, match="> 0"):
-        cli.apply_privacy_target(base, -1.0, None)
+    with pytest.raises(cli_commands.CliError, match="--target-delta needs --target-epsilon"):
+        cli_commands.apply_privacy_target(base, None, 1e-6)
+    with pytest.raises(cli_commands.CliError, match="> 0"):
+        cli_commands.apply_privacy_target(base, -1.0, None)
 
 
 # ---- plugins ----------------------------------------------------------------------------
-PLUGIN = ("import optax\nfrom worldlm_jax import optimizers\n"
+PLUGIN = ("import optax\nfrom worldlm_jax.plugins import optimizers\n"
           "optimizers.OPTIMIZERS.register('cli_test_sgd', lambda: optax.sgd(1.0), replace=False)\n")
 
 
@@ -165,7 +167,7 @@ def test_a_bad_plugin_is_a_one_line_error(plugin, expected, tmp_path, monkeypatc
 
 
 def test_train_reports_a_callback_stop_as_done(tmp_path, monkeypatch):
-    from worldlm_jax import train as train_lib
+    from worldlm_jax.run import training as train_lib
     stopped = {"algorithm": "worldlm", "rounds_completed": 2, "interrupted": True, "stopped_by": "early_stop"}
     monkeypatch.setattr(train_lib, "train", lambda *args, **kwargs: stopped)
     code, out, err = run_cli(["train", *FAST, "--skip-memory-check", "--workdir", str(tmp_path / "run")])

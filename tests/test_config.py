@@ -4,11 +4,11 @@ import math
 
 import pytest
 
-from worldlm_jax import configs
 from worldlm_jax.config import (Config, ConfigError, apply_override, apply_overrides, from_dict, load_yaml,
-                                save_yaml)
+                                presets as configs, save_yaml)
 from worldlm_jax.data import corpus
-from worldlm_jax.topology import TopologyError, build_topology
+from worldlm_jax.tree.policy import TopologyError
+from worldlm_jax.tree.topology import build_topology
 
 
 @pytest.mark.parametrize("name", list(configs.PRESETS))
@@ -82,7 +82,7 @@ def test_override_plain_scientific_notation():
     # PyYAML (YAML 1.1) reads 1e-2 as a string; numbers are still accepted
     assert apply_override(configs.get("tiny"), "policy.client_lr=1e-2").policy.client_lr == 0.01
     tree = {"name": "r", "clients": 1, "sources": ["man_en"], "policy": {"client_lr": "1e-2"}}
-    from worldlm_jax.topology import build_topology
+    from worldlm_jax.tree.topology import build_topology
     assert build_topology(tree).leaf.policies[0].client_lr == 0.01
 
 
@@ -228,7 +228,7 @@ def test_a_string_where_a_section_goes_suggests_base(tmp_path):
 def test_plugins_in_a_yaml_load_first_relative_to_it(tmp_path):
     (tmp_path / "lab").mkdir()
     (tmp_path / "lab" / "opts.py").write_text(
-        "import optax\nfrom worldlm_jax import optimizers\n"
+        "import optax\nfrom worldlm_jax.plugins import optimizers\n"
         "optimizers.OPTIMIZERS.register('config_test_sgd', lambda: optax.sgd(1.0), replace=False)\n")
     path = tmp_path / "exp.yaml"
     path.write_text("base: tiny\nplugins: [lab/opts.py]\n"

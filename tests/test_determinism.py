@@ -4,7 +4,7 @@ bit-identical rounds, simulated faults included; another seed draws other faults
 
 from engine_helpers import (POLICY, assert_tree_equal, flat_tree, make_batches, make_spec, run, toy_params,
                             topo)
-from worldlm_jax import strategies
+from worldlm_jax import engine
 
 FAULTS = dict(dropout=0.3, stragglers=0.5, attack="noise", attackers=1, **POLICY)
 
@@ -12,7 +12,7 @@ FAULTS = dict(dropout=0.3, stragglers=0.5, attack="noise", attackers=1, **POLICY
 def fresh_run(seed, n_rounds=2):
     """A strategy built and compiled anew (nothing shared with another call)."""
     t = topo(flat_tree(5, **FAULTS))
-    strategy = strategies.make_strategy(make_spec(t, client_optimizer="test_sgd"))
+    strategy = engine.make_strategy(make_spec(t, client_optimizer="test_sgd"))
     return run(strategy, toy_params(), make_batches(t, n_rounds), seed=seed)
 
 

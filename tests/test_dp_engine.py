@@ -6,8 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from worldlm_jax import accounting, communication, dp_ledger, engine, model, partition, strategies
-from worldlm_jax.topology import build_topology
+from worldlm_jax import engine, model
+from worldlm_jax.engine import strategies
+from worldlm_jax.model import partition
+from worldlm_jax.privacy import accounting, ledger as dp_ledger
+from worldlm_jax.run import communication
+from worldlm_jax.tree.topology import build_topology
+from engine_helpers import strategy_plan
 
 CFG = model.preset("tiny", max_len=16, d_model=16, n_heads=2, n_layers=2)
 MODEL_DEF, PARAMS = model.init(CFG, jax.random.PRNGKey(0))
@@ -23,11 +28,11 @@ def _tree(policy_a=None, policy_b=None, clients=2, rounds=1):
 
 def _run(name, tree, tokens_seed=0, rounds=1, residuals="siblings", chunk=0):
     topo = strategies.strategy_topology(name, build_topology(tree))
-    plan = strategies.strategy_plan(name, topo.depth, residuals=residuals)
+    plan = strategy_plan(name, topo.depth, residuals=residuals)
     keys = KEY_PATHS if strategies.uses_key_layers(name) else frozenset()
     spec = engine.EngineSpec(topology=topo, plan=plan, loss_fn=MODEL_DEF.loss, key_paths=keys,
                              key_groups=partition.key_groups(keys) if keys else {}, chunk=chunk)
-    strategy = strategies.make_strategy(spec)
+    strategy = engine.make_strategy(spec)
     state = strategy.init(PARAMS)
     shape = engine.batch_shape(topo, 2, 8)
     rng = np.random.default_rng(tokens_seed)
@@ -191,7 +196,7 @@ def test_global_stage_shares_key_layers_and_the_nested_stage_localises_them():
                               jnp.ones((1, topo.n_slots), jnp.float32))
     deployed = {}
     for name, s in (("global", global_spec), ("nested", spec)):
-        state, _ = strategies.make_strategy(s).run_round(strategies.make_strategy(s).init(PARAMS), batch,
+        state, _ = engine.make_strategy(s).run_round(engine.make_strategy(s).init(PARAMS), batch,
                                                           jax.random.PRNGKey(0))
         deployed[name] = engine.deployed_params(s, state, jnp.arange(topo.n_clients))
     k = sorted(KEY_PATHS)[0]
@@ -221,8 +226,8 @@ def test_mean_aggregation_reads_no_residuals():
 
 
 def test_training_under_a_target_epsilon_logs_privacy_every_round(tmp_path):
-    from worldlm_jax import configs, train
-    from worldlm_jax.config import apply_overrides
+    from worldlm_jax.config import apply_overrides, presets as configs
+    from worldlm_jax.run import training as train
     cfg = apply_overrides(configs.tiny(), ["run.rounds=2", "run.devices=1", "privacy.target_epsilon=20"])
     summary = train.train(cfg, str(tmp_path), quiet=True)
     import json
@@ -247,7 +252,7 @@ def test_dp_on_a_federation_that_aggregates_nothing_changes_nothing(chunk):
     def local_run(**dp):
         t = topo(flat_tree(5, local_steps=2, client_lr=0.3, **dp))
         spec = make_spec(t, strategies.local_plan(), client_optimizer="test_sgd", chunk=chunk)
-        return run(strategies.make_strategy(spec), toy_params(2), make_batches(t, 2, seed=5))[0]
+        return run(engine.make_strategy(spec), toy_params(2), make_batches(t, 2, seed=5))[0]
 
     with_dp, without = local_run(dp_noise_multiplier=1.0, dp_clip=0.1), local_run()
     assert_tree_equal((with_dp.clients, with_dp.levels[0].B, with_dp.levels[0].K),

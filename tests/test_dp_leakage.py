@@ -24,9 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from worldlm_jax import engine, policy, privacy, releases, strategies
-from worldlm_jax.topology import build_topology
+from worldlm_jax import engine
+from worldlm_jax.engine import releases, strategies
+from worldlm_jax.privacy import mechanism as privacy
+from worldlm_jax.tree import policy
+from worldlm_jax.tree.topology import build_topology
 
+from engine_helpers import strategy_plan
 from engine_helpers import TOY_KEY_PATHS, make_spec, toy_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,7 +108,7 @@ def build(c: Combo):
                                                                             c.adaptive)))
     if c.strategy in ("fedavg", "fedper"):  # a flat tree: DP at its one federation (the root)
         assert topology.depth == 1
-    plan = strategies.strategy_plan(c.strategy, topology.depth, residuals=c.residuals)
+    plan = strategy_plan(c.strategy, topology.depth, residuals=c.residuals)
     if c.k_agg == "personalized":
         plan = dataclasses.replace(plan, personal_keys=True, client_keeps=plan.client_keeps | {"K"})
     keys = TOY_KEY_PATHS if strategies.uses_key_layers(c.strategy) else frozenset()
@@ -132,7 +136,7 @@ def runs(spec, topology):
     """(state, train losses) after the rounds on the data, and on the changed
     data (one compilation): two rounds where residuals are shared (a residual
     is one round stale), else one."""
-    strategy = strategies.make_strategy(spec, jit=False)
+    strategy = engine.make_strategy(spec, jit=False)
     round_fn = jax.jit(strategy.run_round)
     rounds = 2 if spec.plan.residuals != "none" else 1
     out = []
@@ -200,7 +204,7 @@ def test_nothing_leaves_a_dp_federation_but_through_its_release(combo, release_i
     refusal = expected_refusal(combo)
     if refusal is not None:
         with pytest.raises(releases.ReleaseError) as e:
-            strategies.make_strategy(spec)
+            engine.make_strategy(spec)
         message = str(e.value)
         assert "\n" not in message and "federation '" in message, message
         # the refusal guards a real leak: with the check bypassed, the changed data gets out

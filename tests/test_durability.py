@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from worldlm_jax.checkpoint import Checkpointer
+from worldlm_jax.outputs.checkpoint import Checkpointer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,9 @@ from engine_helpers import (LR, MARK, POLICY, STEPS, TOY_KEY_PATHS, W3, assert_c
                             assert_trained_close, assert_tree_equal, change, flat_tree, hier_single, lead, make_batches,
                             make_spec, nan_loss, random_tokens, run, to_device, toy_loss,
                             toy_params, toy_summands, toy_updates, topo, tree2, ulp_perturbed, with_distinct_residuals)
-from worldlm_jax import client, engine, optimizers, parallel, strategies
+from worldlm_jax import engine
+from worldlm_jax.engine import client, parallel, strategies
+from worldlm_jax.plugins import optimizers
 
 
 
@@ -18,7 +20,7 @@ def flat():
     """FedAvg over 3 clients, slots padded to 4 (one padding slot), NaN-able loss,
     plain SGD on clients (exact references; see test_vmap_chunked...)."""
     t = topo(flat_tree(3, **POLICY), weights=W3, slot_multiple=4)
-    return t, strategies.make_strategy(make_spec(t, loss_fn=nan_loss, client_optimizer="test_sgd"))
+    return t, engine.make_strategy(make_spec(t, loss_fn=nan_loss, client_optimizer="test_sgd"))
 
 
 def root_B(state):
@@ -33,7 +35,7 @@ def with_weights(batches, w):
 # ---- FedAvg = local training -------------------------------------------------
 def test_fedavg_one_client_equals_local_training():
     t = topo(flat_tree(1, local_steps=3, client_lr=LR))
-    strategy = strategies.make_strategy(make_spec(t))
+    strategy = engine.make_strategy(make_spec(t))
     params = toy_params(1)
     batches = make_batches(t, 2, seed=1)
     state, metrics = run(strategy, params, batches)
@@ -75,7 +77,7 @@ def test_hierfavg_with_one_client_per_federation_equals_weighted_fedavg(flat):
             "children": [{"name": f"F{i}", "clients": 1, "sources": ["s"]} for i in range(3)]}
     t = topo(spec, weights=W3, slot_multiple=4)
     assert list(t.slot_parent) == [0, 1, 2, 2]
-    hier = strategies.make_strategy(make_spec(t, loss_fn=nan_loss, client_optimizer="test_sgd"))
+    hier = engine.make_strategy(make_spec(t, loss_fn=nan_loss, client_optimizer="test_sgd"))
     batches = make_batches(t_flat, 2, seed=3)
     flat_state, _ = run(fedavg, toy_params(), batches)
     hier_state, _ = run(hier, toy_params(), lead(batches))
@@ -147,7 +149,7 @@ def test_update_norm_above_max_counts_as_diverged():
     norms = np.array([np.sqrt(sum(np.sum(d[k] ** 2) for k in d)) for d in deltas])
     second, first = np.sort(norms)[-2:]
     assert first > 1.02 * second, "test set-up: the largest update must stand out"
-    strategy = strategies.make_strategy(make_spec(t, client_optimizer="test_sgd",
+    strategy = engine.make_strategy(make_spec(t, client_optimizer="test_sgd",
                                                   max_update_norm=float(first + second) / 2))
     state, metrics = run(strategy, params, batches)
     assert metrics[0]["diverged"] == 1 and metrics[0]["level0/participants"][0] == 2
@@ -163,7 +165,7 @@ def test_vmap_chunked_and_sequential_reference_agree(flat):
     # near-zero gradients into visible ones, which would hide real disagreements.
     # (The real decoder runs through the engine in test_strategies' training smoke test.)
     t, vmapped = flat  # chunk = 0
-    chunked = strategies.make_strategy(make_spec(t, loss_fn=nan_loss, chunk=1, client_optimizer="test_sgd"))
+    chunked = engine.make_strategy(make_spec(t, loss_fn=nan_loss, chunk=1, client_optimizer="test_sgd"))
     params = toy_params(3)
     batches = make_batches(t, 2, seed=8)
     states = {0: run(vmapped, params, batches)[0], 1: run(chunked, params, batches)[0]}
@@ -199,7 +201,7 @@ def worldlm_runs():
     t = topo(tree2([3, 3], root_policy=dict(POLICY, client_lr=0.5, tau=0.5)), weights=[1, 2, 3, 1, 1, 2], slot_multiple=8)
     out = {}
     for name, mesh in (("1 device", None), ("8 devices", parallel.make_mesh(8))):
-        strategy = strategies.make_strategy(make_spec(t, strategies.worldlm_plan(2), key_paths=TOY_KEY_PATHS,
+        strategy = engine.make_strategy(make_spec(t, strategies.worldlm_plan(2), key_paths=TOY_KEY_PATHS,
                                                       client_optimizer="test_sgd", mesh=mesh))
         out[name] = (t, strategy)
     return out

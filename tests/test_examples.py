@@ -14,9 +14,13 @@ import jax
 import numpy as np
 import pytest
 
-from worldlm_jax import aggregators, cli, configs, engine, plugins, train
-from worldlm_jax.checkpoint import Checkpointer
-from worldlm_jax.metrics import read_metrics
+from worldlm_jax import engine, plugins
+from worldlm_jax.cli import parser as cli
+from worldlm_jax.config import load as load_config
+from worldlm_jax.outputs.checkpoint import Checkpointer
+from worldlm_jax.outputs.metrics import read_metrics
+from worldlm_jax.plugins import aggregators
+from worldlm_jax.run import experiment as experiment_lib
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "examples")
 NAMES = ("server_optimizer", "fedprox", "median", "scaffold", "schedule", "callback", "family_strategy")
@@ -43,10 +47,10 @@ def run_example(name, workdir, cache_dir):
 
 def final_state(workdir):
     """The run's last checkpointed engine state (real rows) and its experiment."""
-    config = configs.load(str(workdir / "config.yaml"))
-    exp = train.build_experiment(config)
+    config = load_config(str(workdir / "config.yaml"))
+    exp = experiment_lib.build_experiment(config)
     with contextlib.closing(Checkpointer(str(workdir), max_to_keep=2)) as ckpt:
-        state, _ = train.restore_state(exp, ckpt)
+        state, _ = experiment_lib.restore_state(exp, ckpt)
     return exp, jax.device_get(engine.unpad_state(exp.spec, state))
 
 

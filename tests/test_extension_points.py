@@ -11,7 +11,9 @@ import pytest
 
 from engine_helpers import (LR, STEPS, assert_tree_close, assert_tree_equal, flat_tree, make_batches, make_spec,
                             run, toy_params, topo, tree2)
-from worldlm_jax import aggregators, schedules, strategies
+from worldlm_jax import engine
+from worldlm_jax.engine import strategies
+from worldlm_jax.plugins import aggregators, schedules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +29,7 @@ def load_example(name):
 def strategy(tree_spec, weights=None, objective="none", total_rounds=1, **spec_kw):
     t = topo(tree_spec, weights=weights)
     spec = make_spec(t, client_optimizer="test_sgd", **spec_kw)
-    return t, strategies.make_strategy(dataclasses.replace(spec, client_objective=objective,
+    return t, engine.make_strategy(dataclasses.replace(spec, client_objective=objective,
                                                            total_rounds=total_rounds))
 
 
@@ -92,7 +94,7 @@ def test_fedprox_large_mu_keeps_clients_near_their_start():
     spec = tree2([2, 2], root_policy=dict(local_steps=10, client_lr=0.05),
                  fed_policies=[{"objective_args": {"mu": 0.0}}, {"objective_args": {"mu": 20.0}}])
     t = topo(spec)
-    s = strategies.make_strategy(dataclasses.replace(
+    s = engine.make_strategy(dataclasses.replace(
         make_spec(t, strategies.worldlm_plan(2, residuals="none"), client_optimizer="test_sgd"),
         client_objective="fedprox"))
     _, metrics = run(s, toy_params(), make_batches(t, 1))
@@ -215,7 +217,7 @@ def test_a_bad_plug_in_name_or_argument_is_one_line_naming_it(override, names):
     import contextlib
     import io
 
-    from worldlm_jax import cli
+    from worldlm_jax.cli import parser as cli
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = cli.main(["plan", "--config", "tiny", "--set", "algorithm.client_objective=fedprox", "--set", override])

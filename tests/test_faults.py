@@ -11,14 +11,16 @@ from hypothesis import given, settings, strategies as st
 
 from engine_helpers import (LR, STEPS, assert_tree_close, assert_tree_equal, flat_tree, make_batches, make_spec, tree2,
                             run, toy_params, topo)
-from worldlm_jax import aggregators, strategies
+from worldlm_jax import engine
+from worldlm_jax.engine import strategies
+from worldlm_jax.plugins import aggregators
 
 BASE = dict(local_steps=STEPS, client_lr=LR)
 
 
 def strategy(tree_spec, weights=None):
     t = topo(tree_spec, weights=weights)
-    return t, strategies.make_strategy(make_spec(t, client_optimizer="test_sgd"))
+    return t, engine.make_strategy(make_spec(t, client_optimizer="test_sgd"))
 
 
 @functools.cache
@@ -117,7 +119,7 @@ def test_a_nan_attacker_cannot_poison_multi_krum_or_attention():
     from engine_helpers import TOY_KEY_PATHS
     policy = dict(aggregator="multi_krum", aggregator_args={"byzantine": 1.0}, attack="nan", attackers=1, **BASE)
     t = topo(tree2([4, 4], root_policy=policy))
-    s = strategies.make_strategy(make_spec(t, strategies.worldlm_plan(2), key_paths=TOY_KEY_PATHS,
+    s = engine.make_strategy(make_spec(t, strategies.worldlm_plan(2), key_paths=TOY_KEY_PATHS,
                                            client_optimizer="test_sgd"))
     batches = make_batches(t, 3)
     state, metrics = run(s, toy_params(), batches)
@@ -217,7 +219,7 @@ def _k_runs():
         t = topo(flat_tree(5, tau=0.1, **BASE, **policy))
         spec = make_spec(t, strategies.worldlm_plan(1, residuals="none", use_parent=False),
                          key_paths=TOY_KEY_PATHS, client_optimizer="test_sgd")
-        state, _ = run(strategies.make_strategy(spec), toy_params(), make_batches(t, 1))
+        state, _ = run(engine.make_strategy(spec), toy_params(), make_batches(t, 1))
         moved = [np.asarray(state.levels[0].K[p][0]) - np.asarray(toy_params()[p]) for p in sorted(TOY_KEY_PATHS)]
         norms[name] = float(np.sqrt(sum(np.sum(m ** 2) for m in moved)))
     return norms
@@ -240,10 +242,10 @@ def test_a_robust_rule_at_a_federation_of_federations_combines_its_child_federat
     spec = tree2([2, 2, 2], root_policy=dict(aggregator="median", **BASE),
                  fed_policies=[{"aggregator": "mean"}] * 3)
     t = topo(spec)
-    s = strategies.make_strategy(make_spec(t, client_optimizer="test_sgd"))
+    s = engine.make_strategy(make_spec(t, client_optimizer="test_sgd"))
     before = jax.tree.map(lambda x: np.asarray(x)[None], toy_params())
     # the federations' own updates this round: a HierFAVG round's level-1 B (root unchanged while they run)
-    plain = strategies.make_strategy(make_spec(topo(tree2([2, 2, 2], root_policy=BASE)), client_optimizer="test_sgd"))
+    plain = engine.make_strategy(make_spec(topo(tree2([2, 2, 2], root_policy=BASE)), client_optimizer="test_sgd"))
     batches = make_batches(t, 1)
     fed_B = run(plain, toy_params(), batches)[0].levels[1].B
     expected = jax.tree.map(lambda f, b: np.median(f - b, axis=0, keepdims=True), fed_B, before)

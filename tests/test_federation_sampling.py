@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from engine_helpers import POLICY, assert_tree_close, assert_tree_equal, make_batches, make_spec, run, toy_params, topo, tree2
-from worldlm_jax import dp_ledger, engine, strategies
+from worldlm_jax import engine
+from worldlm_jax.engine import strategies
+from worldlm_jax.privacy import ledger as dp_ledger
 
 
 def test_fixed_sampling_draws_k_of_each_nodes_children_uniformly():
@@ -30,7 +32,7 @@ def test_poisson_sampling_takes_each_child_with_probability_k_over_n():
 def hier_run(k, seed=3, chunk=0):
     policy = dict(POLICY, federations_per_round=k)
     t = topo(tree2([2, 2, 2, 2], root_policy=policy), weights=[1, 2, 3, 1, 2, 1, 1, 3])
-    strategy = strategies.make_strategy(make_spec(t, strategies.averaging_plan(2), client_optimizer="test_sgd",
+    strategy = engine.make_strategy(make_spec(t, strategies.averaging_plan(2), client_optimizer="test_sgd",
                                                             chunk=chunk))
     return t, strategy, make_batches(t, 4, seed=seed)
 

@@ -5,17 +5,17 @@ own keeps it, a part that is not an update cannot scale another's clip away,
 and a clients_per_round that `full` sampling would ignore is refused."""
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from worldlm_jax import dp_ledger, engine, privacy, strategies
-from worldlm_jax.policy import TopologyError
-from worldlm_jax.topology import build_topology
+from worldlm_jax import engine
+from worldlm_jax.privacy import ledger as dp_ledger, mechanism as privacy
+from worldlm_jax.tree.policy import TopologyError
+from worldlm_jax.tree.topology import build_topology
 
+from engine_helpers import strategy_plan
 from engine_helpers import TOY_KEY_PATHS, make_spec, toy_params
 
 # Leaves the toy loss never reads: they make the released tree long (a collision
@@ -36,7 +36,7 @@ def tree(leaf_policy=None, root_policy=None, clients=3):
 
 
 def one_round(spec, topology, weight=None, key=0, before_round=lambda: None):
-    strategy = strategies.make_strategy(spec)
+    strategy = engine.make_strategy(spec)
     start, state = strategy.init(params()), strategy.init(params())
     shape = engine.batch_shape(topology, 2, 6)
     slot_client = np.broadcast_to(np.arange(topology.n_slots, dtype=np.int32), shape[:-3])
@@ -50,7 +50,7 @@ def one_round(spec, topology, weight=None, key=0, before_round=lambda: None):
 
 def worldlm_spec(tree_spec, **plan_kw):
     topology = build_topology(tree_spec)
-    plan = strategies.strategy_plan("worldlm", topology.depth, **plan_kw)
+    plan = strategy_plan("worldlm", topology.depth, **plan_kw)
     return topology, make_spec(topology, plan, key_paths=TOY_KEY_PATHS)
 
 
@@ -145,7 +145,7 @@ def test_an_internal_dp_level_releases_the_backbone_unshrunk_by_the_key_layers()
     far = tree(off, root_dp)
     topology, spec = worldlm_spec(far, residuals="none")
     _, plain_spec = worldlm_spec(tree(off, off), residuals="none")
-    start = strategies.make_strategy(spec).init(params())
+    start = engine.make_strategy(spec).init(params())
     offset = {p: v + 50.0 for p, v in start.levels[1].K.items()}  # the children's K far from the root's
     shape = engine.batch_shape(topology, 2, 6)
     slot_client = np.broadcast_to(np.arange(topology.n_slots, dtype=np.int32), shape[:-3])
@@ -153,7 +153,7 @@ def test_an_internal_dp_level_releases_the_backbone_unshrunk_by_the_key_layers()
                               jnp.asarray(slot_client), jnp.ones(slot_client.shape, jnp.float32))
     out = []
     for s in (spec, plain_spec):
-        strategy = strategies.make_strategy(s)
+        strategy = engine.make_strategy(s)
         state = strategy.init(params())
         fresh_K = {p: jnp.array(v) for p, v in offset.items()}  # the round donates its state
         state = state._replace(levels=(state.levels[0], state.levels[1]._replace(K=fresh_K)))
@@ -178,7 +178,7 @@ def test_target_epsilon_turns_dp_on_at_the_level_it_names(level, protected):
     calibrated = dp_ledger.calibrate(topology, 8.0, 1e-5, 10, level=level)
     on = {d for d, lvl in enumerate(calibrated.levels) if any(p.dp_noise_multiplier > 0 for p in lvl.policies)}
     assert on == protected
-    plan = strategies.strategy_plan("worldlm", 2)
+    plan = strategy_plan("worldlm", 2)
     report = dp_ledger.report(calibrated, dp_ledger.make_accountants(calibrated), plan)
     for name, entry in report.items():
         d = 0 if name == "root" else 1

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from test_aggregation import GROUPS, PARENT, SHAPES, attend, close, policy, ref_mean, setup, stacked
-from worldlm_jax import aggregation
+from worldlm_jax.engine import aggregation
 
 ADAPTIVE = 4
 
@@ -150,16 +150,17 @@ def test_personal_keys_are_permutation_equivariant_and_personal():
 
 def _personal_run(k_agg, tau, rounds=2, fed_policies=None):
     from engine_helpers import TOY_KEY_PATHS, make_batches, make_spec, run, toy_params, topo, tree2
-    from worldlm_jax import blueprint, strategies
+    from worldlm_jax import engine
     from worldlm_jax.config import AlgorithmConfig
+    from worldlm_jax.engine import strategies
+    from worldlm_jax.run import blueprint
 
     policy = dict(local_steps=2, client_lr=0.3, k_agg=k_agg, tau=tau)
     t = topo(tree2([3, 2], root_policy=policy, fed_policies=fed_policies), weights=[1, 2, 3, 1, 2])
     plan = blueprint.with_personal_keys(strategies.worldlm_plan(2, residuals="none", use_parent=False), t,
                                         AlgorithmConfig())
     spec = make_spec(t, plan, key_paths=TOY_KEY_PATHS, client_optimizer="test_sgd")
-    state, _ = run(strategies.make_strategy(spec), toy_params(1), make_batches(t, rounds, seed=3))
-    from worldlm_jax import engine
+    state, _ = run(engine.make_strategy(spec), toy_params(1), make_batches(t, rounds, seed=3))
     return spec, state, engine.deployed_params(spec, state, jnp.arange(t.n_clients))
 
 

@@ -8,8 +8,11 @@ import json
 
 import pytest
 
-from worldlm_jax import cli, configs, memory_estimate, memory_plan, model
+from worldlm_jax import model
+from worldlm_jax.cli import commands as cli_commands, parser as cli
+from worldlm_jax.config import presets as configs
 from worldlm_jax.data import corpus, pipeline
+from worldlm_jax.run import memory_estimate, memory_plan
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +28,7 @@ def check_estimates_against_xla(names):
     # The presets as they are (8 CPU devices, the tests' mesh); nothing is
     # allocated, paper-125m (35 GiB a device) is only compiled. Rounds are
     # lowered here, then compiled two at a time (XLA's compiler releases the GIL).
-    runs = {name: memory_plan.abstract_run(cli.load_config(name)) for name in names}
+    runs = {name: memory_plan.abstract_run(cli_commands.load_config(name)) for name in names}
     estimates = {name: sum(memory_estimate.estimate(run)[0].values()) for name, run in runs.items()}
     lowered = {name: memory_estimate.lower_round(run) for name, run in runs.items()}
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -53,7 +56,7 @@ def test_plan_exits_non_zero_naming_the_knobs_when_the_device_is_too_small(capsy
     # one device: small's 28 clients in chunks of 2, so every knob applies
     code = cli.main(["plan", "--config", "small", "--set", "run.devices=1", "--no-compile", "--device-memory", "0.01"])
     out, err = capsys.readouterr()
-    assert code == cli.EXIT_DOES_NOT_FIT != 0
+    assert code == cli_commands.EXIT_DOES_NOT_FIT != 0
     assert "DOES NOT FIT" in out
     [line] = err.strip().splitlines()  # one line
     assert line.startswith("worldlm plan: error: the round needs")
@@ -61,7 +64,7 @@ def test_plan_exits_non_zero_naming_the_knobs_when_the_device_is_too_small(capsy
         assert knob in line, knob
     # train runs the same check first, before any data is loaded (the fixture) or any file written
     code = cli.main(["train", "--config", "tiny", "--device-memory", "0.0001", "--workdir", str(tmp_path / "run")])
-    assert code == cli.EXIT_DOES_NOT_FIT
+    assert code == cli_commands.EXIT_DOES_NOT_FIT
     assert "worldlm train: error: the round needs" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 

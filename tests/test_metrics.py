@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from worldlm_jax.metrics import AsyncFetcher, MetricsWriter, flatten_scalars, read_metrics
+from worldlm_jax.outputs.metrics import AsyncFetcher, MetricsWriter, flatten_scalars, read_metrics
 
 
 def record(r):

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from worldlm_jax import kernels
-from worldlm_jax import model as M
+from worldlm_jax.model import kernels, lm as M
 
 TINY = M.preset('tiny')
 

@@ -81,7 +81,7 @@ def kill_after_checkpoint(procs, workdir, step):
 
 
 def _records(workdir):
-    from worldlm_jax.metrics import read_metrics
+    from worldlm_jax.outputs.metrics import read_metrics
     return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(os.path.join(workdir, "metrics.jsonl"))]
 
 
@@ -108,7 +108,7 @@ def _assert_close(got, want, rounds, where=""):
     (a sixth of the tokens, half of its federation's loss sum) exceeds it 50 to 140 times.
     Everything but floats exactly equal."""
     from engine_helpers import assert_close_up_to_summation_order, decoder_step_summands, toy_summands
-    from worldlm_jax import configs
+    from worldlm_jax.config import presets as configs
     cfg = configs.tiny()
     got, want = _flat(got, where), _flat(want, where)
     assert set(got) == set(want), (where, set(got) ^ set(want))
@@ -197,14 +197,14 @@ def test_a_dead_process_stops_the_others_naming_it(tmp_path):
 
 
 def test_a_process_cuts_only_the_token_blocks_of_its_slots():
-    from worldlm_jax import configs, train
-    from worldlm_jax.config import apply_overrides
+    from worldlm_jax.config import apply_overrides, presets as configs
+    from worldlm_jax.run import experiment as experiment_lib
 
-    exp = train.build_experiment(apply_overrides(configs.tiny(), ["run.rounds=1"]))
-    assert list(train.local_slots(exp)) == list(range(exp.run_topology.n_slots))  # one process: every slot
-    full = train.make_batch(exp, 3)
+    exp = experiment_lib.build_experiment(apply_overrides(configs.tiny(), ["run.rounds=1"]))
+    assert list(experiment_lib.local_slots(exp)) == list(range(exp.run_topology.n_slots))  # one process: every slot
+    full = experiment_lib.make_batch(exp, 3)
     mine = np.array([1, 5, 6])
-    part = train.make_batch(exp, 3, slots=mine)
+    part = experiment_lib.make_batch(exp, 3, slots=mine)
     assert part.tokens.shape[-4] == len(mine)
     np.testing.assert_array_equal(part.tokens, full.tokens[..., mine, :, :, :])
     np.testing.assert_array_equal(part.slot_client, full.slot_client)  # participation: every slot

@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from worldlm_jax import cli, train as train_lib
-from worldlm_jax.checkpoint import Checkpointer
-from worldlm_jax.cli_commands import EXIT_NONFINITE
-from worldlm_jax.run_loop import NonFiniteStateError, federation_path, finite_flags, nonfinite_error
-from worldlm_jax.state import ClientState, EngineState, LevelState
-from worldlm_jax.topology import build_topology
+from worldlm_jax.cli import commands as cli_commands, parser as cli
+from worldlm_jax.cli.commands import EXIT_NONFINITE
+from worldlm_jax.engine.state import ClientState, EngineState, LevelState
+from worldlm_jax.outputs.checkpoint import Checkpointer
+from worldlm_jax.run import training as train_lib
+from worldlm_jax.run.loop import NonFiniteStateError, federation_path, finite_flags, nonfinite_error
+from worldlm_jax.tree.topology import build_topology
 
 ONE_LEAF = "tree={name: w, children: [{name: en, clients: 2, sources: [man_en]}]}"
 
@@ -117,7 +118,7 @@ def test_the_last_good_checkpoint_survives_a_round_that_breaks(tmp_path, monkeyp
         return exp
 
     monkeypatch.setattr(train_lib, "build_experiment", build)
-    config = cli.load_config("tiny", [ONE_LEAF, "run.rounds=4", "run.checkpoint_every=2"])
+    config = cli_commands.load_config("tiny", [ONE_LEAF, "run.rounds=4", "run.checkpoint_every=2"])
     with pytest.raises(NonFiniteStateError) as err:
         train_lib.train(config, str(tmp_path), quiet=True)
     assert (err.value.round, err.value.level, err.value.federation) == (2, 1, "en"), str(err.value)

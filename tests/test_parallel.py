@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from engine_helpers import assert_close_up_to_summation_order, flat_tree, make_batches, make_spec, to_device, topo
-from worldlm_jax import parallel, strategies
+from worldlm_jax import engine
+from worldlm_jax.engine import parallel
 
 N_SLOTS, N_FEDS = 16, 3
 
@@ -73,7 +74,7 @@ def wide_loss(params, tokens_BxLp1):
 
 def round_temp_bytes(n_clients: int, chunk: int) -> int:
     t = topo(flat_tree(n_clients, local_steps=1, client_lr=0.1))
-    strategy = strategies.make_strategy(make_spec(t, loss_fn=wide_loss, chunk=chunk, client_optimizer="test_sgd"))
+    strategy = engine.make_strategy(make_spec(t, loss_fn=wide_loss, chunk=chunk, client_optimizer="test_sgd"))
     batch = to_device(make_batches(t, 1, seed=0)[0])
     compiled = strategy.run_round.lower(strategy.init(wide_params()), batch, jax.random.PRNGKey(0)).compile()
     return compiled.memory_analysis().temp_size_in_bytes

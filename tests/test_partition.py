@@ -5,8 +5,7 @@ import math
 import jax
 import pytest
 
-from worldlm_jax import model as M
-from worldlm_jax import partition as P
+from worldlm_jax.model import lm as M, partition as P
 
 # Shapes only: the partition never needs real values.
 _, PARAMS10 = M.abstract_init(M.preset('tiny', n_layers=10))

@@ -5,7 +5,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from worldlm_jax.plots import plot_attention, plot_methods, plot_perplexity
+from worldlm_jax.outputs.plots import plot_attention, plot_methods, plot_perplexity
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -10,10 +10,9 @@ import pytest
 from dp_accounting import pld, rdp
 from hypothesis import given, settings, strategies as st
 
-from worldlm_jax import accounting, dp_ledger
-from worldlm_jax import privacy as P
-from worldlm_jax.policy import TopologyError
-from worldlm_jax.topology import build_topology
+from worldlm_jax.privacy import accounting, ledger as dp_ledger, mechanism as P
+from worldlm_jax.tree.policy import TopologyError
+from worldlm_jax.tree.topology import build_topology
 
 KEY = jax.random.key(0)
 

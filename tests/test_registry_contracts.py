@@ -39,8 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from worldlm_jax import aggregation, aggregators, attacks, objectives, plugins, tree_ops
-from worldlm_jax.policy import K_AGG_MODES
+from worldlm_jax import plugins, tree_ops
+from worldlm_jax.engine import aggregation
+from worldlm_jax.plugins import aggregators, attacks, objectives
+from worldlm_jax.tree.policy import K_AGG_MODES
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "examples")
 for _example in sorted(glob.glob(os.path.join(EXAMPLES, "*.py"))):

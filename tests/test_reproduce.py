@@ -84,7 +84,7 @@ def test_paired_verdict_calls_only_what_the_seeds_support(rp):
 
 
 def test_scenario_trees(rp):
-    from worldlm_jax.topology import build_topology
+    from worldlm_jax.tree.topology import build_topology
 
     mixed = rp.SCENARIOS["mixed"].tree(False)
     assert all(f["split"] == "dirichlet" and len(f["sources"]) == 2 for f in mixed["children"])
@@ -138,8 +138,8 @@ def test_swapped_family_tree(rp):
 
 
 def test_privacy_scenarios_spend_the_target_epsilon_where_they_say(rp):
-    from worldlm_jax import accounting
-    from worldlm_jax.topology import build_topology
+    from worldlm_jax.privacy import accounting
+    from worldlm_jax.tree.topology import build_topology
 
     base = rp.base_config("tiny", "language", [], scenario="dp-clients")
     dp = rp.privacy_policy(rp.SCENARIOS["dp-clients"].privacy, base)
@@ -166,7 +166,7 @@ def test_privacy_scenarios_spend_the_target_epsilon_where_they_say(rp):
 
 
 def test_family_level_ablation_lifts_languages_to_the_root(rp):
-    from worldlm_jax.topology import build_topology
+    from worldlm_jax.tree.topology import build_topology
 
     base = rp.base_config("tiny", "language", [], scenario="families")
     with_families = build_topology(rp.method_config(base, "worldlm").tree)

@@ -2,7 +2,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from worldlm_jax import aggregation
+from worldlm_jax.engine import aggregation
 
 
 def test_sketch_preserves_inner_products_and_is_the_same_for_every_federation():

@@ -10,9 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from worldlm_jax import configs
-from worldlm_jax.config import apply_overrides, save_yaml
-from worldlm_jax.metrics import read_metrics
+from worldlm_jax.config import apply_overrides, presets as configs, save_yaml
+from worldlm_jax.outputs.metrics import read_metrics
 
 TIMING = ("seconds", "tokens_per_s")
 
@@ -27,9 +26,9 @@ def _run(workdir, rounds, kill_after_step=None):
     cfg_path = os.path.join(str(workdir) + ".yaml")
     save_yaml(_config(rounds), cfg_path)
     code = textwrap.dedent(f"""
-        from worldlm_jax import train
+        import worldlm_jax
         from worldlm_jax.config import load_yaml
-        train.train(load_yaml({cfg_path!r}), {str(workdir)!r}, quiet=True)
+        worldlm_jax.train(load_yaml({cfg_path!r}), {str(workdir)!r}, quiet=True)
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
@@ -52,11 +51,12 @@ def _comparable(workdir):
 
 def _final_params(workdir):
     import jax
-    from worldlm_jax import checkpoint, train
     from worldlm_jax.config import load_yaml
-    exp = train.build_experiment(load_yaml(os.path.join(workdir, "config.yaml")))
+    from worldlm_jax.outputs import checkpoint
+    from worldlm_jax.run import experiment as experiment_lib
+    exp = experiment_lib.build_experiment(load_yaml(os.path.join(workdir, "config.yaml")))
     with checkpoint.Checkpointer(workdir) as ckpt:
-        state, host = train.restore_state(exp, ckpt)
+        state, host = experiment_lib.restore_state(exp, ckpt)
     return host["round"], [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
@@ -81,9 +81,9 @@ def test_sigint_checkpoints_and_exits_cleanly(tmp_path):
     cfg_path = str(workdir) + ".yaml"
     save_yaml(_config(50), cfg_path)
     code = textwrap.dedent(f"""
-        from worldlm_jax import train
+        import worldlm_jax
         from worldlm_jax.config import load_yaml
-        train.train(load_yaml({cfg_path!r}), {str(workdir)!r}, quiet=True)
+        worldlm_jax.train(load_yaml({cfg_path!r}), {str(workdir)!r}, quiet=True)
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)

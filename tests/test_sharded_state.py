@@ -15,7 +15,8 @@ import pytest
 from engine_helpers import (POLICY, STEPS, TOY_KEY_PATHS, assert_close_up_to_summation_order, change, make_batches,
                             make_spec, summation_order_excess, to_device, topo, toy_params, toy_summands, toy_updates,
                             tree2, ulp_perturbed, with_distinct_residuals)
-from worldlm_jax import engine, parallel, strategies
+from worldlm_jax import engine
+from worldlm_jax.engine import parallel, strategies
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake CPU) devices, see conftest.py")
 
@@ -28,7 +29,7 @@ def wide(n_feds):
 
 
 def strategy(t, shard_state):
-    return strategies.make_strategy(make_spec(t, strategies.worldlm_plan(2), key_paths=TOY_KEY_PATHS,
+    return engine.make_strategy(make_spec(t, strategies.worldlm_plan(2), key_paths=TOY_KEY_PATHS,
                                               client_optimizer="test_sgd", mesh=parallel.make_mesh(8),
                                               shard_state=shard_state))
 

@@ -9,11 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from engine_helpers import strategy_plan
 from engine_helpers import (POLICY, STEPS, TOY_KEY_PATHS, W3, assert_trained_close, assert_tree_equal, flat_tree,
                             hier_single, lead, make_batches, make_spec, max_abs_diff, nan_loss, random_tokens, run,
                             toy_loss, toy_params, topo, tree2, MARK)
-from worldlm_jax import client, configs, engine, optimizers, strategies, train
-from worldlm_jax.registry import UnknownNameError
+from worldlm_jax import engine
+from worldlm_jax.config import presets as configs
+from worldlm_jax.engine import client, strategies
+from worldlm_jax.plugins import optimizers
+from worldlm_jax.plugins.registry import UnknownNameError
+from worldlm_jax.run import training as train
 
 
 def test_strategy_table():
@@ -24,11 +29,11 @@ def test_strategy_table():
         assert strategies.strategy_topology(name, t) is t
     assert strategies.uses_key_layers("worldlm") and strategies.uses_key_layers("fedper")
     assert not any(strategies.uses_key_layers(n) for n in ("fedavg", "hierfavg", "local", "centralized"))
-    plan = strategies.strategy_plan("worldlm", 2, "none", "cos_delta", False)
+    plan = strategy_plan("worldlm", 2, "none", "cos_delta", False)
     assert plan.owner == {"B": 0, "K": 1} and plan.residuals == "none" and not plan.use_parent
     assert plan.broadcast == (frozenset({"B"}), frozenset({"B", "K"}))
     with pytest.raises(UnknownNameError, match="algorithm.name='fedsgd' is not a registered strategy.*worldlm"):
-        strategies.strategy_plan("fedsgd", 2)
+        strategy_plan("fedsgd", 2)
 
 
 # ---- WorldLM reduces to HierFAVG ------------------------------------------------
@@ -36,7 +41,7 @@ def test_worldlm_mean_without_sharing_equals_hierfavg_on_a_single_federation():
     t, hier = hier_single()  # root -> F0 (3 clients), k_agg: mean
     plan = strategies.worldlm_plan(2, residuals="none", use_parent=False)
     spec = make_spec(t, plan, loss_fn=nan_loss, key_paths=TOY_KEY_PATHS, client_optimizer="test_sgd")
-    worldlm = strategies.make_strategy(spec)
+    worldlm = engine.make_strategy(spec)
     batches = lead(make_batches(topo(flat_tree(3), slot_multiple=4), 2, seed=11, weights=np.append(W3, 0)))
     hier_state, _ = run(hier, toy_params(), batches)
     w_state, _ = run(worldlm, toy_params(), batches)
@@ -60,7 +65,7 @@ def test_client_level_attention_at_infinite_tau_equals_the_streamed_mean(chunk):
         t = topo(tree2([3, 2], root_policy=policy), weights=[1, 2, 3, 1, 2], slot_multiple=2)
         plan = strategies.worldlm_plan(2, residuals="none", use_parent=False)
         spec = make_spec(t, plan, key_paths=TOY_KEY_PATHS, client_optimizer="test_sgd", chunk=chunk)
-        state, _ = run(strategies.make_strategy(spec), toy_params(), make_batches(t, 2, seed=12))
+        state, _ = run(engine.make_strategy(spec), toy_params(), make_batches(t, 2, seed=12))
         return state
 
     attention, mean = worldlm_run("attention"), worldlm_run("mean")
@@ -78,7 +83,7 @@ def fedper():
     t = topo(flat_tree(3, local_steps=STEPS, client_lr=0.5), weights=W3)
     spec = make_spec(t, strategies.fedper_plan(), loss_fn=nan_loss, key_paths=TOY_KEY_PATHS,
                      client_optimizer="test_sgd")
-    return t, spec, strategies.make_strategy(spec)
+    return t, spec, engine.make_strategy(spec)
 
 
 def _fedper_reference(params, batches, weights):
@@ -170,7 +175,7 @@ def sharing_runs():
     out = {}
     for residuals, use_parent in (("none", False), ("siblings", True)):
         plan = strategies.worldlm_plan(2, residuals=residuals, use_parent=use_parent)
-        strategy = strategies.make_strategy(make_spec(t, plan, key_paths=ALL_K, client_optimizer="test_sgd"))
+        strategy = engine.make_strategy(make_spec(t, plan, key_paths=ALL_K, client_optimizer="test_sgd"))
         for name, data in (("a", a), ("b", b)):
             for n_rounds in (1, 2):
                 out[residuals, use_parent, name, n_rounds] = run(strategy, _all_key_params(), data[:n_rounds])[0]
@@ -221,7 +226,7 @@ def test_heterogeneous_federations_follow_their_own_rules():
     def build(rules):
         t = topo(tree2([2, 2], fed_policies=rules), weights=[1, 2, 1, 3])
         spec = make_spec(t, plan, key_paths=TOY_KEY_PATHS)
-        return spec, strategies.make_strategy(spec)
+        return spec, engine.make_strategy(spec)
 
     spec, mixed = build(RULES)
     t = spec.topology

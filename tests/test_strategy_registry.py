@@ -13,12 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from engine_helpers import strategy_plan
 from engine_helpers import make_batches, to_device, topo, tree2
-from worldlm_jax import blueprint, configs, engine, strategies
-from worldlm_jax import model as model_lib
-from worldlm_jax.config import AlgorithmConfig, ConfigError, apply_override
-from worldlm_jax.registry import UnknownNameError
-from worldlm_jax.topology import Topology
+from worldlm_jax import engine, model as model_lib
+from worldlm_jax.config import AlgorithmConfig, ConfigError, apply_override, presets as configs
+from worldlm_jax.engine import strategies
+from worldlm_jax.plugins.registry import UnknownNameError
+from worldlm_jax.run import blueprint
+from worldlm_jax.tree.topology import Topology
 
 ALL, BACKBONE = frozenset({"B", "K"}), frozenset({"B"})
 FAMILY = "test_family_keys"
@@ -136,7 +138,7 @@ def test_the_built_ins_keep_their_plans_trees_and_flags():
     assert plan("worldlm", 3) == engine.Plan(broadcast=(BACKBONE, BACKBONE, ALL), aggregate=(ALL, ALL, ALL),
                                              owner={"B": 0, "K": 2}, residuals="all", similarity="neg_l2",
                                              use_parent=False, residual_dim=8)
-    assert strategies.strategy_plan("worldlm", 3, "all", "neg_l2", False, 8) == plan("worldlm", 3)
+    assert strategy_plan("worldlm", 3, "all", "neg_l2", False, 8) == plan("worldlm", 3)
 
     t = topo(tree2([2, 3]), weights=[1, 2, 3, 4, 5])
     for name in ("worldlm", "hierfavg"):

@@ -4,8 +4,7 @@ import sys
 
 import pytest
 
-from worldlm_jax.data import corpus
-from worldlm_jax.data import tfds_builder as tb
+from worldlm_jax.data import corpus, tfds_builder as tb
 
 
 @pytest.fixture(scope="module")

@@ -93,7 +93,7 @@ def marked_pipeline(monkeypatch):
     with every line the SentencePiece trainer is given recorded."""
     spm = pytest.importorskip("sentencepiece")
     from worldlm_jax.data import pipeline
-    from worldlm_jax.topology import build_topology
+    from worldlm_jax.tree.topology import build_topology
 
     docs = _marked_documents()
     monkeypatch.setattr(pipeline, "_documents", lambda source, max_bytes, data_dir: list(docs))
@@ -149,7 +149,7 @@ def man_en_pipeline(monkeypatch, tmp_path):
     makes and the texts of every tokenizer it builds."""
     pytest.importorskip("sentencepiece")
     from worldlm_jax.data import pipeline
-    from worldlm_jax.topology import build_topology
+    from worldlm_jax.tree.topology import build_topology
 
     splits: list[tuple[str, object, object]] = []  # (client, floor, ClientText) in call order
     trained: list[list[str]] = []

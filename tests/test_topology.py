@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from worldlm_jax.data import pipeline
-from worldlm_jax.topology import POLICY_FIELDS, Policy, TopologyError, build_topology
+from worldlm_jax.tree.policy import POLICY_FIELDS, Policy, TopologyError
+from worldlm_jax.tree.topology import build_topology
 
 
 def leaf(name, n, **policy):

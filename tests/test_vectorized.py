@@ -33,9 +33,13 @@ import jax
 import numpy as np
 import pytest
 
-from worldlm_jax import cli, configs, engine, parallel, train, vectorized
-from worldlm_jax.config import apply_overrides
-from worldlm_jax.topology import build_topology
+from worldlm_jax import engine
+from worldlm_jax.cli import parser as cli
+from worldlm_jax.config import apply_overrides, presets as configs
+from worldlm_jax.engine import parallel
+from worldlm_jax.run import experiment as experiment_lib, records as records_lib
+from worldlm_jax.sweeps import vectorized
+from worldlm_jax.tree.topology import build_topology
 
 EPS32 = float(np.finfo(np.float32).eps)
 GENTLE_SGD = ["algorithm.client_optimizer=sgd"]  # the argument above; rates set per test
@@ -84,11 +88,11 @@ def separate_run(exp, config):
     the 4 points share one compilation here too): (evaluation, final state
     with its real rows only)."""
     policies = vectorized._policies(exp, config)
-    state = train.place_state(exp, exp.strategy.init(exp.init_params))
+    state = experiment_lib.place_state(exp, exp.strategy.init(exp.init_params))
     key = jax.random.PRNGKey(config.run.seed + 1)
     for r in range(config.run.rounds):
-        state, _ = exp.strategy.run_round(state, train._put(exp, train.make_batch(exp, r)), key, policies)
-    evaluation = train.describe_eval(exp, np.asarray(exp.eval_fn(state)))
+        state, _ = exp.strategy.run_round(state, experiment_lib._put(exp, experiment_lib.make_batch(exp, r)), key, policies)
+    evaluation = records_lib.describe_eval(exp, np.asarray(exp.eval_fn(state)))
     return evaluation, jax.device_get(engine.unpad_state(exp.spec, state))
 
 
@@ -117,7 +121,7 @@ def test_four_points_on_a_4x2_mesh_equal_separate_runs_in_one_program(tmp_path):
 
     sweep_exp = vectorized.sweep_experiment(base, 8, 4)
     assert sweep_exp.run_topology.n_slots == 6  # slots padded to the 2 devices of a point, not to 8
-    alone = train.build_experiment(base)
+    alone = experiment_lib.build_experiment(base)
     assert alone.mesh.shape == {parallel.AXIS: 8}
     # Not bit-exact: a separate run sums its clients' updates over 8 devices, a
     # point over 2, and vmapped products may accumulate in another order: equal
@@ -194,7 +198,7 @@ def test_a_sweep_over_warmup_lengths_is_one_program_and_each_point_warms_up_as_a
     evals, _, compiles = vectorized.run(points)
     assert compiles == 1
     assert evals[0]["perplexity"] != evals[1]["perplexity"]
-    alone = train.build_experiment(base)
+    alone = experiment_lib.build_experiment(base)
     evaluation, _ = separate_run(alone, points[1])
     assert_evals_close(evals[1], evaluation, summation_rtol(base))
 
@@ -216,12 +220,12 @@ def test_vectorised_seeds_draw_their_own_sample_and_windows_and_equal_separate_r
     rtol = summation_rtol(base)
     samples = []
     for i, config in enumerate(points):
-        alone = train.build_experiment(config)
+        alone = experiment_lib.build_experiment(config)
         evaluation, state = separate_run(alone, config)
         assert_evals_close(evals[i], evaluation, rtol)
         assert_states_close(engine.unpad_state(sweep_exp.spec, jax.tree.map(lambda x: np.asarray(x)[i], states)),
                             state, rtol)
-        batches = [train.make_batch(alone, r) for r in range(config.run.rounds)]
+        batches = [experiment_lib.make_batch(alone, r) for r in range(config.run.rounds)]
         samples.append(tuple(tuple(sorted(b.slot_client[b.slot_weight > 0].tolist())) for b in batches))
     # the test has power: each seed samples other clients (over the two rounds)
     assert len(set(samples)) == len(points), samples
@@ -237,7 +241,7 @@ def test_sweep_rejects_points_whose_batch_the_first_points_round_cannot_take():
     """Each point draws its own batch, so the compiled round must fit it: the
     same client slots, batch shape and clients (data); one-line errors."""
     base = apply_overrides(configs.tiny(), ["run.rounds=1", "policy.sampling=fixed", "policy.clients_per_round=1"])
-    exp = train.build_experiment(base)
+    exp = experiment_lib.build_experiment(base)
     more_clients = dataclasses.replace(base, tree=configs.language_tree(clients=3, languages=("en", "de", "ru")))
     for point, field in [(apply_overrides(base, ["policy.clients_per_round=2"]), "clients_per_round"),
                          (apply_overrides(base, ["policy.local_steps=3"]), "local_steps"),

@@ -8,7 +8,7 @@ config and are named in `run.callbacks`.
 
     worldlm train --plugin scripts/examples/callback.py --config scripts/examples/callback.yaml
 """
-from worldlm_jax import callbacks
+from worldlm_jax.plugins import callbacks
 
 
 class EarlyStopping(callbacks.Callback):

@@ -9,8 +9,7 @@ the families, never at the root. Languages of one family deploy one K.
 
     worldlm train --plugin scripts/examples/family_strategy.py --config scripts/examples/family_strategy.yaml
 """
-from worldlm_jax import strategies
-from worldlm_jax.engine import Plan
+from worldlm_jax.engine import Plan, strategies
 
 B, BK = frozenset({"B"}), frozenset({"B", "K"})
 

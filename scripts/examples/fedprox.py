@@ -11,7 +11,7 @@ count. `ctx.start` holds the parameters the client started the round from and
 import jax
 import jax.numpy as jnp
 
-from worldlm_jax import objectives
+from worldlm_jax.plugins import objectives
 
 
 def proximal_loss(loss_fn, params, tokens, ctx):

@@ -14,7 +14,7 @@ chunked sums instead; see docs/extending.md.
 import jax
 import jax.numpy as jnp
 
-from worldlm_jax import aggregators
+from worldlm_jax.plugins import aggregators
 
 
 def coordinate_median(delta_N, weight_N, parent_N, n_parents, args_P):

@@ -15,7 +15,7 @@ sgd`); with adaptive optimizers the correction is applied through them.
 import jax
 import jax.numpy as jnp
 
-from worldlm_jax import objectives
+from worldlm_jax.plugins import objectives
 
 
 def zeros_like_model(params):

@@ -10,7 +10,7 @@ program); an optax schedule registered with `register_optax` carries its own.
 """
 import optax
 
-from worldlm_jax import schedules
+from worldlm_jax.plugins import schedules
 
 # 0 -> 1 over 2 rounds, then a cosine down to 0.1 at round 6
 WARMUP_COSINE = optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=1.0, warmup_steps=2,

@@ -9,6 +9,6 @@ output by the federation's own `server_lr` (and schedule).
 """
 import optax
 
-from worldlm_jax import optimizers
+from worldlm_jax.plugins import optimizers
 
 optimizers.register("nesterov", lambda: optax.sgd(1.0, momentum=0.9, nesterov=True))

@@ -19,7 +19,7 @@ import numpy as np
 from worldlm_jax.data import federated, tfds_builder
 from worldlm_jax.data.tokenizer import (ByteTokenizer, SentencePieceTokenizer, get_tokenizer, training_digest,
                                         training_lines)
-from worldlm_jax.topology import Topology
+from worldlm_jax.tree.topology import Topology
 
 
 class FederatedData(NamedTuple):

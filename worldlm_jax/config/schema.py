@@ -1,0 +1,326 @@
+"""Typed, frozen experiment configuration and its `a.b=v` overrides.
+
+One dataclass per concept (model, data, algorithm, run, default federation
+policy) plus the tree spec (a mapping, compiled by `topology.build_topology`).
+Library functions take explicit arguments; only the run's entry point and the
+CLI see the whole config. Where a Config comes from (presets, YAML with
+`base:` and `plugins:`) is `loading`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from typing import Any, Mapping
+
+import yaml
+
+from worldlm_jax.engine import strategies
+from worldlm_jax.engine.aggregation import SIMILARITIES
+from worldlm_jax.errors import ConfigError
+from worldlm_jax.model.config import ModelConfig
+from worldlm_jax.model.partition import KeyLayers
+from worldlm_jax.plugins import callbacks, objectives, optimizers
+from worldlm_jax.plugins.registry import UnknownNameError
+from worldlm_jax.tree.policy import Policy
+
+
+_SECTIONS = {"DataConfig": "data", "RunConfig": "run", "AlgorithmConfig": "algorithm", "PrivacyConfig": "privacy"}
+
+
+def _positive(obj, *names):
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            section = _SECTIONS.get(type(obj).__name__, type(obj).__name__)
+            raise ConfigError(f"{section}.{name}={value!r}; expected an integer >= 1")
+
+
+def _registered(registry, name, field):
+    """One-line error for a name no plug-in registered (ConfigError, so the CLI reports it)."""
+    try:
+        registry.check(name, field)
+    except UnknownNameError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _choice(obj, name, allowed):
+    if getattr(obj, name) not in allowed:
+        raise ConfigError(f"algorithm.{name}={getattr(obj, name)!r}; allowed: {', '.join(allowed)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    tokenizer: str = "byte"  # byte | spm:VOCAB (trained on the clients' training text) | path/to/model
+    seq_len: int = 128
+    batch_size: int = 8  # sequences per local step
+    val_fraction: float = 0.1
+    eval_batches: int = 4  # validation windows per client = eval_batches * eval_batch_size
+    eval_batch_size: int = 8
+    max_bytes_per_source: int = 0  # 0 = the whole source; smaller = faster demos
+    data_dir: str = ""  # tfds data dir ('' = ~/.cache/worldlm_jax/tfds)
+
+    def __post_init__(self):
+        _positive(self, "seq_len", "batch_size", "eval_batches", "eval_batch_size")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"data.val_fraction={self.val_fraction}; expected 0 < val_fraction < 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmConfig:
+    name: str = "worldlm"  # worldlm | fedavg | hierfavg | fedper | local | centralized
+    key_layers: KeyLayers = KeyLayers()
+    residuals: str = "siblings"  # none | siblings | all
+    similarity: str = "cos_delta"  # cos_delta | cos_param | neg_l2
+    use_parent: bool = True  # the parent's K is an attention candidate
+    residual_dim: int = 0  # > 0: residual similarity on count-sketch embeddings of this size
+    client_optimizer: str = "adamw"
+    client_objective: str = "none"  # none | fedprox | registered (worldlm_jax.objectives); args per federation
+    max_update_norm: float = math.inf  # a client update above this counts as diverged
+    schedule: str = "nested"  # nested | staged (worldlm: first `staged_rounds` root rounds with a global K)
+    staged_rounds: int = 0
+
+    def __post_init__(self):
+
+        strategies.check_name(self.name)
+        _choice(self, "residuals", ("none", "siblings", "all"))
+        _choice(self, "similarity", SIMILARITIES)
+        _registered(optimizers.OPTIMIZERS, self.client_optimizer, "algorithm.client_optimizer")
+        _registered(objectives.OBJECTIVES, self.client_objective, "algorithm.client_objective")
+        _choice(self, "schedule", ("nested", "staged"))
+        if self.residual_dim < 0:
+            raise ConfigError(f"algorithm.residual_dim={self.residual_dim}; expected >= 0 (0 = full K)")
+        if self.staged_rounds < 0:
+            raise ConfigError(f"algorithm.staged_rounds={self.staged_rounds}; expected >= 0")
+        if not self.max_update_norm > 0:
+            raise ConfigError(f"algorithm.max_update_norm={self.max_update_norm}; expected > 0 (inf = off)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    rounds: int = 10  # root rounds
+    seed: int = 0
+    eval_every: int = 0  # evaluate every N rounds (0 = only at the end)
+    checkpoint_every: int = 0  # checkpoint every N rounds (0 = only at the end)
+    devices: int = 0  # devices in the mesh (0 = all local devices)
+    chunk: int = -1  # clients at once per device: -1 auto, 0 all (vmap), k chunks
+    compilation_cache: str = ""  # persistent XLA compilation cache directory ('' = off)
+    # shard a tree level's state over the devices when it holds at least this many MiB
+    # (0: every level with a node per device); smaller levels stay replicated, since
+    # sharding costs a collective per parameter leaf each round (benchmarks/RESULTS.md)
+    shard_state_mb: float = 64.0
+    callbacks: tuple[str, ...] = ()  # registered callback names (worldlm_jax.callbacks), run in this order
+
+    def __post_init__(self):
+
+        _positive(self, "rounds")
+        for name in self.callbacks:
+            _registered(callbacks.CALLBACKS, name, "run.callbacks")
+        for name in ("eval_every", "checkpoint_every", "devices", "shard_state_mb"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"run.{name}={getattr(self, name)}; expected >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+    target_epsilon: float = 0.0  # > 0: calibrate DP noise for every federation without a DP policy
+    target_delta: float = 1e-5
+    accountant: str = "rdp"  # rdp | pld
+    default_clip: float = 1.0  # clip norm for calibrated federations that set none
+    # which federations target_epsilon turns DP on at: clients (those aggregating clients: client-level
+    # DP, as flat baselines get), federations (those aggregating federations), or all
+    level: str = "clients"
+
+    def __post_init__(self):
+        if self.target_epsilon < 0:
+            raise ConfigError(f"privacy.target_epsilon={self.target_epsilon}; expected > 0 (or 0 = off)")
+        if not 0 < self.target_delta < 1:
+            raise ConfigError(f"privacy.target_delta={self.target_delta}; expected 0 < delta < 1")
+        if self.accountant not in ("rdp", "pld"):
+            raise ConfigError(f"privacy.accountant={self.accountant!r}; allowed: rdp, pld")
+        if not self.default_clip > 0:
+            raise ConfigError(f"privacy.default_clip={self.default_clip}; expected > 0")
+        if self.level not in ("clients", "federations", "all"):
+            raise ConfigError(f"privacy.level={self.level!r}; allowed: clients, federations, all")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # modules or .py files imported before the rest is read (absolute paths once loaded)
+    plugins: tuple[str, ...] = ()
+    model: ModelConfig = ModelConfig(d_model=128, n_heads=4, n_layers=3, max_len=128)
+    data: DataConfig = DataConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    run: RunConfig = RunConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    policy: Policy = Policy()  # defaults every federation inherits
+    tree: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> "Config":
+        """Checks across sections; run once all overrides are applied (so that
+        e.g. raising seq_len and max_len in either order works)."""
+
+        if self.data.seq_len > self.model.max_len:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_len={self.model.max_len}; "
+                              "lower data.seq_len or raise model.max_len")
+        try:
+            self.policy.validate("config 'policy'")
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        _registered(optimizers.OPTIMIZERS, self.policy.server_optimizer, "policy.server_optimizer")
+        algo = self.algorithm
+        if algo.schedule == "staged" and (algo.name != "worldlm" or not 1 <= algo.staged_rounds < self.run.rounds):
+            raise ConfigError(f"algorithm.schedule=staged needs algorithm.name=worldlm and 1 <= algorithm.staged_rounds "
+                              f"< run.rounds; got name={algo.name}, staged_rounds={algo.staged_rounds}, "
+                              f"rounds={self.run.rounds}")
+        return self
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+
+def _to_plain(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value
+
+
+# ---- from plain data (YAML) and overrides ------------------------------------
+def _coerce(value, annotation, key: str):
+    """Convert a YAML value to the field's declared type, or fail naming the key."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(annotation, type) and isinstance(value, annotation):
+            return value
+        if not isinstance(value, Mapping):
+            # `model: tiny` reads like "the tiny preset"; presets are whole configs, named by `base:`
+            hint = (f"; to start from a preset, write 'base: {value}' at the top level and override only "
+                    "what differs ('worldlm presets' lists them)") if isinstance(value, str) and "." not in key else ""
+            raise ConfigError(f"{key} must be a mapping of {annotation.__name__} fields, got {value!r}{hint}")
+        return from_dict(annotation, value, prefix=key)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected an integer")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value.replace(".inf", "inf"))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r}: expected a number")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected a string")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{key}[]") if inner is not Any else v for v in value)
+    if origin in (Mapping, dict) or annotation in (Mapping, dict) or origin is typing.Mapping:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}={value!r}: expected a mapping")
+        return dict(value)
+    return value
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls, globals() | vars(typing))
+
+
+def from_dict(cls, data: Mapping[str, Any], prefix: str = ""):
+    """Build dataclass `cls` from a mapping, checking keys and types."""
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(_unknown_key(full, key, names, prefix))
+        values[key] = _coerce(value, hints[key], full)
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except UnknownNameError as e:  # names its field already
+        raise ConfigError(str(e)) from e
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+
+
+def _unknown_key(full: str, key: str, valid, prefix: str) -> str:
+    near = difflib.get_close_matches(key, valid, n=3)
+    hint = f" Did you mean {', '.join((prefix + '.' if prefix else '') + n for n in near)}?" if near else ""
+    return f"unknown config key '{full}'.{hint} Valid keys here: {', '.join(valid)}"
+
+
+def apply_override(config, assignment: str):
+    """Apply one `a.b.c=value` (value parsed as YAML) with type checking."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key.path=value")
+    path, raw = assignment.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return _set(config, path.strip().split("."), value, "")
+
+
+def _set(obj, keys: list[str], value, prefix: str):
+    key, rest = keys[0], keys[1:]
+    full = f"{prefix}.{key}" if prefix else key
+    if dataclasses.is_dataclass(obj):
+        names = [f.name for f in dataclasses.fields(obj)]
+        if key not in names:
+            raise ConfigError(_unknown_key(full, key, names, prefix))
+        current = getattr(obj, key)
+        new = _set(current, rest, value, full) if rest else _coerce(value, _hints(type(obj))[key], full)
+        try:
+            return dataclasses.replace(obj, **{key: new})
+        except ConfigError:
+            raise
+        except UnknownNameError as e:  # names its field already
+            raise ConfigError(str(e)) from e
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{full}: {e}") from e
+    if isinstance(obj, Mapping):
+        copy = dict(obj)
+        copy[key] = _set(obj.get(key, {}), rest, value, full) if rest else value
+        return copy
+    raise ConfigError(f"cannot set '{full}': '{prefix}' is a {type(obj).__name__}, not a config section")
+
+
+def apply_overrides(config, assignments) -> Config:
+    for assignment in assignments or ():
+        config = apply_override(config, assignment)
+    return config.validate() if isinstance(config, Config) else config
+
+
+def save_yaml(config: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)

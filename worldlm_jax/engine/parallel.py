@@ -1,0 +1,182 @@
+"""Devices: the client-slot axis sharded over a mesh, clients mapped per device.
+
+Client slots are laid out federation-major, so a device's contiguous shard
+holds whole federations whenever the sizes allow. Inside a device, clients run
+either all at once (`vmap`), in chunks of k (a `lax.scan` over vmapped chunks:
+bounded memory) or one after another (k = 1). Whatever aggregation can be
+streamed (weighted sums of updates per federation) is summed chunk by chunk
+inside the mapped function and all-reduced over devices once
+(`map_reduce_clients`), so no per-client copy of the model outlives its chunk.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "clients"
+SWEEP_AXIS = "sweep"  # the points of a vectorised sweep (`vectorized.run`), each on its own devices
+
+
+def make_mesh(n_devices: int | None = None, sweep: int | None = None) -> Mesh:
+    """A mesh over the first `n_devices` devices (all by default).
+
+    sweep=None: 1-D, (`clients`,), what a single run trains on. sweep=S: 2-D,
+    (`sweep`, `clients`) of shape (S, n_devices / S): S groups of consecutive
+    devices, each group the `clients` mesh of its own sweep points (a vectorised
+    sweep vmaps the round with `spmd_axis_name=SWEEP_AXIS`, so the engine's
+    client mapping and sharding constraints, which name only `clients`, act
+    within a group). Auto axis types: a weighted reduction over a sharded axis
+    must be allowed to insert its all-reduce (Explicit axes raise
+    ShardingTypeError).
+    """
+    devices = jax.devices()
+    n = len(devices) if n_devices is None else int(n_devices)
+    if not 1 <= n <= len(devices):
+        raise ValueError(f"n_devices={n_devices} but {len(devices)} device(s) are available "
+                         f"(on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts)")
+    if sweep is None:
+        return Mesh(np.array(devices[:n]), (AXIS,), axis_types=(AxisType.Auto,))
+    if not 1 <= sweep <= n or n % sweep:
+        raise ValueError(f"sweep={sweep} must divide the {n} device(s) of the mesh")
+    grid = np.array(devices[:n]).reshape(sweep, n // sweep)
+    return Mesh(grid, (SWEEP_AXIS, AXIS), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def padded_rows(n: int, mesh: Mesh | None) -> int:
+    """Rows a per-node array of `n` nodes is stored with: rounded up to a multiple
+    of the device count when it has at least one row per device (then sharded
+    along rows, `row_spec`), else `n` (replicated: too few rows to split)."""
+    m = 1 if mesh is None else mesh.shape[AXIS]
+    return n if n < m else -(-n // m) * m
+
+
+def row_spec(rows: int, mesh: Mesh | None) -> P:
+    """Leading-axis sharding of a per-node array stored with `rows` rows."""
+    m = 1 if mesh is None else mesh.shape[AXIS]
+    return P(AXIS) if m > 1 and rows >= m and rows % m == 0 else P()
+
+
+def default_chunk(platform: str | None = None) -> int:
+    """Clients run at once per device: all on accelerators (vmap fills the chip);
+    two at a time on CPU, where each device is a core: pairs make the matmuls
+    large enough to run efficiently while activations stay small (2 beat 1, 4
+    and all-at-once on workload W, benchmarks/RESULTS.md)."""
+    platform = platform or jax.default_backend()
+    return 0 if platform in ("gpu", "tpu") else 2
+
+
+def map_clients(fn: Callable, mesh: Mesh | None, chunk: int = 0, n_shared: int = 0) -> Callable:
+    """Map `fn` (written for one client) over the leading slot axis of its args.
+
+    The first `n_shared` arguments are shared by every client (replicated, not
+    mapped); the rest are mapped. chunk = 0: vmap all local clients; chunk =
+    k > 0: k at a time. With a mesh, each device handles its own shard of slots.
+    """
+    def chunk_fn(*args):
+        shared, mapped = args[:n_shared], args[n_shared:]
+        return jax.vmap(lambda *xs: fn(*shared, *xs))(*mapped), ()
+
+    mapped = map_reduce_clients(chunk_fn, mesh, chunk, n_shared)
+    return lambda *args: mapped(*args)[0]
+
+
+def map_reduce_clients(chunk_fn: Callable, mesh: Mesh | None, chunk: int = 0, n_shared: int = 0) -> Callable:
+    """Run `chunk_fn` over chunks of client slots and total its reductions.
+
+    `chunk_fn(*shared, *mapped_chunk) -> (per_slot, sums)` handles a chunk of
+    slots at once (typically a vmap over one client's function) and returns
+    per-slot outputs plus sums over the chunk (e.g. per-federation sums of
+    weighted updates). The result is `(per_slot for every slot, sums over all
+    slots)`. Chunks run one after another (`lax.scan`) with the sums as the
+    carry, so a chunk's full-size outputs die with it: memory is bounded by
+    the chunk, not the client count. chunk = 0 runs all of a device's slots as
+    one chunk (vmap: the fastest on accelerators); with a mesh each device runs
+    its shard and the sums are all-reduced over devices.
+
+    On a (`sweep`, `clients`) mesh only `clients` is named: under a vmap with
+    `spmd_axis_name=SWEEP_AXIS` each group of devices maps its own points'
+    slots and all-reduces within the group.
+    """
+    def per_device(*args):
+        shared, mapped = args[:n_shared], args[n_shared:]
+        run = lambda xs: chunk_fn(*shared, *xs)
+        n_local = jax.tree.leaves(mapped)[0].shape[0]
+        k = n_local if chunk <= 0 else min(chunk, n_local)
+        n_full, rest = divmod(n_local, k)
+        if n_full == 1 and rest == 0:
+            return run(mapped)
+        head = jax.tree.map(lambda x: x[:n_full * k].reshape((n_full, k) + x.shape[1:]), mapped)
+        first = jax.tree.map(lambda x: x[0], head)
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run, first)[1])
+
+        def body(total, xs):
+            out, sums = run(xs)
+            return jax.tree.map(jnp.add, total, sums), out
+
+        sums, outs = jax.lax.scan(body, zero, head)
+        outs = jax.tree.map(lambda x: x.reshape((n_full * k,) + x.shape[2:]), outs)
+        if rest:  # the last, smaller chunk
+            tail_out, tail_sums = run(jax.tree.map(lambda x: x[n_full * k:], mapped))
+            outs = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), outs, tail_out)
+            sums = jax.tree.map(jnp.add, sums, tail_sums)
+        return outs, sums
+
+    if mesh is None or mesh.size == 1:
+        return per_device
+
+    def on_device(*args):
+        outs, sums = per_device(*args)
+        return outs, jax.lax.psum(sums, AXIS)
+
+    def sharded(*args):
+        specs = (P(),) * n_shared + (P(AXIS),) * (len(args) - n_shared)
+        return jax.shard_map(on_device, mesh=mesh, in_specs=specs, out_specs=(P(AXIS), P()),
+                             check_vma=False)(*args)
+
+    return sharded
+
+
+def configure_cpu_devices(n: int) -> None:
+    """Ask XLA for `n` host devices (call before JAX initialises its backend)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def configure_cpu_bf16_matmuls() -> bool:
+    """Let bf16 products run on the CPU's AMX / AVX512-BF16 units (`kernels.bf16_dense`).
+
+    Adds `model.CPU_BF16_XLA_FLAG` (XLA's transpose folding off) to XLA_FLAGS, which
+    XLA reads once, when JAX starts its backends. It is left out where it cannot take
+    effect (backends already started) or would cost (JAX can reach an accelerator,
+    whose compiler folds transposes into its matmuls for free). Returns whether the
+    flag is in effect; without it bf16 products are still correct, only slower.
+    """
+    import importlib.util
+
+    from jax._src import xla_bridge  # no public API says whether the backends have started
+
+    from worldlm_jax.model.kernels import CPU_BF16_XLA_FLAG
+    flags = os.environ.get("XLA_FLAGS", "")
+    if CPU_BF16_XLA_FLAG in flags:
+        return True
+    accelerator = os.environ.get("JAX_PLATFORMS", "") != "cpu" and any(
+        importlib.util.find_spec(m) is not None
+        for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin", "libtpu"))
+    if xla_bridge.backends_are_initialized() or accelerator:
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {CPU_BF16_XLA_FLAG}".strip()
+    return True

@@ -1,0 +1,201 @@
+"""The hierarchical round: one jitted function for all levels of the tree.
+
+Every strategy (FedAvg, HierFAVG, FedPer, Local, Centralised, WorldLM, or one
+registered by a user) is the same nested loop with a different `Plan`: which
+parameter parts (B = backbone, K = key layers) are broadcast down each edge of
+the tree, which are aggregated at each level, which a client keeps between
+rounds, and whose copy a client deploys. The map of one root round:
+
+    run_round                      policies at this round (`policy_arrays.scheduled`: learning-rate schedules)
+      fed_round(level 0)
+        federations_work(d)        broadcast to the child federations, which each run
+          run_rounds(d + 1)          their own `rounds` rounds (scan) of fed_round(d + 1)
+        | slots.clients_work       (lowest federations) client slots train with the client
+                                     objective, vmapped / sharded and reduced chunk by chunk
+                                     to per-federation sums (`federation.sum_children`)
+        federation.aggregate(d)    DP release; B through the federation's aggregator and
+                                     server optimizer; K through attention over children,
+                                     residuals and the parent; the objective's state
+
+Plug-in points (each a registry of named entries, see docs/extending.md):
+optimizers (client and server), schedules, client objectives, aggregators,
+simulated attacks, strategies (plan + tree), and run-loop callbacks.
+
+Autonomous federations with different rules share one compiled program:
+their policies are arrays over the level's node axis, fewer rounds or steps
+are masked iterations, named rules (optimizers, schedules, aggregators) are
+each traced once and selected per node, and a node's state changes only where
+it is active.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from worldlm_jax import tree_ops
+from worldlm_jax.engine import parallel, round_policies as policy_arrays, slots
+from worldlm_jax.engine.federation import aggregate, aggregated_parts, clip_norm, sum_children
+from worldlm_jax.engine.plan import PARTS, EngineSpec, level_rounds, local_steps
+from worldlm_jax.engine.round_policies import RoundPolicies, round_policies, sample_children
+from worldlm_jax.engine.state import (Children, EngineState, LevelState, RoundBatch, init_state, repad_state,
+                                      state_shardings, unpad_state)
+from worldlm_jax.engine.statics import RoundStatics, round_statics
+from worldlm_jax.tree.topology import Topology
+
+__all__ = ["Strategy", "make_strategy", "make_round", "fed_round", "federations_work", "run_rounds", "batch_shape"]
+
+
+class Strategy(NamedTuple):
+    """Pure functions, in the manner of optax: init, then run_round repeatedly."""
+
+    init: Callable  # (params) -> EngineState
+    run_round: Callable  # (EngineState, RoundBatch, key) -> (EngineState, metrics)
+
+
+def make_strategy(spec: EngineSpec, jit: bool = True) -> Strategy:
+    """The round of `spec` (jitted, its state donated) and its initial state."""
+    run_round = make_round(spec)
+    if jit:
+        run_round = jax.jit(run_round, donate_argnums=(0,))
+    return Strategy(init=lambda params: init_state(spec, params), run_round=run_round)
+
+
+def make_round(spec: EngineSpec) -> Callable:
+    """Build `run_round(state, batch, key, policies=None) -> (state, metrics)` (not jitted).
+
+    `policies` (a RoundPolicies pytree, default: the topology's) is an input,
+    not a constant, so a sweep can vmap one compiled round over stacked
+    learning rates, temperatures or noise multipliers."""
+    rs = round_statics(spec)
+    default_policies = round_policies(spec.topology, spec.total_rounds, spec.client_objective)
+
+    def run_round(stored: EngineState, batch: RoundBatch, key, policies: RoundPolicies | None = None):
+        st = default_policies if policies is None else policies
+        st = policies_at(rs, st, stored.round)
+        key = jax.random.fold_in(key, stored.round)
+        state, metrics = fed_round(rs, st, 0, unpad_state(spec, stored), batch, jnp.ones((1,), bool), key)
+        metrics = {**metrics, **learning_rate_metrics(rs, st)}
+        state = repad_state(spec, state._replace(round=state.round + 1), stored)
+        if spec.mesh is not None:  # returned where it came from: round 2 reuses round 1's compilation
+            state = jax.lax.with_sharding_constraint(state, state_shardings(spec, state))
+            metrics = jax.lax.with_sharding_constraint(metrics, parallel.replicated(spec.mesh))
+        return state, metrics
+
+    return run_round
+
+
+def policies_at(rs: RoundStatics, st: RoundPolicies, round_index) -> RoundPolicies:
+    """The policies of root round `round_index`: learning rates on their schedules."""
+    return policy_arrays.scheduled(st, round_index, rs.client_schedules, rs.server_schedules)
+
+
+def learning_rate_metrics(rs: RoundStatics, st: RoundPolicies) -> dict:
+    """The learning rates this round used: client (leaf federations), server (every level)."""
+    D = rs.topo.depth
+    return {f"level{D - 1}/client_lr": st.client_lr,
+            **{f"level{d}/server_lr": st.server_lr[d] for d in range(D)}}
+
+
+def fed_round(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, batch: RoundBatch, active_P, key):
+    """One round of every level-d federation with its children. The round's
+    key is split, never folded with constants: the children's work and the
+    level's aggregation draw from keys no other draw of the round uses."""
+    work_key, aggregate_key = jax.random.split(key)
+    if d == rs.topo.depth - 1:
+        state, metrics, kids = slots.clients_work(rs, st, state, batch, active_P, work_key)
+    else:
+        state, metrics, kids = federations_work(rs, st, d, state, batch, active_P, work_key)
+    new_level, agg_metrics = aggregate(rs, st, d, state, kids, active_P, aggregate_key)
+    if d == rs.topo.depth - 1 and rs.plan.personal_keys:
+        state = slots.personalize(rs, st, state, kids, new_level.K, batch.slot_client)
+    agg_metrics["rounds"] = active_P.astype(jnp.float32)
+    metrics = {**metrics, **{f"level{d}/{k}": v for k, v in agg_metrics.items()}}
+    return _with_level(state, d, new_level), metrics
+
+
+def federations_work(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, batch: RoundBatch, active_P,
+                     key):
+    """Each child federation receives what level d broadcasts, then runs its own
+    rounds; afterwards the children share their K as residuals.
+    Returns (state, the children's metrics, Children)."""
+    topo, plan = rs.topo, rs.plan
+    lvl = state.levels[d]
+    child_level = state.levels[d + 1]
+    parent = st.parents[d + 1]
+    sample_key, rounds_key = jax.random.split(key)
+    sampled = sample_children(sample_key, parent, st.children_per_round[d], st.poisson_children[d],
+                              topo.children_count(d))
+    active_child = active_P[parent] & sampled
+    for part in PARTS:
+        if part in plan.broadcast[d]:
+            sent = tree_ops.gather(getattr(lvl, part), parent)
+            child_level = child_level._replace(
+                **{part: tree_ops.where_rows(active_child, sent, getattr(child_level, part))})
+    state = _with_level(state, d + 1, child_level)
+    state, metrics = run_rounds(rs, st, d + 1, state, batch, active_child, rounds_key)
+    child_level = state.levels[d + 1]
+    weight = jnp.where(active_child, st.node_weight[d + 1], 0.0)
+    # level d itself does not change while its children run
+    delta = aggregated_parts(rs, d, tree_ops.sub({**child_level.B, **child_level.K},
+                                                 tree_ops.gather({**lvl.B, **lvl.K}, parent)))
+    sums, dp_norm = sum_children(rs, st, d, delta, weight, parent, clip_norm(rs, st, d, lvl)[parent])
+    if rs.residual_masks[d + 1] is not None:  # children share their K after our round
+        state = _with_level(state, d + 1, child_level._replace(
+            residual_K=tree_ops.where_rows(active_child, child_level.K, child_level.residual_K)))
+    return state, metrics, Children(weight, parent, sums, dp_norm, child_level.K,
+                                    delta["B"] if rs.stacked[d] else None)
+
+
+def run_rounds(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, batch: RoundBatch,
+               active_parent_P, key):
+    """Level-d federations each run their own number of rounds (scan)."""
+    def body(state, xs):
+        r, sub_batch, round_key = xs
+        active = active_parent_P & (r < st.rounds[d])
+        return fed_round(rs, st, d, state, sub_batch, active, round_key)
+
+    n = level_rounds(rs.topo)[d - 1]
+    state, metrics = jax.lax.scan(body, state, (jnp.arange(n), batch, jax.random.split(key, n)))
+    return state, _reduce_rounds(metrics)
+
+
+def _with_level(state: EngineState, d: int, level: LevelState) -> EngineState:
+    levels = list(state.levels)
+    levels[d] = level
+    return state._replace(levels=tuple(levels))
+
+
+_ADDITIVE = ("train_loss_sum", "train_clients", "tokens", "diverged", "rounds", "participants", "dropped",
+             "stragglers", "attackers", "child_present")
+
+
+_PER_CHILD = ("child_similarity", "child_k_delta_norm")  # indexed by the level's children, not its nodes
+
+
+def _reduce_rounds(metrics):
+    """Nested rounds: counts add up; per-node values average over the rounds
+    in which that node was active (its `level{d}/rounds` mask); per-child
+    diagnostics over the rounds in which that child took part (a pair's
+    similarity: in which both did; `level{d}/child_present`)."""
+    out = {}
+    for k, v in metrics.items():
+        level, _, name = k.rpartition("/")
+        if name in _ADDITIVE:
+            out[k] = jnp.sum(v, axis=0)
+        elif name in _PER_CHILD:
+            present = metrics[f"{level}/child_present"]  # (rounds, N)
+            if v.ndim == 3:  # (rounds, N, N)
+                present = present[:, :, None] * present[:, None, :]
+            out[k] = jnp.sum(v * present, axis=0) / jnp.maximum(jnp.sum(present, axis=0), 1.0)
+        else:
+            active = metrics[f"{level}/rounds"]
+            active = active.reshape(active.shape + (1,) * (v.ndim - active.ndim))
+            out[k] = jnp.sum(v * active, axis=0) / jnp.maximum(jnp.sum(active, axis=0), 1.0)
+    return out
+
+
+def batch_shape(topology: Topology, batch: int, seq_len: int) -> tuple[int, ...]:
+    """Shape of RoundBatch.tokens for this topology."""
+    return level_rounds(topology) + (topology.n_slots, local_steps(topology), batch, seq_len + 1)

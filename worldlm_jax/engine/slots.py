@@ -1,0 +1,206 @@
+"""The client level of a round: client slots train locally and are reduced, chunk
+by chunk, to per-federation sums.
+
+A slot holds one sampled client (or padding). It starts from what its leaf
+federation broadcasts plus what the client kept, descends the run's client
+objective for its federation's local steps, and is checked (finite, norm
+bound): a diverged client counts as absent. Only per-slot scalars leave a chunk,
+plus what must: the parts a client keeps, each slot's K where its federation
+aggregates K with attention, each slot's backbone update where an aggregator
+needs them all (`aggregators`), and the objective's per-client state.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from worldlm_jax import tree_ops
+from worldlm_jax.engine import aggregation, parallel
+from worldlm_jax.engine.client import make_local_update
+from worldlm_jax.engine.federation import aggregated_parts, clip_norm, sum_children
+from worldlm_jax.engine.plan import PARTS, split_parts
+from worldlm_jax.engine.round_policies import RoundPolicies
+from worldlm_jax.engine.state import Children, EngineState, RoundBatch
+from worldlm_jax.engine.statics import RoundStatics
+from worldlm_jax.plugins import attacks
+from worldlm_jax.plugins.objectives import ObjectiveContext
+
+
+def train_slot(rs: RoundStatics, sent_P, fed_state_P, parent, kept, opt_state, client_state, tokens, lr, steps,
+               args):
+    """One slot: its federation's broadcast parts (gathered here, per chunk, not
+    materialised for every slot) plus the parts the client kept, trained with the
+    run's client objective. Returns (ClientResult, start params, objective state)."""
+    start = jax.tree.map(lambda x: x[parent], sent_P)
+    if rs.plan.personal_keys:  # a kept K is the client's offset from its federation's K
+        kept = {p: start[p] + v if p in rs.spec.key_paths else v for p, v in kept.items()}
+    params = {**start, **kept}
+    if not rs.plan.client_opt_persistent:
+        opt_state = rs.client_tx.init(params)
+    objective = rs.objective
+    ctx = ObjectiveContext(params, client_state, jax.tree.map(lambda x: x[parent], fed_state_P), args)
+    objective_fn = None
+    if objective.loss is not None:
+        objective_fn = lambda p, t: objective.loss(rs.spec.loss_fn, p, t, ctx)
+    local_update = make_local_update(rs.spec.loss_fn, rs.client_tx, rs.masked_steps, objective_fn)
+    result = local_update(params, opt_state, tokens, lr, steps)
+    new_state, report = client_state, {}
+    if objective.after_training is not None:
+        new_state, report = objective.after_training(ctx, result.params, result.steps, lr)
+    return result, params, new_state, report
+
+
+def attack_updates(rs: RoundStatics, st: RoundPolicies, update_N, parent_N, attacker_N, key_N):
+    """Attackers' updates replaced by what their federation's attack sends."""
+    if rs.attack_kinds == ("none",):
+        return update_N
+    parts = split_parts(update_N, rs.spec.key_paths)
+    args_N = {a: v[parent_N] for a, v in st.attack_args.items()}
+    for k, name in enumerate(rs.attack_kinds):
+        if name == "none":
+            continue
+        sent_B, sent_K = jax.vmap(attacks.get(name).apply)(parts["B"], parts["K"], key_N, args_N)
+        mine = attacker_N & (st.attack_choice[parent_N] == k)
+        parts = {"B": tree_ops.where_rows(mine, sent_B, parts["B"]), "K": tree_ops.where_rows(mine, sent_K, parts["K"])}
+    return {**parts["B"], **parts["K"]}
+
+
+def train_chunk(rs: RoundStatics, st: RoundPolicies, sent_P, clip_P, fed_state_P, parent_N, kept_N, opt_N,
+                client_state_N, tokens_N, lr_N, steps_N, args_N, attacker_N, key_N, weight_N, present_N):
+    """A chunk of slots: train, let attackers replace their updates, check each
+    update (finite, norm), and reduce the chunk to per-federation sums."""
+    d = rs.topo.depth - 1
+    train = lambda *a: train_slot(rs, sent_P, fed_state_P, *a)
+    result, start, client_state, report = jax.vmap(train)(parent_N, kept_N, opt_N, client_state_N, tokens_N,
+                                                         lr_N, steps_N, args_N)
+    update = attack_updates(rs, st, tree_ops.sub(result.params, start), parent_N, attacker_N, key_N)
+    mean_loss = result.loss_sum / jnp.maximum(result.steps, 1.0)
+    valid = (tree_ops.row_all_finite(update) & jnp.isfinite(mean_loss)
+             & (tree_ops.row_sq_norms(update) <= rs.spec.max_update_norm ** 2))
+    weight = jnp.where(valid & present_N, weight_N, 0.0)
+    delta = aggregated_parts(rs, d, update)
+    sums, dp_norm = sum_children(rs, st, d, delta, weight, parent_N, clip_P[parent_N], report)
+    final = split_parts(tree_ops.add(start, update) if rs.attack_kinds != ("none",) else result.params,
+                        rs.spec.key_paths)
+    per_slot = dict(loss=mean_loss, tokens=result.tokens, valid=valid, weight=weight, dp_norm=dp_norm,
+                    kept={part: final[part] for part in _written_back(rs.plan)},
+                    K=final["K"] if rs.leaf_k_attention else {},
+                    B=delta["B"] if rs.stacked[d] else {},
+                    opt=result.opt_state if rs.plan.client_opt_persistent else (),
+                    objective=client_state if rs.objective.init_client is not None else {})
+    return per_slot, sums
+
+
+def _skip_if_absent(chunk_fn):
+    """Skip a chunk in which no slot takes part (padding, clients not sampled,
+    federations not sampled): its zeros are absent slots to every consumer."""
+    def run(*args):
+        present_N = args[-1]
+        absent = lambda *a: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(chunk_fn, *a))
+        return jax.lax.cond(jnp.any(present_N), chunk_fn, absent, *args)
+    return run
+
+
+def clients_work(rs: RoundStatics, st: RoundPolicies, state: EngineState, batch: RoundBatch, active_P, key):
+    """Client slots train locally from what their federation broadcasts (or what
+    they kept); diverged clients are excluded and keep their old state; faults
+    (dropout, stragglers, attackers) are drawn from `key`.
+    Returns (state with the clients' kept state written back, metrics, Children)."""
+    topo, plan = rs.topo, rs.plan
+    d = topo.depth - 1
+    lvl = state.levels[d]
+    cid = batch.slot_client
+    safe_cid = jnp.maximum(cid, 0)
+    sent = {**(lvl.B if "B" in plan.broadcast[d] else {}), **(lvl.K if "K" in plan.broadcast[d] else {})}
+    kept = {}
+    for part in PARTS:
+        if part not in plan.broadcast[d] or (part == "K" and plan.personal_keys):
+            kept.update(tree_ops.gather(getattr(state.clients, part), safe_cid))
+    opt_state = (tree_ops.gather(state.clients.opt, safe_cid) if plan.client_opt_persistent
+                 else jnp.zeros((topo.n_slots,)))
+    client_state = tree_ops.gather(state.clients.objective, safe_cid)
+    args = {a: v[st.slot_parent] for a, v in st.objective_args.items()}
+    sampled = (cid >= 0) & active_P[st.slot_parent] & (batch.slot_weight > 0)
+    faults = draw_faults(st, cid, sampled, key)
+    present = sampled & ~faults["dropped"]
+    # `st` travels as an argument, not in a closure: inside the device map a
+    # captured array keeps the outer mesh's sharding type, and a vectorised
+    # sweep on a mesh (its policies sharded on the sweep axis) cannot gather it.
+    chunk_fn = lambda st_, *a: train_chunk(rs, st_, *a)
+    # Skipping pays with small chunks (CPU); with every slot in one vmap (chunk 0,
+    # accelerators) a whole device is rarely idle and a conditional would only
+    # stand between XLA and the round's fusion.
+    run = parallel.map_reduce_clients(_skip_if_absent(chunk_fn) if rs.spec.chunk > 0 else chunk_fn,
+                                      rs.spec.mesh, rs.spec.chunk, n_shared=4)
+    out, sums = run(st, sent, clip_norm(rs, st, d, lvl), lvl.objective, st.slot_parent, kept, opt_state, client_state,
+                    batch.tokens, st.client_lr[st.slot_parent], faults["steps"], args, faults["attacker"],
+                    faults["keys"], batch.slot_weight, present)
+    state = state._replace(clients=_write_back(rs, state.clients, out, jnp.where(out["valid"] & present, cid,
+                                                                                  topo.n_clients)))
+    weight = out["weight"]
+    n_leaf = topo.leaf.size
+    metrics = {
+        "train_loss_sum": jax.ops.segment_sum(jnp.where(weight > 0, out["loss"], 0.0), st.slot_parent,
+                                              num_segments=n_leaf),
+        "train_clients": jax.ops.segment_sum((weight > 0).astype(jnp.float32), st.slot_parent, num_segments=n_leaf),
+        "tokens": jnp.sum(jnp.where(present, out["tokens"], 0.0)),
+        "diverged": jnp.sum((present & ~out["valid"]).astype(jnp.float32)),
+        "dropped": jnp.sum(faults["dropped"].astype(jnp.float32)),
+        "stragglers": jnp.sum((present & faults["straggler"]).astype(jnp.float32)),
+        "attackers": jnp.sum((present & faults["attacker"]).astype(jnp.float32)),
+    }
+    kids = Children(weight, st.slot_parent, sums, out["dp_norm"], out["K"] if rs.leaf_k_attention else None,
+                    out["B"] if rs.stacked[d] else None)
+    return state, metrics, kids
+
+
+def draw_faults(st: RoundPolicies, cid, sampled, key) -> dict:
+    """Per slot, from the round key: dropped (a sampled client that does not
+    report), straggler (stops after a uniform 1..E of its E local steps, so
+    its `steps`), attacker (its federation's first clients), and the slot's
+    own key for its attack."""
+    parent = st.slot_parent
+    k_drop, k_straggle, k_part, k_attack = jax.random.split(key, 4)
+    S = cid.shape[0]
+    dropped = sampled & (jax.random.uniform(k_drop, (S,)) < st.dropout[parent])
+    straggler = jax.random.uniform(k_straggle, (S,)) < st.stragglers[parent]
+    full = st.steps[parent]
+    part = 1 + jnp.floor(jax.random.uniform(k_part, (S,)) * full).astype(full.dtype)
+    attacker = (cid >= 0) & (st.client_rank[jnp.maximum(cid, 0)] < st.attackers[parent])
+    return {"dropped": dropped, "straggler": straggler, "steps": jnp.where(straggler, jnp.minimum(part, full), full),
+            "attacker": attacker, "keys": jax.random.split(k_attack, S)}
+
+
+def personalize(rs: RoundStatics, st: RoundPolicies, state: EngineState, kids: Children, new_K_P, slot_client):
+    """Personal key layers, after the leaf federations updated their K: each
+    participating client keeps its own mixture of its siblings' K
+    (`aggregation.personal_keys`), stored as its offset from the federation's
+    new K; the others keep their offsets (and so follow their federation)."""
+    d = rs.topo.depth - 1
+    parent = st.slot_parent
+    policy = st.attention[d]
+    mixed = aggregation.personal_keys(kids.K_N, tree_ops.gather(state.levels[d].K, parent), kids.weight_N, parent,
+                                      policy.tau[parent], policy.eta[parent], rs.spec.key_groups)
+    offset = tree_ops.sub(mixed, tree_ops.gather(new_K_P, parent))
+    rows = jnp.where(kids.weight_N > 0, slot_client, rs.topo.n_clients)
+    K = jax.tree.map(lambda x, y: x.at[rows].set(y.astype(x.dtype), mode="drop"), state.clients.K, offset)
+    return state._replace(clients=state.clients._replace(K=K))
+
+
+def _written_back(plan) -> tuple[str, ...]:
+    """The parts a client writes back after training (a personal K is written
+    after its federation's aggregation, by `personalize`)."""
+    return tuple(p for p in sorted(plan.client_keeps) if not (p == "K" and plan.personal_keys))
+
+
+def _write_back(rs: RoundStatics, clients, out, rows):
+    """Clients that keep state write it back at `rows` (out of range = not: a
+    diverged or absent slot leaves its client as it was)."""
+    put = lambda old, new: jax.tree.map(lambda x, y: x.at[rows].set(y, mode="drop"), old, new)
+    for part in _written_back(rs.plan):
+        clients = clients._replace(**{part: put(getattr(clients, part), out["kept"][part])})
+    if rs.plan.client_opt_persistent:
+        clients = clients._replace(opt=put(clients.opt, out["opt"]))
+    if rs.objective.init_client is not None:
+        clients = clients._replace(objective=put(clients.objective, out["objective"]))
+    return clients

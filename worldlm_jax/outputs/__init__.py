@@ -1,0 +1,12 @@
+"""What a run writes and reads back; imports nothing from the engine or the run.
+
+    checkpoint     orbax checkpoints of the device and host state (fingerprints:
+                   what a restored checkpoint is checked against)
+    metrics        metrics.jsonl, TensorBoard scalars, non-blocking fetches
+    plots          perplexity, attention heat maps, methods compared (matplotlib)
+    report         a markdown comparison of finished runs
+
+Nothing is imported here, so reading metrics does not load matplotlib or orbax.
+The modules' documented functions (metrics.read_metrics, plots.plot_methods,
+report.write_report) are stable; their other names are not.
+"""

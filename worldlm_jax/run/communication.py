@@ -1,0 +1,64 @@
+"""Bytes sent per level per round, for every strategy (host-side accounting).
+
+Counted from the plan (which parts move on each edge of the tree), the size of
+each part, and how many children actually took part (a round metric):
+
+- down, edge d -> d+1: every participating child receives the parts its parent
+  broadcasts (WorldLM: B between federations, B and K from a lowest
+  federation to its clients; K never leaves a federation otherwise);
+- up: every participating child sends the parts its parent aggregates;
+- residuals: a federation that aggregates K by attention receives the K of
+  each residual candidate once per round of its parent, and its parent's K
+  when that is a candidate (`k_agg: mean` reads neither).
+
+Parameters travel as float32 (4 bytes), uncompressed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from worldlm_jax.engine import Plan
+from worldlm_jax.tree.policy import ATTENDING
+from worldlm_jax.tree.topology import Topology
+
+
+def part_bytes(params: dict, key_paths, bytes_per_value: int = 4) -> dict[str, int]:
+    sizes = {"B": 0, "K": 0}
+    for path, value in params.items():
+        sizes["K" if path in key_paths else "B"] += int(np.prod(value.shape)) * bytes_per_value
+    return sizes
+
+
+def residual_candidates(topology: Topology, level: int, mode: str) -> np.ndarray:
+    """(n_level,) number of residual candidates each federation attends to."""
+    lvl = topology.levels[level]
+    if mode == "none" or lvl.size < 2:
+        return np.zeros(lvl.size, np.int64)
+    if mode == "all":
+        return np.full(lvl.size, lvl.size - 1)
+    counts = np.bincount(lvl.parent, minlength=int(lvl.parent.max()) + 1)
+    return counts[lvl.parent] - 1
+
+
+def round_bytes(topology: Topology, plan: Plan, sizes: dict[str, int], participants: dict[int, np.ndarray]) -> dict:
+    """Bytes of one root round, per level edge.
+
+    `participants[d]` is the total number of (round, child) participations of
+    level-d federations' children during the root round (summed over nested
+    rounds), as reported by the round metrics `level{d}/participants`.
+    """
+    out = {}
+    for d in range(topology.depth):
+        n = float(np.sum(participants[d]))
+        down = n * sum(sizes[p] for p in plan.broadcast[d])
+        up = n * sum(sizes[p] for p in plan.aggregate[d])
+        extra = 0.0
+        child_is_federation = d + 1 < topology.depth
+        if child_is_federation and "K" in plan.aggregate[d + 1] and sizes["K"]:
+            # only federations that aggregate K by attention read residuals and their parent's K
+            attends = np.array([p.k_agg in ATTENDING for p in topology.levels[d + 1].policies])
+            candidates = residual_candidates(topology, d + 1, plan.residuals) + (1.0 if plan.use_parent else 0.0)
+            extra = n * float(np.mean(candidates * attends)) * sizes["K"]
+        out[f"level{d}"] = {"down": down, "up": up, "residual": extra, "total": down + up + extra}
+    out["total"] = sum(v["total"] for v in out.values())
+    return out

@@ -1,0 +1,126 @@
+"""Train a run from a config: `train` below, the package's entry point
+(`worldlm_jax.train` and `worldlm_jax.run.train` are this function).
+
+The parts live in their own modules: the experiment, its batches and states
+(`experiment`), the run loop (`loop`), round records, summaries and plots
+(`records`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import warnings
+
+import jax
+
+from worldlm_jax import config as config_lib, model as model_lib
+from worldlm_jax.config import Config, ConfigError, save_yaml
+from worldlm_jax.engine import parallel
+from worldlm_jax.plugins import callbacks as callbacks_lib
+from worldlm_jax.run import distributed, records
+from worldlm_jax.run.dirs import check_resumable
+from worldlm_jax.run.experiment import build_experiment
+from worldlm_jax.run.loop import RunLoop
+from worldlm_jax.run.records import format_table, write_plots
+
+__all__ = ["train", "prepare_backend", "configure_devices"]
+# check_resumable (run_dirs): ConfigError naming the differing fields when a workdir holds
+# checkpoints of a run with another config; resuming it would silently mix hyper-parameters
+
+
+def prepare_backend(model_config: model_lib.ModelConfig) -> None:
+    """XLA flags the model's numerics need, set before JAX starts its backends where possible."""
+    if model_config.matmul_dtype == "bfloat16" and not parallel.configure_cpu_bf16_matmuls() \
+            and jax.default_backend() == "cpu":
+        warnings.warn(f"model.matmul_dtype=bfloat16 on CPU runs its backward products in float32 unless "
+                      f"XLA_FLAGS contains {model_lib.CPU_BF16_XLA_FLAG} before JAX starts; results are "
+                      f"the same, only slower.", stacklevel=3)
+
+
+_DEVICE_COUNT_FLAG = "xla_force_host_platform_device_count"
+_warned_devices = False
+
+
+def configure_devices() -> None:
+    """On CPU, one XLA device per core: clients are sharded one device per core,
+    1.4x a single multi-threaded device (benchmarks/RESULTS.md).
+
+    XLA reads the count once, when JAX starts its backends, so `worldlm` and
+    `train` call this first. It touches only the host platform (accelerators are
+    unaffected), and an XLA_FLAGS that already sets a count wins. When JAX has
+    already started with fewer CPU devices than cores (and not because XLA_FLAGS
+    asked for that many), warns once how to get one device per core."""
+    global _warned_devices
+    from jax._src import xla_bridge  # no public API says whether the backends have started
+
+    cores = os.cpu_count() or 1
+    if not xla_bridge.backends_are_initialized():
+        parallel.configure_cpu_devices(cores)
+        return
+    asked = re.search(rf"{_DEVICE_COUNT_FLAG}=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    have = jax.local_device_count()
+    if _warned_devices or jax.default_backend() != "cpu" or have >= cores or (asked and int(asked[1]) == have):
+        return
+    _warned_devices = True
+    warnings.warn(f"JAX started with {have} CPU device(s) on this {cores}-core machine before worldlm_jax could "
+                  f"ask for one per core, so clients share {have} device(s) (one per core trains about 1.4x "
+                  f"faster); call worldlm_jax.train before anything uses JAX, or set "
+                  f"XLA_FLAGS=--{_DEVICE_COUNT_FLAG}={cores} before JAX starts", stacklevel=3)
+
+
+def train(config: Config | str, workdir: str, quiet: bool = False, progress: bool = True,
+          callbacks=()) -> dict:
+    """Train (or resume) the run in `workdir`; returns the summary (also written).
+
+    `config`: a Config, a preset name or a YAML path. `callbacks`: Callback
+    instances (or registered names) run after those named in run.callbacks.
+    Refuses (ConfigError) a workdir whose checkpoints belong to another config.
+    Raises NonFiniteStateError (run_loop) when a round leaves a federation's state
+    NaN or Inf: metrics.jsonl has the rounds so far, no checkpoint holds that state
+    and no summary is written.
+    """
+    configure_devices()
+    config, hooks = _load(config, workdir, callbacks)
+    prepare_backend(config.model)
+    if config.run.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", config.run.compilation_cache)
+    # Multi-process runs: every process computes, process 0 alone writes files and prints.
+    primary = distributed.is_primary()
+    if primary:
+        save_yaml(config, os.path.join(workdir, "config.yaml"))
+    t0 = time.perf_counter()
+    exp = build_experiment(config)
+    say = (lambda *a: None) if quiet or not primary else print
+    say(exp.run_topology.summary())
+    loop = RunLoop(exp, workdir, hooks, say, progress=progress and not quiet and primary)
+    final = loop.run()
+    if primary:
+        write_plots(exp, workdir)
+    summary = records.run_summary(exp, config, loop.round, final, exp.compiles(), time.perf_counter() - t0,
+                                  loop.accountants, workdir, loop.logger.stopped_by)
+    if primary:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    if not quiet and primary:
+        print(format_table(summary))
+    return summary
+
+
+def _load(config: Config | str, workdir: str, callbacks) -> tuple[Config, list]:
+    """The config (a preset or YAML read, its plug-ins imported) and its callbacks,
+    once `workdir` is known to hold no run of another config (then created)."""
+    from worldlm_jax import plugins
+
+    if isinstance(config, str):
+        config = config_lib.load(config)
+    plugins.load_all(config.plugins)  # a config built in this process has them; one read elsewhere may not
+    hooks = callbacks_lib.build(config, callbacks)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"run directory {workdir!r} exists and is not a directory; give --workdir a new "
+                          "directory or an earlier run's")
+    check_resumable(workdir, config)
+    os.makedirs(workdir, exist_ok=True)
+    return config, hooks
+
