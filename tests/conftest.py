@@ -8,3 +8,14 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_force_host_platform_device_count=8 --xla_disable_hlo_passes=transpose-folding"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One XLA compilation per distinct program in the session: many tests build the same
+# small rounds from fresh closures (a new jit each time), and JAX's persistent cache
+# turns every compilation after the first of a program into a load. The directory is
+# set before the xdist workers start, so they share it; it is fresh for each session.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="worldlm-tests-xla-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"

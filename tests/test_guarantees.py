@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from worldlm_jax import engine
+from worldlm_jax.engine import round as engine_round
 from worldlm_jax.privacy import ledger as dp_ledger, mechanism as privacy
 from worldlm_jax.tree.policy import TopologyError
 from worldlm_jax.tree.topology import build_topology
@@ -200,7 +201,7 @@ def test_per_child_diagnostics_average_over_the_rounds_the_child_took_part_in():
     norm = jnp.asarray([[2.0, 4.0, 0.0], [6.0, 0.0, 0.0]])  # (rounds, children)
     present = jnp.asarray([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     cos = jnp.ones((2, 3, 3)) * present[:, :, None] * present[:, None, :] * 0.5
-    out = engine._reduce_rounds({"level1/child_k_delta_norm": norm, "level1/child_present": present,
+    out = engine_round._reduce_rounds({"level1/child_k_delta_norm": norm, "level1/child_present": present,
                                  "level1/child_similarity": cos, "level1/rounds": jnp.ones((2, 1))})
     np.testing.assert_allclose(np.asarray(out["level1/child_k_delta_norm"]), [4.0, 4.0, 0.0])
     np.testing.assert_allclose(np.asarray(out["level1/child_similarity"])[:2, :2], 0.5)
