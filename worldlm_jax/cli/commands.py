@@ -282,7 +282,32 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    config = load_config(args.config, args.set, args.plugins)
+    print(describe_config(config, short=args.short), end="")
+    return 0
+
+
+def describe_config(config: Config, short: bool = False) -> str:
+    """`worldlm config`'s output: the config as train saves it (config.yaml), then
+    the table of each federation's policy as YAML comments (so the whole output
+    loads back); `short`: the table alone."""
+    import yaml
+
+    from worldlm_jax.tree.provenance import format_provenance, policy_provenance
+
+    table = format_provenance(policy_provenance(config.tree, root_policy=config.policy))
+    if short:
+        return table + "\n"
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)  # as config.save_yaml writes config.yaml
+    note = "policies per federation: fields not at the defaults, and where each comes from"
+    return text + "\n".join(f"# {line}".rstrip() for line in ["", note, *table.splitlines()]) + "\n"
+
+
 def cmd_presets(args) -> int:
+    if args.show is not None:
+        print(describe_config(configs.get(args.show)), end="")
+        return 0
     for name, build in configs.PRESETS.items():
         doc = " ".join((inspect.getdoc(build) or "").split())
         config = build()

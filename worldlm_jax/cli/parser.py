@@ -34,7 +34,9 @@ subcommands:
   report    compare finished runs: a markdown table and perplexity plots
   plan      memory per device of a run (federation state, parameters, optimizer
             states, activations; XLA's figure), before any data is loaded
-  presets   list the built-in configs
+  config    the resolved config as YAML (what train saves as config.yaml) and each
+            federation's policy: fields off the defaults and where each comes from
+  presets   list the built-in configs (--show NAME: one preset, resolved)
 
 configs: --config PRESET or --config path/to/config.yaml (every run dir holds its
 config.yaml; a YAML may start from a preset with `base: demo`), then any number of
@@ -51,6 +53,7 @@ aggregators, strategies and callbacks it registers can be named in the config
 EPILOG = """\
 examples:
   worldlm presets
+  worldlm config --config tiny --short                      # each federation's policy, and who set it
   worldlm train --config tiny --set run.rounds=2            # a smoke run, seconds on a CPU
   worldlm train                                             # the 'demo' preset -> runs/demo-worldlm
   worldlm train --set algorithm.name=fedavg                 # the FedAvg baseline -> runs/demo-fedavg
@@ -114,12 +117,13 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worldlm", description=DESCRIPTION, epilog=EPILOG, formatter_class=_RAW)
     _add_plugin_arg(parser, "plugins_before")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sweep,report,plan,presets}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sweep,report,plan,config,presets}")
     _train_parser(sub)
     _eval_parser(sub)
     _sweep_parser(sub)
     _report_parser(sub)
     _plan_parser(sub)
+    _config_parser(sub)
     _presets_parser(sub)
     return parser
 
@@ -222,9 +226,33 @@ def _plan_parser(sub) -> None:
     p.set_defaults(func=commands.cmd_plan)
 
 
+def _config_parser(sub) -> None:
+    """config: the resolved config and where each federation's policy comes from."""
+    p = sub.add_parser("config", help="the resolved config and each federation's policy", formatter_class=_RAW,
+                       description="Print the resolved config as YAML (what 'worldlm train' saves as\n"
+                                   "WORKDIR/config.yaml), then a table of every federation of the tree (by its\n"
+                                   "path, e.g. world/en) with each policy field it does not leave at the\n"
+                                   "defaults, its value, and where it comes from: set (in the federation's own\n"
+                                   "policy:), inherited from an ancestor, or inherited from the config's\n"
+                                   "policy: section ('config policy'). The table is written as YAML comments,\n"
+                                   "so the whole output loads back as a config. Loads no data.",
+                       epilog="examples:\n  worldlm config --config tiny\n"
+                              "  worldlm config --config my.yaml --set tree.policy.client_lr=1e-2 --short")
+    _add_config_args(p)
+    p.add_argument("--short", action="store_true", help="print only the table of policies per federation")
+    _add_plugin_arg(p, "plugins_after")
+    p.set_defaults(func=commands.cmd_config)
+
+
 def _presets_parser(sub) -> None:
     """presets: the built-in configs."""
-    p = sub.add_parser("presets", help="list the built-in configs")
+    p = sub.add_parser("presets", help="list the built-in configs (--show NAME: one, resolved)",
+                       formatter_class=_RAW,
+                       description="List the built-in configs, or print one (--show NAME) as 'worldlm config'\n"
+                                   "does: its YAML and the table of policies per federation.",
+                       epilog="example:\n  worldlm presets --show tiny")
+    p.add_argument("--show", metavar="NAME", help="print this preset's resolved YAML and its policy table "
+                                                   "('worldlm config --config NAME --short': the table alone)")
     p.set_defaults(func=commands.cmd_presets)
 
 

@@ -1,0 +1,115 @@
+"""Where each federation's policy comes from: the resolved tree, field by field.
+
+A federation's policy is its own `policy:` fields over its parent's policy, and
+the root's parent is the config-level `policy:` section (`policy.inherit_policy`,
+as `topology.build_topology` applies it). `policy_provenance` walks the same
+tree the same way and says, for every field a federation does not leave at the
+`Policy` defaults (or sets itself), its value and where it came from:
+
+    set                                   in the federation's own `policy:`
+    inherited from world/eu               from that ancestor's own `policy:`
+    inherited from config policy          from the config's `policy:` section
+    set (merged with inherited from P)    a `*_args` mapping merged key by key
+
+Federations are named by their path from the root (`world/en`). Host-side and
+pure: no JAX, no data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+from worldlm_jax.tree.policy import POLICY_FIELDS, Policy, inherit_policy
+from worldlm_jax.tree.topology import build_topology
+
+__all__ = ["FieldSource", "FederationPolicy", "policy_provenance", "format_provenance", "format_value", "CONFIG_POLICY"]
+
+CONFIG_POLICY = "config policy"  # the root's ancestor: the config-level `policy:` section
+_DEFAULTS = Policy()
+_MERGED = ("aggregator_args", "objective_args", "attack_args")  # merged key by key (inherit_policy)
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldSource:
+    """One policy field of one federation: its resolved value and its origin."""
+
+    field: str
+    value: Any
+    source: str  # "set" | "inherited from <path>" | "inherited from config policy" | "set (merged with ...)"
+
+
+@dataclasses.dataclass(frozen=True)
+class FederationPolicy:
+    """One federation of the tree: its path, level, resolved policy and the
+    fields that differ from the defaults (or that it sets), with their origins."""
+
+    path: str  # names from the root, joined by '/': world/en
+    level: int  # 0 = the root
+    policy: Policy
+    fields: tuple[FieldSource, ...]
+
+
+def policy_provenance(spec: Mapping[str, Any], root_policy: Policy | None = None) -> tuple[FederationPolicy, ...]:
+    """Every federation of tree `spec` in depth-first order, with the origin of each
+    policy field not at the `Policy` defaults. `root_policy` (the config's `policy:`
+    section) is what the root inherits. A malformed spec raises build_topology's
+    TopologyError."""
+    root_policy = root_policy or Policy()
+    build_topology(spec, root_policy=root_policy)  # the same checks (and errors) as the run's own tree
+    # origin of each field of the policy being inherited: a path, CONFIG_POLICY, or None (the default)
+    origin = {f: CONFIG_POLICY if _differs(root_policy, f) else None for f in POLICY_FIELDS}
+    out: list[FederationPolicy] = []
+
+    def visit(node, level, inherited, origin, path):
+        path = f"{path}/{node['name']}" if path else node["name"]
+        own = dict(node.get("policy") or {})
+        policy = inherit_policy(node, inherited, f"federation '{node['name']}'")
+        here = dict(origin)
+        rows = []
+        for f in POLICY_FIELDS:
+            if f in own:
+                here[f] = path
+            if not (f in own or _differs(policy, f)):
+                continue
+            if f not in own:
+                source = f"inherited from {origin[f]}" if origin[f] else "default"
+            elif f in _MERGED and set(getattr(inherited, f)) - set(own[f] or {}):
+                source = f"set (merged with inherited from {origin[f]})"
+            else:
+                source = "set"
+            rows.append(FieldSource(f, getattr(policy, f), source))
+        out.append(FederationPolicy(path, level, policy, tuple(rows)))
+        for child in node.get("children", ()):
+            visit(child, level + 1, policy, here, path)
+
+    visit(spec, 0, root_policy, origin, "")
+    return tuple(out)
+
+
+def _differs(policy: Policy, field: str) -> bool:
+    return getattr(policy, field) != getattr(_DEFAULTS, field)
+
+
+def format_value(value: Any) -> str:
+    """A policy value as YAML would write it (numbers in full, inf, null, {k: v})."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {format_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def format_provenance(federations: tuple[FederationPolicy, ...]) -> str:
+    """One row per (federation, field): path, field, value, origin; a federation at
+    the defaults throughout gets one row saying so."""
+    rows = [("federation", "field", "value", "from")]
+    for fed in federations:
+        rows += [(fed.path, r.field, format_value(r.value), r.source) for r in fed.fields] or [
+            (fed.path, "-", "-", "all defaults")]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3] for r in rows)
