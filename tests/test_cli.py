@@ -327,3 +327,24 @@ def test_vectorized_sweep_runs_all_points_in_one_program(tmp_path):
     code, out, err = run_cli(["sweep", "--config", "tiny", "--grid", "data.batch_size=2,3", "--vectorized",
                               "--workdir", str(tmp_path / "bad")])
     assert code == 2 and "differ only" in err and "Traceback" not in err
+
+
+def test_the_functions_whose_value_errors_are_bad_input_exist():
+    """The CLI prints a plain ValueError from these as one line; a renamed one would
+    bring the traceback back (as the move into subpackages once did)."""
+    import importlib
+
+    for module, name in cli.BUILDING_FUNCTIONS:
+        assert callable(getattr(importlib.import_module(module), name, None)), (module, name)
+
+
+def test_a_value_error_while_building_the_data_is_one_line(tmp_path, monkeypatch):
+    from worldlm_jax.data import pipeline
+
+    def refuse(*args, **kwargs):
+        raise ValueError("client 'en/0' has 3 bytes of text")
+
+    monkeypatch.setattr(pipeline, "leaf_documents", refuse)  # called by the real pipeline.prepare
+    code, out, err = run_cli(["train", "--config", "tiny", "--workdir", str(tmp_path / "run"), "--quiet",
+                              "--skip-memory-check"])
+    assert code == 2 and err.strip() == "worldlm train: error: client 'en/0' has 3 bytes of text", err

@@ -106,7 +106,9 @@ class RunConfig:
     checkpoint_every: int = 0  # checkpoint every N rounds (0 = only at the end)
     devices: int = 0  # devices in the mesh (0 = all local devices)
     chunk: int = -1  # clients at once per device: -1 auto, 0 all (vmap), k chunks
-    compilation_cache: str = ""  # persistent XLA compilation cache directory ('' = off)
+    # persistent XLA compilation cache: 'auto' ($JAX_COMPILATION_CACHE_DIR, else
+    # ~/.cache/worldlm_jax/xla), a directory, or '' (off); see run.training.compilation_cache_dir
+    compilation_cache: str = "auto"
     # shard a tree level's state over the devices when it holds at least this many MiB
     # (0: every level with a node per device); smaller levels stay replicated, since
     # sharding costs a collective per parameter leaf each round (benchmarks/RESULTS.md)

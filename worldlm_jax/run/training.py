@@ -25,7 +25,7 @@ from worldlm_jax.run.experiment import build_experiment
 from worldlm_jax.run.loop import RunLoop
 from worldlm_jax.run.records import format_table, write_plots
 
-__all__ = ["train", "prepare_backend", "configure_devices"]
+__all__ = ["train", "prepare_backend", "configure_devices", "compilation_cache_dir", "enable_compilation_cache"]
 # check_resumable (run_dirs): ConfigError naming the differing fields when a workdir holds
 # checkpoints of a run with another config; resuming it would silently mix hyper-parameters
 
@@ -37,6 +37,40 @@ def prepare_backend(model_config: model_lib.ModelConfig) -> None:
         warnings.warn(f"model.matmul_dtype=bfloat16 on CPU runs its backward products in float32 unless "
                       f"XLA_FLAGS contains {model_lib.CPU_BF16_XLA_FLAG} before JAX starts; results are "
                       f"the same, only slower.", stacklevel=3)
+
+
+DEFAULT_COMPILATION_CACHE = "~/.cache/worldlm_jax/xla"
+
+
+def compilation_cache_dir(setting: str) -> str:
+    """The directory `run.compilation_cache` names ('' = none): 'auto' is
+    $JAX_COMPILATION_CACHE_DIR where set, else DEFAULT_COMPILATION_CACHE."""
+    if setting == "auto":
+        setting = os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_COMPILATION_CACHE
+    return os.path.expanduser(setting)
+
+
+def enable_compilation_cache(setting: str) -> None:
+    """JAX's persistent compilation cache on in `compilation_cache_dir(setting)`, or off.
+
+    A run, `worldlm eval`, and a vectorised sweep load a program compiled before
+    (same code, config shapes, devices and jax version) instead of compiling it:
+    a restart, a resume or a sweep point after the first skips the compile.
+    JAX caches programs that took at least a second to compile. It changes no
+    number: the cache holds the executables XLA would build again. Every process
+    of a multi-process run sets it alike (a shared directory is shared safely:
+    JAX keys entries by program and devices); a plug-in's jitted code is cached
+    with the round it is traced into.
+    """
+    from jax.experimental.compilation_cache import compilation_cache
+
+    directory = compilation_cache_dir(setting)
+    state = (bool(directory), directory or jax.config.jax_compilation_cache_dir)
+    if state == (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir):
+        return
+    jax.config.update("jax_enable_compilation_cache", state[0])
+    jax.config.update("jax_compilation_cache_dir", state[1])
+    compilation_cache.reset_cache()  # JAX opens its cache once: a new choice needs a fresh one
 
 
 _DEVICE_COUNT_FLAG = "xla_force_host_platform_device_count"
@@ -84,8 +118,7 @@ def train(config: Config | str, workdir: str, quiet: bool = False, progress: boo
     configure_devices()
     config, hooks = _load(config, workdir, callbacks)
     prepare_backend(config.model)
-    if config.run.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", config.run.compilation_cache)
+    enable_compilation_cache(config.run.compilation_cache)
     # Multi-process runs: every process computes, process 0 alone writes files and prints.
     primary = distributed.is_primary()
     if primary:

@@ -250,6 +250,7 @@ def run(configs: Sequence[Config], rounds: int | None = None, sweep_devices: int
     t0 = time.perf_counter()
     first = configs[0]
     train.prepare_backend(first.model)
+    train.enable_compilation_cache(first.run.compilation_cache)
     n_points = len(configs)
     n_devices = first.run.devices or jax.device_count()
     groups = choose_sweep_devices(n_devices, n_points, sweep_devices)
