@@ -186,3 +186,22 @@ def test_the_readme_example_prints_what_the_readme_shows(tmp_path):
     code, out, err = run_cli(["config", "--config", str(tmp_path / "eu.yaml"), "--short"])
     assert code == 0, err
     assert out == shown
+
+
+def test_train_prints_the_short_table_before_it_trains(tmp_path):
+    """`worldlm train` states each federation's rules at start (issue: the run at a glance)."""
+    import contextlib
+    import io
+
+    from worldlm_jax.cli import parser as cli
+    from worldlm_jax.config import apply_overrides, presets
+
+    from worldlm_jax.cli.commands import describe_config
+
+    out = io.StringIO()
+    argv = ["train", "--config", "tiny", "--workdir", str(tmp_path / "run"), "--skip-memory-check", "--no-progress",
+            "--set", "run.rounds=1"]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        assert cli.main(argv) == 0
+    table = describe_config(apply_overrides(presets.tiny(), ["run.rounds=1"]), short=True)
+    assert out.getvalue().startswith(table), out.getvalue()[:500]

@@ -125,6 +125,8 @@ def cmd_train(args) -> int:
         print(f"{workdir} already finished {config.run.rounds} rounds; raise run.rounds to continue it")
         print(records_lib.format_table(done))
         return 0
+    if not args.quiet and _primary():  # each federation's rules and where they came from
+        print(describe_config(config, short=True), end="")
     if not args.skip_memory_check:  # before any data is loaded; raises DoesNotFit
         result = memory_check(config, args.device_memory)
         if not args.quiet and _primary():
@@ -189,13 +191,14 @@ def evaluate_run(workdir: str, split: str = "validation", step: int | None = Non
     from worldlm_jax.data.federated import validation_batches
     from worldlm_jax.engine import evaluate, strategies
     from worldlm_jax.outputs import checkpoint
-    from worldlm_jax.run import experiment as experiment_lib, records as records_lib
+    from worldlm_jax.run import experiment as experiment_lib, records as records_lib, training as train_lib
 
     config_path = os.path.join(workdir, "config.yaml")
     if not os.path.exists(config_path):
         raise CliError(f"{workdir} has no config.yaml; is it a worldlm run dir?")
     config = load_yaml(config_path)
     _check_same_config(config)
+    train_lib.enable_compilation_cache(config.run.compilation_cache)  # the run's programs, compiled once
     with checkpoint.Checkpointer(workdir) as ckpt:
         latest = ckpt.latest_step()
         if latest is None:
