@@ -3,6 +3,8 @@ turn XLA's transpose folding off, so bf16 products take their AMX form (model.CP
 the form without the flag is tested by patching kernels.cpu_transposes_materialise)."""
 import os
 
+import pytest
+
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8 --xla_disable_hlo_passes=transpose-folding"
@@ -22,3 +24,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)  # the creator cleans up
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+
+@pytest.fixture(autouse=True)
+def _session_compilation_cache():
+    """A test that points the compilation cache elsewhere (a run with its own
+    run.compilation_cache sets it process-wide) hands the session's back after."""
+    yield
+    import jax
+
+    from worldlm_jax.run import training
+
+    if (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir) != (
+            True, os.environ["JAX_COMPILATION_CACHE_DIR"]):
+        training.enable_compilation_cache(os.environ["JAX_COMPILATION_CACHE_DIR"])

@@ -84,7 +84,6 @@ def experiment_yaml(tmp_path_factory):
     min_time = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # cache the small jits too
     yield folder
-    jax.config.update("jax_compilation_cache_dir", None)  # train() set it process-wide
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
 
 

@@ -39,7 +39,6 @@ def cache_args(tmp_path_factory):
     min_time = jax.config.jax_persistent_cache_min_compile_time_secs
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # cache the small jits too
     yield ["--set", f"run.compilation_cache={cache}"]
-    jax.config.update("jax_compilation_cache_dir", None)  # train() set it process-wide
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
 
 

@@ -1,9 +1,9 @@
 """`run.compilation_cache`: on by default ('auto'), a directory, or off; a second
-run of the same config loads what the first compiled and trains the same numbers."""
+run of the same config loads what the first compiled and trains the same numbers.
+(conftest hands the session's cache back after each test.)"""
 import json
 
 import jax
-import pytest
 
 from worldlm_jax.config import apply_overrides, presets
 from worldlm_jax.run import training
@@ -22,19 +22,12 @@ def test_the_setting_names_a_directory_or_none(monkeypatch, tmp_path):
     assert presets.get("tiny").run.compilation_cache == "auto"  # on unless a config turns it off
 
 
-@pytest.fixture
-def restore_jax_cache():
-    before = (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir)
-    yield
-    training.enable_compilation_cache(before[1] if before[0] else "")
-
-
 def _metrics(workdir):
     keep = ("round", "train_loss", "tokens")
     return [{k: r[k] for k in keep if k in r} for r in map(json.loads, (workdir / "metrics.jsonl").open())]
 
 
-def test_a_second_run_loads_the_first_runs_programs_and_trains_the_same(tmp_path, restore_jax_cache):
+def test_a_second_run_loads_the_first_runs_programs_and_trains_the_same(tmp_path):
     cache = tmp_path / "xla"
     config = apply_overrides(presets.tiny(), [ONE_LEAF, "run.rounds=1", f"run.compilation_cache={cache}"])
     training.train(config, str(tmp_path / "first"), quiet=True, progress=False)
@@ -45,7 +38,7 @@ def test_a_second_run_loads_the_first_runs_programs_and_trains_the_same(tmp_path
     assert _metrics(tmp_path / "second") == _metrics(tmp_path / "first")
 
 
-def test_an_empty_setting_turns_the_cache_off(tmp_path, restore_jax_cache):
+def test_an_empty_setting_turns_the_cache_off(tmp_path):
     training.enable_compilation_cache("")
     assert not jax.config.jax_enable_compilation_cache
     training.enable_compilation_cache(str(tmp_path / "xla"))
