@@ -347,3 +347,20 @@ def test_a_value_error_while_building_the_data_is_one_line(tmp_path, monkeypatch
     code, out, err = run_cli(["train", "--config", "tiny", "--workdir", str(tmp_path / "run"), "--quiet",
                               "--skip-memory-check"])
     assert code == 2 and err.strip() == "worldlm train: error: client 'en/0' has 3 bytes of text", err
+
+
+def test_eval_set_changes_how_it_evaluates_and_nothing_else(trained):
+    workdir = trained[0]
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    batches = load_yaml(os.path.join(workdir, "config.yaml")).data.eval_batches
+    code, _, err = run_cli(["eval", "--workdir", workdir, "--set", f"data.eval_batches={batches}"])
+    assert code == 0, err
+    same = json.load(open(os.path.join(workdir, "eval.json")))  # the run's own windows, given explicitly
+    assert same["perplexity"] == pytest.approx(summary["eval"]["perplexity"], rel=1e-5)
+    assert same["overrides"] == [f"data.eval_batches={batches}"]
+    code, _, err = run_cli(["eval", "--workdir", workdir, "--set", f"data.eval_batches={batches + 2}"])
+    assert code == 0, err
+    more = json.load(open(os.path.join(workdir, "eval.json")))
+    assert more["perplexity"] != pytest.approx(same["perplexity"], rel=1e-5)  # more windows, another estimate
+    code, _, err = run_cli(["eval", "--workdir", workdir, "--set", "model.d_model=64"])
+    assert code == 2 and err.count("\n") == 1 and "may change only data.eval_batches" in err, err

@@ -181,10 +181,18 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def evaluate_run(workdir: str, split: str = "validation", step: int | None = None) -> dict:
+# What `worldlm eval --set` may change: how the checkpoint is evaluated, never what was trained.
+EVAL_FIELDS = ("data.eval_batches", "data.eval_batch_size", "data.data_dir")
+
+
+def evaluate_run(workdir: str, split: str = "validation", step: int | None = None,
+                 overrides: Sequence[str] = ()) -> dict:
     """Rebuild the run from workdir/config.yaml, restore a checkpoint and evaluate it.
 
-    Returns records.describe_eval's dict plus 'split', 'round' and 'workdir'.
+    `overrides` ('key=value', `EVAL_FIELDS` only) change the windows or where the
+    data lives; anything else would evaluate a model the run did not train.
+    Returns records.describe_eval's dict plus 'split', 'round', 'workdir' and,
+    with overrides, 'overrides'.
     """
     import numpy as np
 
@@ -197,6 +205,12 @@ def evaluate_run(workdir: str, split: str = "validation", step: int | None = Non
     if not os.path.exists(config_path):
         raise CliError(f"{workdir} has no config.yaml; is it a worldlm run dir?")
     config = load_yaml(config_path)
+    for assignment in overrides:
+        key = assignment.partition("=")[0].strip()
+        if key not in EVAL_FIELDS:
+            raise CliError(f"--set {assignment}: worldlm eval may change only {', '.join(EVAL_FIELDS)}; "
+                           f"the rest is the run's {config_path} (train a new run to change it)")
+    config = apply_overrides(config, overrides)
     _check_same_config(config)
     train_lib.enable_compilation_cache(config.run.compilation_cache)  # the run's programs, compiled once
     with checkpoint.Checkpointer(workdir) as ckpt:
@@ -216,11 +230,12 @@ def evaluate_run(workdir: str, split: str = "validation", step: int | None = Non
         deploy = np.zeros(n, np.int32) if pooled else np.arange(n, dtype=np.int32)
         eval_fn = evaluate.make_evaluator(exp.spec, exp.model_def.loss, tokens, deploy)
     result = records_lib.describe_eval(exp, np.asarray(eval_fn(state)))
-    return {"workdir": workdir, "split": split, "round": int(host["round"]), **result}
+    extra = {"overrides": list(overrides)} if overrides else {}
+    return {"workdir": workdir, "split": split, "round": int(host["round"]), **result, **extra}
 
 
 def cmd_eval(args) -> int:
-    result = evaluate_run(args.workdir, args.split, args.step)
+    result = evaluate_run(args.workdir, args.split, args.step, args.set)
     if not _primary():
         return 0
     name = "eval.json" if args.split == "validation" else f"eval_{args.split}.json"

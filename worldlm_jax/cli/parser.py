@@ -158,6 +158,9 @@ def _eval_parser(sub) -> None:
                    help="validation windows (default; what training reports) or as many windows cut "
                         "from the clients' training data (written to eval_train.json)")
     p.add_argument("--step", type=int, default=None, help="checkpoint round to evaluate (default: latest)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help=f"change how it is evaluated (repeatable): {', '.join(commands.EVAL_FIELDS)}, "
+                        "e.g. --set data.eval_batches=16 for more windows")
     _add_plugin_arg(p, "plugins_after")
     _add_distributed_args(p)
     p.set_defaults(func=commands.cmd_eval)
