@@ -364,3 +364,18 @@ def test_eval_set_changes_how_it_evaluates_and_nothing_else(trained):
     assert more["perplexity"] != pytest.approx(same["perplexity"], rel=1e-5)  # more windows, another estimate
     code, _, err = run_cli(["eval", "--workdir", workdir, "--set", "model.d_model=64"])
     assert code == 2 and err.count("\n") == 1 and "may change only data.eval_batches" in err, err
+
+
+def test_every_recorded_key_is_documented(trained):
+    """docs/metrics.md names every key a run writes (level numbers as level{d})."""
+    import re
+
+    workdir = trained[0]
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "metrics.md")).read()
+    documented = set(re.findall(r"`([a-z_{}/0-9]+)`", doc))
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    keys = {re.sub(r"^level\d+/", "level{d}/", k) for r in records for k in r}
+    keys |= set(json.load(open(os.path.join(workdir, "summary.json"))))
+    assert keys - documented == set(), sorted(keys - documented)
+    rounds = [r["round"] for r in records if "train_loss" in r]
+    assert rounds == list(range(len(rounds))) and records[-1]["round"] == rounds[-1]  # one numbering, from 0
