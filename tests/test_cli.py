@@ -3,8 +3,6 @@
 Three tiny trainings (1 round each) are shared by module-scoped fixtures; they
 share a persistent XLA compilation cache, so the second and third compile little.
 """
-import contextlib
-import io
 import json
 import math
 import os
@@ -17,20 +15,11 @@ from worldlm_jax.config import load_yaml, presets as configs
 from worldlm_jax.run import dirs as run_dirs
 from worldlm_jax.sweeps import grid as sweep
 
+from cli_helpers import run_cli
+
 # One device: the 8 fake CPU devices of conftest.py would triple compile time (sharded
 # slices in checkpointing); the CLI does not care how many devices train.
 FAST = ["--config", "tiny", "--set", "run.rounds=1", "--set", "run.devices=1"]
-
-
-def run_cli(argv):
-    """(exit code, stdout, stderr) of cli.main(argv); SystemExit (argparse) is caught."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main(argv)
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

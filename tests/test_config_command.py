@@ -1,19 +1,18 @@
 """`worldlm config` and `worldlm presets --show`: the resolved config, and where each
 federation's policy comes from (tree.provenance), checked against what
 build_topology resolves, so the table cannot drift from the run's own tree."""
-import contextlib
 import dataclasses
-import io
 import os
 import re
 
 import pytest
 import yaml
 
-from worldlm_jax.cli import parser as cli
 from worldlm_jax.config import load_yaml, presets as configs
 from worldlm_jax.tree import POLICY_FIELDS, Policy, build_topology, policy_provenance
 from worldlm_jax.tree.provenance import CONFIG_POLICY, format_value
+
+from cli_helpers import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,17 +23,6 @@ TREE = {"name": "world", "children": [
         {"name": "de", "sources": ["man_de"], "clients": 2, "policy": {"client_lr": 0.02}}]},
     {"name": "asia", "children": [{"name": "ru", "sources": ["man_ru"], "clients": 2}]}]}
 ROOT_POLICY = Policy(local_steps=3)
-
-
-def run_cli(argv):
-    """(exit code, stdout, stderr) of cli.main(argv); SystemExit (argparse) is caught."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main(argv)
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
 
 
 def _write_config(tmp_path, tree=TREE, policy=ROOT_POLICY) -> str:
@@ -190,18 +178,12 @@ def test_the_readme_example_prints_what_the_readme_shows(tmp_path):
 
 def test_train_prints_the_short_table_before_it_trains(tmp_path):
     """`worldlm train` states each federation's rules at start (issue: the run at a glance)."""
-    import contextlib
-    import io
-
-    from worldlm_jax.cli import parser as cli
-    from worldlm_jax.config import apply_overrides, presets
-
     from worldlm_jax.cli.commands import describe_config
+    from worldlm_jax.config import apply_overrides
 
-    out = io.StringIO()
     argv = ["train", "--config", "tiny", "--workdir", str(tmp_path / "run"), "--skip-memory-check", "--no-progress",
             "--set", "run.rounds=1"]
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        assert cli.main(argv) == 0
-    table = describe_config(apply_overrides(presets.tiny(), ["run.rounds=1"]), short=True)
-    assert out.getvalue().startswith(table), out.getvalue()[:500]
+    code, out, _ = run_cli(argv)
+    assert code == 0
+    table = describe_config(apply_overrides(configs.tiny(), ["run.rounds=1"]), short=True)
+    assert out.startswith(table), out[:500]
