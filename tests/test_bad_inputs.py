@@ -52,6 +52,8 @@ CASES = [
     ("unknown-base", "base: naming no preset or file", ["plan", "--config", "bad.yaml", "--no-compile"],
      yaml_file("base: tinny\n"), ["tinny"]),
     ("unknown-key", "a misspelt config key", PLAN + ["--set", "run.roundz=3"], {}, ["run.roundz", "run.rounds"]),
+    ("unknown-federation", "an override naming a federation the tree lacks",
+     PLAN + ["--set", "tree.fr.policy.client_lr=0.01"], {}, ["tree.fr.policy.client_lr", "'fr'", "en, de, ru"]),
     ("bad-override", "an override without '='", PLAN + ["--set", "run.rounds"], {}, ["run.rounds", "key.path=value"]),
     ("wrong-type", "a word where a number goes", PLAN + ["--set", "run.rounds=many"], {},
      ["run.rounds", "many", "integer"]),

@@ -19,7 +19,9 @@ from cli_helpers import run_cli
 
 # One device: the 8 fake CPU devices of conftest.py would triple compile time (sharded
 # slices in checkpointing); the CLI does not care how many devices train.
-FAST = ["--config", "tiny", "--set", "run.rounds=1", "--set", "run.devices=1"]
+# the root's own rule (not inherited) shows in every record's `rules`
+FAST = ["--config", "tiny", "--set", "run.rounds=1", "--set", "run.devices=1",
+        "--set", "tree.world.own_policy.server_optimizer=momentum"]
 
 
 @pytest.fixture(scope="module")
@@ -368,3 +370,9 @@ def test_every_recorded_key_is_documented(trained):
     assert keys - documented == set(), sorted(keys - documented)
     rounds = [r["round"] for r in records if "train_loss" in r]
     assert rounds == list(range(len(rounds))) and records[-1]["round"] == rounds[-1]  # one numbering, from 0
+    inherited = configs.get("tiny").policy.server_optimizer
+    assert inherited != "momentum"
+    for rules in [r["rules"] for r in records if "train_loss" in r] + [json.load(open(
+            os.path.join(workdir, "summary.json")))["rules"]]:
+        assert {name: r["server_optimizer"] for name, r in rules.items()} == {
+            "world": "momentum", "en": inherited, "de": inherited, "ru": inherited}

@@ -1,4 +1,5 @@
 """Config: presets build, YAML round trips, `a.b=v` overrides are type checked with helpful errors."""
+import copy
 import dataclasses
 import math
 
@@ -7,7 +8,7 @@ import pytest
 from worldlm_jax.config import (Config, ConfigError, apply_override, apply_overrides, from_dict, load_yaml,
                                 presets as configs, save_yaml)
 from worldlm_jax.data import corpus
-from worldlm_jax.tree.policy import TopologyError
+from worldlm_jax.tree.policy import Policy, TopologyError
 from worldlm_jax.tree.topology import build_topology
 
 
@@ -152,6 +153,65 @@ def test_tree_overrides_via_dict_path():
     assert topology.n_clients == 4
     assert topology.leaf.names == ("a", "b") or list(topology.leaf.names) == ["a", "b"]
     assert all(p.local_steps == 7 for p in topology.leaf.policies)  # inherited from the root
+
+
+DEEP_TREE = """
+tree:
+  name: world
+  children:
+  - name: eu
+    children:
+    - name: west
+      children:
+      - {name: en, sources: [man_en], clients: 2}
+      - {name: fr, sources: [man_de], clients: 2}
+  - name: asia
+    children:
+    - name: north
+      children:
+      - {name: ru, sources: [man_ru], clients: 2}
+"""
+
+
+def _deep(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("base: tiny\n" + DEEP_TREE)
+    return load_yaml(str(path))
+
+
+def _policies(config):
+    topology = build_topology(config.tree, known_sources=corpus.list_sources(), root_policy=config.policy)
+    return {name: policy for level in topology.levels for name, policy in zip(level.names, level.policies)}
+
+
+def test_a_federation_named_in_an_override_is_found_at_any_depth(tmp_path):
+    base = _deep(tmp_path)
+    by_name = apply_overrides(base, ["tree.en.policy.client_lr=0.01", "tree.north.policy.tau=0.5"])
+    written = copy.deepcopy(base.tree)  # the same, typed into the nodes
+    written["children"][0]["children"][0]["children"][0]["policy"] = {"client_lr": 0.01}
+    written["children"][1]["children"][0]["policy"] = {"tau": 0.5}
+    assert by_name.tree == written
+    assert apply_override(base, "tree.children.1.children.0.policy={tau: 0.5}").tree["children"][1] == \
+        written["children"][1]  # lists index by position
+    got = _policies(by_name)
+    assert got["en"].client_lr == 0.01 and got["fr"].client_lr == base.policy.client_lr  # depth 3, sibling untouched
+    assert got["north"].tau == got["ru"].tau == 0.5 and got["eu"].tau == base.policy.tau
+    assert "policy" not in base.tree["children"][0]["children"][0]["children"][0]  # the base is not mutated
+    with pytest.raises(ConfigError, match=r"no federation named 'es'.*federations: world, eu, west, en, fr"):
+        apply_override(base, "tree.es.policy.client_lr=0.01")
+    with pytest.raises(ConfigError, match=r"'tree.children' has 2 items"):
+        apply_override(base, "tree.children.2.policy.tau=1")
+
+
+def test_own_policy_applies_to_its_federation_only():
+    tree = {"name": "world", "policy": {"tau": 0.5}, "own_policy": {"server_optimizer": "momentum", "tau": 2.0},
+            "children": [{"name": "eu", "children": [{"name": "en", "sources": ["man_en"], "clients": 1}]}]}
+    topology = build_topology(tree, known_sources=corpus.list_sources())
+    (root,), (eu,), (en,) = (level.policies for level in topology.levels)
+    assert (root.server_optimizer, root.tau) == ("momentum", 2.0)  # own_policy over its policy
+    assert (eu.server_optimizer, eu.tau) == (en.server_optimizer, en.tau) == (Policy().server_optimizer, 0.5)
+    with pytest.raises(TopologyError, match=r"federation 'world': unknown own policy field\(s\) \['tua'\]"):
+        build_topology({**tree, "own_policy": {"tua": 1.0}}, known_sources=corpus.list_sources())
 
 
 def test_bad_tree_fails_at_compile_naming_the_federation():

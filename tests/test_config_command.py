@@ -71,7 +71,11 @@ def test_the_table_names_each_value_and_where_it_came_from(tmp_path):
            "policy": {"clients_per_round": 2, "aggregator_args": {"trim": 0.2}, "dp_clip": "inf"}},
           {"name": "a2", "sources": ["man_de"], "clients": 1, "policy": {"rounds": 1}}]}]},
      Policy(client_lr=5e-3, server_optimizer="adam")),
-], ids=["mid-level", "no-config-policy", "depth-3-mixed"])
+    ({"name": "r", "policy": {"tau": 0.5}, "own_policy": {"server_optimizer": "momentum", "tau": 2.0},
+      "children": [{"name": "a", "own_policy": {"client_lr": 0.05}, "policy": {"client_lr": 0.01}, "children": [
+          {"name": "a1", "sources": ["man_en"], "clients": 2}]}]},
+     Policy(local_steps=3)),
+], ids=["mid-level", "no-config-policy", "depth-3-mixed", "own-policy"])
 def test_provenance_agrees_with_the_resolved_topology(tree, root_policy):
     topology = build_topology(tree, root_policy=root_policy)
     resolved = {name: level.policies[i] for level in topology.levels for i, name in enumerate(level.names)}
@@ -83,17 +87,20 @@ def test_provenance_agrees_with_the_resolved_topology(tree, root_policy):
         name = fed.path.rsplit("/", 1)[-1]
         assert fed.policy == resolved[name], fed.path
         assert topology.levels[fed.level].names.count(name) == 1
-        own = next(n for n in _nodes(tree) if n["name"] == name).get("policy") or {}
+        node = next(n for n in _nodes(tree) if n["name"] == name)
+        own, alone = node.get("policy") or {}, node.get("own_policy") or {}
         listed = {r.field: r for r in fed.fields}
         # every field off the defaults (and every field set here) is listed, with the resolved value
         for f in POLICY_FIELDS:
             value = getattr(resolved[name], f)
-            assert (f in listed) == (value != getattr(Policy(), f) or f in own), (fed.path, f)
+            assert (f in listed) == (value != getattr(Policy(), f) or f in own or f in alone), (fed.path, f)
             if f in listed:
                 assert listed[f].value == value, (fed.path, f)
         for r in fed.fields:  # and its origin really holds that value
             if r.source == "set":
-                assert r.field in own
+                assert r.field in own and r.field not in alone
+            elif r.source == "own (not inherited)":
+                assert r.field in alone
             elif r.source == f"inherited from {CONFIG_POLICY}":
                 assert getattr(root_policy, r.field) == r.value  # and no ancestor set it
                 assert all(x.source != "set" for a, f in by_path.items() if fed.path.startswith(a + "/")
@@ -101,8 +108,11 @@ def test_provenance_agrees_with_the_resolved_topology(tree, root_policy):
             elif r.source.startswith("inherited from "):
                 ancestor = r.source.removeprefix("inherited from ")
                 assert fed.path.startswith(ancestor + "/")
-                assert getattr(by_path[ancestor].policy, r.field) == r.value
-                assert any(x.field == r.field and x.source.startswith("set") for x in by_path[ancestor].fields)
+                passed_on = next(n for n in _nodes(tree) if n["name"] == ancestor.rsplit("/", 1)[-1])
+                assert r.field in (passed_on.get("policy") or {})  # its policy:, not its own_policy:
+                if r.field not in (passed_on.get("own_policy") or {}):
+                    assert getattr(by_path[ancestor].policy, r.field) == r.value
+                    assert any(x.field == r.field and x.source.startswith("set") for x in by_path[ancestor].fields)
             else:
                 assert r.source.startswith("set (merged with inherited from "), r.source
 

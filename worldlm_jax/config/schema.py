@@ -25,6 +25,7 @@ from worldlm_jax.model.partition import KeyLayers
 from worldlm_jax.plugins import callbacks, objectives, optimizers
 from worldlm_jax.plugins.registry import UnknownNameError
 from worldlm_jax.tree.policy import Policy
+from worldlm_jax.tree.topology import NODE_FIELDS
 
 
 _SECTIONS = {"DataConfig": "data", "RunConfig": "run", "AlgorithmConfig": "algorithm", "PrivacyConfig": "privacy"}
@@ -301,7 +302,10 @@ def _set(obj, keys: list[str], value, prefix: str):
         if key not in names:
             raise ConfigError(_unknown_key(full, key, names, prefix))
         current = getattr(obj, key)
-        new = _set(current, rest, value, full) if rest else _coerce(value, _hints(type(obj))[key], full)
+        if key == "tree" and isinstance(obj, Config):
+            new = _set_in_tree(current, rest, value, full)
+        else:
+            new = _set(current, rest, value, full) if rest else _coerce(value, _hints(type(obj))[key], full)
         try:
             return dataclasses.replace(obj, **{key: new})
         except ConfigError:
@@ -314,7 +318,57 @@ def _set(obj, keys: list[str], value, prefix: str):
         copy = dict(obj)
         copy[key] = _set(obj.get(key, {}), rest, value, full) if rest else value
         return copy
+    if isinstance(obj, list) and key.isdigit():  # tree.children.0.policy...
+        if int(key) >= len(obj):
+            raise ConfigError(f"cannot set '{full}': '{prefix}' has {len(obj)} items (0 to {len(obj) - 1})")
+        copy = list(obj)
+        copy[int(key)] = _set(obj[int(key)], rest, value, full) if rest else value
+        return copy
     raise ConfigError(f"cannot set '{full}': '{prefix}' is a {type(obj).__name__}, not a config section")
+
+
+def _set_in_tree(node, keys: list[str], value, prefix: str):
+    """`tree.KEY...=value`: a node field (policy, own_policy, children, ...) sets that
+    field of the root; any other KEY names a federation anywhere below (names are
+    unique in a tree), so `tree.en.policy.client_lr=0.01` reaches `en` at any depth."""
+    if not keys:
+        return value
+    key, rest = keys[0], keys[1:]
+    if not isinstance(node, Mapping) or key in NODE_FIELDS:
+        return _set(node, keys, value, prefix)
+    route = _route_to(node, key)
+    if route is None:
+        names = ", ".join(_federation_names(node)) or "none"
+        raise ConfigError(f"cannot set '{prefix}.{'.'.join(keys)}': the tree has no federation named {key!r} and "
+                          f"a node has no field {key!r}; federations: {names}; node fields: {', '.join(NODE_FIELDS)}")
+    return _replace_along(node, route, lambda target: _set_in_tree(target, rest, value, f"{prefix}.{key}"))
+
+
+def _route_to(node, name: str) -> list[int] | None:
+    """Child indices from `node` down to the federation called `name` ([] for `node`)."""
+    if node.get("name") == name:
+        return []
+    for i, child in enumerate(node.get("children") or ()):
+        if isinstance(child, Mapping):
+            below = _route_to(child, name)
+            if below is not None:
+                return [i, *below]
+    return None
+
+
+def _replace_along(node, route: list[int], change):
+    """A copy of `node` with the node at `route` replaced by `change(that node)`."""
+    if not route:
+        return change(node)
+    children = list(node["children"])
+    children[route[0]] = _replace_along(children[route[0]], route[1:], change)
+    return {**node, "children": children}
+
+
+def _federation_names(node) -> list[str]:
+    if not isinstance(node, Mapping):
+        return []
+    return [str(node.get("name"))] + [n for c in node.get("children") or () for n in _federation_names(c)]
 
 
 def apply_overrides(config, assignments) -> Config:

@@ -50,6 +50,16 @@ def per_federation(metrics: dict, key: str, names, static) -> dict[str, float]:
     return {name: float(str(value)) for name, value in zip(names, values)}
 
 
+RULES = ("server_optimizer", "aggregator", "k_agg")  # the named rules a federation runs
+
+
+def federation_rules(topology) -> dict[str, dict[str, str]]:
+    """Each federation's named rules, as resolved from the tree (inherited,
+    set, or its own_policy), so a record says what every federation ran."""
+    return {name: {rule: getattr(policy, rule) for rule in RULES}
+            for level in topology.levels for name, policy in zip(level.names, level.policies)}
+
+
 def round_record(exp: Experiment, round_index: int, metrics: dict, seconds: float) -> dict:
     """Plain-Python metrics of one round (after an async device fetch), from
     arrays in the round's own dtypes (`metrics.to_numpy`).
@@ -72,7 +82,8 @@ def round_record(exp: Experiment, round_index: int, metrics: dict, seconds: floa
                                           [p.client_lr for p in topo.leaf.policies]),
               "server_lr": {name: lr for d, lvl in enumerate(topo.levels)
                             for name, lr in per_federation(metrics, f"level{d}/server_lr", lvl.names,
-                                                           [p.server_lr for p in lvl.policies]).items()}}
+                                                           [p.server_lr for p in lvl.policies]).items()},
+              "rules": federation_rules(topo)}
     for key, value in metrics.items():
         if key.startswith("level"):
             record[key] = np.asarray(value).tolist()
@@ -148,6 +159,7 @@ class RoundLogger:
         """Each point's evaluation of the model as of the end of `round_index`,
         written and (`notify`) shown to the callbacks' on_eval_end. A stop asked
         at the final evaluation comes too late to count."""
+        self.flush()  # a round's record comes before its evaluation, in metrics.jsonl and to the callbacks
         for writer, evaluation in zip(self.writers, evaluations):
             writer.write({"round": round_index, "eval": evaluation, **({"final": True} if final else {})})
             if notify:
@@ -177,6 +189,7 @@ def run_summary(exp: Experiment, config, rounds_completed: int, final: dict, com
                                if distributed.is_primary() else {}),
         "privacy": dp_ledger.report(exp.run_topology, accountants, exp.spec.plan),  # with level, unit, parts
         "key_layer_parameters": int(sum(np.prod(exp.init_params[p].shape) for p in exp.spec.key_paths)),
+        "rules": federation_rules(exp.run_topology),
     }
 
 

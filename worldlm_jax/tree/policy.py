@@ -163,14 +163,18 @@ class Policy:
 POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(Policy))
 
 
-def inherit_policy(node: Mapping[str, Any], inherited: Policy, where: str) -> Policy:
-    """The policy of tree node `node`: its own `policy` fields over `inherited`."""
-    raw = node.get("policy") or {}
+def inherit_policy(node: Mapping[str, Any], inherited: Policy, where: str, field: str = "policy") -> Policy:
+    """The policy of tree node `node`: the fields of its mapping `field` over `inherited`.
+
+    `field="policy"` gives what the node and its descendants run; `field="own_policy"`
+    applied over that gives what the node alone runs (`topology.build_topology`)."""
+    raw = node.get(field) or {}
     if not isinstance(raw, Mapping):
-        raise TopologyError(f"{where}: 'policy' must be a mapping of fields, got {type(raw).__name__}")
+        raise TopologyError(f"{where}: '{field}' must be a mapping of fields, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(POLICY_FIELDS))
     if unknown:
-        raise TopologyError(f"{where}: unknown policy field(s) {unknown}; valid fields: {', '.join(POLICY_FIELDS)}")
+        raise TopologyError(f"{where}: unknown {field.replace('_', ' ')} field(s) {unknown}; valid fields: "
+                            f"{', '.join(POLICY_FIELDS)}")
     values = dict(raw)
     for name in ("aggregator_args", "objective_args", "attack_args"):  # merged key by key with the inherited ones
         if isinstance(values.get(name), Mapping):

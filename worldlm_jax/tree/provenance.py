@@ -10,6 +10,8 @@ tree the same way and says, for every field a federation does not leave at the
     inherited from world/eu               from that ancestor's own `policy:`
     inherited from config policy          from the config's `policy:` section
     set (merged with inherited from P)    a `*_args` mapping merged key by key
+    own (not inherited)                   in the federation's own `own_policy:`,
+                                          which its children do not inherit
 
 Federations are named by their path from the root (`world/en`). Host-side and
 pure: no JAX, no data.
@@ -63,16 +65,20 @@ def policy_provenance(spec: Mapping[str, Any], root_policy: Policy | None = None
 
     def visit(node, level, inherited, origin, path):
         path = f"{path}/{node['name']}" if path else node["name"]
-        own = dict(node.get("policy") or {})
-        policy = inherit_policy(node, inherited, f"federation '{node['name']}'")
+        where = f"federation '{node['name']}'"
+        own, alone = dict(node.get("policy") or {}), dict(node.get("own_policy") or {})
+        passed_on = inherit_policy(node, inherited, where)
+        policy = inherit_policy(node, passed_on, where, field="own_policy")
         here = dict(origin)
         rows = []
         for f in POLICY_FIELDS:
             if f in own:
                 here[f] = path
-            if not (f in own or _differs(policy, f)):
+            if not (f in own or f in alone or _differs(policy, f)):
                 continue
-            if f not in own:
+            if f in alone:
+                source = "own (not inherited)"
+            elif f not in own:
                 source = f"inherited from {origin[f]}" if origin[f] else "default"
             elif f in _MERGED and set(getattr(inherited, f)) - set(own[f] or {}):
                 source = f"set (merged with inherited from {origin[f]})"
@@ -81,7 +87,7 @@ def policy_provenance(spec: Mapping[str, Any], root_policy: Policy | None = None
             rows.append(FieldSource(f, getattr(policy, f), source))
         out.append(FederationPolicy(path, level, policy, tuple(rows)))
         for child in node.get("children", ()):
-            visit(child, level + 1, policy, here, path)
+            visit(child, level + 1, passed_on, here, path)
 
     visit(spec, 0, root_policy, origin, "")
     return tuple(out)

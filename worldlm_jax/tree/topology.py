@@ -27,7 +27,7 @@ from worldlm_jax.tree.policy import K_AGG_MODES, Policy, TopologyError, inherit_
 
 __all__ = ["Topology", "Level", "build_topology"]
 
-NODE_FIELDS = ("name", "children", "clients", "sources", "split", "alpha", "policy")
+NODE_FIELDS = ("name", "children", "clients", "sources", "split", "alpha", "policy", "own_policy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +234,12 @@ def build_topology(spec: Mapping[str, Any], known_sources: Sequence[str] | None 
     A node is a mapping with `name` and either `children` (a list of nodes: an
     internal federation) or `clients` (an int: a leaf federation whose data are
     `sources`, split into that many clients by `split` = iid | dirichlet with
-    concentration `alpha`). Every node may carry a `policy` mapping.
+    concentration `alpha`). Every node may carry a `policy` mapping, which it and
+    all its descendants run (each descendant's own `policy` over it), and an
+    `own_policy` mapping, which only the node itself runs, over its `policy`: a
+    rule for the root (a server optimizer, say) that the federations below do not
+    inherit. Both are plain Policy fields, so DP, sampling, faults and robust
+    rules compose the same way whichever mapping sets them.
     """
     if not isinstance(spec, Mapping):
         raise TopologyError(f"the tree spec must be a mapping with 'name' and 'children', got {type(spec).__name__}")
@@ -247,7 +252,8 @@ def build_topology(spec: Mapping[str, Any], known_sources: Sequence[str] | None 
     def visit(node, depth, parent_index, inherited, path, ancestry):
         name = _check_node(node, f"tree node {'/'.join(path) or '<root>'}", seen, ancestry)
         where = f"federation '{name}'"
-        policy = inherit_policy(node, inherited, where)
+        inherited_by_children = inherit_policy(node, inherited, where)
+        policy = inherit_policy(node, inherited_by_children, where, field="own_policy")  # this federation's alone
         if len(levels_nodes) <= depth:
             levels_nodes.append([])
         index = len(levels_nodes[depth])
@@ -255,7 +261,8 @@ def build_topology(spec: Mapping[str, Any], known_sources: Sequence[str] | None 
         if "children" in node:
             for child in node["children"]:
                 child_name = child.get("name", "?") if isinstance(child, Mapping) else "?"
-                visit(child, depth + 1, index, policy, path + [str(child_name)], ancestry | {id(node)})
+                visit(child, depth + 1, index, inherited_by_children, path + [str(child_name)],
+                      ancestry | {id(node)})
             return
         n, sources, split = _leaf_data(node, where, known_sources)
         if policy.sampling == "full" and policy.clients_per_round is not None and policy.clients_per_round < n:
