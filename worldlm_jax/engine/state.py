@@ -184,8 +184,13 @@ def state_shardings(spec: EngineSpec, state: EngineState) -> EngineState:
 
 
 def place_state(spec: EngineSpec, state: EngineState) -> EngineState:
-    """Put a (stored) state where the round keeps it (a no-op without a mesh)."""
-    return state if spec.mesh is None else jax.device_put(state, state_shardings(spec, state))
+    """Put a (stored) state where the round keeps it: without a mesh, committed to
+    the default device, as a state restored from a checkpoint is (an uncommitted
+    fresh state lowers to another program, so a resume would miss the compilation
+    cache and compile the round again)."""
+    if spec.mesh is None:
+        return jax.device_put(state, jax.local_devices()[0])
+    return jax.device_put(state, state_shardings(spec, state))
 
 
 def deployed_params(spec: EngineSpec, state: EngineState, client_ids) -> Params:
