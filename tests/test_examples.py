@@ -6,6 +6,7 @@ The runs share one persistent compilation cache, so the evaluator and model
 initialisation compile once for all of them; each round program is its own.
 """
 import contextlib
+import csv
 import io
 import json
 import os
@@ -96,8 +97,12 @@ def check_schedule(workdir, summary, records):
 
 
 def check_callback(workdir, summary, records):
+    # the config's args (min_delta: 100) reached the factory: it stops the run after its second round
     assert summary["rounds_completed"] == 2 and summary["interrupted"] and summary["stopped_by"] == "early_stopping"
     assert [r["round"] for r in records] == [0, 1]
+    with open(workdir / "rounds.csv", newline="") as f:  # the built-in csv logger: rounds, then the final evaluation
+        rows = list(csv.DictReader(f))
+    assert [(row["round"], row["train_loss"] == "") for row in rows] == [("0", False), ("1", False), ("1", True)]
 
 
 def check_family_strategy(workdir, summary, records):

@@ -34,6 +34,7 @@ moved.install()
 _PUBLIC = {  # name -> (module, attribute); loaded on first use
     "train": ("worldlm_jax.run.training", "train"),
     "Callback": ("worldlm_jax.plugins.callbacks", "Callback"),
+    "RunContext": ("worldlm_jax.plugins.callbacks", "RunContext"),
     "Config": ("worldlm_jax.config.schema", "Config"),
     "ConfigError": ("worldlm_jax.errors", "ConfigError"),
     "load_config": ("worldlm_jax.config.loading", "load"),

@@ -4,7 +4,9 @@ A callback sees every finished round's record (the line metrics.jsonl gets)
 and every evaluation; returning True stops the run after that round, which
 checkpoints and ends cleanly (`interrupted: true`, `stopped_by` in the
 summary; re-running the command resumes). Registered factories receive the
-config and are named in `run.callbacks`.
+config and, as keyword arguments, the `args` of their `run.callbacks` entry
+(callback.yaml gives patience and min_delta, and adds the built-in csv
+logger, which writes every round to rounds.csv in the run directory).
 
     worldlm train --plugin scripts/examples/callback.py --config scripts/examples/callback.yaml
 """
@@ -19,6 +21,10 @@ class EarlyStopping(callbacks.Callback):
         self.patience, self.min_delta = patience, min_delta
         self.best, self.stale = float("inf"), 0
 
+    def on_start(self, context):
+        # a resumed run starts with a fresh count: the rounds before it are not seen again
+        self.best, self.stale = float("inf"), 0
+
     def on_round_end(self, round_index, record):
         if record["train_loss"] < self.best - self.min_delta:
             self.best, self.stale = record["train_loss"], 0
@@ -27,6 +33,5 @@ class EarlyStopping(callbacks.Callback):
         return self.stale >= self.patience
 
 
-# A deliberately impatient setting for the example: the loss must drop by 100
-# nats a round, so the run stops after its second round of a planned four.
-callbacks.register("early_stopping", lambda config: EarlyStopping(patience=1, min_delta=100.0))
+# `args: {patience: 1, min_delta: 100.0}` in the config arrive as keyword arguments.
+callbacks.register("early_stopping", lambda config, patience=1, min_delta=0.0: EarlyStopping(patience, min_delta))

@@ -23,6 +23,7 @@ from worldlm_jax.errors import ConfigError
 from worldlm_jax.model.config import ModelConfig
 from worldlm_jax.model.partition import KeyLayers
 from worldlm_jax.plugins import callbacks, objectives, optimizers
+from worldlm_jax.plugins.callbacks import CallbackSpec
 from worldlm_jax.plugins.registry import UnknownNameError
 from worldlm_jax.tree.policy import Policy
 from worldlm_jax.tree.topology import NODE_FIELDS
@@ -44,6 +45,26 @@ def _registered(registry, name, field):
     try:
         registry.check(name, field)
     except UnknownNameError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _check_callback(entry, field):
+    """A run.callbacks entry names a registered callback, and its args are keyword
+    arguments its factory takes (checked now, not when the run builds it)."""
+    if isinstance(entry, str):
+        _registered(callbacks.CALLBACKS, entry, "run.callbacks")
+        return
+    if not isinstance(entry, CallbackSpec):
+        raise ConfigError(f"{field}={entry!r}: expected a callback name or {{name: NAME, args: {{ARG: VALUE}}}}")
+    if not isinstance(entry.name, str) or not entry.name:
+        raise ConfigError(f"{field}: name the callback, e.g. {{name: csv, args: {{path: rounds.csv}}}}")
+    _registered(callbacks.CALLBACKS, entry.name, f"{field}.name")
+    if not isinstance(entry.args, Mapping) or not all(isinstance(k, str) for k in entry.args):
+        raise ConfigError(f"{field}.args={entry.args!r}: expected a mapping of argument names to values, "
+                          "e.g. {path: rounds.csv}")
+    try:
+        callbacks.check_args(entry.name, entry.args, f"{field}.args")
+    except ValueError as e:
         raise ConfigError(str(e)) from e
 
 
@@ -114,13 +135,15 @@ class RunConfig:
     # (0: every level with a node per device); smaller levels stay replicated, since
     # sharding costs a collective per parameter leaf each round (benchmarks/RESULTS.md)
     shard_state_mb: float = 64.0
-    callbacks: tuple[str, ...] = ()  # registered callback names (worldlm_jax.callbacks), run in this order
+    # registered callbacks (worldlm_jax.callbacks), run in this order: a name, or
+    # {name: NAME, args: {ARG: VALUE}} whose args are keyword arguments of its factory
+    callbacks: tuple[str | CallbackSpec, ...] = ()
 
     def __post_init__(self):
 
         _positive(self, "rounds")
-        for name in self.callbacks:
-            _registered(callbacks.CALLBACKS, name, "run.callbacks")
+        for i, entry in enumerate(self.callbacks):
+            _check_callback(entry, f"run.callbacks[{i}]")
         for name in ("eval_every", "checkpoint_every", "devices", "shard_state_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"run.{name}={getattr(self, name)}; expected >= 0")
@@ -205,6 +228,8 @@ def _coerce(value, annotation, key: str):
         if value is None and type(None) in args:
             return None
         errors = []
+        # a mapping is meant for the dataclass among the choices: its error is the one to report
+        args = sorted(args, key=lambda arg: not (dataclasses.is_dataclass(arg) and isinstance(value, Mapping)))
         for arg in args:
             if arg is type(None):
                 continue
@@ -247,7 +272,7 @@ def _coerce(value, annotation, key: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}={value!r}: expected a list")
         inner = args[0] if args else Any
-        return tuple(_coerce(v, inner, f"{key}[]") if inner is not Any else v for v in value)
+        return tuple(_coerce(v, inner, f"{key}[{i}]") if inner is not Any else v for i, v in enumerate(value))
     if origin in (Mapping, dict) or annotation in (Mapping, dict) or origin is typing.Mapping:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}={value!r}: expected a mapping")

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from worldlm_jax.outputs import metrics as metrics_lib
+from worldlm_jax.plugins import callbacks as callbacks_lib
 from worldlm_jax.privacy import accounting, ledger as dp_ledger
 from worldlm_jax.run import distributed
 from worldlm_jax.run.experiment import Experiment, Prefetcher, _put, place_state, restore_state
@@ -139,15 +140,17 @@ class RunLoop:
         self.ckpt = checkpoint.Checkpointer(workdir, max_to_keep=2)
         # Multi-process runs: every process computes, process 0 alone writes files and prints.
         self.writer = metrics_lib.MetricsWriter(workdir) if distributed.is_primary() else metrics_lib.NullWriter()
+        self.resumed = self.ckpt.latest_step() is not None
         self.start = self._resume()
         self.round = self.start
         self.evaluated = -1  # the round count at the last eval_every evaluation
         self.interrupted = False  # Ctrl-C
         self.hooks, self.progress = hooks, progress
         # lag 1 dispatches round r+1 before reading round r's metrics (the device never
-        # waits on logging); callbacks must see round r before round r+1 starts, so
-        # they read each round as it ends. The records are the same either way.
-        self.lag = 0 if hooks else 1
+        # waits on logging); a callback that may stop the run must see round r before
+        # round r+1 starts, so then each round is read as it ends. The records are the
+        # same either way.
+        self.lag = 0 if callbacks_lib.may_stop(hooks) else 1
         self._finite = finite_flags(exp.spec)
         self._unchecked: collections.deque = collections.deque()  # (round, flags on device)
 

@@ -109,7 +109,9 @@ def train(config: Config | str, workdir: str, quiet: bool = False, progress: boo
     """Train (or resume) the run in `workdir`; returns the summary (also written).
 
     `config`: a Config, a preset name or a YAML path. `callbacks`: Callback
-    instances (or registered names) run after those named in run.callbacks.
+    instances (or registered names) run after those named in run.callbacks;
+    their on_start comes before the first round, their on_end after the
+    summary (with None when the run raises).
     Refuses (ConfigError) a workdir whose checkpoints belong to another config.
     Raises NonFiniteStateError (run_loop) when a round leaves a federation's state
     NaN or Inf: metrics.jsonl has the rounds so far, no checkpoint holds that state
@@ -128,6 +130,16 @@ def train(config: Config | str, workdir: str, quiet: bool = False, progress: boo
     say = (lambda *a: None) if quiet or not primary else print
     say(exp.run_topology.summary())
     loop = RunLoop(exp, workdir, hooks, say, progress=progress and not quiet and primary)
+    context = callbacks_lib.RunContext(workdir=os.path.abspath(workdir), process_index=distributed.process_index(),
+                                       process_count=jax.process_count(), config=config, first_round=loop.start,
+                                       resumed=loop.resumed)
+    return callbacks_lib.around_run(hooks, context, lambda: _run(exp, config, loop, workdir, t0, quiet))
+
+
+def _run(exp, config: Config, loop: RunLoop, workdir: str, t0: float, quiet: bool) -> dict:
+    """The loop's rounds and final evaluation, then the plots, summary.json and
+    table (process 0); returns the summary."""
+    primary = distributed.is_primary()
     final = loop.run()
     if primary:
         write_plots(exp, workdir)

@@ -55,7 +55,7 @@ differ in anything but policy.*, tree policies and run.seed; in the tree, k_agg,
 a named rule, clients_per_round/sampling where they move the client slots,
 local_steps/rounds where they change the batch shape or need masked steps the
 first point does not compile; seeds whose tokenizers differ in vocabulary size;
-algorithm.schedule=staged.
+algorithm.schedule=staged; run.callbacks (the points run none).
 """
 from __future__ import annotations
 
@@ -163,6 +163,9 @@ def check_static(configs: Sequence[Config]) -> None:
     if configs[0].algorithm.schedule == "staged":
         raise ValueError("a vectorised sweep is one compiled round; algorithm.schedule=staged needs two "
                          "(global K first); use `worldlm sweep`")
+    if configs[0].run.callbacks:  # they would be silently skipped: the points never pass through train.train
+        raise ValueError("a vectorised sweep runs no callbacks (its points train as one program), so it refuses "
+                         "run.callbacks; set run.callbacks=[] or use `worldlm sweep` without --vectorized")
 
 
 def choose_sweep_devices(n_devices: int, n_points: int, requested: int = 0) -> int:
