@@ -37,6 +37,18 @@ def run_with_steps(*steps):
     return write
 
 
+UNREDUCED_AGGREGATOR = textwrap.dedent("""\
+    from worldlm_jax.plugins import aggregators
+
+
+    def my_mean(delta_N, weight_N, parent_N, n_parents, args_P):
+        return delta_N  # the children's rows, not reduced to one per federation
+
+
+    aggregators.register("my_mean", aggregators.Aggregator(combine=my_mean))
+    """)
+
+
 # (id, what the user did, argv (in a tmp dir holding `files`), files, words the one-line message must contain)
 CASES = [
     ("unknown-preset", "a preset that does not exist", ["plan", "--config", "tinny", "--no-compile"], {},
@@ -135,6 +147,12 @@ CASES = [
     ("missing-plugin", "a plug-in file that does not exist", ["--plugin", "nope.py"] + PLAN, {}, ["nope.py"]),
     ("broken-plugin", "a plug-in that fails to import", ["--plugin", "broken.py"] + PLAN,
      {"broken.py": "import not_a_module_anywhere\n"}, ["broken.py", "not_a_module_anywhere"]),
+    # traced, not compiled: the check fires while `plan` lowers the round (plugins/contract.py)
+    ("plugin-output-shape", "an aggregator that returns every child's update instead of one per federation",
+     ["--plugin", "my_plugins.py", "plan", "--config", "tiny", "--set", "policy.aggregator=my_mean"],
+     {"my_plugins.py": UNREDUCED_AGGREGATOR},
+     ["aggregator 'my_mean' (combine, my_plugins.py:4)", "expected (3, 32, 32) float32", "one row per federation",
+      "not one per child"]),
     ("process-id-out-of-range", "a process id outside the process count",
      ["train", "--config", "tiny", "--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "5"],
      {}, ["--process-id", "5"]),

@@ -22,7 +22,7 @@ from worldlm_jax.engine.plan import PARTS, Params, split_parts
 from worldlm_jax.engine.round_policies import RoundPolicies
 from worldlm_jax.engine.state import Children, EngineState, LevelState
 from worldlm_jax.engine.statics import RoundStatics
-from worldlm_jax.plugins import aggregators
+from worldlm_jax.plugins import aggregators, contract, objectives
 from worldlm_jax.privacy import mechanism as privacy
 from worldlm_jax.tree.policy import K_AGG_MODES
 
@@ -47,9 +47,17 @@ def _streamed_backbone(rs: RoundStatics, st: RoundPolicies, d: int, delta_B: Par
         transform = aggregators.get(name).transform
         if transform is not None and delta_B:
             args_N = {a: v[parent_N] for a, v in st.aggregator_args[d].items()}
+            reshaped = transform(delta_B, args_N)
+            contract.check_like(_aggregator(name, transform, "transform"), reshaped, delta_B, "delta_N",
+                                "transform reshapes each child's update on its own: one row per child, "
+                                "each leaf's shape and dtype kept")
             mine = st.aggregator_choice[d][parent_N] == k
-            delta_B = tree_ops.where_rows(mine, transform(delta_B, args_N), delta_B)
+            delta_B = tree_ops.where_rows(mine, reshaped, delta_B)
     return delta_B
+
+
+def _aggregator(name: str, fn, role: str) -> contract.Entry:
+    return contract.Entry(aggregators.AGGREGATORS.kind, name, fn, role)
 
 
 def sum_children(rs: RoundStatics, st: RoundPolicies, d: int, delta_N: dict, weight_N, parent_N, clip_N,
@@ -168,6 +176,9 @@ def aggregate_backbone(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelSt
         combine = aggregators.get(name).combine
         if combine is not None and mean_B:
             combined = combine(kids.B_N, kids.weight_N, kids.parent_N, P, st.aggregator_args[d])
+            contract.check_like(_aggregator(name, combine, "combine"), combined, contract.with_rows(kids.B_N, P),
+                                "delta_P", f"combine returns one row per federation (n_parents = {P}), not one "
+                                f"per child ({kids.weight_N.shape[0]}), each leaf in the dtype of delta_N")
             mean_B = tree_ops.where_rows(st.aggregator_choice[d] == k, combined, mean_B)
     if dp is not None:
         mean_B = tree_ops.where_rows(dp.is_dp_P, dp.mean["B"], mean_B)
@@ -223,5 +234,14 @@ def update_objective(rs: RoundStatics, st: RoundPolicies, lvl: LevelState, repor
     """Leaf federations that heard from clients update the objective's state
     from the weighted mean of their reports."""
     mean_report = jax.tree.map(lambda s: s / tree_ops.expand_rows(safe_P, s), report_sums)
-    updated = jax.vmap(rs.objective.update_federation)(lvl.objective, mean_report, st.objective_args)
+    entry = contract.Entry(objectives.OBJECTIVES.kind, rs.spec.client_objective, rs.objective.update_federation,
+                           "update_federation")
+
+    def update(state, report, args):  # one federation (vmapped): its own shapes, as the objective sees them
+        new = rs.objective.update_federation(state, report, args)
+        contract.check_like(entry, new, state, "state",
+                            "update_federation returns the federation's new state, shaped like the one it was given")
+        return new
+
+    updated = jax.vmap(update)(lvl.objective, mean_report, st.objective_args)
     return lvl._replace(objective=tree_ops.where_rows(apply_P, updated, lvl.objective))

@@ -19,7 +19,9 @@ rounds, and whose copy a client deploys. The map of one root round:
 
 Plug-in points (each a registry of named entries, see docs/extending.md):
 optimizers (client and server), schedules, client objectives, aggregators,
-simulated attacks, strategies (plan + tree), and run-loop callbacks.
+simulated attacks, strategies (plan + tree), and run-loop callbacks. What a
+registered function returns is checked where it is called, at trace time
+(`plugins.contract`): a wrong shape is one line naming the entry.
 
 Autonomous federations with different rules share one compiled program:
 their policies are arrays over the level's node axis, fewer rounds or steps

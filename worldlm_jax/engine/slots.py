@@ -22,7 +22,7 @@ from worldlm_jax.engine.plan import PARTS, split_parts
 from worldlm_jax.engine.round_policies import RoundPolicies
 from worldlm_jax.engine.state import Children, EngineState, RoundBatch
 from worldlm_jax.engine.statics import RoundStatics
-from worldlm_jax.plugins import attacks
+from worldlm_jax.plugins import attacks, contract, objectives
 from worldlm_jax.plugins.objectives import ObjectiveContext
 
 
@@ -41,13 +41,43 @@ def train_slot(rs: RoundStatics, sent_P, fed_state_P, parent, kept, opt_state, c
     ctx = ObjectiveContext(params, client_state, jax.tree.map(lambda x: x[parent], fed_state_P), args)
     objective_fn = None
     if objective.loss is not None:
-        objective_fn = lambda p, t: objective.loss(rs.spec.loss_fn, p, t, ctx)
+        objective_fn = lambda p, t: checked_loss(rs, objective.loss(rs.spec.loss_fn, p, t, ctx))
     local_update = make_local_update(rs.spec.loss_fn, rs.client_tx, rs.masked_steps, objective_fn)
     result = local_update(params, opt_state, tokens, lr, steps)
     new_state, report = client_state, {}
     if objective.after_training is not None:
-        new_state, report = objective.after_training(ctx, result.params, result.steps, lr)
+        new_state, report = checked_after_training(rs, objective.after_training(ctx, result.params, result.steps, lr),
+                                                   client_state)
     return result, params, new_state, report
+
+
+LOSS_RULE = "loss returns (the value to differentiate, (the LM loss, its token count)), each a scalar"
+AFTER_TRAINING_RULE = "after_training returns (the client's new state, shaped like ctx.client, a report)"
+
+
+def _objective(rs: RoundStatics, role: str) -> contract.Entry:
+    return contract.Entry(objectives.OBJECTIVES.kind, rs.spec.client_objective, getattr(rs.objective, role), role)
+
+
+def checked_loss(rs: RoundStatics, out):
+    """The objective's loss output for one slot, once it is checked (trace time)."""
+    entry = _objective(rs, "loss")
+    value, aux = contract.check_pair(entry, out, ("value", "(lm_loss, n_tokens)"), LOSS_RULE)
+    lm_loss, n_tokens = contract.check_pair(entry, aux, ("lm_loss", "n_tokens"), LOSS_RULE)
+    contract.check_scalar(entry, value, "value", LOSS_RULE, floating=True)
+    contract.check_scalar(entry, lm_loss, "lm_loss", LOSS_RULE, floating=True)
+    contract.check_scalar(entry, n_tokens, "n_tokens", LOSS_RULE)
+    return value, (lm_loss, n_tokens)
+
+
+def checked_after_training(rs: RoundStatics, out, client_state):
+    """(new client state, report) of one slot, the state checked against the one
+    the client had, where the objective keeps one (otherwise it is dropped)."""
+    entry = _objective(rs, "after_training")
+    new_state, report = contract.check_pair(entry, out, ("client_state", "report"), AFTER_TRAINING_RULE)
+    if rs.objective.init_client is not None:
+        contract.check_like(entry, new_state, client_state, "client_state", AFTER_TRAINING_RULE)
+    return new_state, report
 
 
 def attack_updates(rs: RoundStatics, st: RoundPolicies, update_N, parent_N, attacker_N, key_N):
@@ -59,10 +89,28 @@ def attack_updates(rs: RoundStatics, st: RoundPolicies, update_N, parent_N, atta
     for k, name in enumerate(rs.attack_kinds):
         if name == "none":
             continue
-        sent_B, sent_K = jax.vmap(attacks.get(name).apply)(parts["B"], parts["K"], key_N, args_N)
+        sent_B, sent_K = jax.vmap(_checked_attack(name))(parts["B"], parts["K"], key_N, args_N)
         mine = attacker_N & (st.attack_choice[parent_N] == k)
         parts = {"B": tree_ops.where_rows(mine, sent_B, parts["B"]), "K": tree_ops.where_rows(mine, sent_K, parts["K"])}
     return {**parts["B"], **parts["K"]}
+
+
+ATTACK_RULE = "an attack returns (update_B, update_K) for one client, each shaped like the update it was given"
+
+
+def _checked_attack(name: str):
+    """The attack's `apply` for one client (vmapped), its result checked against
+    the client's own update."""
+    apply = attacks.get(name).apply
+    entry = contract.Entry(attacks.ATTACKS.kind, name, apply)
+
+    def checked(update_B, update_K, key, args):
+        sent_B, sent_K = contract.check_pair(entry, apply(update_B, update_K, key, args), ("update_B", "update_K"),
+                                             ATTACK_RULE)
+        contract.check_like(entry, sent_B, update_B, "update_B", ATTACK_RULE)
+        contract.check_like(entry, sent_K, update_K, "update_K", ATTACK_RULE)
+        return sent_B, sent_K
+    return checked
 
 
 def train_chunk(rs: RoundStatics, st: RoundPolicies, sent_P, clip_P, fed_state_P, parent_N, kept_N, opt_N,

@@ -10,7 +10,7 @@ import optax
 
 from worldlm_jax.engine import releases
 from worldlm_jax.engine.plan import EngineSpec, Plan, level_kinds, residual_mask, server_kinds
-from worldlm_jax.plugins import aggregators, objectives, optimizers
+from worldlm_jax.plugins import aggregators, contract, objectives, optimizers
 from worldlm_jax.plugins.objectives import ClientObjective
 from worldlm_jax.tree.policy import ATTENDING
 from worldlm_jax.tree.topology import Topology
@@ -65,11 +65,11 @@ def round_statics(spec: EngineSpec) -> RoundStatics:
     aggregator_kinds = tuple(level_kinds(topo, d, "aggregator") for d in range(D))
     return RoundStatics(
         spec=spec, topo=topo, plan=plan,
-        client_tx=optimizers.get(spec.client_optimizer, "algorithm.client_optimizer"),
+        client_tx=checked_optimizer(spec.client_optimizer, "algorithm.client_optimizer"),
         masked_steps=(len({p.local_steps for p in topo.leaf.policies}) > 1
                       or any(p.stragglers > 0 for p in topo.leaf.policies)),
         objective=objectives.get(spec.client_objective),
-        server_txs=tuple(tuple(optimizers.get(n, "server_optimizer") for n in server_kinds(topo, d))
+        server_txs=tuple(tuple(checked_optimizer(n, "server_optimizer") for n in server_kinds(topo, d))
                          for d in range(D)),
         client_schedules=level_kinds(topo, D - 1, "client_lr_schedule"),
         server_schedules=tuple(level_kinds(topo, d, "server_lr_schedule") for d in range(D)),
@@ -85,3 +85,9 @@ def round_statics(spec: EngineSpec) -> RoundStatics:
         robust_keys=tuple(any(p.k_agg == "robust_attention" for p in lvl.policies) for lvl in topo.levels),
         summed=tuple(frozenset(part for part in plan.aggregate[d] if part == "B" or not child_K_kept[d])
                      for d in range(D)))
+
+
+def checked_optimizer(name: str, field: str) -> optax.GradientTransformation:
+    """Optimizer `name`, its every update checked where the round traces it (`contract`)."""
+    entry = contract.Entry(optimizers.OPTIMIZERS.kind, name, optimizers.OPTIMIZERS.get(name, field))
+    return contract.checked_optimizer(optimizers.get(name, field), entry)

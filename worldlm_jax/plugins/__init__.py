@@ -9,6 +9,7 @@ module loaded by `--plugin` or a config's `plugins:` list (docs/extending.md).
     aggregators  backbone aggregators (mean, trimmed mean, multi-Krum, ...)
     attacks      simulated attacks a federation's attackers send
     callbacks    run-loop callbacks (Callback, early stopping, ...)
+    contract     what an entry returns, checked where the round calls it (PluginOutputError)
     loading      imports a plug-in module by name or .py path
 
 Strategies (a plan plus a tree) register in `engine.strategies`. The names

@@ -19,6 +19,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from worldlm_jax.plugins import contract
 from worldlm_jax.plugins.registry import Registry
 
 Schedule = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -37,7 +38,10 @@ def register(name: str, fn: Schedule) -> Schedule:
 def register_optax(name: str, schedule: Callable[[jax.Array], jax.Array]) -> Schedule:
     """Add an optax schedule (`count -> value`, its value multiplies the
     policy's learning rate; warmup, decay and floor are its own)."""
-    return register(name, lambda round, warmup, decay, floor: schedule(round))
+    def factor(round, warmup, decay, floor):
+        return schedule(round)
+    factor.__wrapped__ = schedule  # where an error says it was defined: the schedule given, not this line
+    return register(name, factor)
 
 
 def _warmup(round, warmup):
@@ -64,6 +68,19 @@ def factors(kinds: tuple[str, ...], choice_P: jax.Array, round, warmup_P, decay_
     r = jnp.asarray(round, jnp.float32)
     out = jnp.ones(choice_P.shape, jnp.float32)
     for k, name in enumerate(kinds):
-        value = jax.vmap(SCHEDULES.get(name), in_axes=(None, 0, 0, 0))(r, warmup_P, decay_P, floor_P)
+        value = jax.vmap(_checked(name), in_axes=(None, 0, 0, 0))(r, warmup_P, decay_P, floor_P)
         out = jnp.where(choice_P == k, jnp.asarray(value, jnp.float32), out)
     return out
+
+
+def _checked(name: str) -> Schedule:
+    """Schedule `name` for one node (vmapped), its factor checked to be a scalar."""
+    fn = SCHEDULES.get(name)
+    entry = contract.Entry(SCHEDULES.kind, name, fn)
+
+    def factor(round, warmup, decay, floor):
+        value = fn(round, warmup, decay, floor)
+        contract.check_scalar(entry, value, "a factor", "a schedule returns one real multiplier of the rate per "
+                              "federation, from scalar round, warmup, decay and floor")
+        return value
+    return factor
