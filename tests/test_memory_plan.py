@@ -10,7 +10,7 @@ import pytest
 
 from worldlm_jax import model
 from worldlm_jax.cli import commands as cli_commands, parser as cli
-from worldlm_jax.config import presets as configs
+from worldlm_jax.config import apply_overrides, presets as configs
 from worldlm_jax.data import corpus, pipeline
 from worldlm_jax.run import memory_estimate, memory_plan
 
@@ -52,21 +52,49 @@ def test_estimate_within_25_percent_of_xla_for_paper_125m():
     check_estimates_against_xla(("paper-125m",))
 
 
-def test_plan_exits_non_zero_naming_the_knobs_when_the_device_is_too_small(capsys, tmp_path):
-    # one device: small's 28 clients in chunks of 2, so every knob applies
-    code = cli.main(["plan", "--config", "small", "--set", "run.devices=1", "--no-compile", "--device-memory", "0.01"])
+def test_plan_exits_non_zero_with_one_table_of_knobs_and_one_set_line_that_fits(capsys, tmp_path):
+    # one device: small's 28 clients in chunks of 2, so every knob that lowers memory on CPU applies
+    argv = ["plan", "--config", "small", "--set", "run.devices=1", "--no-compile", "--device-memory", "0.2"]
+    code = cli.main(argv)
     out, err = capsys.readouterr()
     assert code == cli_commands.EXIT_DOES_NOT_FIT != 0
-    assert "DOES NOT FIT" in out
-    [line] = err.strip().splitlines()  # one line
-    assert line.startswith("worldlm plan: error: the round needs")
-    for knob in ("run.chunk", "model.remat", "model.matmul_dtype", "run.devices", "policy.clients_per_round"):
-        assert knob in line, knob
-    # train runs the same check first, before any data is loaded (the fixture) or any file written
-    code = cli.main(["train", "--config", "tiny", "--device-memory", "0.0001", "--workdir", str(tmp_path / "run")])
+    assert "DOES NOT FIT" in out and "planned for cpu: each device runs 2 client(s) at once (run.chunk: -1" in out
+    for knob in ("run.chunk", "model.matmul_dtype", "run.devices", "policy.clients_per_round"):
+        assert out.count(f"  {knob}: ") == 1, knob  # listed once, in the table
+    assert "model.remat" not in out  # XLA:CPU keeps the activations anyway: no saving to promise on CPU
+    [line] = err.strip().splitlines()  # one line, without the table's knobs again
+    assert line.startswith("worldlm plan: error: the round needs") and "knobs that lower it" not in line
+    fit = line.split("to fit (estimate): ")[1].split()
+    assert fit[::2] == ["--set"] * (len(fit) // 2) and f"  to fit (estimate): {' '.join(fit)}" in out
+    # the line does what it says: with it, the same plan fits
+    assert cli.main(argv + fit) == 0, capsys.readouterr()
+    assert "fits:" in capsys.readouterr().out
+    # train runs the same check first, before any data is loaded (the fixture) or any file written;
+    # it prints no table, so its one line names the knobs too
+    code = cli.main(["train", *argv[1:5], "--device-memory", "0.2", "--workdir", str(tmp_path / "run")])
     assert code == cli_commands.EXIT_DOES_NOT_FIT
-    assert "worldlm train: error: the round needs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"to fit (estimate): {' '.join(fit)}; knobs that lower it: run.chunk" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_gpu_plan_from_a_cpu_host_assumes_the_gpu_layout(capsys):
+    config = dataclasses.replace(configs.get("small"), run=dataclasses.replace(configs.get("small").run, devices=1))
+    cpu = memory_plan.plan(config, compile=False, device_memory_gib=0.5, platform="cpu")
+    gpu = memory_plan.plan(config, compile=False, device_memory_gib=0.5, platform="gpu")
+    assert (cpu.chunk, gpu.chunk) == (2, gpu.slots_per_device) and gpu.slots_per_device > 2  # all at once on a GPU
+    per_client = cpu.components["activations"] / 2
+    assert abs(gpu.components["activations"] - gpu.chunk * per_client) <= gpu.chunk  # rounded to bytes
+    assert cpu.fits and not gpu.fits
+    assert gpu.xla is None and "planned for gpu on a cpu host" in gpu.xla_note
+    assert "all its client slots at once" in gpu.layout
+    assert "model.remat" in [k.knob for k in gpu.knobs]
+    fixed = memory_plan.plan(apply_overrides(config, gpu.fit), compile=False, device_memory_gib=0.5,
+                             platform="gpu")
+    assert fixed.fits and fixed.estimate < gpu.estimate
+    code = cli.main(["plan", "--config", "small", "--platform", "tpu", "--no-compile"])
+    assert code == 2 and "--platform=tpu on a cpu host: give the device's memory with --device-memory" in \
+        capsys.readouterr().err
 
 
 def test_plan_loads_no_data_and_prints_json(capsys):

@@ -173,10 +173,12 @@ def cmd_plan(args) -> int:
 
     config = load_config(args.config, args.set, args.plugins)
     train_lib.prepare_backend(config.model)  # plan the program training compiles (bf16 products' form)
-    result = memory_plan.plan(config, compile=not args.no_compile, device_memory_gib=args.device_memory)
+    result = memory_plan.plan(config, compile=not args.no_compile, device_memory_gib=args.device_memory,
+                              platform=args.platform)
     print(memory_plan.to_json(result) if args.json else memory_plan.format_plan(result))
     if not result.fits:
-        print(f"worldlm plan: error: {memory_plan.does_not_fit_message(result)}", file=sys.stderr)
+        message = memory_plan.does_not_fit_message(result, knobs_shown=not args.json)
+        print(f"worldlm plan: error: {message}", file=sys.stderr)
         return EXIT_DOES_NOT_FIT
     return 0
 

@@ -216,11 +216,15 @@ def _plan_parser(sub) -> None:
                                    "copies and the batch; then XLA's own figure for the round, lowered and\n"
                                    "compiled on abstract inputs. Loads no data, allocates nothing.\n"
                                    f"Exits {EXIT_DOES_NOT_FIT} when the round cannot fit a device, naming "
-                                   "the knobs that lower it.",
+                                   "the knobs that lower it\nand one --set line that makes it fit.",
                        epilog="examples:\n  worldlm plan --config small\n"
-                              "  worldlm plan --config paper-125m --set run.chunk=0 --device-memory 80 --json")
+                              "  worldlm plan --config paper-125m --platform gpu --device-memory 80 --json")
     _add_config_args(p)
     _add_device_memory_arg(p)
+    p.add_argument("--platform", choices=("cpu", "gpu", "tpu"), default=None,
+                   help="plan for this platform's layout (default: this host's): on GPU/TPU a device runs all "
+                        "its clients at once, on CPU two (run.chunk: -1); another platform needs --device-memory "
+                        "and is not compiled")
     p.add_argument("--no-compile", action="store_true",
                    help="the estimate only: skip compiling the round for XLA's figure (seconds faster)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON line")

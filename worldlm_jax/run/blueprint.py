@@ -83,12 +83,14 @@ def vocab_size(config: Config) -> int:
 
 
 def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
-                 vocab: int | None = None) -> AbstractRun:
+                 vocab: int | None = None, platform: str | None = None) -> AbstractRun:
     """Everything `experiment.build_experiment` builds that does not need the data.
 
     `topology` (default: compiled from config.tree with unit client weights) and
     `vocab` (default: `vocab_size(config)`) are what the data would change;
-    `mesh` defaults to `parallel.make_mesh(config.run.devices or None)`.
+    `mesh` defaults to `parallel.make_mesh(config.run.devices or None)`;
+    `platform` (default: JAX's backend) resolves `run.chunk: -1`
+    (`parallel.default_chunk`), so a plan can be made for another platform.
     """
     from worldlm_jax.data import corpus
     from worldlm_jax.privacy import ledger as dp_ledger
@@ -131,7 +133,7 @@ def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
         plan.validate(run_topology.depth)
     except ValueError as e:
         raise ConfigError(f"algorithm.name={algo.name!r} on a depth-{run_topology.depth} tree: {e}") from e
-    chunk = parallel.default_chunk() if config.run.chunk < 0 else config.run.chunk
+    chunk = parallel.default_chunk(platform) if config.run.chunk < 0 else config.run.chunk
     spec = engine.EngineSpec(topology=run_topology, plan=plan, loss_fn=model_def.loss, key_paths=key_paths,
                              key_groups=partition.key_groups(key_paths) if key_paths else {},
                              client_optimizer=algo.client_optimizer, chunk=chunk,

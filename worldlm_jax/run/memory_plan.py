@@ -9,6 +9,14 @@ for the compiled round) and weighs them against the device's memory. When the
 round does not fit it names the knobs that would lower it, each with the bytes
 it saves; `check(config)` raises `DoesNotFit` (a ConfigError) instead, which is
 what `worldlm train` runs first. `format_plan` / `to_json` are `worldlm plan`'s output.
+
+A plan is made for a platform (`platform=`, default JAX's backend): it decides how
+many clients a device runs at once under `run.chunk: -1` (`parallel.default_chunk`:
+two on CPU, all on GPU/TPU) and whether `model.remat` lowers memory (XLA:CPU keeps
+the activations anyway). Planning another platform than this host's needs the
+device's memory (`device_memory_gib`) and compiles nothing (XLA here cannot compile
+for it). Each knob carries its `--set` assignments, and `fit_line` combines them,
+largest saving first, until the estimate fits: one line to paste.
 """
 from __future__ import annotations
 
@@ -19,11 +27,12 @@ import os
 
 import jax
 
-from worldlm_jax.config import Config, ConfigError
+from worldlm_jax.config import Config, ConfigError, apply_overrides
 from worldlm_jax.engine import parallel
 from worldlm_jax.run.blueprint import abstract_run
 from worldlm_jax.run.memory_estimate import compiled_memory, estimate
 
+PLATFORMS = ("cpu", "gpu", "tpu")
 GiB = 2 ** 30
 MiB = 2 ** 20
 # Plan with this share of a device's memory (the rest: runtime, fragmentation, the evaluator).
@@ -78,6 +87,24 @@ def _mesh(config: Config):
 
 
 # ---- the plan ---------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Knob:
+    """One change that lowers the round's memory: the field, what it does, the
+    bytes per device it saves alone, and the `--set` assignments that make it."""
+
+    knob: str
+    change: str
+    saves: int
+    sets: tuple[str, ...]
+
+
+def layout_note(platform: str, chunk: int, slots: int, config_chunk: int) -> str:
+    """What the plan assumes of the platform: how many clients a device runs at once."""
+    how = "all its client slots at once" if chunk >= slots else f"{chunk} client(s) at once"
+    why = f"run.chunk: -1 on {platform}" if config_chunk < 0 else f"run.chunk: {config_chunk}"
+    return f"planned for {platform}: each device runs {how} ({why})"
+
+
 @dataclasses.dataclass
 class PlanResult:
     """Bytes per device of one root round: our estimate, and XLA's figure."""
@@ -93,7 +120,10 @@ class PlanResult:
     xla_note: str  # why there is no XLA figure ('' when there is one)
     device_memory: int  # bytes per device
     device_memory_source: str
-    knobs: list = dataclasses.field(default_factory=list)  # [(knob, change, bytes saved)] when it does not fit
+    platform: str = "cpu"  # the platform planned for
+    layout: str = ""  # `layout_note`: what the plan assumes of it
+    knobs: list = dataclasses.field(default_factory=list)  # [Knob] when it does not fit, largest saving first
+    fit: tuple | None = None  # the `--set` assignments that together fit (None: no combination does)
 
     @property
     def required(self) -> int:
@@ -115,7 +145,9 @@ class PlanResult:
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        out["knobs"] = [{"knob": k, "change": c, "saves_bytes": int(s)} for k, c, s in self.knobs]
+        out["knobs"] = [{"knob": k.knob, "change": k.change, "saves_bytes": k.saves, "set": list(k.sets)}
+                        for k in self.knobs]
+        out["fit"] = None if self.fit is None else list(self.fit)
         out.update(required=self.required, usable=self.usable, fits=self.fits, ratio=self.ratio)
         return out
 
@@ -126,21 +158,34 @@ AUTO_COMPILE_BAND = (0.5, 2.0)
 
 
 def plan(config: Config, *, compile: bool | str = True, device_memory_gib: float | None = None,
-         mesh=None) -> PlanResult:
+         mesh=None, platform: str | None = None) -> PlanResult:
     """The per-device memory plan of `config`'s round; loads no data.
 
     compile: True = also lower and compile the round for XLA's figure (seconds
     to a minute on a CPU); False = the estimate only; "auto" = compile only when
-    the estimate lies in `AUTO_COMPILE_BAND` around the usable memory. Knob
-    suggestions are filled in when the round does not fit."""
+    the estimate lies in `AUTO_COMPILE_BAND` around the usable memory. platform:
+    the platform planned for (default: this host's; another needs
+    `device_memory_gib` and is never compiled). Knob suggestions and the `--set`
+    line that fits are filled in when the round does not fit."""
+    here = jax.default_backend()
+    platform = platform or here
+    if platform not in PLATFORMS:
+        raise ConfigError(f"--platform={platform}: expected one of {', '.join(PLATFORMS)}")
+    if platform != here and device_memory_gib is None:
+        raise ConfigError(f"--platform={platform} on a {here} host: give the device's memory with --device-memory "
+                          "GIB (e.g. 80 for an 80 GB GPU), since this host cannot read it")
     mesh = _mesh(config) if mesh is None else mesh
-    run = abstract_run(config, mesh)
+    run = abstract_run(config, mesh, platform=platform)
     components, levels, facts = estimate(run)
     memory, source = device_memory(device_memory_gib)
     result = PlanResult(devices=facts["devices"], chunk=facts["chunk"], slots_per_device=facts["slots_per_device"],
                         n_params=sum(math.prod(p.shape) for p in run.params.values()), components=components,
                         federation_levels=levels, estimate=sum(components.values()), xla=None, xla_note="",
-                        device_memory=memory, device_memory_source=source)
+                        device_memory=memory, device_memory_source=source, platform=platform,
+                        layout=layout_note(platform, facts["chunk"], facts["slots_per_device"], config.run.chunk))
+    if platform != here:
+        compile = False
+        result.xla_note = f"not compiled: planned for {platform} on a {here} host"
     if compile == "auto":
         low, high = AUTO_COMPILE_BAND
         compile = low * result.usable < result.estimate < high * result.usable
@@ -156,40 +201,35 @@ def plan(config: Config, *, compile: bool | str = True, device_memory_gib: float
         result.xla_note = "not compiled (--no-compile)"
     if not result.fits:
         result.knobs = knobs(config, result)
+        result.fit = fit_line(config, result)
     return result
 
 
-def _estimate_with(config: Config, mesh=None) -> int:
-    return sum(estimate(abstract_run(config, _mesh(config) if mesh is None else mesh))[0].values())
+def _estimate_with(config: Config, platform: str) -> int:
+    return sum(estimate(abstract_run(config, _mesh(config), platform=platform))[0].values())
 
 
-def knobs(config: Config, result: PlanResult) -> list:
-    """[(knob, change, bytes per device it saves)], largest saving first: the
-    estimate again with each knob turned (no compilation)."""
-    base = result.estimate
-    replace = dataclasses.replace
-    trials = []
+def knobs(config: Config, result: PlanResult) -> list[Knob]:
+    """The knobs that lower the estimate, largest saving first: the estimate
+    again with each one turned (no compilation)."""
+    trials = []  # (knob, change, --set assignments)
     if result.chunk > 1:
-        trials.append(("run.chunk", f"{config.run.chunk} -> 1 (now {result.chunk} clients at once per device)",
-                       replace(config, run=replace(config.run, chunk=1)), None))
-    if not config.model.remat:
-        note = " (XLA:CPU keeps the activations anyway, jax#19822)" if jax.default_backend() == "cpu" else ""
-        trials.append(("model.remat", "false -> true (recompute block activations in the backward)" + note,
-                       replace(config, model=replace(config.model, remat=True)), None))
+        trials.append(("run.chunk", f"{config.run.chunk} -> 1 (from {result.chunk} clients at once per device)",
+                       ("run.chunk=1",)))
+    if not config.model.remat and result.platform != "cpu":  # XLA:CPU keeps the activations anyway (jax#19822)
+        trials.append(("model.remat", "false -> true (recompute block activations in the backward)",
+                       ("model.remat=true",)))
     if config.model.matmul_dtype == "float32" and config.model.dtype == "float32":
         trials.append(("model.matmul_dtype", "float32 -> bfloat16 (the backward keeps bf16 operands)",
-                       replace(config, model=replace(config.model, matmul_dtype="bfloat16")), None))
+                       ("model.matmul_dtype=bfloat16",)))
     if config.run.shard_state_mb > 0 and result.devices > 1:
         trials.append(("run.shard_state_mb", f"{config.run.shard_state_mb:g} -> 0 (shard every level with a node "
-                       "per device, however small its state)",
-                       replace(config, run=replace(config.run, shard_state_mb=0.0)), None))
+                       "per device, however small its state)", ("run.shard_state_mb=0",)))
     n, local = result.devices, jax.device_count()
     more = local if n < local else 2 * n
-    mesh = (parallel.make_mesh(more) if more <= local else
-            jax.sharding.AbstractMesh((more,), (parallel.AXIS,), axis_types=(jax.sharding.AxisType.Auto,)))
-    trials.append(("run.devices", f"{n} -> {more}" + ("" if more <= local else " (more than this host has)")
-                   + ": fewer client slots per device, wide levels split further",
-                   replace(config, run=replace(config.run, devices=0 if more == local else more)), mesh))
+    needs = f" (a run on {more} devices; this host has {local})" if more > local else ""
+    trials.append(("run.devices", f"{n} -> {more}{needs}: fewer client slots per device, wide levels split further",
+                   (f"run.devices={more}",)))
     if result.slots_per_device > 1:
         from worldlm_jax.data import corpus
         from worldlm_jax.tree.topology import build_topology
@@ -199,18 +239,35 @@ def knobs(config: Config, result: PlanResult) -> list:
         if most > 1:
             half = most // 2
             trials.append(("policy.clients_per_round", f"all -> {half} (with policy.sampling=fixed): fewer slots",
-                           replace(config, policy=replace(config.policy, clients_per_round=half, sampling="fixed")),
-                           None))
+                           (f"policy.clients_per_round={half}", "policy.sampling=fixed")))
     out = []
-    for knob, change, changed, knob_mesh in trials:
+    for knob, change, sets in trials:
         try:
-            saved = base - _estimate_with(changed, knob_mesh)
+            saved = result.estimate - _estimate_with(apply_overrides(config, sets), result.platform)
         except (ValueError, ConfigError):  # a knob this config cannot take
             continue
         if saved > 0:
-            out.append((knob, change, int(saved)))
-    out.sort(key=lambda x: -x[2])
-    return out
+            out.append(Knob(knob, change, int(saved), sets))
+    return sorted(out, key=lambda k: -k.saves)
+
+
+def fit_line(config: Config, result: PlanResult) -> tuple[str, ...] | None:
+    """The knobs' assignments, added largest saving first while each lowers the
+    estimate, up to the first set whose estimate fits the usable memory; None
+    when all of them together do not fit. Estimates only: compile once more with
+    the line (`worldlm plan --set ...`) for XLA's figure."""
+    sets: tuple[str, ...] = ()
+    best = result.estimate
+    for knob in result.knobs:
+        try:
+            after = _estimate_with(apply_overrides(config, sets + knob.sets), result.platform)
+        except (ValueError, ConfigError):  # knobs that do not combine: skip this one
+            continue
+        if after < best:
+            sets, best = sets + knob.sets, after
+        if best <= result.usable:
+            return sets
+    return None
 
 
 def check(config: Config, *, compile: bool | str = "auto", device_memory_gib: float | None = None) -> PlanResult:
@@ -222,15 +279,28 @@ def check(config: Config, *, compile: bool | str = "auto", device_memory_gib: fl
     return result
 
 
-def does_not_fit_message(result: PlanResult) -> str:
-    """One line: what is needed, what there is, and the knobs with their savings."""
-    over = result.required - result.usable
-    tips = "; ".join(f"{k} {c}: saves ~{fmt_bytes(s)}" + (" (enough alone)" if s >= over * (
-        result.estimate / max(result.required, 1)) else "") for k, c, s in result.knobs)
+def does_not_fit_message(result: PlanResult, knobs_shown: bool = False) -> str:
+    """One line: what is needed, what there is, and what makes it fit: the `--set`
+    line (`fit_line`), and the knobs with their savings unless `knobs_shown`
+    (`worldlm plan` printed them in its table already)."""
     source = "XLA's figure for the compiled round" if result.xla else "estimate"
-    return (f"the round needs {fmt_bytes(result.required)} per device ({source}) but only {fmt_bytes(result.usable)} "
-            f"is usable ({HEADROOM:.0%} of {fmt_bytes(result.device_memory)}: {result.device_memory_source}); "
-            f"knobs that lower it: {tips or 'none left: a smaller model, data.batch_size or data.seq_len'}")
+    need = (f"the round needs {fmt_bytes(result.required)} per device ({source}) but only "
+            f"{fmt_bytes(result.usable)} is usable ({HEADROOM:.0%} of {fmt_bytes(result.device_memory)}: "
+            f"{result.device_memory_source}); ")
+    if result.fit is not None:
+        fix = f"to fit (estimate): {_set_flags(result.fit)}"
+    elif result.knobs:
+        fix = "the knobs together do not fit it: a smaller model, data.batch_size or data.seq_len"
+    else:
+        fix = "no knob lowers it: a smaller model, data.batch_size or data.seq_len"
+    if knobs_shown or not result.knobs:
+        return need + fix
+    tips = "; ".join(f"{k.knob} {k.change}: saves ~{fmt_bytes(k.saves)}" for k in result.knobs)
+    return need + fix + f"; knobs that lower it: {tips}"
+
+
+def _set_flags(sets) -> str:
+    return " ".join(f"--set {a}" for a in sets)
 
 
 def fmt_bytes(n: float) -> str:
@@ -245,7 +315,7 @@ def format_plan(result: PlanResult) -> str:
     w = 30
     row = lambda name, n, note="": f"  {name:<{w}} {fmt_bytes(n):>11}" + (f"   {note}" if note else "")
     lines = [f"memory per device: {result.devices} device(s), {result.slots_per_device} client slot(s) per device, "
-             f"{result.chunk} client(s) at once, {result.n_params:,} parameters"]
+             f"{result.chunk} client(s) at once, {result.n_params:,} parameters", f"  {result.layout}"]
     for name, value in result.components.items():
         lines.append(row(name, value))
         if name == "federation state":
@@ -263,8 +333,11 @@ def format_plan(result: PlanResult) -> str:
     verdict = "fits" if result.fits else "DOES NOT FIT"
     lines.append(f"{verdict}: {fmt_bytes(result.required)} of {fmt_bytes(result.usable)} usable "
                  f"({HEADROOM:.0%} of the device)")
-    for knob, change, saved in result.knobs:
-        lines.append(f"  {knob}: {change}: saves ~{fmt_bytes(saved)}")
+    for k in result.knobs:
+        lines.append(f"  {k.knob}: {k.change}: saves ~{fmt_bytes(k.saves)}")
+    if not result.fits:
+        lines.append(f"  to fit (estimate): {_set_flags(result.fit)}" if result.fit is not None else
+                     "  no combination of these knobs fits: a smaller model, data.batch_size or data.seq_len")
     return "\n".join(lines)
 
 
