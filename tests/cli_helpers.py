@@ -1,6 +1,9 @@
-"""Running the `worldlm` command in-process, as the CLI tests do."""
+"""Running the `worldlm` command in-process, as the CLI tests do, and the environment
+of a test's subprocess."""
 import contextlib
 import io
+import os
+import re
 
 from worldlm_jax.cli import parser as cli
 
@@ -14,3 +17,11 @@ def run_cli(argv):
         except SystemExit as e:
             code = e.code
     return code, out.getvalue(), err.getvalue()
+
+
+def subprocess_env(devices: int, **extra) -> dict:
+    """os.environ for a subprocess with `devices` CPU devices, keeping the session's
+    other XLA flags (tests/conftest.py: how it compiles) so its numbers match ours."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    return dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+                **extra)

@@ -30,10 +30,8 @@ def free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONUNBUFFERED="1")
-    return env
+    from cli_helpers import subprocess_env
+    return subprocess_env(devices, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
 
 
 def _cmd(workdir, rounds, *extra):

@@ -13,6 +13,8 @@ import pytest
 from worldlm_jax.config import apply_overrides, presets as configs, save_yaml
 from worldlm_jax.outputs.metrics import read_metrics
 
+from cli_helpers import subprocess_env
+
 TIMING = ("seconds", "tokens_per_s")
 
 
@@ -30,7 +32,7 @@ def _run(workdir, rounds, kill_after_step=None):
         from worldlm_jax.config import load_yaml
         worldlm_jax.train(load_yaml({cfg_path!r}), {str(workdir)!r}, quiet=True)
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = subprocess_env(2)
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
     if kill_after_step is None:
         assert proc.wait(timeout=300) == 0
@@ -85,7 +87,7 @@ def test_sigint_checkpoints_and_exits_cleanly(tmp_path):
         from worldlm_jax.config import load_yaml
         worldlm_jax.train(load_yaml({cfg_path!r}), {str(workdir)!r}, quiet=True)
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = subprocess_env(2)
     proc = subprocess.Popen([sys.executable, "-c", code], env=env)
     marker = workdir / "checkpoints" / "1"
     deadline = time.time() + 300

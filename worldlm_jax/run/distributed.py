@@ -91,8 +91,13 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     heartbeat = min(max(timeout_s // 3, 5), 100)
     # The runtime ends a process that cannot join with a C++ abort and a message
     # about "another task"; our watchdog fires first with what to check instead.
+    # At the end every process waits at a shutdown barrier for the others to finish
+    # their last host-side work (process 0 writes the summary and plots): on a loaded
+    # host that took more than a heartbeat timeout (20 s of a 60 s timeout) and aborted
+    # a finished run, so the barrier waits the whole timeout; a dead process is still
+    # noticed by its missing heartbeats.
     kwargs = dict(initialization_timeout=timeout_s + 30, heartbeat_timeout_seconds=heartbeat,
-                  shutdown_timeout_seconds=heartbeat)
+                  shutdown_timeout_seconds=timeout_s)
     if not auto:
         kwargs.update(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
     where = "the auto-detected cluster" if auto else f"coordinator {coordinator}"
