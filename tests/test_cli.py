@@ -296,9 +296,12 @@ def test_report_compares_runs(swept, tmp_path):
     assert f"| {ppl[1]['perplexity'] / ppl[0]['perplexity']:.3f} |" in rows[1]
     assert f"| {ppl[1]['per_federation']['ru']:.3f} |" in rows[1]
     pngs = sorted(p.name for p in out_dir.glob("*.png"))
-    assert pngs == sorted(["methods.png"] + [f"perplexity_{n}.png" for n in POINTS])
+    # the points differ in one number (data.eval_batches): a sweep plot against it
+    assert pngs == sorted(["curves.png", "sweep.png"] + [f"perplexity_{n}.png" for n in POINTS])
     assert all((out_dir / p).stat().st_size > 5000 for p in pngs)
-    assert json.load(open(out_dir / "report.json"))["runs"][1]["run"] == POINTS[1]
+    data = json.load(open(out_dir / "report.json"))
+    assert data["runs"][1]["run"] == POINTS[1]
+    assert data["differing_fields"] == ["data.eval_batches"]  # nothing else of the saved configs
 
 
 def test_report_of_a_missing_dir_fails_clearly(tmp_path):

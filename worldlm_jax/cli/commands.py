@@ -294,10 +294,12 @@ def cmd_report(args) -> int:
     from worldlm_jax.outputs import report
 
     try:
-        result = report.write_report(args.run_dirs, args.out)
+        result = report.write_report(args.run_dirs, args.out, group_seeds=args.group_seeds)
     except report.ReportError as e:
         raise CliError(str(e)) from e
     print(result["markdown"], end="")
+    for warning in result["warnings"]:
+        print(f"worldlm report: warning: {warning}", file=sys.stderr)
     print("wrote " + ", ".join(result["files"]))
     return 0
 

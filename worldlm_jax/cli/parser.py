@@ -30,7 +30,8 @@ subcommands:
   train     train (or resume) one run; writes WORKDIR/{summary.json,metrics.jsonl,config.yaml,checkpoints/}
   eval      re-evaluate a run's latest checkpoint; writes WORKDIR/eval.json
   sweep     train every point of a grid of overrides, one run dir each; writes DIR/sweep.md
-  report    compare finished runs: a markdown table and perplexity plots
+  report    compare runs: tables (seeds pooled, differing config fields), learning curves
+            against rounds, tokens and bytes, a sweep plot; warns on unequal round counts
   plan      memory per device of a run (federation state, parameters, optimizer
             states, activations; XLA's figure), before any data is loaded
   config    the resolved config as YAML (what train saves as config.yaml) and each
@@ -198,12 +199,20 @@ def _report_parser(sub) -> None:
     """report: finished runs compared."""
     p = sub.add_parser("report", help="compare runs: markdown table and plots", formatter_class=_RAW,
                        description="One row per run (algorithm, rounds, perplexity, bits/byte, ratio to the\n"
-                                   "first run, perplexity per federation) in OUT/report.md, plus plots.",
-                       epilog="example:\n  worldlm report runs/demo-worldlm runs/demo-fedavg --out runs/report")
+                                   "first run, perplexity per federation, the config fields that differ) in\n"
+                                   "OUT/report.md, runs that differ only in run.seed pooled (mean, std, n),\n"
+                                   "a warning per run not comparable (unfinished, other round counts), and\n"
+                                   "plots: curves.png (train loss and eval perplexity against rounds, tokens\n"
+                                   "and bytes communicated), sweep.png (perplexity against the one swept\n"
+                                   "numeric field), perplexity_<run>.png (per federation).",
+                       epilog="examples:\n  worldlm report runs/demo-worldlm runs/demo-fedavg --out runs/report\n"
+                              "  worldlm report runs/lr-sweep --out runs/lr-report     # a sweep dir: all its points")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="run directories (a sweep directory stands for all its points); "
                         "the first is the reference")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--no-group", dest="group_seeds", action="store_false",
+                   help="one row and one curve per run: do not pool runs that differ only in run.seed")
     p.set_defaults(func=commands.cmd_report)
 
 

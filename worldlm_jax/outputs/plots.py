@@ -1,4 +1,5 @@
-"""Run plots: perplexity per federation, attention-weight heat maps, methods compared.
+"""Run plots: perplexity per federation, attention-weight heat maps, methods compared,
+runs' learning curves and a one-dimensional sweep (`worldlm report`).
 
 Built on ``matplotlib.figure.Figure`` (Agg canvas), never pyplot: no global
 figure state, no GUI backend, safe from threads and on headless machines. Each
@@ -119,6 +120,80 @@ def plot_methods(results: Mapping[str, Sequence[tuple[int, float]]],
     return _save(fig, out_png)
 
 
+# x axes of the learning curves: what a run has spent so far (cumulative sums of the round records)
+CURVE_X = (("round", "round"), ("tokens", "training tokens (cumulative)"),
+           ("bytes_communicated", "bytes communicated (cumulative)"))
+# y axes: (key, label, log scale)
+CURVE_Y = (("train_loss", "training loss (nats/token)", False), ("perplexity", "evaluation perplexity", True))
+_MARKERS_UP_TO = 30  # points per line: mark each one while they stay apart (a lone final eval is a dot)
+
+
+def plot_curves(lines: Mapping[str, Mapping[str, Mapping[str, Sequence]]], out_png: str | os.PathLike) -> str:
+    """Training loss (top row) and evaluation perplexity (bottom row) against rounds,
+    cumulative tokens and cumulative bytes communicated (columns), one line per name.
+
+    ``lines[name][y]``, y in ``"train_loss"``, ``"perplexity"``, holds equal-length lists:
+    the x values ``"round"``, ``"tokens"``, ``"bytes_communicated"``, the line under ``y``
+    itself (a group's mean) and, optionally, ``"low"`` and ``"high"``: a band (the
+    spread of a group's seeds).
+    """
+    if not lines:
+        raise ValueError("plot_curves: lines is empty; expected {name: {'train_loss': curve, "
+                         "'perplexity': curve}}.")
+    fig = Figure(figsize=(15, 8))
+    axes = fig.subplots(len(CURVE_Y), len(CURVE_X), squeeze=False)
+    legend_drawn = False  # one legend, on the first panel with lines: the colours are the same in all
+    for row, (y, ylabel, log_y) in enumerate(CURVE_Y):
+        for col, (x, xlabel) in enumerate(CURVE_X):
+            ax = axes[row][col]
+            drawn = 0
+            for i, (name, curves) in enumerate(lines.items()):
+                curve = curves.get(y) or {}
+                if curve.get(y):
+                    _draw_curve(ax, curve, x, y, name, color=f"C{i % 10}")
+                    drawn += 1
+            if not drawn:
+                ax.text(0.5, 0.5, f"no {y} recorded", ha="center", va="center", transform=ax.transAxes)
+            _finish(ax, xlabel, ylabel, "", log_y=log_y and drawn > 0, integer_x=x == "round",
+                    legend=drawn > 0 and not legend_drawn)
+            legend_drawn = legend_drawn or drawn > 0
+    return _save(fig, out_png)
+
+
+def _draw_curve(ax, curve: Mapping[str, Sequence], x: str, y: str, name: str, color: str) -> None:
+    xs, line = _floats(curve[x]), _floats(curve[y])
+    ax.plot(xs, line, color=color, marker="." if len(xs) <= _MARKERS_UP_TO else None, label=name)
+    low, high = curve.get("low"), curve.get("high")
+    if low is not None and high is not None and list(low) != list(high):
+        ax.fill_between(xs, _floats(low), _floats(high), color=color, alpha=0.2, linewidth=0)
+
+
+def plot_sweep(field: str, points: Sequence[Mapping[str, float]], out_png: str | os.PathLike) -> str:
+    """Final perplexity against one swept config value: each point is the mean over a
+    value's seeds, its bar the lowest to the highest seed. ``points``: dicts with
+    ``value``, ``mean``, ``low``, ``high``. Log x when the values span 10x or more."""
+    if not points:
+        raise ValueError("plot_sweep: points is empty; expected [{'value', 'mean', 'low', 'high'}, ...].")
+    ordered = sorted(points, key=lambda p: p["value"])
+    values = _floats([p["value"] for p in ordered])
+    mean = _floats([p["mean"] for p in ordered])
+    below = mean - _floats([p["low"] for p in ordered])
+    above = _floats([p["high"] for p in ordered]) - mean
+    fig = Figure(figsize=(6.4, 4.5))
+    ax = fig.add_subplot()
+    ax.errorbar(values, mean, yerr=[below, above], marker="o", capsize=4, label="mean, min-max over seeds")
+    if values.min() > 0 and values.max() >= 10 * values.min():  # learning rates and the like
+        ax.set_xscale("log")
+    _finish(ax, field, "final perplexity", f"Final perplexity against {field}", log_y=True,
+            integer_x=False)
+    return _save(fig, out_png)
+
+
+def _floats(values: Sequence) -> np.ndarray:
+    """A float array; None (a value a record lacks) becomes NaN: a gap in the line."""
+    return np.asarray([math.nan if v is None else v for v in values], dtype=float)
+
+
 def _matrix(value: object, name: str) -> np.ndarray:
     try:
         matrix = np.asarray(value, dtype=float)
@@ -148,17 +223,20 @@ def _field(record: dict, key: str, index: int):
     return record[key]
 
 
-def _finish(ax, xlabel: str, ylabel: str, title: str, log_y: bool) -> None:
+def _finish(ax, xlabel: str, ylabel: str, title: str, log_y: bool, integer_x: bool = True,
+            legend: bool = True) -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are integers
+    if integer_x:  # rounds are integers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if log_y:  # perplexity falls over orders of magnitude; keep plain numbers on the axis
         ax.set_yscale("log")
         for axis_formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
             axis_formatter(ScalarFormatter())
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    if legend:
+        ax.legend(fontsize=8)
 
 
 def _save(fig: Figure, out_png: str | os.PathLike) -> str:
