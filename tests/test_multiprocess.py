@@ -134,9 +134,10 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
         assert code == 0, f"process {i} failed:\n{stderr[-3000:]}"
     printed = [line for line in results[1][1].splitlines() if not line.startswith("[Gloo]")]
     assert printed == [], f"only process 0 prints: {printed}"
-    one = subprocess.run(_cmd(single, rounds, *COMPARED), env=_env(4), capture_output=True, text=True,
-                         timeout=TIMEOUT)
-    assert one.returncode == 0, one.stderr[-3000:]
+    # the reference: one process with 4 devices, in this one (4 of the session's 8 devices)
+    from cli_helpers import run_cli
+    code, _, err = run_cli(_cmd(single, rounds, *COMPARED, "--set", "run.devices=4")[3:])
+    assert code == 0, err[-3000:]
 
     got = json.load(open(multi / "summary.json"))
     want = json.load(open(single / "summary.json"))
@@ -147,15 +148,22 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
     assert [r["round"] for r in _records(multi) if "train_loss" in r] == list(range(rounds))
 
 
-def test_process_id_and_flags_checked_before_connecting(tmp_path):
+def test_process_id_and_flags_checked_before_connecting(tmp_path, monkeypatch):
+    # in-process: the checks come before anything connects, and a connection attempt fails the test
+    import jax
+    from cli_helpers import run_cli
+
+    def connect(**kwargs):
+        raise AssertionError(f"tried to connect with {kwargs}")
+
+    monkeypatch.setattr(jax.distributed, "initialize", connect)
     cases = [(["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "2"], "--process-id=2"),
              (["--coordinator", "localhost:1", "--num-processes", "2"], "missing --process-id"),
              (["--coordinator", "nohostport", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),
              (["--distributed", "auto", "--process-id", "0"], "--distributed auto")]
     for flags, message in cases:
-        run = subprocess.run(_cmd(tmp_path / "x", 1, *flags), env=_env(2), capture_output=True, text=True,
-                             timeout=60)
-        assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, run.stderr
+        code, _, err = run_cli(_cmd(tmp_path / "x", 1, *flags)[3:])  # the argv after `python -m worldlm_jax.cli`
+        assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
 
 
 def test_unreachable_coordinator_fails_within_the_timeout(tmp_path):
