@@ -36,6 +36,14 @@ def test_a_second_run_loads_the_first_runs_programs_and_trains_the_same(tmp_path
     training.train(config, str(tmp_path / "second"), quiet=True, progress=False)
     assert sorted(p.name for p in cache.iterdir()) == entries  # every program found, none compiled anew
     assert _metrics(tmp_path / "second") == _metrics(tmp_path / "first")
+    # the tree's rules are an input of the round, not part of it: other rates, another
+    # temperature and another round count (where a decay ends) run the same programs
+    other = apply_overrides(config, ["policy.client_lr=0.01", "policy.server_lr=0.5", "policy.tau=0.3",
+                                     "run.rounds=2"])
+    training.train(other, str(tmp_path / "other"), quiet=True, progress=False)
+    assert sorted(p.name for p in cache.iterdir()) == entries
+    assert _metrics(tmp_path / "other")[0]["train_loss"] != _metrics(tmp_path / "first")[0]["train_loss"]  # its rates
+    assert [r["round"] for r in _metrics(tmp_path / "other") if "train_loss" in r] == [0, 1]
 
 
 def test_an_empty_setting_turns_the_cache_off(tmp_path):

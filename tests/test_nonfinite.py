@@ -102,8 +102,8 @@ def test_the_last_good_checkpoint_survives_a_round_that_breaks(tmp_path, monkeyp
         exp = real_build(config, *args, **kwargs)
         real_round, calls = exp.strategy.run_round, []
 
-        def run_round(state, batch, key):
-            state, metrics = real_round(state, batch, key)
+        def run_round(state, batch, key, policies=None):
+            state, metrics = real_round(state, batch, key, policies)
             calls.append(1)
             if len(calls) == 3:  # round 2: a NaN in the leaf federation's backbone
                 B = state.levels[1].B

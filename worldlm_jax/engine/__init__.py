@@ -21,7 +21,7 @@ the modules' other names are not.
 from worldlm_jax.engine import strategies
 from worldlm_jax.engine.plan import PARTS, EngineSpec, Plan, level_rounds, local_steps, split_parts
 from worldlm_jax.engine.round import (Strategy, batch_shape, fed_round, federations_work, make_round,
-                                      make_strategy, run_rounds)
+                                      make_strategy, run_rounds, spec_policies)
 from worldlm_jax.engine.round_policies import RoundPolicies, round_policies, sample_children
 from worldlm_jax.engine.state import (Children, ClientState, EngineState, LevelState, RoundBatch, deployed_params,
                                       init_state, levels_worth_sharding, pad_state, place_state, repad_state,
@@ -29,7 +29,8 @@ from worldlm_jax.engine.state import (Children, ClientState, EngineState, LevelS
 from worldlm_jax.engine.statics import RoundStatics, round_statics
 
 __all__ = [
-    "strategies", "Strategy", "make_strategy", "make_round", "fed_round", "federations_work", "run_rounds", "batch_shape",
+    "strategies", "Strategy", "make_strategy", "make_round", "spec_policies", "fed_round", "federations_work",
+    "run_rounds", "batch_shape",
     "RoundStatics", "round_statics", "EngineSpec", "Plan", "PARTS", "level_rounds", "local_steps", "split_parts",
     "RoundPolicies", "round_policies", "sample_children", "EngineState", "LevelState", "ClientState", "RoundBatch",
     "Children", "init_state", "deployed_params", "pad_state", "unpad_state", "repad_state", "place_state",

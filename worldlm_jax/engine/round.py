@@ -46,7 +46,8 @@ from worldlm_jax.engine.state import (Children, EngineState, LevelState, RoundBa
 from worldlm_jax.engine.statics import RoundStatics, round_statics
 from worldlm_jax.tree.topology import Topology
 
-__all__ = ["Strategy", "make_strategy", "make_round", "fed_round", "federations_work", "run_rounds", "batch_shape"]
+__all__ = ["Strategy", "make_strategy", "make_round", "spec_policies", "fed_round", "federations_work", "run_rounds",
+           "batch_shape"]
 
 
 class Strategy(NamedTuple):
@@ -71,7 +72,7 @@ def make_round(spec: EngineSpec) -> Callable:
     not a constant, so a sweep can vmap one compiled round over stacked
     learning rates, temperatures or noise multipliers."""
     rs = round_statics(spec)
-    default_policies = round_policies(spec.topology, spec.total_rounds, spec.client_objective)
+    default_policies = spec_policies(spec)
 
     def run_round(stored: EngineState, batch: RoundBatch, key, policies: RoundPolicies | None = None):
         st = default_policies if policies is None else policies
@@ -86,6 +87,14 @@ def make_round(spec: EngineSpec) -> Callable:
         return state, metrics
 
     return run_round
+
+
+def spec_policies(spec: EngineSpec) -> RoundPolicies:
+    """The tree's rules of `spec` as the round's `policies` input. A run passes them
+    as an argument rather than letting the round close over them: as constants they
+    would be part of the program, so every learning rate, temperature, noise
+    multiplier or round count would compile (and cache) a program of its own."""
+    return round_policies(spec.topology, spec.total_rounds, spec.client_objective)
 
 
 def policies_at(rs: RoundStatics, st: RoundPolicies, round_index) -> RoundPolicies:

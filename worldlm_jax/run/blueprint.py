@@ -57,6 +57,12 @@ class AbstractRun:
                                  jax.ShapeDtypeStruct(lead, jnp.int32, sharding=rep),
                                  jax.ShapeDtypeStruct(lead, jnp.float32, sharding=rep))
 
+    def abstract_policies(self) -> engine.RoundPolicies:
+        """The round's `policies` input as training places it (replicated)."""
+        rep = parallel.replicated(self.mesh) if self.spec.mesh is not None else None
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                            engine.spec_policies(self.spec))  # small host arrays: built, not traced
+
     def abstract_key(self) -> jax.ShapeDtypeStruct:
         rep = parallel.replicated(self.mesh) if self.spec.mesh is not None else None
         return jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep)

@@ -45,6 +45,8 @@ class Experiment:
     mesh: Any
     part_bytes: dict
     first_stage: engine.Strategy | None = None  # staged schedule: rounds before localising K
+    # the tree's rules, an input of the round (engine.spec_policies): placed once, replicated
+    policies: engine.RoundPolicies | None = None
 
     def strategy_for(self, round_index: int) -> engine.Strategy:
         staged = self.first_stage is not None and round_index < self.config.algorithm.staged_rounds
@@ -73,9 +75,12 @@ def build_experiment(config: Config, cache_dir: str = "") -> Experiment:
     deploy_index = np.zeros(topology.n_clients, np.int32) if strategies.get(config.algorithm.name).pooled \
         else np.arange(topology.n_clients, dtype=np.int32)
     eval_fn = evaluate.make_evaluator(run.spec, model_def.loss, eval_tokens, deploy_index)
+    policies = engine.spec_policies(run.spec)
+    if run.spec.mesh is not None:
+        policies = jax.device_put(policies, parallel.replicated(run.mesh))
     return Experiment(config, topology, run.run_topology, run.spec, run.strategy, model_def, params, sampler,
                       run.batch_size, eval_fn, data, run.mesh, communication.part_bytes(params, run.spec.key_paths),
-                      run.first_stage)
+                      run.first_stage, policies)
 
 
 # ---- host-side batches --------------------------------------------------------

@@ -226,7 +226,7 @@ class RunLoop:
     def _round(self, prefetch: Prefetcher, key) -> None:
         exp, r = self.exp, self.round
         batch = _put(exp, prefetch.get(r))
-        self.state, round_metrics = exp.strategy_for(r).run_round(self.state, batch, key)
+        self.state, round_metrics = exp.strategy_for(r).run_round(self.state, batch, key, exp.policies)
         dp_ledger.step_all(exp.run_topology, self.accountants)
         # (epsilon, delta) per federation after every round
         spent = [privacy_spent(exp, self.accountants)] if self.accountants else None

@@ -162,7 +162,8 @@ _COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 def lower_round(run: AbstractRun):
     """The jitted round lowered on abstract inputs placed as training places them."""
-    return run.strategy.run_round.lower(run.abstract_state(), run.abstract_batch(), run.abstract_key())
+    return run.strategy.run_round.lower(run.abstract_state(), run.abstract_batch(), run.abstract_key(),
+                                        run.abstract_policies())
 
 
 def compiled_memory(run_or_lowered) -> dict | None:
