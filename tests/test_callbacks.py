@@ -54,7 +54,7 @@ class StopAfter(callbacks.Callback):
 callbacks.register("stop_after", lambda config, last_round: StopAfter(last_round))
 """
 
-TIMING = ("seconds", "tokens_per_s")
+TIMING = ("seconds", "tokens_per_s", "sim_seconds", "sim_compute_seconds")  # measured (the clock calibrates on it)
 LOGGERS = "csv, {name: jsonl, args: {path: logs/rounds.jsonl}}"
 
 
@@ -275,13 +275,14 @@ def test_round_record_reports_the_learning_rates_the_round_used():
     config = apply_overrides(configs.get("tiny"), ["run.devices=1"])
     run = blueprint.abstract_run(config)
     exp = types.SimpleNamespace(run_topology=run.run_topology, spec=run.spec, strategy=run.strategy,
-                                strategy_for=lambda r: run.strategy, config=config,
+                                strategy_for=lambda r: run.strategy, config=config, batch_size=run.batch_size,
                                 part_bytes=communication.part_bytes(run.params, run.spec.key_paths))
     topo = run.run_topology
     assert topo.depth == 2 and topo.leaf.names == ("en", "de", "ru")
     metrics = {"train_loss_sum": np.ones(3), "train_clients": np.full(3, 2.0), "tokens": np.float32(10),
                "diverged": np.float32(0), "level0/participants": np.array([3.0]),
-               "level1/participants": np.array([2.0, 2.0, 2.0])}
+               "level1/participants": np.array([2.0, 2.0, 2.0]), "level0/rounds": np.array([1.0]),
+               "level1/rounds": np.array([1.0, 1.0, 1.0])}
     static = records_lib.round_record(exp, 0, dict(metrics), 1.0)
     assert static["client_lr"] == {"en": 3e-3, "de": 3e-3, "ru": 3e-3}
     assert static["server_lr"] == {"world": 1.0, "en": 1.0, "de": 1.0, "ru": 1.0}

@@ -194,6 +194,12 @@ def test_train_writes_summary_and_prints_the_table(trained):
     summary = json.load(open(os.path.join(workdir, "summary.json")))
     assert summary["rounds_completed"] == 1 and not summary["interrupted"]
     assert summary["algorithm"] == "worldlm"
+    rounds = [r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "train_loss" in r]
+    assert all(r["sim_seconds"] > 0 for r in rounds)  # the network clock: docs/network.md
+    assert all(sum(r["sim_seconds_per_level"].values()) + r["sim_compute_seconds"] == pytest.approx(r["sim_seconds"])
+               for r in rounds)
+    assert summary["sim_hours"] == pytest.approx(sum(r["sim_seconds"] for r in rounds) / 3600)
+    assert 0 < summary["compute_utilisation"] <= 1
     ev = summary["eval"]
     assert set(ev["per_federation"]) == {"en", "de", "ru"}
     assert math.isfinite(ev["perplexity"]) and 1 < ev["perplexity"] < 1000  # byte vocab: < 256 untrained

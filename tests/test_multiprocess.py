@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 TIMEOUT = 240  # seconds any launch may take before the test calls it a hang
-TIMING = ("seconds", "tokens_per_s")
+TIMING = ("seconds", "tokens_per_s", "sim_seconds", "sim_compute_seconds")  # measured (the clock calibrates on it)
 # The compared runs leave residual attention out: in a fresh state every residual candidate
 # is scored from rounding noise (engine_helpers.with_distinct_residuals), which another
 # all-reduce order redraws; the sums across processes are what the comparison is about.

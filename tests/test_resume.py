@@ -15,7 +15,7 @@ from worldlm_jax.outputs.metrics import read_metrics
 
 from cli_helpers import subprocess_env
 
-TIMING = ("seconds", "tokens_per_s")
+TIMING = ("seconds", "tokens_per_s", "sim_seconds", "sim_compute_seconds")  # measured (the clock calibrates on it)
 
 
 def _config(rounds):

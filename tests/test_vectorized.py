@@ -166,6 +166,8 @@ def test_the_cli_vectorised_sweep_writes_every_point_like_a_grid_sweep(tmp_path)
         assert summary["bytes_communicated"]["total"] > 0
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in records if "train_loss" in r] == [0, 1]
+        assert summary["sim_hours"] == pytest.approx(sum(r["sim_seconds"] for r in records if "train_loss" in r)
+                                                     / 3600) and summary["sim_hours"] > 0  # each point's own clock
         assert [r["round"] for r in records if "eval" in r] == [0, 1] and records[-1].get("final")
         assert set(records[0]["client_lr"].values()) == {float(point["assignments"]["policy.client_lr"])}
     assert len({p["perplexity"] for p in table}) == 3

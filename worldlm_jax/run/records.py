@@ -19,7 +19,7 @@ from worldlm_jax.engine import strategies
 from worldlm_jax.outputs import metrics as metrics_lib
 from worldlm_jax.plugins import callbacks as callbacks_lib
 from worldlm_jax.privacy import ledger as dp_ledger
-from worldlm_jax.run import communication, distributed
+from worldlm_jax.run import communication, distributed, network_clock
 from worldlm_jax.run.experiment import Experiment
 
 
@@ -93,7 +93,20 @@ def round_record(exp: Experiment, round_index: int, metrics: dict, seconds: floa
         algo = exp.config.algorithm
         plan = strategies.global_stage_plan(topo.depth, algo.residuals, algo.similarity, algo.use_parent)
     record["bytes_communicated"] = communication.round_bytes(topo, plan, exp.part_bytes, participants)
+    record.update(simulated_time(exp, plan, metrics, participants, record["tokens_per_s"]))
     return record
+
+
+def simulated_time(exp: Experiment, plan, metrics: dict, participants: dict, measured_tokens_per_s: float) -> dict:
+    """The round on the network clock (`network_clock.round_clock`): `sim_seconds`,
+    `sim_compute_seconds` and `sim_seconds_per_level`. A leaf federation with
+    client_tokens_per_s 0 trains at this round's measured tokens_per_s."""
+    topo = exp.run_topology
+    rounds = {d: np.asarray(metrics[f"level{d}/rounds"], np.float64) for d in range(topo.depth)}
+    work = network_clock.local_work_seconds(topo, exp.batch_size * exp.config.data.seq_len, measured_tokens_per_s)
+    clock = network_clock.round_clock(topo, plan, exp.part_bytes, participants, rounds, work)
+    return {"sim_seconds": clock["seconds"], "sim_compute_seconds": clock["compute_seconds"],
+            "sim_seconds_per_level": clock["per_level"]}
 
 
 def privacy_spent(exp: Experiment, accountants: dict) -> dict:
@@ -171,9 +184,10 @@ class RoundLogger:
 # ---- the run --------------------------------------------------------------------------
 def run_summary(exp: Experiment, config, rounds_completed: int, final: dict, compiles: int, wall_seconds: float,
                 accountants: dict, workdir: str, stopped_by: Sequence[str] = ()) -> dict:
-    """What summary.json holds (bytes_communicated: summed from workdir/metrics.jsonl,
-    which only process 0 writes)."""
+    """What summary.json holds (bytes_communicated, sim_hours and compute_utilisation:
+    summed from workdir/metrics.jsonl, which only process 0 writes)."""
     interrupted = rounds_completed < config.run.rounds
+    metrics_path = os.path.join(workdir, metrics_lib.METRICS_FILE)
     return {
         "algorithm": config.algorithm.name,
         "rounds_completed": rounds_completed,
@@ -185,8 +199,9 @@ def run_summary(exp: Experiment, config, rounds_completed: int, final: dict, com
         "topology": {"depth": exp.run_topology.depth, "clients": exp.topology.n_clients,
                      "slots": exp.run_topology.n_slots, "padding_fraction": exp.run_topology.padding_fraction},
         "parameters": int(sum(np.prod(v.shape) for v in exp.init_params.values())),
-        "bytes_communicated": (_total_bytes(os.path.join(workdir, metrics_lib.METRICS_FILE))
-                               if distributed.is_primary() else {}),
+        "bytes_communicated": _total_bytes(metrics_path) if distributed.is_primary() else {},
+        **(_total_sim_time(metrics_path) if distributed.is_primary() else {"sim_hours": None,
+                                                                           "compute_utilisation": None}),
         "privacy": dp_ledger.report(exp.run_topology, accountants, exp.spec.plan),  # with level, unit, parts
         "key_layer_parameters": int(sum(np.prod(exp.init_params[p].shape) for p in exp.spec.key_paths)),
         "rules": federation_rules(exp.run_topology),
@@ -260,6 +275,17 @@ def _total_bytes(metrics_path: str) -> dict:
             else:
                 total[level] = total.get(level, 0.0) + value
     return total
+
+
+def _total_sim_time(metrics_path: str) -> dict:
+    """The run on the network clock: `sim_hours`, summed over the round records
+    (so a resumed run counts every round once), and `compute_utilisation`, the
+    clients' local work on the critical path over the simulated time (None
+    before any simulated time)."""
+    rounds = [rec for rec in metrics_lib.read_metrics(metrics_path) if "sim_seconds" in rec]
+    seconds = sum(rec["sim_seconds"] for rec in rounds)
+    compute = sum(rec["sim_compute_seconds"] for rec in rounds)
+    return {"sim_hours": seconds / 3600, "compute_utilisation": compute / seconds if seconds > 0 else None}
 
 
 def format_table(summary: dict) -> str:

@@ -74,6 +74,11 @@ class Policy:
     attackers: int = 0  # its first k clients attack (every round)
     attacker_fraction: float = 0.0  # ... or this fraction of its clients (rounded up), if more
     attack_args: Mapping[str, float] = dataclasses.field(default_factory=dict)  # e.g. {factor: 10}
+    # the simulated network clock (worldlm_jax/run/network_clock.py): the link from this
+    # federation to each of its children (a leaf federation's: to each of its clients)
+    link_bandwidth_mbps: float = 10000.0  # megabits per second (10 Gbit/s: a datacentre link)
+    link_latency_ms: float = 1.0  # per message, one way
+    client_tokens_per_s: float = 0.0  # leaf federations: a client's training speed (0 = the run's measured one)
 
     def validate(self, where: str) -> None:
         def fail(field, value, allowed):
@@ -112,6 +117,21 @@ class Policy:
         if not 0 < self.dp_delta < 1:
             fail("dp_delta", self.dp_delta, "expected 0 < delta < 1")
         self._validate_plugins(where, fail)
+        self._validate_clock(fail)
+
+    def _validate_clock(self, fail) -> None:
+        """The network clock's inputs: a link carries bytes (bandwidth > 0), its latency and
+        a client's speed are finite and >= 0."""
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+        if not number(self.link_bandwidth_mbps) or not self.link_bandwidth_mbps > 0:
+            fail("link_bandwidth_mbps", self.link_bandwidth_mbps, "expected a number > 0 (megabits per second)")
+        if not number(self.link_latency_ms) or not 0 <= self.link_latency_ms < math.inf:
+            fail("link_latency_ms", self.link_latency_ms, "expected a finite number >= 0 (milliseconds)")
+        if not number(self.client_tokens_per_s) or not 0 <= self.client_tokens_per_s < math.inf:
+            fail("client_tokens_per_s", self.client_tokens_per_s,
+                 "expected a finite number >= 0 (tokens per second; 0 = the run's measured speed)")
 
     def _validate_plugins(self, where: str, fail) -> None:
         """Named rules must be registered (plug-ins load before configs are read)."""
@@ -182,7 +202,7 @@ def inherit_policy(node: Mapping[str, Any], inherited: Policy, where: str, field
     for name in ("dropout", "stragglers", "attacker_fraction", "min_lr_ratio", "client_lr", "server_lr", "tau",
                  "eta", "residual_bias", "parent_bias",
                  "dp_noise_multiplier", "dp_clip", "dp_delta", "dp_target_quantile", "dp_clip_lr",
-                 "dp_clip_count_stddev"):
+                 "dp_clip_count_stddev", "link_bandwidth_mbps", "link_latency_ms", "client_tokens_per_s"):
         value = values.get(name)
         if isinstance(value, int) and not isinstance(value, bool):
             values[name] = float(value)

@@ -1,0 +1,140 @@
+"""A simulated wall clock: how long a root round would take over the tree's links.
+
+Host-side, from what the byte count reads (`communication.py`: the plan, the
+parts' sizes, the round metrics `level{d}/participants` and `level{d}/rounds`),
+plus each federation's link policy and the clients' speed. The compiled round
+does not change.
+
+Links. `link_bandwidth_mbps` and `link_latency_ms` of a federation describe the
+link from it to each of its children (a leaf federation's: to each client).
+A message costs latency + bytes / bandwidth; a direction that carries no bytes
+sends no message (a `local` run only computes).
+
+One round of a leaf federation takes
+
+    latency + down / bandwidth + local work + latency + up / bandwidth
+
+per client, where down and up are the bytes of the parts its plan broadcasts
+and aggregates, and local work = local_steps x tokens per step /
+client_tokens_per_s. Its clients are alike, so any one of them is the slowest.
+
+One round of a federation of federations takes the same sum for its slowest
+participating child, with that child's own time in the round in place of the
+local work, and the residual K the child reads (its siblings' K and its
+parent's, as `communication.py` counts them) on the child's down link.
+
+A node's time in the root round is its round's time times the rounds it ran
+(`level{d}/rounds`); a node with no participants takes 0. The root's time is
+the round's simulated seconds. Along the way each node keeps its critical
+path split into the seconds spent on each level's links and in the clients'
+local work, so a round says where its time went.
+
+Simplifications:
+- each child has its own link, at its parent's speed: no shared uplink, no
+  contention;
+- transfers are not overlapped with compute, nor with each other;
+- a child's time per round of its parent is its time in the root round over
+  the parent rounds it took part in; with sampled children the slowest child
+  of the root round counts as present in every round its parent ran (an upper
+  bound);
+- stragglers count as doing all their local steps; dropped clients as absent.
+Left for later: deadlines that drop slow children, uploads overlapped with
+compute, codecs.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from worldlm_jax.engine import Plan
+from worldlm_jax.run.communication import residual_candidates
+from worldlm_jax.tree.policy import ATTENDING
+from worldlm_jax.tree.topology import Topology
+
+BYTES_PER_MEGABIT = 1e6 / 8
+
+
+def message_seconds(n_bytes: np.ndarray, bandwidth_mbps: np.ndarray, latency_ms: np.ndarray) -> np.ndarray:
+    """Seconds to send `n_bytes` over a link; nothing to send, no message."""
+    n_bytes = np.asarray(n_bytes, np.float64)
+    seconds = latency_ms / 1000.0 + n_bytes / (bandwidth_mbps * BYTES_PER_MEGABIT)
+    return np.where(n_bytes > 0, seconds, 0.0)
+
+
+def local_work_seconds(topology: Topology, tokens_per_step: float, measured_tokens_per_s: float) -> np.ndarray:
+    """(n_leaf,) seconds one client of each leaf federation trains in one of its
+    rounds: local_steps x tokens per step / client_tokens_per_s, where a speed of
+    0 is the run's own `measured_tokens_per_s` (0 where that is 0: nothing trained)."""
+    leaf = topology.leaf
+    speed = leaf.policy_array("client_tokens_per_s", np.float64)
+    speed = np.where(speed > 0, speed, measured_tokens_per_s)
+    steps = leaf.policy_array("local_steps", np.float64)
+    return np.where(speed > 0, steps * tokens_per_step / np.where(speed > 0, speed, 1.0), 0.0)
+
+
+def residual_bytes(topology: Topology, plan: Plan, sizes: dict[str, int], level: int) -> np.ndarray:
+    """(n_level,) K bytes each level-`level` federation reads per round of its parent:
+    its residual candidates' and its parent's, where it aggregates K by attention."""
+    lvl = topology.levels[level]
+    if "K" not in plan.aggregate[level] or not sizes["K"]:
+        return np.zeros(lvl.size)
+    attends = np.array([p.k_agg in ATTENDING for p in lvl.policies])
+    candidates = residual_candidates(topology, level, plan.residuals) + (1.0 if plan.use_parent else 0.0)
+    return attends * candidates * sizes["K"]
+
+
+def slowest_child(parent: np.ndarray, seconds: np.ndarray, present: np.ndarray, n_parents: int) -> np.ndarray:
+    """(n_parents,) index of each parent's slowest present child; -1 where none is present."""
+    order = np.lexsort((seconds, present, parent))  # by parent; absent children first, then by seconds
+    last = np.r_[parent[order][1:] != parent[order][:-1], True]  # each parent's last child in that order
+    best = np.full(n_parents, -1)
+    best[parent[order][last]] = np.where(present[order][last], order[last], -1)
+    return best
+
+
+def critical_paths(topology: Topology, plan: Plan, sizes: dict[str, int], participants: dict[int, np.ndarray],
+                   rounds: dict[int, np.ndarray], work_seconds: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per level d, (n_d, depth + 1): each node's simulated seconds in the root
+    round along its critical path, split into the seconds on the links of each
+    level (columns 0..depth-1: level d's links go to its children) and in the
+    clients' local work (column depth). A row sums to the node's time.
+
+    `participants[d]`, `rounds[d]`: the round metrics `level{d}/participants`
+    and `level{d}/rounds` (per node, summed over nested rounds);
+    `work_seconds`: (n_leaf,) a client's local work per round (`local_work_seconds`)."""
+    D = topology.depth
+    paths: list[np.ndarray] = [np.zeros(0)] * D
+    for d in range(D - 1, -1, -1):
+        lvl = topology.levels[d]
+        bandwidth = lvl.policy_array("link_bandwidth_mbps", np.float64)
+        latency = lvl.policy_array("link_latency_ms", np.float64)
+        down = sum(sizes[p] for p in plan.broadcast[d])
+        up = sum(sizes[p] for p in plan.aggregate[d])
+        per_round = np.zeros((lvl.size, D + 1))
+        if d == D - 1:  # children are clients, all alike
+            per_round[:, d] = message_seconds(down, bandwidth, latency) + message_seconds(up, bandwidth, latency)
+            per_round[:, D] = work_seconds
+        else:  # children are federations: the slowest present one sets the pace
+            child = topology.levels[d + 1]
+            parent = child.parent
+            present = np.asarray(rounds[d + 1]) > 0
+            # a child runs its own `rounds` per round of its parent it takes part in
+            parent_rounds = np.asarray(rounds[d + 1], np.float64) / child.policy_array("rounds", np.float64)
+            child_per_round = paths[d + 1] / np.maximum(parent_rounds, 1.0)[:, None]
+            child_per_round[:, d] += (message_seconds(down + residual_bytes(topology, plan, sizes, d + 1),
+                                                      bandwidth[parent], latency[parent])
+                                      + message_seconds(up, bandwidth[parent], latency[parent]))
+            best = slowest_child(parent, child_per_round.sum(1), present, lvl.size)
+            per_round = np.where((best >= 0)[:, None], child_per_round[np.maximum(best, 0)], 0.0)
+        ran = np.where(np.asarray(participants[d]) > 0, np.asarray(rounds[d], np.float64), 0.0)
+        paths[d] = per_round * ran[:, None]
+    return tuple(paths)
+
+
+def round_clock(topology: Topology, plan: Plan, sizes: dict[str, int], participants: dict[int, np.ndarray],
+                rounds: dict[int, np.ndarray], work_seconds: np.ndarray) -> dict:
+    """The root round's simulated seconds: `seconds` (the root's critical path),
+    `compute_seconds` (the clients' local work on it) and `per_level` (its
+    seconds on each level's links, `level{d}`); compute and links add up to seconds."""
+    root = critical_paths(topology, plan, sizes, participants, rounds, work_seconds)[0][0]
+    return {"seconds": float(root.sum()), "compute_seconds": float(root[-1]),
+            "per_level": {f"level{d}": float(root[d]) for d in range(topology.depth)}}
