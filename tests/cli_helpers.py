@@ -25,3 +25,10 @@ def subprocess_env(devices: int, **extra) -> dict:
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
     return dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
                 **extra)
+
+
+def documented_form(key: str) -> str:
+    """A record key as docs/metrics.md documents it: level numbers as level{d}, a
+    plug-in's metric (any entry's, any name) as level{d}/plugin/{kind}/{entry}/{name}."""
+    key = re.sub(r"^level\d+/", "level{d}/", key)
+    return re.sub(r"^level\{d\}/plugin/[^/]+/[^/]+/[^/]+$", "level{d}/plugin/{kind}/{entry}/{name}", key)

@@ -15,7 +15,7 @@ from worldlm_jax.config import load_yaml, presets as configs
 from worldlm_jax.run import dirs as run_dirs
 from worldlm_jax.sweeps import grid as sweep
 
-from cli_helpers import run_cli
+from cli_helpers import documented_form, run_cli
 
 # One device: the 8 fake CPU devices of conftest.py would triple compile time (sharded
 # slices in checkpointing); the CLI does not care how many devices train.
@@ -374,7 +374,7 @@ def test_every_recorded_key_is_documented(trained):
     doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "metrics.md")).read()
     documented = set(re.findall(r"`([a-z_{}/0-9]+)`", doc))
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    keys = {re.sub(r"^level\d+/", "level{d}/", k) for r in records for k in r}
+    keys = {documented_form(k) for r in records for k in r}
     keys |= set(json.load(open(os.path.join(workdir, "summary.json"))))
     assert keys - documented == set(), sorted(keys - documented)
     rounds = [r["round"] for r in records if "train_loss" in r]

@@ -64,6 +64,14 @@ def backbone_only(update_B, update_K, key, args):
     return update_B  # not the pair (update_B, update_K)
 
 
+def kept_per_child(delta_N, weight_N, parent_N, n_parents, args_P):
+    return {"kept": (weight_N > 0).astype(jnp.float32)}  # one value per child, not per federation
+
+
+def vector_metric(ctx, params, steps, lr):
+    return {"lr": jnp.full((3,), lr)}  # a vector: one client reports one value per metric
+
+
 def sgd_with_lost_state():
     tx = optax.sgd(1.0)
     return tx._replace(update=lambda updates, state, params=None: (updates, ()))  # drops its state
@@ -90,6 +98,13 @@ CASES = [
      {}, {"client_objective": "broken_state"}, bfloat16_state,
      ["update_federation", "state['blocks/0/norm/scale'] of shape (4,) bfloat16",
       "expected (4,) float32"]),
+    ("aggregator-metrics-per-child", aggregators.AGGREGATORS, "broken_metrics",
+     aggregators.Aggregator(combine=aggregators.get("median").combine, metrics=kept_per_child),
+     {"aggregator": "broken_metrics"}, {}, kept_per_child,
+     ["(metrics", "metrics['kept'] of shape (4,) float32", "expected (2,)", "one value per federation"]),
+    ("objective-metrics-not-scalar", objectives.OBJECTIVES, "broken_metrics", objectives.ClientObjective(
+        metrics=vector_metric), {}, {"client_objective": "broken_metrics"}, vector_metric,
+     ["client objective 'broken_metrics' (metrics", "metrics['lr'] of shape (3,) float32", "expected ()"]),
     ("schedule-not-scalar", schedules.SCHEDULES, "broken_schedule", one_factor_per_round,
      {"client_lr_schedule": "broken_schedule"}, {}, one_factor_per_round,
      ["learning-rate schedule 'broken_schedule'", "a factor of shape (3,) float32", "expected a real scalar"]),

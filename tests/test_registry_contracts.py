@@ -7,7 +7,7 @@ later, in the package or in an example, is covered without a new test.
 
 - aggregators (`aggregators.AGGREGATORS`): a streamed rule as the engine runs
   it (its `transform` row by row, then the weighted mean), a stacked rule's
-  `combine`;
+  `combine`, and the `metrics` of those that report any (per federation);
 - key-layer rules (`policy.K_AGG_MODES`, the k_agg names; a name's index is
   `AttentionPolicy.mode`): attention over the children's K
   (`aggregation.attend_keys`, any level), the streamed mean
@@ -40,7 +40,7 @@ import numpy as np
 import pytest
 
 from worldlm_jax import plugins, tree_ops
-from worldlm_jax.engine import aggregation
+from worldlm_jax.engine import aggregation, federation
 from worldlm_jax.plugins import aggregators, attacks, objectives
 from worldlm_jax.tree.policy import K_AGG_MODES
 
@@ -199,6 +199,61 @@ def test_aggregator_gives_an_empty_federation_no_update_and_leaves_the_others(na
     assert_close(rows_of(out, others), rows_of(expected, others), aggregator_tol(kids), name)
     for p, v in out.items():
         np.testing.assert_array_equal(v[INSERT_INTO], 0.0, err_msg=f"{name} {p}: an empty federation's update")
+
+
+# ---- aggregators' metrics ------------------------------------------------------------------
+METRIC_NAMES = [n for n in AGGREGATOR_NAMES if aggregators.get(n).metrics is not None]
+
+
+@functools.cache
+def _aggregator_metrics(name):
+    """The per-federation metrics of aggregator `name` as the engine computes
+    them: a stacked rule's as returned, a streamed rule's per-child values
+    averaged over each federation's participants (federation.participant_sums)."""
+    rule = aggregators.get(name)
+
+    def fn(B_N, w_N, parent_N, args_P):
+        if not rule.streamed:
+            return rule.metrics(B_N, w_N, parent_N, P, args_P)
+        values = rule.metrics(B_N, {a: v[parent_N] for a, v in args_P.items()})
+        count = jax.ops.segment_sum((w_N > 0).astype(jnp.float32), parent_N, num_segments=P)
+        return {m: s / jnp.maximum(count, 1.0) for m, s in federation.participant_sums(values, w_N > 0, parent_N,
+                                                                                      P).items()}
+    return jax.jit(fn)
+
+
+def aggregate_metrics(name, kids):
+    args = {a: jnp.full((P,), v, jnp.float32) for a, v in aggregators.get(name).args.items()}
+    out = _aggregator_metrics(name)(kids.B, jnp.asarray(kids.w), jnp.asarray(kids.parent), args)
+    return {m: np.asarray(v) for m, v in out.items()}
+
+
+@pytest.mark.parametrize("poison", sorted(POISONS))
+@pytest.mark.parametrize("name", METRIC_NAMES)
+def test_aggregator_metrics_ignore_a_zero_weight_child_whatever_it_holds(name, poison):
+    kids = setup()[3]
+    with_row = kids.with_row(INSERT_AT, INSERT_INTO, poisoned(poison), poisoned(poison))
+    assert_close(aggregate_metrics(name, with_row), aggregate_metrics(name, kids), 0.0, f"{name} with a {poison} child")
+
+
+@pytest.mark.parametrize("name", METRIC_NAMES)
+def test_aggregator_metrics_ignore_a_padding_child_and_the_childrens_order(name):
+    kids = setup()[3]
+    expected = aggregate_metrics(name, kids)
+    padded = kids.with_row(len(kids.w), 0, plausible(kids.B, 1), plausible(kids.K, 1))
+    assert_close(aggregate_metrics(name, padded), expected, 0.0, f"{name} with a padding child")
+    perm = np.random.default_rng(1).permutation(len(kids.w))
+    assert_close(aggregate_metrics(name, kids.rows(perm)), expected, 0.0, f"{name} reordered")
+
+
+@pytest.mark.parametrize("name", METRIC_NAMES)
+def test_aggregator_metrics_of_an_empty_federation_are_finite_and_leave_the_others(name):
+    kids = setup()[3]
+    expected = aggregate_metrics(name, kids)
+    out = aggregate_metrics(name, kids.absent(INSERT_INTO))
+    others = np.arange(P) != INSERT_INTO
+    assert_close(rows_of(out, others), rows_of(expected, others), 0.0, name)
+    assert all(np.isfinite(v[INSERT_INTO]) for v in out.values()), f"{name}: an empty federation's metrics"
 
 
 # ---- key-layer rules -----------------------------------------------------------------------

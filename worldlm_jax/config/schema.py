@@ -138,6 +138,9 @@ class RunConfig:
     # registered callbacks (worldlm_jax.callbacks), run in this order: a name, or
     # {name: NAME, args: {ARG: VALUE}} whose args are keyword arguments of its factory
     callbacks: tuple[str | CallbackSpec, ...] = ()
+    # each round line also gets every client's training loss, update norm and aggregation
+    # weight (clients/...; docs/metrics.md); refused under DP, which would not cover them
+    client_metrics: bool = False
 
     def __post_init__(self):
 

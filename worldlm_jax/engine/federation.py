@@ -6,6 +6,7 @@
       aggregate_backbone the aggregator's pseudo-gradient through the server optimizer
       aggregate_keys     K by attention over children, residuals and the parent
       update_objective   the client objective's federation state (e.g. SCAFFOLD's c)
+      plugin metrics     what the aggregators and the objective report, per federation
 
 Shapes: N children, P federations of the level, (P,) arrays per federation.
 """
@@ -60,21 +61,55 @@ def _aggregator(name: str, fn, role: str) -> contract.Entry:
     return contract.Entry(aggregators.AGGREGATORS.kind, name, fn, role)
 
 
+STREAMED_METRICS_RULE = "a streamed aggregator's metrics(delta_N, args_N) returns {name: one value per child}"
+STACKED_METRICS_RULE = ("a stacked aggregator's metrics(delta_N, weight_N, parent_N, n_parents, args_P) returns "
+                        "{name: one value per federation}")
+
+
+def participant_sums(values_N: dict, counted_N, parent_N, P: int) -> dict:
+    """{name: (P,)} each federation's sum of its counted children's values (`where`:
+    an absent child's value may be NaN)."""
+    return {m: jax.ops.segment_sum(jnp.where(counted_N, v, 0.0), parent_N, num_segments=P)
+            for m, v in values_N.items()}
+
+
+def _streamed_metric_sums(rs: RoundStatics, st: RoundPolicies, d: int, delta_B: Params, weight_N, parent_N) -> dict:
+    """{aggregator: {metric: (P,)}}: the streamed rules' per-child metrics (of the
+    updates as the children sent them), summed over each federation's
+    participating children that the rule aggregates."""
+    out = {}
+    for k, name in enumerate(rs.aggregator_kinds[d]):
+        rule = aggregators.get(name)
+        if rule.streamed and rule.metrics is not None and delta_B:
+            args_N = {a: v[parent_N] for a, v in st.aggregator_args[d].items()}
+            values = contract.check_metrics(_aggregator(name, rule.metrics, "metrics"), rule.metrics(delta_B, args_N),
+                                            weight_N.shape, STREAMED_METRICS_RULE)
+            counted = (weight_N > 0) & (st.aggregator_choice[d][parent_N] == k)
+            out[name] = participant_sums(values, counted, parent_N, rs.topo.levels[d].size)
+    return out
+
+
 def sum_children(rs: RoundStatics, st: RoundPolicies, d: int, delta_N: dict, weight_N, parent_N, clip_N,
-                 report_N=None):
+                 report_N=None, objective_metrics_N=None):
     """Per-federation sums over level d's children: the weighted deltas of the
     summed parts, the weighted squared norms of the backbone deltas (their
-    spread), the objective's reports and, at DP levels, the participants'
-    clipped deltas; plus each child's pre-clip norm. Sums over disjoint
-    children add up, so the client level runs this chunk by chunk."""
+    spread), the objective's reports, the plug-ins' per-child metrics and, at
+    DP levels, the participants' clipped deltas; plus each child's pre-clip
+    norm. Sums over disjoint children add up, so the client level runs this
+    chunk by chunk."""
     P = rs.topo.levels[d].size
     streamed = {part: delta_N[part] if part in rs.summed[d] else {} for part in PARTS}
+    plugin = {"aggregator": _streamed_metric_sums(rs, st, d, streamed["B"], weight_N, parent_N)}
+    if objective_metrics_N:
+        plugin["objective"] = {rs.spec.client_objective: participant_sums(objective_metrics_N, weight_N > 0,
+                                                                          parent_N, P)}
     streamed["B"] = _streamed_backbone(rs, st, d, streamed["B"], parent_N)
     sums = {"delta": tree_ops.weighted_sum(streamed, weight_N, parent_N, P), "dp": {},
             # `where`, not a product: an absent row may hold NaN (0 * NaN is NaN)
             "sq_norm": jax.ops.segment_sum(jnp.where(weight_N > 0, weight_N * tree_ops.row_sq_norms(streamed["B"]),
                                                      0.0), parent_N, num_segments=P) if streamed["B"] else jnp.zeros(P),
-            "objective": tree_ops.weighted_sum(report_N, weight_N, parent_N, P) if report_N else {}}
+            "objective": tree_ops.weighted_sum(report_N, weight_N, parent_N, P) if report_N else {},
+            "plugin": plugin}
     norms_N = jnp.zeros(weight_N.shape, jnp.float32)
     if rs.dp_levels[d]:
         dp_tree = released_deltas(rs, st, d, delta_N, parent_N)
@@ -123,7 +158,43 @@ def aggregate(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, k
         lvl = update_objective(rs, st, lvl, kids.sums["objective"], safe_P, active_P & (total_P > 0))
     metrics["participants"] = jax.ops.segment_sum((kids.weight_N > 0).astype(jnp.float32), kids.parent_N,
                                                   num_segments=P)
+    metrics.update(participant_means(rs, st, d, kids.sums["plugin"], metrics["participants"], active_P))
     return lvl, metrics
+
+
+# ---- plug-in metrics ---------------------------------------------------------------------
+def shown_at(rs: RoundStatics, st: RoundPolicies, d: int, active_P):
+    """(P,) the federations whose plug-in metrics a round logs: those that ran
+    this round and are not DP (a DP federation lets out only its noised
+    release, and a plug-in's metric is computed from its children's raw values)."""
+    if not rs.dp_levels[d]:
+        return active_P
+    return active_P & ~((st.dp_noise[d] > 0) | jnp.isfinite(st.dp_clip[d]))
+
+
+def plugin_metrics(kind: str, name: str, values_P: dict, shown_P) -> dict:
+    """{"plugin/<kind>/<name>/<metric>": (P,)} NaN (null in the record) where not shown."""
+    return {f"plugin/{kind}/{name}/{m}": jnp.where(shown_P, v, jnp.nan) for m, v in values_P.items()}
+
+
+def _runs(rs: RoundStatics, st: RoundPolicies, d: int, kind: str, name: str):
+    """(P,) the federations that run entry `name` of `kind` (the objective: all of them)."""
+    if kind == "aggregator":
+        return st.aggregator_choice[d] == rs.aggregator_kinds[d].index(name)
+    return jnp.ones(st.aggregator_choice[d].shape, bool)
+
+
+def participant_means(rs: RoundStatics, st: RoundPolicies, d: int, plugin_sums: dict, participants_P,
+                      active_P) -> dict:
+    """The per-child plug-in metrics as each federation's mean over its
+    participating children (NaN where none took part)."""
+    out = {}
+    for kind, entries in plugin_sums.items():
+        for name, sums in entries.items():
+            means = {m: s / jnp.maximum(participants_P, 1.0) for m, s in sums.items()}
+            shown = shown_at(rs, st, d, active_P) & (participants_P > 0) & _runs(rs, st, d, kind, name)
+            out.update(plugin_metrics(kind, name, means, shown))
+    return out
 
 
 class DpRelease(NamedTuple):
@@ -172,20 +243,28 @@ def aggregate_backbone(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelSt
     pseudo-gradient (the weighted mean for streamed rules; the DP release at
     DP federations). Returns (level state, metrics)."""
     P = rs.topo.levels[d].size
+    metrics = {}
     for k, name in enumerate(rs.aggregator_kinds[d]):
-        combine = aggregators.get(name).combine
-        if combine is not None and mean_B:
-            combined = combine(kids.B_N, kids.weight_N, kids.parent_N, P, st.aggregator_args[d])
-            contract.check_like(_aggregator(name, combine, "combine"), combined, contract.with_rows(kids.B_N, P),
+        rule = aggregators.get(name)
+        if rule.combine is not None and mean_B:
+            combined = rule.combine(kids.B_N, kids.weight_N, kids.parent_N, P, st.aggregator_args[d])
+            contract.check_like(_aggregator(name, rule.combine, "combine"), combined, contract.with_rows(kids.B_N, P),
                                 "delta_P", f"combine returns one row per federation (n_parents = {P}), not one "
                                 f"per child ({kids.weight_N.shape[0]}), each leaf in the dtype of delta_N")
             mean_B = tree_ops.where_rows(st.aggregator_choice[d] == k, combined, mean_B)
+            if rule.metrics is not None:
+                reported = contract.check_metrics(
+                    _aggregator(name, rule.metrics, "metrics"),
+                    rule.metrics(kids.B_N, kids.weight_N, kids.parent_N, P, st.aggregator_args[d]), (P,),
+                    f"{STACKED_METRICS_RULE} (n_parents = {P})")
+                metrics.update(plugin_metrics("aggregator", name, reported,
+                                              shown_at(rs, st, d, active_P) & (st.aggregator_choice[d] == k)))
     if dp is not None:
         mean_B = tree_ops.where_rows(dp.is_dp_P, dp.mean["B"], mean_B)
     apply = applies(total_P, active_P, dp)
     new_B, new_server = aggregation.server_update(lvl.B, mean_B, lvl.server, rs.server_txs[d], st.server_choice[d],
                                                   st.server_lr[d], apply)
-    metrics = {"update_norm": jnp.sqrt(tree_ops.row_sq_norms(mean_B)) if mean_B else jnp.zeros(P)}
+    metrics["update_norm"] = jnp.sqrt(tree_ops.row_sq_norms(mean_B)) if mean_B else jnp.zeros(P)
     if mean_B:  # weighted RMS distance of the children's updates from their mean (client drift)
         safe_P = jnp.where(total_P > 0, total_P, 1.0)
         mean_sq = tree_ops.row_sq_norms(jax.tree.map(lambda s: s / tree_ops.expand_rows(safe_P, s),

@@ -75,6 +75,7 @@ class EngineSpec:
     sharded_levels: frozenset | None = None
     client_objective: str = "none"  # a registered `objectives.ClientObjective`
     total_rounds: int = 1  # root rounds of the run: where a schedule's decay ends by default
+    client_metrics: bool = False  # the round also returns each client's loss, update norm and weight
 
 
 # ---- static facts of a tree -----------------------------------------------------

@@ -15,13 +15,16 @@ that child by another path. The paths of one round (`engine.py`):
 | personal K  | each client's K mixed from its siblings' trained K       | never: refused under DP               |
 | residuals   | a federation's K as another federation's attention candidate | neither lies under a DP federation that tells them apart |
 | objective   | the client objective's federation state (SCAFFOLD's c)   | never: refused under DP               |
+| client metrics | each client's loss, update norm and weight, logged (`run.client_metrics`) | never: refused under DP |
 
 The parent's K as a candidate flows into F (it is the parent's own state, already
 released), and metrics are diagnostics: they are logged, never sent to a
-federation. `check(spec)` runs when a round is built (`statics.round_statics`),
-so every entry point (CLI, `train`, sweeps, a user's own driver) refuses a
-configuration that would let a child's data out without noise, with one line
-naming both fields; docs/errors.md lists the cases.
+federation. Per-client values are logged only without DP, and a plug-in's
+metrics are null at a DP federation (`federation.shown_at`): neither lets out
+what the federation's release would not. `check(spec)` runs when a round is
+built (`statics.round_statics`), so every entry point (CLI, `train`, sweeps, a
+user's own driver) refuses a configuration that would let a child's data out
+without noise, with one line naming both fields; docs/errors.md lists the cases.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ class Path:
     """One way what federation `federation` (at `level`) learnt leaves it."""
     level: int
     federation: str
-    path: str  # aggregate B | aggregate K | personal K | residuals | objective
+    path: str  # aggregate B | aggregate K | personal K | residuals | objective | client metrics
     private: bool
     why: str = ""  # for a path that is not private: the one-line reason and fix
 
@@ -72,6 +75,11 @@ def paths(spec: EngineSpec) -> list[Path]:
                                 f"{where}: algorithm.client_objective={spec.client_objective} sends every client "
                                 "the plain mean of its siblings' reports, which no DP release covers; use a "
                                 "stateless objective (none, fedprox), or drop the DP fields"))
+            if spec.client_metrics:
+                out.append(Path(d, name, "client metrics", False,
+                                f"{where}: run.client_metrics=true logs each client's training loss, update norm "
+                                "and weight, which no DP release covers; set run.client_metrics: false, or drop "
+                                "the DP fields"))
     out.extend(_residual_paths(spec))
     return out
 

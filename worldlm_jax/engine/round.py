@@ -189,11 +189,14 @@ def _reduce_rounds(metrics):
     """Nested rounds: counts add up; per-node values average over the rounds
     in which that node was active (its `level{d}/rounds` mask); per-child
     diagnostics over the rounds in which that child took part (a pair's
-    similarity: in which both did; `level{d}/child_present`)."""
+    similarity: in which both did; `level{d}/child_present`); plug-in metrics
+    and per-client values over the rounds that have one (NaN: none)."""
     out = {}
     for k, v in metrics.items():
         level, _, name = k.rpartition("/")
-        if name in _ADDITIVE:
+        if k.startswith("clients/") or "/plugin/" in k:
+            out[k] = _mean_of_present(v)
+        elif name in _ADDITIVE:
             out[k] = jnp.sum(v, axis=0)
         elif name in _PER_CHILD:
             present = metrics[f"{level}/child_present"]  # (rounds, N)
@@ -205,6 +208,14 @@ def _reduce_rounds(metrics):
             active = active.reshape(active.shape + (1,) * (v.ndim - active.ndim))
             out[k] = jnp.sum(v * active, axis=0) / jnp.maximum(jnp.sum(active, axis=0), 1.0)
     return out
+
+
+def _mean_of_present(v):
+    """The mean over the leading (rounds) axis of the values that are not NaN; NaN where all are."""
+    present = ~jnp.isnan(v)
+    count = jnp.sum(present, axis=0)
+    total = jnp.sum(jnp.where(present, v, 0.0), axis=0)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
 
 
 def batch_shape(topology: Topology, batch: int, seq_len: int) -> tuple[int, ...]:

@@ -44,15 +44,19 @@ def train_slot(rs: RoundStatics, sent_P, fed_state_P, parent, kept, opt_state, c
         objective_fn = lambda p, t: checked_loss(rs, objective.loss(rs.spec.loss_fn, p, t, ctx))
     local_update = make_local_update(rs.spec.loss_fn, rs.client_tx, rs.masked_steps, objective_fn)
     result = local_update(params, opt_state, tokens, lr, steps)
-    new_state, report = client_state, {}
+    new_state, report, metrics = client_state, {}, {}
     if objective.after_training is not None:
         new_state, report = checked_after_training(rs, objective.after_training(ctx, result.params, result.steps, lr),
                                                    client_state)
-    return result, params, new_state, report
+    if objective.metrics is not None:
+        metrics = contract.check_metrics(_objective(rs, "metrics"), objective.metrics(ctx, result.params, result.steps,
+                                                                                      lr), (), METRICS_RULE)
+    return result, params, new_state, report, metrics
 
 
 LOSS_RULE = "loss returns (the value to differentiate, (the LM loss, its token count)), each a scalar"
 AFTER_TRAINING_RULE = "after_training returns (the client's new state, shaped like ctx.client, a report)"
+METRICS_RULE = "an objective's metrics(ctx, params, steps, lr) returns {name: one scalar for the client}"
 
 
 def _objective(rs: RoundStatics, role: str) -> contract.Entry:
@@ -119,15 +123,15 @@ def train_chunk(rs: RoundStatics, st: RoundPolicies, sent_P, clip_P, fed_state_P
     update (finite, norm), and reduce the chunk to per-federation sums."""
     d = rs.topo.depth - 1
     train = lambda *a: train_slot(rs, sent_P, fed_state_P, *a)
-    result, start, client_state, report = jax.vmap(train)(parent_N, kept_N, opt_N, client_state_N, tokens_N,
-                                                         lr_N, steps_N, args_N)
+    result, start, client_state, report, objective_metrics = jax.vmap(train)(
+        parent_N, kept_N, opt_N, client_state_N, tokens_N, lr_N, steps_N, args_N)
     update = attack_updates(rs, st, tree_ops.sub(result.params, start), parent_N, attacker_N, key_N)
     mean_loss = result.loss_sum / jnp.maximum(result.steps, 1.0)
     valid = (tree_ops.row_all_finite(update) & jnp.isfinite(mean_loss)
              & (tree_ops.row_sq_norms(update) <= rs.spec.max_update_norm ** 2))
     weight = jnp.where(valid & present_N, weight_N, 0.0)
     delta = aggregated_parts(rs, d, update)
-    sums, dp_norm = sum_children(rs, st, d, delta, weight, parent_N, clip_P[parent_N], report)
+    sums, dp_norm = sum_children(rs, st, d, delta, weight, parent_N, clip_P[parent_N], report, objective_metrics)
     final = split_parts(tree_ops.add(start, update) if rs.attack_kinds != ("none",) else result.params,
                         rs.spec.key_paths)
     per_slot = dict(loss=mean_loss, tokens=result.tokens, valid=valid, weight=weight, dp_norm=dp_norm,
@@ -136,6 +140,8 @@ def train_chunk(rs: RoundStatics, st: RoundPolicies, sent_P, clip_P, fed_state_P
                     B=delta["B"] if rs.stacked[d] else {},
                     opt=result.opt_state if rs.plan.client_opt_persistent else (),
                     objective=client_state if rs.objective.init_client is not None else {})
+    if rs.spec.client_metrics:  # what the client sent: its backbone update (after an attack)
+        per_slot["update_norm"] = jnp.sqrt(tree_ops.row_sq_norms(split_parts(update, rs.spec.key_paths)["B"]))
     return per_slot, sums
 
 
@@ -197,9 +203,22 @@ def clients_work(rs: RoundStatics, st: RoundPolicies, state: EngineState, batch:
         "stragglers": jnp.sum((present & faults["straggler"]).astype(jnp.float32)),
         "attackers": jnp.sum((present & faults["attacker"]).astype(jnp.float32)),
     }
+    if rs.spec.client_metrics:
+        metrics.update(client_metrics(topo.n_clients, cid, weight, out))
     kids = Children(weight, st.slot_parent, sums, out["dp_norm"], out["K"] if rs.leaf_k_attention else None,
                     out["B"] if rs.stacked[d] else None)
     return state, metrics, kids
+
+
+def client_metrics(n_clients: int, cid, weight, out) -> dict:
+    """(n_clients,) each client's mean training loss, backbone update norm and
+    aggregation weight this round, NaN for a client that did not count (not
+    sampled, dropped, diverged, or a padding slot): the weight > 0 of its slot."""
+    rows = jnp.where(weight > 0, cid, n_clients)  # out of range: dropped
+    per_client = lambda v: jnp.full((n_clients,), jnp.nan, jnp.float32).at[rows].set(v.astype(jnp.float32),
+                                                                                      mode="drop")
+    return {"clients/train_loss": per_client(out["loss"]), "clients/update_norm": per_client(out["update_norm"]),
+            "clients/weight": per_client(weight)}
 
 
 def draw_faults(st: RoundPolicies, cid, sampled, key) -> dict:

@@ -54,7 +54,7 @@ class Children(NamedTuple):
 
     weight_N: jax.Array  # (N,) data weight; 0 = absent, padding or diverged
     parent_N: jax.Array  # (N,) index of the child's federation
-    sums: dict  # per-federation sums: "delta" {B, K}, "dp" {B, K}, "sq_norm", "objective" (engine.sum_children)
+    sums: dict  # per-federation sums: "delta" {B, K}, "dp" {B, K}, "sq_norm", "objective", "plugin" (sum_children)
     dp_norm_N: jax.Array  # (N,) pre-clip norm of each child's update (DP levels)
     K_N: Params | None  # (N, ...) each child's K, where attention needs it; else None
     B_N: Params | None = None  # (N, ...) each child's backbone update, where an aggregator needs them all

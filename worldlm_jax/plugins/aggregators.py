@@ -24,6 +24,17 @@ sum over rows (`jnp.where`, `tree_ops.zero_absent_rows`; never by multiplying
 with the weight: 0 * NaN is NaN). `args_N` holds the
 arguments of each child's federation, `args_P` of each federation; every
 argument is a float with a default declared by the aggregator.
+
+An aggregator may report metrics (`metrics`, optional; same arguments as its
+`transform` or `combine`), logged as `level{d}/plugin/aggregator/<name>/<metric>`
+with one value per federation of the level (docs/metrics.md): a stacked rule
+returns `{metric: (n_parents,)}`, a streamed one `{metric: (N,)}`, one value
+per child, which the engine averages over each federation's participating
+children. The same masking rule holds: an absent row must not count. A helper
+shared by `combine` and `metrics` is computed once (XLA merges the same
+computation on the same inputs). `trimmed_mean` and `multi_krum` report how
+many children they kept (`kept`), `clipped_mean` the fraction it clipped
+(`clipped`).
 """
 from __future__ import annotations
 
@@ -43,6 +54,9 @@ class Aggregator:
     transform: Callable | None = None  # streamed: (delta_N, args_N) -> delta_N, row by row
     combine: Callable | None = None  # stacked: (delta_N, weight_N, parent_N, n_parents, args_P) -> delta_P
     args: Mapping[str, float] = dataclasses.field(default_factory=dict)  # argument -> default
+    # optional, logged per federation: stacked (delta_N, weight_N, parent_N, n_parents, args_P) -> {name: (P,)};
+    # streamed (delta_N, args_N) -> {name: (N,)}, averaged over each federation's participating children
+    metrics: Callable | None = None
 
     def __post_init__(self):
         if self.transform is not None and self.combine is not None:
@@ -90,12 +104,17 @@ def _median(delta_N, weight_N, parent_N, n_parents, args_P):
     return per_federation(fn, delta_N, weight_N, parent_N, n_parents)
 
 
+def _trimmed_counts(weight_N, parent_N, n_parents, args_P):
+    """(P,) each federation's participants n and how many it drops at each end."""
+    n_P = jnp.sum(members(weight_N, parent_N, n_parents), axis=1).astype(jnp.float32)
+    drop_P = jnp.minimum(jnp.floor(args_P["trim"] * n_P), jnp.floor((n_P - 1.0) / 2.0))
+    return n_P, jnp.maximum(drop_P, 0.0)
+
+
 def _trimmed_mean(delta_N, weight_N, parent_N, n_parents, args_P):
     """Coordinate-wise mean after dropping the `trim` fraction of largest and of
     smallest values among each federation's n participants (at least one stays)."""
-    n_P = jnp.sum(members(weight_N, parent_N, n_parents), axis=1).astype(jnp.float32)
-    drop_P = jnp.minimum(jnp.floor(args_P["trim"] * n_P), jnp.floor((n_P - 1.0) / 2.0))
-    drop_P = jnp.maximum(drop_P, 0.0)
+    n_P, drop_P = _trimmed_counts(weight_N, parent_N, n_parents, args_P)
 
     def fn(values, member):
         ordered = jnp.sort(jnp.where(member, values, jnp.inf), axis=1)  # participants first, ascending
@@ -105,6 +124,12 @@ def _trimmed_mean(delta_N, weight_N, parent_N, n_parents, args_P):
         kept = jnp.maximum(tree_ops.expand_rows(n_P - 2.0 * drop_P, ordered[:, 0]), 1.0)
         return jnp.sum(jnp.where(keep, ordered, 0.0), axis=1) / kept
     return per_federation(fn, delta_N, weight_N, parent_N, n_parents)
+
+
+def _trimmed_kept(delta_N, weight_N, parent_N, n_parents, args_P):
+    """How many of each federation's participants every coordinate's mean averages."""
+    n_P, drop_P = _trimmed_counts(weight_N, parent_N, n_parents, args_P)
+    return {"kept": n_P - 2.0 * drop_P}
 
 
 def _flat_rows(delta_N, weight_N) -> jax.Array:
@@ -125,13 +150,8 @@ def _unflat_rows(rows_P: jax.Array, like_N):
     return jax.tree.unflatten(treedef, out)
 
 
-def _multi_krum(delta_N, weight_N, parent_N, n_parents, args_P):
-    """Multi-Krum: score each participant by the summed squared distances to its
-    n - f - 2 nearest fellow participants (f = `byzantine`, the attackers a
-    federation tolerates) and average the n - f best-scored (unweighted). A tie
-    at the boundary takes every tied child: with n - f - 2 = 1 two mutually
-    nearest children score exactly alike, and picking one by its slot would
-    make the result depend on the children's order."""
+def _krum_choice(delta_N, weight_N, parent_N, n_parents, args_P):
+    """((P, N) the children each federation averages, (N, size) the rows); see `_multi_krum`."""
     member = members(weight_N, parent_N, n_parents).astype(jnp.float32)  # (P, N)
     rows = _flat_rows(delta_N, weight_N)  # absent rows 0: `rows @ rows.T` and `chosen @ rows` stay finite
     sq = jnp.sum(rows * rows, axis=1)
@@ -147,9 +167,24 @@ def _multi_krum(delta_N, weight_N, parent_N, n_parents, args_P):
     score = jnp.where(member > 0, score, jnp.inf)
     m_P = jnp.maximum(n_P - f_P, 1.0).astype(jnp.int32)  # how many to keep
     threshold_P = jnp.take_along_axis(jnp.sort(score, axis=1), m_P[:, None] - 1, axis=1)  # the m-th best score
-    chosen = ((score <= threshold_P) & (member > 0)).astype(jnp.float32)
+    return ((score <= threshold_P) & (member > 0)).astype(jnp.float32), rows
+
+
+def _multi_krum(delta_N, weight_N, parent_N, n_parents, args_P):
+    """Multi-Krum: score each participant by the summed squared distances to its
+    n - f - 2 nearest fellow participants (f = `byzantine`, the attackers a
+    federation tolerates) and average the n - f best-scored (unweighted). A tie
+    at the boundary takes every tied child: with n - f - 2 = 1 two mutually
+    nearest children score exactly alike, and picking one by its slot would
+    make the result depend on the children's order."""
+    chosen, rows = _krum_choice(delta_N, weight_N, parent_N, n_parents, args_P)
     mean_P = (chosen @ rows) / jnp.maximum(jnp.sum(chosen, axis=1, keepdims=True), 1.0)
     return _unflat_rows(mean_P, delta_N)
+
+
+def _krum_kept(delta_N, weight_N, parent_N, n_parents, args_P):
+    """How many participants each federation averaged (n - f, more with ties)."""
+    return {"kept": jnp.sum(_krum_choice(delta_N, weight_N, parent_N, n_parents, args_P)[0], axis=1)}
 
 
 GEOMETRIC_MEDIAN_ITERATIONS = 32  # Weiszfeld steps (each two products with the stacked updates)
@@ -182,9 +217,14 @@ def _clip_transform(delta_N, args_N):
     return tree_ops.scale_rows(scale_N, delta_N)
 
 
+def _clipped(delta_N, args_N):
+    """1 for a child whose update `clip` scales down, else 0 (averaged: the fraction clipped)."""
+    return {"clipped": (tree_ops.row_sq_norms(delta_N) > jnp.square(args_N["clip"])).astype(jnp.float32)}
+
+
 register("mean", Aggregator())
-register("clipped_mean", Aggregator(transform=_clip_transform, args={"clip": 1.0}))
+register("clipped_mean", Aggregator(transform=_clip_transform, args={"clip": 1.0}, metrics=_clipped))
 register("median", Aggregator(combine=_median))
-register("trimmed_mean", Aggregator(combine=_trimmed_mean, args={"trim": 0.1}))
-register("multi_krum", Aggregator(combine=_multi_krum, args={"byzantine": 1.0}))
+register("trimmed_mean", Aggregator(combine=_trimmed_mean, args={"trim": 0.1}, metrics=_trimmed_kept))
+register("multi_krum", Aggregator(combine=_multi_krum, args={"byzantine": 1.0}, metrics=_krum_kept))
 register("geometric_median", Aggregator(combine=_geometric_median))

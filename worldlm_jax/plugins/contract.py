@@ -2,9 +2,10 @@
 
 Every registered function the compiled round calls (an aggregator's
 `transform` or `combine`, a client objective's `loss`, `after_training` and
-`update_federation`, an attack's `apply`, a schedule, an optimizer's `update`)
-has its result compared with what the engine expects: the tree structure,
-each leaf's shape and dtype, or a scalar. A mismatch raises
+`update_federation`, an attack's `apply`, a schedule, an optimizer's `update`,
+an aggregator's or an objective's `metrics`) has its result compared with what
+the engine expects: the tree structure, each leaf's shape and dtype, a scalar,
+or a dict of named values of one shape. A mismatch raises
 `PluginOutputError`, one line naming the entry, where it was defined and what
 it returned against what was expected, e.g.
 
@@ -46,7 +47,7 @@ import dataclasses
 import functools
 import inspect
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -180,6 +181,26 @@ def check_scalar(entry: Entry, returned, what: str, rule: str, *, floating: bool
         expected = "a float scalar" if floating else "a real scalar"
         raise PluginOutputError(f"{entry} returned {what} of {_describe(returned)}, expected {expected} "
                                 f"(shape ()): {rule}")
+
+
+def check_metrics(entry: Entry, returned, shape: tuple, rule: str) -> dict:
+    """`returned` as `{name: float32 array of shape}` once it is checked: a
+    mapping of names (non-empty, without '/': each is one segment of a
+    metrics key) to real arrays of `shape`; else `PluginOutputError`."""
+    if not isinstance(returned, Mapping):
+        raise PluginOutputError(f"{entry} returned metrics of {_describe(returned)}, expected a dict "
+                                f"{{name: array}}: {rule}")
+    checked = {}
+    for name, value in returned.items():
+        if not (isinstance(name, str) and name and "/" not in name):
+            raise PluginOutputError(f"{entry} returned a metric named {name!r}, expected a non-empty string "
+                                    f"without '/': {rule}")
+        found = _shape_dtype(value)
+        if found is None or found[0] != tuple(shape) or found[1].kind not in "fiub":
+            raise PluginOutputError(f"{entry} returned metrics[{name!r}] of {_describe(value)}, expected "
+                                    f"{tuple(shape)} of real numbers: {rule}")
+        checked[name] = jnp.asarray(value, jnp.float32)
+    return checked
 
 
 def with_rows(tree, n: int) -> Any:

@@ -19,6 +19,12 @@ States are pytrees of the objective's choosing (`init_client`,
 `init_federation` from the initial parameters), kept one row per client and
 per leaf federation in the engine state and checkpointed with it. FedProx
 needs only `loss`; SCAFFOLD (scripts/examples/scaffold.py) uses all of it.
+
+An objective may report metrics (`metrics`, optional; after_training's
+arguments): `{name: scalar}` for one client, averaged over each leaf
+federation's participating clients and logged as
+`level{d}/plugin/objective/<objective>/<name>` (null at a DP federation:
+docs/metrics.md).
 """
 from __future__ import annotations
 
@@ -46,6 +52,9 @@ class ClientObjective:
     init_federation: Callable | None = None  # (params) -> one leaf federation's state
     after_training: Callable | None = None  # (ctx, params, steps, lr) -> (client state, report)
     update_federation: Callable | None = None  # (federation state, mean report, args) -> federation state
+    # optional, logged per leaf federation: (ctx, params, steps, lr) -> {name: scalar} for one client,
+    # averaged over the federation's participating clients
+    metrics: Callable | None = None
 
     def __post_init__(self):
         if self.update_federation is not None and self.after_training is None:

@@ -50,6 +50,28 @@ def per_federation(metrics: dict, key: str, names, static) -> dict[str, float]:
     return {name: float(str(value)) for name, value in zip(names, values)}
 
 
+def _or_null(value: float) -> float | None:
+    """None (JSON null) for NaN: a federation or client that has no value this round."""
+    return None if math.isnan(value) else value
+
+
+def node_metrics(topo, metrics: dict) -> dict:
+    """The round's per-node metrics as a record holds them: `level{d}/...` a
+    list per node of level d, a plug-in's metric (`level{d}/plugin/...`) by
+    federation name (TensorBoard then gets one scalar per federation), and
+    `clients/...` a list per client of `topo` (run.client_metrics); null where NaN."""
+    out = {}
+    for key, value in metrics.items():
+        if "/plugin/" in key:
+            names = topo.levels[int(key[len("level"):key.index("/")])].names
+            out[key] = {name: _or_null(v) for name, v in per_federation(metrics, key, names, ()).items()}
+        elif key.startswith("level"):
+            out[key] = np.asarray(value).tolist()
+        elif key.startswith("clients/"):
+            out[key] = [_or_null(v) for v in np.asarray(value).tolist()]
+    return out
+
+
 RULES = ("server_optimizer", "aggregator", "k_agg")  # the named rules a federation runs
 
 
@@ -84,9 +106,7 @@ def round_record(exp: Experiment, round_index: int, metrics: dict, seconds: floa
                             for name, lr in per_federation(metrics, f"level{d}/server_lr", lvl.names,
                                                            [p.server_lr for p in lvl.policies]).items()},
               "rules": federation_rules(topo)}
-    for key, value in metrics.items():
-        if key.startswith("level"):
-            record[key] = np.asarray(value).tolist()
+    record.update(node_metrics(topo, metrics))
     participants = {d: np.asarray(metrics[f"level{d}/participants"], np.float64) for d in range(topo.depth)}
     plan = exp.spec.plan
     if exp.strategy_for(round_index) is not exp.strategy:
