@@ -48,6 +48,14 @@ UNREDUCED_AGGREGATOR = textwrap.dedent("""\
     aggregators.register("my_mean", aggregators.Aggregator(combine=my_mean))
     """)
 
+# a strategy with DiLoCo's plan and root defaults (the {} filled in per case)
+BAD_STRATEGY_DEFAULTS = textwrap.dedent("""\
+    from worldlm_jax.engine import strategies
+
+    strategies.register("my_diloco", strategies.StrategyDef(plan=lambda depth, algo: strategies.diloco_plan(depth),
+                                                            policy_defaults={{{}}}))
+    """)
+
 
 # (id, what the user did, argv (in a tmp dir holding `files`), files, words the one-line message must contain)
 CASES = [
@@ -151,6 +159,12 @@ CASES = [
     ("missing-plugin", "a plug-in file that does not exist", ["--plugin", "nope.py"] + PLAN, {}, ["nope.py"]),
     ("broken-plugin", "a plug-in that fails to import", ["--plugin", "broken.py"] + PLAN,
      {"broken.py": "import not_a_module_anywhere\n"}, ["broken.py", "not_a_module_anywhere"]),
+    ("strategy-default-unknown-field", "a strategy whose policy defaults name no policy field",
+     ["--plugin", "my_strategy.py"] + PLAN, {"my_strategy.py": BAD_STRATEGY_DEFAULTS.format('"server_rate": 0.7')},
+     ["my_strategy.py", "StrategyDef.policy_defaults", "server_rate", "server_lr"]),
+    ("strategy-default-bad-value", "a strategy whose policy defaults hold a value no federation may take",
+     ["--plugin", "my_strategy.py"] + PLAN, {"my_strategy.py": BAD_STRATEGY_DEFAULTS.format('"server_lr": -1')},
+     ["my_strategy.py", "StrategyDef.policy_defaults", "server_lr", "-1", "> 0"]),
     # traced, not compiled: the check fires while `plan` lowers the round (plugins/contract.py)
     ("plugin-output-shape", "an aggregator that returns every child's update instead of one per federation",
      ["--plugin", "my_plugins.py", "plan", "--config", "tiny", "--set", "policy.aggregator=my_mean"],

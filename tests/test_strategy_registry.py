@@ -135,13 +135,19 @@ def test_the_built_ins_keep_their_plans_trees_and_flags():
     local = engine.Plan(broadcast=(frozenset(),), aggregate=(frozenset(),), client_keeps=ALL,
                         client_opt_persistent=True, owner={"B": 1, "K": 1})
     assert plan("local", 1) == plan("centralized", 1) == local
+    # DiLoCo: HierFAVG's averaging, and the clients keep their optimizer state (not their parameters)
+    assert plan("diloco", 2) == engine.Plan(broadcast=(ALL, ALL), aggregate=(ALL, ALL), client_opt_persistent=True,
+                                            owner={"B": 0, "K": 0})
+    assert dict(strategies.get("diloco").policy_defaults) == {"server_optimizer": "nesterov", "server_lr": 0.7}
+    assert not any(strategies.get(n).policy_defaults for n in strategies.names() if n != "diloco"
+                   and not n.startswith("test_"))
     assert plan("worldlm", 3) == engine.Plan(broadcast=(BACKBONE, BACKBONE, ALL), aggregate=(ALL, ALL, ALL),
                                              owner={"B": 0, "K": 2}, residuals="all", similarity="neg_l2",
                                              use_parent=False, residual_dim=8)
     assert strategy_plan("worldlm", 3, "all", "neg_l2", False, 8) == plan("worldlm", 3)
 
     t = topo(tree2([2, 3]), weights=[1, 2, 3, 4, 5])
-    for name in ("worldlm", "hierfavg"):
+    for name in ("worldlm", "hierfavg", "diloco"):
         assert strategies.get(name).topology(t) is t
     for name in ("fedavg", "fedper", "local"):
         flat = strategies.get(name).topology(t)
@@ -149,6 +155,6 @@ def test_the_built_ins_keep_their_plans_trees_and_flags():
     pooled = strategies.get("centralized").topology(t)
     assert pooled.n_clients == 1 and pooled.client_weight.tolist() == [15.0]
     assert {n for n in strategies.names() if strategies.get(n).uses_key_layers} >= {"worldlm", "fedper"}
-    assert not any(strategies.get(n).uses_key_layers for n in ("fedavg", "hierfavg", "local", "centralized"))
-    assert [n for n in ("worldlm", "fedavg", "hierfavg", "fedper", "local", "centralized")
+    assert not any(strategies.get(n).uses_key_layers for n in ("fedavg", "hierfavg", "local", "centralized", "diloco"))
+    assert [n for n in ("worldlm", "fedavg", "hierfavg", "fedper", "local", "centralized", "diloco")
             if strategies.get(n).pooled] == ["centralized"]

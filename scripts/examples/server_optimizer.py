@@ -1,5 +1,6 @@
-"""A server optimizer: FedAvg with Nesterov momentum (FedAvgM, Hsu et al. 2019),
-registered by name and chosen per federation in a tree policy.
+"""A server optimizer: FedAvg with Nesterov momentum 0.95 (FedAvgM, Hsu et al. 2019;
+the built-in `nesterov` uses 0.9), registered by name and chosen per federation in
+a tree policy.
 
 A server optimizer is any optax transformation built with learning rate 1: the
 engine feeds it the pseudo-gradient -mean(child updates) and multiplies its
@@ -11,4 +12,4 @@ import optax
 
 from worldlm_jax.plugins import optimizers
 
-optimizers.register("nesterov", lambda: optax.sgd(1.0, momentum=0.9, nesterov=True))
+optimizers.register("nesterov95", lambda: optax.sgd(1.0, momentum=0.95, nesterov=True))

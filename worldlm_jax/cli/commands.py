@@ -60,7 +60,7 @@ def check_tree(config: Config) -> None:
     from worldlm_jax.data import corpus
     from worldlm_jax.tree.topology import build_topology
 
-    build_topology(config.tree, known_sources=corpus.list_sources(), root_policy=config.policy)
+    build_topology(config.run_tree(), known_sources=corpus.list_sources(), root_policy=config.policy)
 
 
 def _find_field(config: Config, names: Sequence[str]) -> str | None:
@@ -316,9 +316,13 @@ def describe_config(config: Config, short: bool = False) -> str:
     loads back); `short`: the table alone."""
     import yaml
 
+    from worldlm_jax.engine import strategies
     from worldlm_jax.tree.provenance import format_provenance, policy_provenance
 
-    table = format_provenance(policy_provenance(config.tree, root_policy=config.policy))
+    name = config.algorithm.name  # its policy defaults at the root, as the run compiles them (Config.run_tree)
+    table = format_provenance(policy_provenance(config.tree, root_policy=config.policy,
+                                                root_defaults=strategies.policy_defaults(name),
+                                                defaults_from=f"strategy {name}"))
     if short:
         return table + "\n"
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)  # as config.save_yaml writes config.yaml

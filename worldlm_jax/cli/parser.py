@@ -248,8 +248,10 @@ def _config_parser(sub) -> None:
                                    "WORKDIR/config.yaml), then a table of every federation of the tree (by its\n"
                                    "path, e.g. world/en) with each policy field it does not leave at the\n"
                                    "defaults, its value, and where it comes from: set (in the federation's own\n"
-                                   "policy:), inherited from an ancestor, or inherited from the config's\n"
-                                   "policy: section ('config policy'). The table is written as YAML comments,\n"
+                                   "policy:), inherited from an ancestor, inherited from the config's\n"
+                                   "policy: section ('config policy'), or the root's rule the strategy brings\n"
+                                   "where the config sets none ('default of strategy diloco'). The table is\n"
+                                   "written as YAML comments,\n"
                                    "so the whole output loads back as a config. Loads no data.",
                        epilog="examples:\n  worldlm config --config tiny\n"
                               "  worldlm config --config my.yaml --set tree.policy.client_lr=1e-2 --short")

@@ -26,6 +26,7 @@ from worldlm_jax.plugins import callbacks, objectives, optimizers
 from worldlm_jax.plugins.callbacks import CallbackSpec
 from worldlm_jax.plugins.registry import UnknownNameError
 from worldlm_jax.tree.policy import Policy
+from worldlm_jax.tree.provenance import with_root_defaults
 from worldlm_jax.tree.topology import NODE_FIELDS
 
 
@@ -92,7 +93,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AlgorithmConfig:
-    name: str = "worldlm"  # worldlm | fedavg | hierfavg | fedper | local | centralized
+    name: str = "worldlm"  # worldlm | fedavg | hierfavg | fedper | local | centralized | diloco | registered
     key_layers: KeyLayers = KeyLayers()
     residuals: str = "siblings"  # none | siblings | all
     similarity: str = "cos_delta"  # cos_delta | cos_param | neg_l2
@@ -205,6 +206,13 @@ class Config:
                               f"< run.rounds; got name={algo.name}, staged_rounds={algo.staged_rounds}, "
                               f"rounds={self.run.rounds}")
         return self
+
+    def run_tree(self) -> Mapping[str, Any]:
+        """The tree spec a run compiles (with `policy` as the root's inheritance): `tree`
+        with the policy defaults of the strategy `algorithm.name` written at its root
+        beneath what this config sets there (`tree.provenance.with_root_defaults`).
+        `tree` itself, which config.yaml saves, stays as written."""
+        return with_root_defaults(self.tree, self.policy, strategies.policy_defaults(self.algorithm.name))[0]
 
     def to_dict(self) -> dict:
         return _to_plain(self)

@@ -11,6 +11,33 @@ tree) plus a plan saying where the backbone B and key layers K move:
 | local       | flat      | kept by each client   | (none)                             |
 | centralized | one client on pooled data | kept  | (none)                             |
 | worldlm     | the tree  | averaged up to the root | attention per federation, kept by the lowest federations |
+| diloco      | the tree  | averaged at every level; clients keep their optimizer state | (none) |
+
+DiLoCo (Douillard et al. 2023, "DiLoCo: Distributed Low-Communication Training
+of Language Models"): every round each client starts from what its federation
+broadcasts, runs its local steps (H inner AdamW steps: `algorithm.client_optimizer`)
+with the inner optimizer state it kept from its last round, and the root steps
+the model with the mean pseudo-gradient -mean(delta) through SGD with Nesterov
+momentum 0.9 at lr 0.7 (`policy_defaults`: server_optimizer `nesterov`,
+server_lr 0.7 at the root, which a config overrides by setting them there). On
+a depth-1 tree that is DiLoCo; on a deeper tree the federations below the root
+average their children with their own server rule (sgd at lr 1 by default:
+plain averaging), and a level given the outer rule (`server_optimizer: nesterov`
+in its policy) runs it too: hierarchical DiLoCo.
+
+How it composes with the rest of the engine, each tested in tests/test_diloco.py:
+- a client's optimizer state is a row of the clients' kept state (as `local`'s
+  model is): written back only for a client that took part and stayed finite, so
+  a client not sampled, dropped, diverged or excluded by `max_update_norm` keeps
+  its state unchanged, and a padding slot writes nothing;
+- DP: the optimizer state never leaves its client, so no release path is added
+  (`engine.releases`); the root's momentum is post-processing of released means;
+- resume: the clients' optimizer states are part of the engine state and so of
+  every checkpoint; a resumed run equals an uninterrupted one;
+- vectorised sweeps vmap the round over stacked states, optimizer states
+  included, so points that differ in server_lr or client_lr are one program;
+- several processes: the same compiled round, the clients' optimizer rows sharded
+  like every client-level state.
 
 A research group adds its own with `register(name, StrategyDef(plan=...))` in
 a module loaded with `--plugin` (or a config's `plugins:` list) and runs it
@@ -20,10 +47,12 @@ evaluation and checkpoints as the built-ins.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol
+import types
+from typing import Any, Callable, Mapping, Protocol
 
 from worldlm_jax.engine.plan import Plan
 from worldlm_jax.plugins.registry import Registry
+from worldlm_jax.tree.policy import POLICY_FIELDS, Policy, inherit_policy
 from worldlm_jax.tree.topology import Topology, build_topology
 
 
@@ -53,6 +82,15 @@ class StrategyDef:
     The plan's use_parent holds at every level that aggregates K: a plan that
     never aggregates K at the root (K per language family) and sets it makes
     the root's untrained K a candidate of the families' attention.
+
+    `policy_defaults` are policy fields the method brings for the ROOT federation
+    of the config's tree (diloco: server_optimizer nesterov, server_lr 0.7). They
+    lie beneath what the config sets (`tree.provenance.with_root_defaults`): a
+    field named in the root's `policy:` or `own_policy:`, or set to a non-default
+    value in the config-level `policy:` section, wins. They apply at the root
+    alone, as `own_policy:` does, and `worldlm config` shows them as the
+    strategy's defaults. (A strategy that flattens or pools the tree gets them at
+    the root of the config's tree before its `topology` runs.)
     """
 
     plan: Callable[[int, AlgorithmFields], Plan]
@@ -61,11 +99,22 @@ class StrategyDef:
     # One client trains on everyone's data (the streams are concatenated, the
     # batch grows by the client count) and every client deploys its one model.
     pooled: bool = False
+    policy_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)  # the root's policy fields, beneath the config's
 
     def __post_init__(self):
         for field in ("plan", "topology"):
             if not callable(getattr(self, field)):
                 raise TypeError(f"StrategyDef.{field} must be callable, got {type(getattr(self, field)).__name__}")
+        if not isinstance(self.policy_defaults, Mapping):
+            raise TypeError(f"StrategyDef.policy_defaults must be a mapping of policy fields, "
+                            f"got {type(self.policy_defaults).__name__}")
+        unknown = sorted(set(self.policy_defaults) - set(POLICY_FIELDS))
+        if unknown:
+            raise ValueError(f"StrategyDef.policy_defaults names unknown policy field(s) {unknown}; valid fields: "
+                             f"{', '.join(POLICY_FIELDS)}")
+        # values checked now, as a federation's would be (named rules must be registered first)
+        inherit_policy({"policy": dict(self.policy_defaults)}, Policy(), "StrategyDef.policy_defaults")
+        object.__setattr__(self, "policy_defaults", types.MappingProxyType(dict(self.policy_defaults)))
 
 
 STRATEGIES: Registry[StrategyDef] = Registry("strategy", "worldlm_jax.engine.strategies.register(name, StrategyDef(...))")
@@ -102,6 +151,17 @@ def local_plan() -> Plan:
     """Each client trains alone and keeps its optimizer state across rounds."""
     return Plan(broadcast=(NONE,), aggregate=(NONE,), client_keeps=ALL, client_opt_persistent=True,
                 owner={"B": 1, "K": 1})
+
+
+def diloco_plan(depth: int) -> Plan:
+    """DiLoCo: the whole model averaged at every level, as HierFAVG, and each client
+    keeps its (inner) optimizer state across rounds, not its parameters: every round
+    starts from what its federation broadcasts."""
+    return dataclasses.replace(averaging_plan(depth), client_opt_persistent=True)
+
+
+# DiLoCo's outer rule (Douillard et al. 2023, sec. 3): Nesterov momentum 0.9 at lr 0.7
+DILOCO_POLICY = {"server_optimizer": "nesterov", "server_lr": 0.7}
 
 
 def worldlm_plan(depth: int, residuals: str = "siblings", similarity: str = "cos_delta",
@@ -146,6 +206,7 @@ _BUILT_IN = {
                           uses_key_layers=True),
     "local": StrategyDef(plan=lambda depth, algo: local_plan(), topology=Topology.flattened),
     "centralized": StrategyDef(plan=lambda depth, algo: local_plan(), topology=pooled_topology, pooled=True),
+    "diloco": StrategyDef(plan=lambda depth, algo: diloco_plan(depth), policy_defaults=DILOCO_POLICY),
 }
 for _name, _definition in _BUILT_IN.items():
     register(_name, _definition)
@@ -163,3 +224,8 @@ def strategy_topology(name: str, topology: Topology) -> Topology:
 
 def uses_key_layers(name: str) -> bool:
     return get(name).uses_key_layers
+
+
+def policy_defaults(name: str) -> Mapping[str, Any]:
+    """The policy fields strategy `name` brings for the root (beneath the config's)."""
+    return get(name).policy_defaults

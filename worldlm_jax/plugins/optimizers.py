@@ -5,7 +5,9 @@ engine multiplies updates by each federation's own learning rate, so rates
 stay per-federation arrays in one compiled round. Server optimizers receive the
 pseudo-gradient -mean(child deltas) (Reddi et al. 2021, "Adaptive Federated
 Optimization"): `sgd` with lr 1 is FedAvg, `momentum` FedAvgM, `adam` FedAdam,
-`yogi` FedYogi, `adagrad` FedAdagrad.
+`yogi` FedYogi, `adagrad` FedAdagrad, and `nesterov` (SGD with Nesterov momentum
+0.9) DiLoCo's outer optimizer (Douillard et al. 2023, used there with lr 0.7; the
+`diloco` strategy sets that rate at the root, `engine.strategies`).
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ OPTIMIZERS: Registry[Factory] = Registry("optimizer", "worldlm_jax.plugins.optim
 _BUILT_IN: dict[str, Factory] = {
     "sgd": lambda: optax.sgd(1.0),
     "momentum": lambda: optax.sgd(1.0, momentum=0.9),
+    # trace <- g + 0.9 trace; step = g + 0.9 trace (PyTorch's SGD(nesterov=True), as DiLoCo uses it)
+    "nesterov": lambda: optax.sgd(1.0, momentum=0.9, nesterov=True),
     # Server-side adaptive optimizers use eps ~1e-3 (Reddi et al. 2021, tuned range).
     "adam": lambda: optax.adam(1.0, b1=0.9, b2=0.99, eps=1e-3),
     "yogi": lambda: optax.yogi(1.0, b1=0.9, b2=0.99, eps=1e-3),

@@ -92,7 +92,7 @@ def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
                  vocab: int | None = None, platform: str | None = None) -> AbstractRun:
     """Everything `experiment.build_experiment` builds that does not need the data.
 
-    `topology` (default: compiled from config.tree with unit client weights) and
+    `topology` (default: compiled from config.run_tree() with unit client weights) and
     `vocab` (default: `vocab_size(config)`) are what the data would change;
     `mesh` defaults to `parallel.make_mesh(config.run.devices or None)`;
     `platform` (default: JAX's backend) resolves `run.chunk: -1`
@@ -103,7 +103,7 @@ def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
 
     config.validate()
     if topology is None:
-        topology = build_topology(config.tree, known_sources=corpus.list_sources(), root_policy=config.policy)
+        topology = build_topology(config.run_tree(), known_sources=corpus.list_sources(), root_policy=config.policy)
     model_config = config.model
     vocab = vocab_size(config) if vocab is None else int(vocab)
     if model_config.vocab_size != vocab:

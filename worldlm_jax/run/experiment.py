@@ -60,7 +60,7 @@ class Experiment:
 def build_experiment(config: Config, cache_dir: str = "") -> Experiment:
     """The run's blueprint (`blueprint.abstract_run`) plus its data and real parameters."""
     config.validate()
-    topology = build_topology(config.tree, known_sources=corpus.list_sources(), root_policy=config.policy)
+    topology = build_topology(config.run_tree(), known_sources=corpus.list_sources(), root_policy=config.policy)
     data = pipeline.prepare(topology, config.data.tokenizer, config.data.seq_len, config.data.val_fraction,
                             config.run.seed, config.data.max_bytes_per_source, config.data.data_dir, cache_dir)
     topology = topology.with_client_weights([len(c.train) for c in data.clients])

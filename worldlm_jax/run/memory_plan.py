@@ -234,7 +234,7 @@ def knobs(config: Config, result: PlanResult) -> list[Knob]:
         from worldlm_jax.data import corpus
         from worldlm_jax.tree.topology import build_topology
 
-        topo = build_topology(config.tree, known_sources=corpus.list_sources(), root_policy=config.policy)
+        topo = build_topology(config.run_tree(), known_sources=corpus.list_sources(), root_policy=config.policy)
         most = int(topo.slots_per_leaf.max())
         if most > 1:
             half = most // 2

@@ -89,7 +89,7 @@ def _point_topology(exp: experiment.Experiment, config: Config,
     and the client data weights of the point's seed (`data_exp`, default `exp`:
     a seed splits the documents, so the clients' token counts differ with it)."""
     data_exp = exp if data_exp is None else data_exp
-    user = build_topology(config.tree, root_policy=config.policy)
+    user = build_topology(config.run_tree(), root_policy=config.policy)
     _check_same_clients(exp.topology, user)
     topo = strategies.get(exp.config.algorithm.name).topology(user)
     base = exp.run_topology

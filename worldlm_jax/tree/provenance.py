@@ -12,6 +12,9 @@ tree the same way and says, for every field a federation does not leave at the
     set (merged with inherited from P)    a `*_args` mapping merged key by key
     own (not inherited)                   in the federation's own `own_policy:`,
                                           which its children do not inherit
+    default of strategy S (not inherited) the root's rule that strategy S brings
+                                          (`StrategyDef.policy_defaults`), where
+                                          the config sets none (`with_root_defaults`)
 
 Federations are named by their path from the root (`world/en`). Host-side and
 pure: no JAX, no data.
@@ -25,7 +28,8 @@ from typing import Any, Mapping
 from worldlm_jax.tree.policy import POLICY_FIELDS, Policy, inherit_policy
 from worldlm_jax.tree.topology import build_topology
 
-__all__ = ["FieldSource", "FederationPolicy", "policy_provenance", "format_provenance", "format_value", "CONFIG_POLICY"]
+__all__ = ["FieldSource", "FederationPolicy", "policy_provenance", "format_provenance", "format_value", "CONFIG_POLICY",
+           "with_root_defaults"]
 
 CONFIG_POLICY = "config policy"  # the root's ancestor: the config-level `policy:` section
 _DEFAULTS = Policy()
@@ -52,12 +56,47 @@ class FederationPolicy:
     fields: tuple[FieldSource, ...]
 
 
-def policy_provenance(spec: Mapping[str, Any], root_policy: Policy | None = None) -> tuple[FederationPolicy, ...]:
+def with_root_defaults(spec: Mapping[str, Any], root_policy: Policy | None,
+                       defaults: Mapping[str, Any] | None) -> tuple[Mapping[str, Any], tuple[str, ...]]:
+    """(spec, applied): tree `spec` with `defaults` (policy fields a strategy brings for
+    the root) written into its root's `own_policy:` beneath what the config sets, and
+    the fields that took the default.
+
+    The config sets a field when the root's `policy:` or `own_policy:` names it (any
+    value), or when the config-level `policy:` section (`root_policy`) holds it at a
+    value other than the `Policy` default: that section is a dataclass, which keeps no
+    record of what was written, so a field left at its default reads as unset, as in
+    this module's table. (To give the root the `Policy` default itself, write it at the
+    root: `tree.policy.server_lr: 1.0`.) A default applies at the root alone, as
+    `own_policy:` does; the federations below inherit what they did before.
+    `spec` is returned unchanged (the same object) where nothing applies."""
+    root_policy = root_policy or Policy()
+    if not defaults or not isinstance(spec, Mapping):
+        return spec, ()
+    unknown = sorted(set(defaults) - set(POLICY_FIELDS))
+    if unknown:
+        raise ValueError(f"policy defaults name unknown policy field(s) {unknown}; valid fields: "
+                         f"{', '.join(POLICY_FIELDS)}")
+    own = spec.get("own_policy") or {}
+    if not isinstance(own, Mapping):  # build_topology names the malformed field
+        return spec, ()
+    written = set(own) | set(spec["policy"] if isinstance(spec.get("policy"), Mapping) else ())
+    applied = {f: v for f, v in defaults.items() if f not in written and not _differs(root_policy, f)}
+    if not applied:
+        return spec, ()
+    return {**spec, "own_policy": {**applied, **own}}, tuple(applied)
+
+
+def policy_provenance(spec: Mapping[str, Any], root_policy: Policy | None = None, *,
+                      root_defaults: Mapping[str, Any] | None = None,
+                      defaults_from: str = "strategy") -> tuple[FederationPolicy, ...]:
     """Every federation of tree `spec` in depth-first order, with the origin of each
     policy field not at the `Policy` defaults. `root_policy` (the config's `policy:`
-    section) is what the root inherits. A malformed spec raises build_topology's
-    TopologyError."""
+    section) is what the root inherits; `root_defaults`, the root's rule a strategy
+    brings (`with_root_defaults`), named `defaults_from` ("strategy diloco") where it
+    applies. A malformed spec raises build_topology's TopologyError."""
     root_policy = root_policy or Policy()
+    spec, from_defaults = with_root_defaults(spec, root_policy, root_defaults)
     build_topology(spec, root_policy=root_policy)  # the same checks (and errors) as the run's own tree
     # origin of each field of the policy being inherited: a path, CONFIG_POLICY, or None (the default)
     origin = {f: CONFIG_POLICY if _differs(root_policy, f) else None for f in POLICY_FIELDS}
@@ -76,7 +115,9 @@ def policy_provenance(spec: Mapping[str, Any], root_policy: Policy | None = None
                 here[f] = path
             if not (f in own or f in alone or _differs(policy, f)):
                 continue
-            if f in alone:
+            if level == 0 and f in from_defaults:
+                source = f"default of {defaults_from} (not inherited)"
+            elif f in alone:
                 source = "own (not inherited)"
             elif f not in own:
                 source = f"inherited from {origin[f]}" if origin[f] else "default"
