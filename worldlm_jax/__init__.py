@@ -46,6 +46,8 @@ _PUBLIC = {  # name -> (module, attribute); loaded on first use
     "register_objective": ("worldlm_jax.plugins.objectives", "register"),
     "register_aggregator": ("worldlm_jax.plugins.aggregators", "register"),
     "register_attack": ("worldlm_jax.plugins.attacks", "register"),
+    "register_codec": ("worldlm_jax.plugins.codecs", "register"),
+    "Codec": ("worldlm_jax.plugins.codecs", "Codec"),
     "register_callback": ("worldlm_jax.plugins.callbacks", "register"),
     "register_strategy": ("worldlm_jax.engine.strategies", "register"),
 }

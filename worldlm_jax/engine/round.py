@@ -8,18 +8,20 @@ rounds, and whose copy a client deploys. The map of one root round:
 
     run_round                      policies at this round (`policy_arrays.scheduled`: learning-rate schedules)
       fed_round(level 0)
-        federations_work(d)        broadcast to the child federations, which each run
+        federations_work(d)        broadcast to the child federations (through the level's down
+                                     codecs, `links`), which each run
           run_rounds(d + 1)          their own `rounds` rounds (scan) of fed_round(d + 1)
         | slots.clients_work       (lowest federations) client slots train with the client
                                      objective, vmapped / sharded and reduced chunk by chunk
                                      to per-federation sums (`federation.sum_children`)
+          (either way)               the children's updates go up through the level's up codecs
         federation.aggregate(d)    DP release; B through the federation's aggregator and
                                      server optimizer; K through attention over children,
                                      residuals and the parent; the objective's state
 
 Plug-in points (each a registry of named entries, see docs/extending.md):
 optimizers (client and server), schedules, client objectives, aggregators,
-simulated attacks, strategies (plan + tree), and run-loop callbacks. What a
+simulated attacks, codecs, strategies (plan + tree), and run-loop callbacks. What a
 registered function returns is checked where it is called, at trace time
 (`plugins.contract`): a wrong shape is one line naming the entry.
 
@@ -37,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from worldlm_jax import tree_ops
-from worldlm_jax.engine import parallel, round_policies as policy_arrays, slots
+from worldlm_jax.engine import links, parallel, round_policies as policy_arrays, slots
 from worldlm_jax.engine.federation import aggregate, aggregated_parts, clip_norm, sum_children
 from worldlm_jax.engine.plan import PARTS, EngineSpec, level_rounds, local_steps
 from worldlm_jax.engine.round_policies import RoundPolicies, round_policies, sample_children
@@ -135,13 +137,21 @@ def federations_work(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineS
     lvl = state.levels[d]
     child_level = state.levels[d + 1]
     parent = st.parents[d + 1]
+    up_keys, down_keys = None, None
+    if links.needs_key(rs.up_codecs[d], rs.down_codecs[d]):  # split only where a codec draws: else today's keys
+        key, up_key, down_key = jax.random.split(key, 3)
+        up_keys, down_keys = links.row_keys(up_key, parent.shape[0]), links.row_keys(down_key, topo.levels[d].size)
     sample_key, rounds_key = jax.random.split(key)
     sampled = sample_children(sample_key, parent, st.children_per_round[d], st.poisson_children[d],
                               topo.children_count(d))
     active_child = active_P[parent] & sampled
+    lvl, sent_P = links.broadcast_level(rs.down_codecs[d], plan.broadcast[d], lvl, active_P, down_keys)
+    state = _with_level(state, d, lvl)
+    received = {}  # what the children start from: their parent's parts as they decoded them
     for part in PARTS:
         if part in plan.broadcast[d]:
-            sent = tree_ops.gather(getattr(lvl, part), parent)
+            sent = tree_ops.gather(sent_P[part], parent)
+            received.update(sent)
             child_level = child_level._replace(
                 **{part: tree_ops.where_rows(active_child, sent, getattr(child_level, part))})
     state = _with_level(state, d + 1, child_level)
@@ -149,14 +159,23 @@ def federations_work(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineS
     child_level = state.levels[d + 1]
     weight = jnp.where(active_child, st.node_weight[d + 1], 0.0)
     # level d itself does not change while its children run
-    delta = aggregated_parts(rs, d, tree_ops.sub({**child_level.B, **child_level.K},
-                                                 tree_ops.gather({**lvl.B, **lvl.K}, parent)))
+    start = tree_ops.gather({**lvl.B, **lvl.K}, parent)
+    if links.lossy_parts(rs.down_codecs[d]):
+        start = {**start, **received}
+    delta = aggregated_parts(rs, d, tree_ops.sub({**child_level.B, **child_level.K}, start))
+    delta, error = links.send_up(rs.up_codecs[d], delta, child_level.up_error, parent, up_keys)
+    if error:  # a child that took part keeps what its codec left out
+        child_level = child_level._replace(up_error={**child_level.up_error, **{
+            part: tree_ops.where_rows(active_child, e, child_level.up_error[part]) for part, e in error.items()}})
     sums, dp_norm = sum_children(rs, st, d, delta, weight, parent, clip_norm(rs, st, d, lvl)[parent])
     if rs.residual_masks[d + 1] is not None:  # children share their K after our round
-        state = _with_level(state, d + 1, child_level._replace(
-            residual_K=tree_ops.where_rows(active_child, child_level.K, child_level.residual_K)))
-    return state, metrics, Children(weight, parent, sums, dp_norm, child_level.K,
-                                    delta["B"] if rs.stacked[d] else None)
+        child_level = child_level._replace(
+            residual_K=tree_ops.where_rows(active_child, child_level.K, child_level.residual_K))
+    state = _with_level(state, d + 1, child_level)
+    K_N = child_level.K
+    if "K" in links.lossy_parts(rs.up_codecs[d]):  # the K a federation attends to is the one it decoded
+        K_N = tree_ops.add({p: start[p] for p in child_level.K}, delta["K"])
+    return state, metrics, Children(weight, parent, sums, dp_norm, K_N, delta["B"] if rs.stacked[d] else None)
 
 
 def run_rounds(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, batch: RoundBatch,

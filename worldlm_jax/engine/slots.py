@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from worldlm_jax import tree_ops
-from worldlm_jax.engine import aggregation, parallel
+from worldlm_jax.engine import aggregation, links, parallel
 from worldlm_jax.engine.client import make_local_update
 from worldlm_jax.engine.federation import aggregated_parts, clip_norm, sum_children
 from worldlm_jax.engine.plan import PARTS, split_parts
@@ -118,9 +118,11 @@ def _checked_attack(name: str):
 
 
 def train_chunk(rs: RoundStatics, st: RoundPolicies, sent_P, clip_P, fed_state_P, parent_N, kept_N, opt_N,
-                client_state_N, tokens_N, lr_N, steps_N, args_N, attacker_N, key_N, weight_N, present_N):
+                client_state_N, tokens_N, lr_N, steps_N, args_N, attacker_N, key_N, codec_key_N, error_N, weight_N,
+                present_N):
     """A chunk of slots: train, let attackers replace their updates, check each
-    update (finite, norm), and reduce the chunk to per-federation sums."""
+    update (finite, norm), send it through its federation's up codec, and reduce
+    the chunk to per-federation sums."""
     d = rs.topo.depth - 1
     train = lambda *a: train_slot(rs, sent_P, fed_state_P, *a)
     result, start, client_state, report, objective_metrics = jax.vmap(train)(
@@ -130,19 +132,29 @@ def train_chunk(rs: RoundStatics, st: RoundPolicies, sent_P, clip_P, fed_state_P
     valid = (tree_ops.row_all_finite(update) & jnp.isfinite(mean_loss)
              & (tree_ops.row_sq_norms(update) <= rs.spec.max_update_norm ** 2))
     weight = jnp.where(valid & present_N, weight_N, 0.0)
-    delta = aggregated_parts(rs, d, update)
+    delta, error = links.send_up(rs.up_codecs[d], aggregated_parts(rs, d, update), error_N, parent_N,
+                                 None if not links.needs_key(rs.up_codecs[d], {}) else codec_key_N)
     sums, dp_norm = sum_children(rs, st, d, delta, weight, parent_N, clip_P[parent_N], report, objective_metrics)
     final = split_parts(tree_ops.add(start, update) if rs.attack_kinds != ("none",) else result.params,
                         rs.spec.key_paths)
     per_slot = dict(loss=mean_loss, tokens=result.tokens, valid=valid, weight=weight, dp_norm=dp_norm,
                     kept={part: final[part] for part in _written_back(rs.plan)},
-                    K=final["K"] if rs.leaf_k_attention else {},
+                    K=_decoded_K(rs, start, delta, final) if rs.leaf_k_attention else {},
                     B=delta["B"] if rs.stacked[d] else {},
                     opt=result.opt_state if rs.plan.client_opt_persistent else (),
-                    objective=client_state if rs.objective.init_client is not None else {})
+                    objective=client_state if rs.objective.init_client is not None else {},
+                    up_error=error)
     if rs.spec.client_metrics:  # what the client sent: its backbone update (after an attack)
         per_slot["update_norm"] = jnp.sqrt(tree_ops.row_sq_norms(split_parts(update, rs.spec.key_paths)["B"]))
     return per_slot, sums
+
+
+def _decoded_K(rs: RoundStatics, start, delta, final):
+    """Each slot's K as its federation decodes it: what the client started from
+    plus its decoded update (through `none`: the client's K itself)."""
+    if "K" not in links.lossy_parts(rs.up_codecs[rs.topo.depth - 1]):
+        return final["K"]
+    return tree_ops.add({p: start[p] for p in final["K"]}, delta["K"])
 
 
 def _skip_if_absent(chunk_fn):
@@ -165,7 +177,13 @@ def clients_work(rs: RoundStatics, st: RoundPolicies, state: EngineState, batch:
     lvl = state.levels[d]
     cid = batch.slot_client
     safe_cid = jnp.maximum(cid, 0)
-    sent = {**(lvl.B if "B" in plan.broadcast[d] else {}), **(lvl.K if "K" in plan.broadcast[d] else {})}
+    up_keys, down_keys = jnp.zeros((topo.n_slots,)), None  # (a slot's key where no up codec draws: unused)
+    if links.needs_key(rs.up_codecs[d], rs.down_codecs[d]):  # split only where a codec draws: else today's keys
+        key, up_key, down_key = jax.random.split(key, 3)
+        up_keys, down_keys = jax.random.split(up_key, topo.n_slots), links.row_keys(down_key, topo.leaf.size)
+    lvl, sent_P = links.broadcast_level(rs.down_codecs[d], plan.broadcast[d], lvl, active_P, down_keys)
+    state = state._replace(levels=state.levels[:d] + (lvl,))
+    sent = {**sent_P.get("B", {}), **sent_P.get("K", {})}
     kept = {}
     for part in PARTS:
         if part not in plan.broadcast[d] or (part == "K" and plan.personal_keys):
@@ -173,6 +191,7 @@ def clients_work(rs: RoundStatics, st: RoundPolicies, state: EngineState, batch:
     opt_state = (tree_ops.gather(state.clients.opt, safe_cid) if plan.client_opt_persistent
                  else jnp.zeros((topo.n_slots,)))
     client_state = tree_ops.gather(state.clients.objective, safe_cid)
+    error = tree_ops.gather(state.clients.up_error, safe_cid)
     args = {a: v[st.slot_parent] for a, v in st.objective_args.items()}
     sampled = (cid >= 0) & active_P[st.slot_parent] & (batch.slot_weight > 0)
     faults = draw_faults(st, cid, sampled, key)
@@ -188,7 +207,7 @@ def clients_work(rs: RoundStatics, st: RoundPolicies, state: EngineState, batch:
                                       rs.spec.mesh, rs.spec.chunk, n_shared=4)
     out, sums = run(st, sent, clip_norm(rs, st, d, lvl), lvl.objective, st.slot_parent, kept, opt_state, client_state,
                     batch.tokens, st.client_lr[st.slot_parent], faults["steps"], args, faults["attacker"],
-                    faults["keys"], batch.slot_weight, present)
+                    faults["keys"], up_keys, error, batch.slot_weight, present)
     state = state._replace(clients=_write_back(rs, state.clients, out, jnp.where(out["valid"] & present, cid,
                                                                                   topo.n_clients)))
     weight = out["weight"]
@@ -270,4 +289,7 @@ def _write_back(rs: RoundStatics, clients, out, rows):
         clients = clients._replace(opt=put(clients.opt, out["opt"]))
     if rs.objective.init_client is not None:
         clients = clients._replace(objective=put(clients.objective, out["objective"]))
+    if out["up_error"]:
+        clients = clients._replace(up_error={**clients.up_error, **put(
+            {part: clients.up_error[part] for part in out["up_error"]}, out["up_error"])})
     return clients

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from worldlm_jax import tree_ops
-from worldlm_jax.engine import aggregation, parallel
+from worldlm_jax.engine import aggregation, links, parallel
 from worldlm_jax.engine.plan import PARTS, EngineSpec, Params, residual_mask, server_kinds, split_parts
 from worldlm_jax.plugins import objectives, optimizers
 
@@ -26,6 +26,8 @@ class LevelState(NamedTuple):
     residual_K: Params  # (n_d, ...) K as last shared with related federations
     clip: jax.Array  # (n_d,) current DP clip norm (moves only under adaptive clipping)
     objective: Any = {}  # leaf federations: the client objective's federation state (e.g. SCAFFOLD's c)
+    up_error: Any = {}  # {part: Params}: what this node's codec left out of its updates (error feedback)
+    down_copy: Any = {}  # {part: Params}: the copy its children hold of what it broadcasts through a lossy codec
 
 
 class ClientState(NamedTuple):
@@ -33,6 +35,7 @@ class ClientState(NamedTuple):
     K: Params
     opt: Any  # client optimizer states when persistent, else ()
     objective: Any = {}  # the client objective's per-client state (e.g. SCAFFOLD's c_i)
+    up_error: Any = {}  # {part: Params}: what the client's codec left out of its updates (error feedback)
 
 
 class EngineState(NamedTuple):
@@ -79,6 +82,7 @@ def _initial_state(spec: EngineSpec, params: Params) -> EngineState:
     parts = split_parts(params, spec.key_paths)
     objective = objectives.get(spec.client_objective)
     levels = []
+    up = [links.level_codecs(topo, d, "up", plan.aggregate[d]) for d in range(topo.depth)]
     for d, lvl in enumerate(topo.levels):
         B = tree_ops.stack_rows(parts["B"], lvl.size)
         K = tree_ops.stack_rows(parts["K"], lvl.size)
@@ -88,7 +92,10 @@ def _initial_state(spec: EngineSpec, params: Params) -> EngineState:
         fed_objective = {}
         if d == topo.depth - 1 and objective.init_federation is not None:
             fed_objective = tree_ops.stack_rows(objective.init_federation(params), lvl.size)
-        levels.append(LevelState(B, K, aggregation.init_server_states(txs, B), residual, clip, fed_objective))
+        up_error = links.init_error(up[d - 1], parts, lvl.size) if d > 0 else {}
+        down_copy = links.init_copy(links.level_codecs(topo, d, "down", plan.broadcast[d]), parts, lvl.size)
+        levels.append(LevelState(B, K, aggregation.init_server_states(txs, B), residual, clip, fed_objective,
+                                 up_error, down_copy))
     kept = {part: tree_ops.stack_rows(parts[part], topo.n_clients) if part in plan.client_keeps else {}
             for part in PARTS}
     if plan.personal_keys:  # a personal offset from the federation's K: none yet
@@ -99,7 +106,8 @@ def _initial_state(spec: EngineSpec, params: Params) -> EngineState:
     client_objective = {}
     if objective.init_client is not None:
         client_objective = tree_ops.stack_rows(objective.init_client(params), topo.n_clients)
-    return EngineState(tuple(levels), ClientState(kept["B"], kept["K"], opt, client_objective),
+    client_error = links.init_error(up[-1], parts, topo.n_clients)
+    return EngineState(tuple(levels), ClientState(kept["B"], kept["K"], opt, client_objective, client_error),
                        jnp.zeros((), jnp.int32))
 
 

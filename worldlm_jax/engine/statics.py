@@ -8,7 +8,7 @@ import dataclasses
 
 import optax
 
-from worldlm_jax.engine import releases
+from worldlm_jax.engine import links, releases
 from worldlm_jax.engine.plan import EngineSpec, Plan, level_kinds, residual_mask, server_kinds
 from worldlm_jax.plugins import aggregators, contract, objectives, optimizers
 from worldlm_jax.plugins.objectives import ClientObjective
@@ -39,6 +39,8 @@ class RoundStatics:
     leaf_k_attention: bool  # the clients' K is kept whole for attention
     robust_keys: tuple  # per level: some federation bounds its children's K deltas (robust_attention)
     summed: tuple  # per level: parts reduced to per-federation sums as children finish
+    up_codecs: tuple = ()  # per level: {part: links.PartCodecs} of what its children send it
+    down_codecs: tuple = ()  # per level: {part: links.PartCodecs} of what it broadcasts
 
 
 def round_statics(spec: EngineSpec) -> RoundStatics:
@@ -84,7 +86,9 @@ def round_statics(spec: EngineSpec) -> RoundStatics:
         leaf_k_attention=leaf_k_attention,
         robust_keys=tuple(any(p.k_agg == "robust_attention" for p in lvl.policies) for lvl in topo.levels),
         summed=tuple(frozenset(part for part in plan.aggregate[d] if part == "B" or not child_K_kept[d])
-                     for d in range(D)))
+                     for d in range(D)),
+        up_codecs=tuple(links.level_codecs(topo, d, "up", plan.aggregate[d]) for d in range(D)),
+        down_codecs=tuple(links.level_codecs(topo, d, "down", plan.broadcast[d]) for d in range(D)))
 
 
 def checked_optimizer(name: str, field: str) -> optax.GradientTransformation:

@@ -8,6 +8,7 @@ module loaded by `--plugin` or a config's `plugins:` list (docs/extending.md).
     objectives   client objectives (FedProx, SCAFFOLD, ...) and their state
     aggregators  backbone aggregators (mean, trimmed mean, multi-Krum, ...)
     attacks      simulated attacks a federation's attackers send
+    codecs       what a message becomes on a link (casts, quantisers, top-k, sign) and its bits
     callbacks    run-loop callbacks (Callback, early stopping, ...)
     contract     what an entry returns, checked where the round calls it (PluginOutputError)
     loading      imports a plug-in module by name or .py path
@@ -16,9 +17,10 @@ Strategies (a plan plus a tree) register in `engine.strategies`. The names
 below are stable (a catalogue module's documented contract and `register`
 included); the modules' other names are not.
 """
-from worldlm_jax.plugins import aggregators, attacks, callbacks, objectives, optimizers, schedules
+from worldlm_jax.plugins import aggregators, attacks, callbacks, codecs, objectives, optimizers, schedules
 from worldlm_jax.plugins.loading import PluginError, load, load_all
 from worldlm_jax.plugins.registry import Registry, UnknownNameError
 
-__all__ = ["optimizers", "schedules", "objectives", "aggregators", "attacks", "callbacks", "load", "load_all",
+__all__ = ["optimizers", "schedules", "objectives", "aggregators", "attacks", "codecs", "callbacks", "load",
+           "load_all",
            "PluginError", "Registry", "UnknownNameError"]

@@ -11,13 +11,17 @@ each part, and how many children actually took part (a round metric):
   each residual candidate once per round of its parent, and its parent's K
   when that is a candidate (`k_agg: mean` reads neither).
 
-Parameters travel as float32 (4 bytes), uncompressed.
+A message is priced through its federation's codec of that part and direction
+(`plugins.codecs`: payload plus scales and indices, each leaf in whole bytes),
+given the leaves' sizes (`part_leaves`); without them, or through `none`,
+parameters travel as float32 (4 bytes). Residual K reads are float32.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from worldlm_jax.engine import Plan
+from worldlm_jax.engine import Plan, links
+from worldlm_jax.plugins import codecs
 from worldlm_jax.tree.policy import ATTENDING
 from worldlm_jax.tree.topology import Topology
 
@@ -27,6 +31,34 @@ def part_bytes(params: dict, key_paths, bytes_per_value: int = 4) -> dict[str, i
     for path, value in params.items():
         sizes["K" if path in key_paths else "B"] += int(np.prod(value.shape)) * bytes_per_value
     return sizes
+
+
+def part_leaves(params: dict, key_paths) -> dict[str, tuple[int, ...]]:
+    """{"B": ..., "K": ...}: the number of values in each leaf of each part (`params` may be abstract)."""
+    leaves = {"B": [], "K": []}
+    for path in sorted(params):
+        leaves["K" if path in key_paths else "B"].append(int(np.prod(params[path].shape)))
+    return {part: tuple(v) for part, v in leaves.items()}
+
+
+def codec_bytes(variant, leaf_sizes) -> int:
+    """Bytes of one message of a part (leaves of `leaf_sizes` values) through codec `variant`
+    ((name, ((argument, value), ...)), as `engine.links.variant` resolves it): each leaf in whole bytes."""
+    name, args = variant
+    codec, args = codecs.get(name), dict(args)
+    return sum(-(-int(codec.bits(int(n), args)) // 8) for n in leaf_sizes)
+
+
+def message_bytes(topology: Topology, level: int, direction: str, parts, sizes: dict[str, int],
+                  leaves: dict | None = None) -> np.ndarray:
+    """(n_level,) bytes of one message on each level-`level` federation's edges in
+    `direction` ("up": what one child sends it; "down": what it sends one child)
+    of `parts`: through the federation's codecs where `leaves` is given, else float32."""
+    policies = topology.levels[level].policies
+    if leaves is None:
+        return np.full(len(policies), float(sum(sizes[p] for p in parts)))
+    return np.array([float(sum(codec_bytes(links.variant(p, direction, part), leaves[part])
+                               for part in parts if leaves[part])) for p in policies])
 
 
 def residual_candidates(topology: Topology, level: int, mode: str) -> np.ndarray:
@@ -40,18 +72,21 @@ def residual_candidates(topology: Topology, level: int, mode: str) -> np.ndarray
     return counts[lvl.parent] - 1
 
 
-def round_bytes(topology: Topology, plan: Plan, sizes: dict[str, int], participants: dict[int, np.ndarray]) -> dict:
+def round_bytes(topology: Topology, plan: Plan, sizes: dict[str, int], participants: dict[int, np.ndarray],
+                leaves: dict | None = None) -> dict:
     """Bytes of one root round, per level edge.
 
-    `participants[d]` is the total number of (round, child) participations of
-    level-d federations' children during the root round (summed over nested
-    rounds), as reported by the round metrics `level{d}/participants`.
+    `participants[d]` is each level-d federation's number of (round, child)
+    participations of its children during the root round (summed over nested
+    rounds), as reported by the round metrics `level{d}/participants`;
+    `leaves` (`part_leaves`) prices messages through the federations' codecs.
     """
     out = {}
     for d in range(topology.depth):
-        n = float(np.sum(participants[d]))
-        down = n * sum(sizes[p] for p in plan.broadcast[d])
-        up = n * sum(sizes[p] for p in plan.aggregate[d])
+        n_P = np.asarray(participants[d], np.float64)
+        n = float(np.sum(n_P))
+        down = float(np.sum(n_P * message_bytes(topology, d, "down", plan.broadcast[d], sizes, leaves)))
+        up = float(np.sum(n_P * message_bytes(topology, d, "up", plan.aggregate[d], sizes, leaves)))
         extra = 0.0
         child_is_federation = d + 1 < topology.depth
         if child_is_federation and "K" in plan.aggregate[d + 1] and sizes["K"]:

@@ -46,7 +46,7 @@ from __future__ import annotations
 import numpy as np
 
 from worldlm_jax.engine import Plan
-from worldlm_jax.run.communication import residual_candidates
+from worldlm_jax.run.communication import message_bytes, residual_candidates
 from worldlm_jax.tree.policy import ATTENDING
 from worldlm_jax.tree.topology import Topology
 
@@ -92,7 +92,8 @@ def slowest_child(parent: np.ndarray, seconds: np.ndarray, present: np.ndarray, 
 
 
 def critical_paths(topology: Topology, plan: Plan, sizes: dict[str, int], participants: dict[int, np.ndarray],
-                   rounds: dict[int, np.ndarray], work_seconds: np.ndarray) -> tuple[np.ndarray, ...]:
+                   rounds: dict[int, np.ndarray], work_seconds: np.ndarray,
+                   leaves: dict | None = None) -> tuple[np.ndarray, ...]:
     """Per level d, (n_d, depth + 1): each node's simulated seconds in the root
     round along its critical path, split into the seconds on the links of each
     level (columns 0..depth-1: level d's links go to its children) and in the
@@ -100,15 +101,16 @@ def critical_paths(topology: Topology, plan: Plan, sizes: dict[str, int], partic
 
     `participants[d]`, `rounds[d]`: the round metrics `level{d}/participants`
     and `level{d}/rounds` (per node, summed over nested rounds);
-    `work_seconds`: (n_leaf,) a client's local work per round (`local_work_seconds`)."""
+    `work_seconds`: (n_leaf,) a client's local work per round (`local_work_seconds`);
+    `leaves`: messages priced through the federations' codecs (`communication.message_bytes`)."""
     D = topology.depth
     paths: list[np.ndarray] = [np.zeros(0)] * D
     for d in range(D - 1, -1, -1):
         lvl = topology.levels[d]
         bandwidth = lvl.policy_array("link_bandwidth_mbps", np.float64)
         latency = lvl.policy_array("link_latency_ms", np.float64)
-        down = sum(sizes[p] for p in plan.broadcast[d])
-        up = sum(sizes[p] for p in plan.aggregate[d])
+        down = message_bytes(topology, d, "down", plan.broadcast[d], sizes, leaves)
+        up = message_bytes(topology, d, "up", plan.aggregate[d], sizes, leaves)
         per_round = np.zeros((lvl.size, D + 1))
         if d == D - 1:  # children are clients, all alike
             per_round[:, d] = message_seconds(down, bandwidth, latency) + message_seconds(up, bandwidth, latency)
@@ -120,9 +122,9 @@ def critical_paths(topology: Topology, plan: Plan, sizes: dict[str, int], partic
             # a child runs its own `rounds` per round of its parent it takes part in
             parent_rounds = np.asarray(rounds[d + 1], np.float64) / child.policy_array("rounds", np.float64)
             child_per_round = paths[d + 1] / np.maximum(parent_rounds, 1.0)[:, None]
-            child_per_round[:, d] += (message_seconds(down + residual_bytes(topology, plan, sizes, d + 1),
+            child_per_round[:, d] += (message_seconds(down[parent] + residual_bytes(topology, plan, sizes, d + 1),
                                                       bandwidth[parent], latency[parent])
-                                      + message_seconds(up, bandwidth[parent], latency[parent]))
+                                      + message_seconds(up[parent], bandwidth[parent], latency[parent]))
             best = slowest_child(parent, child_per_round.sum(1), present, lvl.size)
             per_round = np.where((best >= 0)[:, None], child_per_round[np.maximum(best, 0)], 0.0)
         ran = np.where(np.asarray(participants[d]) > 0, np.asarray(rounds[d], np.float64), 0.0)
@@ -131,10 +133,10 @@ def critical_paths(topology: Topology, plan: Plan, sizes: dict[str, int], partic
 
 
 def round_clock(topology: Topology, plan: Plan, sizes: dict[str, int], participants: dict[int, np.ndarray],
-                rounds: dict[int, np.ndarray], work_seconds: np.ndarray) -> dict:
+                rounds: dict[int, np.ndarray], work_seconds: np.ndarray, leaves: dict | None = None) -> dict:
     """The root round's simulated seconds: `seconds` (the root's critical path),
     `compute_seconds` (the clients' local work on it) and `per_level` (its
     seconds on each level's links, `level{d}`); compute and links add up to seconds."""
-    root = critical_paths(topology, plan, sizes, participants, rounds, work_seconds)[0][0]
+    root = critical_paths(topology, plan, sizes, participants, rounds, work_seconds, leaves)[0][0]
     return {"seconds": float(root.sum()), "compute_seconds": float(root[-1]),
             "per_level": {f"level{d}": float(root[d]) for d in range(topology.depth)}}

@@ -112,7 +112,8 @@ def round_record(exp: Experiment, round_index: int, metrics: dict, seconds: floa
     if exp.strategy_for(round_index) is not exp.strategy:
         algo = exp.config.algorithm
         plan = strategies.global_stage_plan(topo.depth, algo.residuals, algo.similarity, algo.use_parent)
-    record["bytes_communicated"] = communication.round_bytes(topo, plan, exp.part_bytes, participants)
+    leaves = communication.part_leaves(exp.init_params, exp.spec.key_paths)
+    record["bytes_communicated"] = communication.round_bytes(topo, plan, exp.part_bytes, participants, leaves)
     record.update(simulated_time(exp, plan, metrics, participants, record["tokens_per_s"]))
     return record
 
@@ -124,7 +125,8 @@ def simulated_time(exp: Experiment, plan, metrics: dict, participants: dict, mea
     topo = exp.run_topology
     rounds = {d: np.asarray(metrics[f"level{d}/rounds"], np.float64) for d in range(topo.depth)}
     work = network_clock.local_work_seconds(topo, exp.batch_size * exp.config.data.seq_len, measured_tokens_per_s)
-    clock = network_clock.round_clock(topo, plan, exp.part_bytes, participants, rounds, work)
+    clock = network_clock.round_clock(topo, plan, exp.part_bytes, participants, rounds, work,
+                                      communication.part_leaves(exp.init_params, exp.spec.key_paths))
     return {"sim_seconds": clock["seconds"], "sim_compute_seconds": clock["compute_seconds"],
             "sim_seconds_per_level": clock["per_level"]}
 

@@ -80,6 +80,7 @@ from worldlm_jax.tree.topology import Topology, build_topology
 
 SWEEP = parallel.SWEEP_AXIS
 NAMED_RULES = ("server_optimizer", "aggregator", "client_lr_schedule", "server_lr_schedule", "attack")
+CODEC_FIELDS = ("codec_up", "codec_down", "codec_args")
 
 
 def _point_topology(exp: experiment.Experiment, config: Config,
@@ -104,6 +105,10 @@ def _point_topology(exp: experiment.Experiment, config: Config,
             if [getattr(p, field) for p in b.policies] != [getattr(p, field) for p in t.policies]:
                 raise ValueError(f"a vectorised sweep may not vary {field} (each named rule is part of the "
                                  f"compiled round; its numeric arguments may vary); use `worldlm sweep`")
+        for field in CODEC_FIELDS:  # a codec's arguments shape its messages: both are traced into the round
+            if [getattr(p, field) for p in b.policies] != [getattr(p, field) for p in t.policies]:
+                raise ValueError(f"a vectorised sweep may not vary {field} (codecs and their arguments are part "
+                                 f"of the compiled round); use `worldlm sweep`")
     levels = tuple(dataclasses.replace(b, policies=t.policies) for b, t in zip(base.levels, topo.levels))
     topo = dataclasses.replace(data_exp.run_topology, levels=levels)
     _check_same_batch(base, topo)

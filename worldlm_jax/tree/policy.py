@@ -79,6 +79,12 @@ class Policy:
     link_bandwidth_mbps: float = 10000.0  # megabits per second (10 Gbit/s: a datacentre link)
     link_latency_ms: float = 1.0  # per message, one way
     client_tokens_per_s: float = 0.0  # leaf federations: a client's training speed (0 = the run's measured one)
+    # compressed links (worldlm_jax.codecs): what this federation's children send up to it
+    # (their updates; a leaf federation's: its clients') and what it sends down to them;
+    # a codec's name, or {B: name, K: name} per part
+    codec_up: Any = "none"
+    codec_down: Any = "none"
+    codec_args: Mapping[str, float] = dataclasses.field(default_factory=dict)  # e.g. {block: 128, fraction: 0.05}
 
     def validate(self, where: str) -> None:
         def fail(field, value, allowed):
@@ -118,6 +124,42 @@ class Policy:
             fail("dp_delta", self.dp_delta, "expected 0 < delta < 1")
         self._validate_plugins(where, fail)
         self._validate_clock(fail)
+        self._validate_codecs(where, fail)
+
+    def codec(self, direction: str, part: str) -> str:
+        """The codec of `part` ("B" or "K") on this federation's edges, `direction` "up" or "down"."""
+        value = getattr(self, f"codec_{direction}")
+        return value.get(part, "none") if isinstance(value, Mapping) else value
+
+    def _validate_codecs(self, where: str, fail) -> None:
+        from worldlm_jax.plugins import codecs
+        from worldlm_jax.plugins.registry import UnknownNameError
+
+        for direction in ("up", "down"):
+            field = f"codec_{direction}"
+            value = getattr(self, field)
+            names = dict(value) if isinstance(value, Mapping) else {"B": value, "K": value}
+            if set(names) - {"B", "K"} or not all(isinstance(v, str) for v in names.values()):
+                fail(field, value, "expected a codec's name, or a mapping {B: name, K: name}")
+            for name in names.values():
+                try:
+                    codecs.CODECS.check(name, f"{where}: policy field '{field}'")
+                except UnknownNameError as e:
+                    raise TopologyError(str(e)) from None
+        args = self.codec_args
+        if not isinstance(args, Mapping) or not all(isinstance(k, str) and isinstance(v, (int, float))
+                                                    and not isinstance(v, bool) for k, v in args.items()):
+            fail("codec_args", args, "expected a mapping of argument names to numbers, e.g. {block: 128}")
+        used = {self.codec(d, part) for d in ("up", "down") for part in ("B", "K")}
+        declared = {codecs.FEEDBACK_ARG}.union(*(codecs.get(name).args for name in used))
+        unknown = sorted(set(args) - declared)
+        if unknown:
+            fail("codec_args", dict(args), f"the codecs {sorted(used)} take {', '.join(sorted(declared))}, "
+                 f"not {unknown}")
+        for name in sorted(used):
+            problem = codecs.check_args(name, args)
+            if problem:
+                fail("codec_args", dict(args), f"codec {name!r}: {problem}")
 
     def _validate_clock(self, fail) -> None:
         """The network clock's inputs: a link carries bytes (bandwidth > 0), its latency and
@@ -196,9 +238,13 @@ def inherit_policy(node: Mapping[str, Any], inherited: Policy, where: str, field
         raise TopologyError(f"{where}: unknown {field.replace('_', ' ')} field(s) {unknown}; valid fields: "
                             f"{', '.join(POLICY_FIELDS)}")
     values = dict(raw)
-    for name in ("aggregator_args", "objective_args", "attack_args"):  # merged key by key with the inherited ones
+    for name in ("aggregator_args", "objective_args", "attack_args", "codec_args"):  # merged key by key
         if isinstance(values.get(name), Mapping):
             values[name] = {**getattr(inherited, name), **values[name]}
+    for name in ("codec_up", "codec_down"):  # {B: ..} over an inherited name or mapping: part by part
+        if isinstance(values.get(name), Mapping):
+            old = getattr(inherited, name)
+            values[name] = {**({"B": old, "K": old} if isinstance(old, str) else old), **values[name]}
     for name in ("dropout", "stragglers", "attacker_fraction", "min_lr_ratio", "client_lr", "server_lr", "tau",
                  "eta", "residual_bias", "parent_bias",
                  "dp_noise_multiplier", "dp_clip", "dp_delta", "dp_target_quantile", "dp_clip_lr",
