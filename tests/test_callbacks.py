@@ -276,7 +276,7 @@ def test_round_record_reports_the_learning_rates_the_round_used():
     run = blueprint.abstract_run(config)
     exp = types.SimpleNamespace(run_topology=run.run_topology, spec=run.spec, strategy=run.strategy,
                                 strategy_for=lambda r: run.strategy, config=config, batch_size=run.batch_size,
-                                part_bytes=communication.part_bytes(run.params, run.spec.key_paths))
+                                part_bytes=communication.part_bytes(run.params, run.spec.key_paths), init_params=run.params)
     topo = run.run_topology
     assert topo.depth == 2 and topo.leaf.names == ("en", "de", "ru")
     metrics = {"train_loss_sum": np.ones(3), "train_clients": np.full(3, 2.0), "tokens": np.float32(10),
