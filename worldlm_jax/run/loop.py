@@ -208,6 +208,7 @@ class RunLoop:
             self._maybe_checkpoint()
         self._check_finite(keep=0)
         self.logger.flush()
+        self.ckpt.wait()  # a save still in flight is not listed yet
         if self.ckpt.latest_step() != self.round:
             self.ckpt.save(self.round, self.state, self._host_state(self.round), force=True)
         self.ckpt.wait()
@@ -247,6 +248,7 @@ class RunLoop:
             r, flags = self._unchecked.popleft()
             host = [np.asarray(f) for f in flags]
             if not all(f.all() for f in host):
+                self.ckpt.wait()  # the last good save may still be in flight: name it once it is on disk
                 raise nonfinite_error(self.exp.run_topology, r, host, self.ckpt.latest_step())
 
     def _stop_broken(self) -> None:
