@@ -173,6 +173,9 @@ CASES = [
     ("strategy-default-bad-value", "a strategy whose policy defaults hold a value no federation may take",
      ["--plugin", "my_strategy.py"] + PLAN, {"my_strategy.py": BAD_STRATEGY_DEFAULTS.format('"server_lr": -1')},
      ["my_strategy.py", "StrategyDef.policy_defaults", "server_lr", "-1", "> 0"]),
+    ("policy-default-shadowed", "a config-level policy field written at its default, which the strategy replaces at "
+     "the root", PLAN + ["--set", "algorithm.name=diloco", "--set", "policy.server_lr=1.0"], {},
+     ["policy.server_lr=1.0", "diloco", "0.7", "tree.policy.server_lr=1.0"]),
     # traced, not compiled: the check fires while `plan` lowers the round (plugins/contract.py)
     ("plugin-output-shape", "an aggregator that returns every child's update instead of one per federation",
      ["--plugin", "my_plugins.py", "plan", "--config", "tiny", "--set", "policy.aggregator=my_mean"],

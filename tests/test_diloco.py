@@ -199,6 +199,33 @@ def test_diloco_brings_the_roots_outer_rule_and_the_config_overrides_it():
     assert "default of strategy" not in describe_config(at_root, short=True).split("server_lr", 2)[-1]
 
 
+def test_a_policy_field_written_at_its_default_is_refused_where_the_strategy_would_replace_it(tmp_path):
+    """The config-level `policy:` section cannot tell a written 1.0 from the default
+    1.0, so diloco's root would silently take 0.7: refused by every way of writing it
+    (an override in either order, a YAML then an override, a grid point), and the
+    spelling the error names works."""
+    from worldlm_jax.cli.commands import load_config
+    from worldlm_jax.sweeps.grid import point_config
+
+    message = "policy.server_lr=1.0 is the Policy default, which strategy 'diloco' replaces at the root with 0.7"
+    for order in (["policy.server_lr=1.0", "algorithm.name=diloco"], ["algorithm.name=diloco", "policy.server_lr=1.0"]):
+        with pytest.raises(ConfigError, match=message):
+            load_config("tiny", order)
+    yaml_path = tmp_path / "c.yaml"
+    yaml_path.write_text("base: tiny\npolicy: {server_lr: 1.0}\n")
+    assert load_config(str(yaml_path)).policy.server_lr == 1.0  # fedavg: nothing replaces it
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(yaml_path), ["algorithm.name=diloco"])
+    with pytest.raises(ConfigError, match=message):
+        point_config(load_config("tiny", ["algorithm.name=diloco"]), [("policy.server_lr", "1.0")])
+    # not refused: a value other than the default, a field the strategy leaves alone, the root's own field
+    diloco = load_config("tiny", ["algorithm.name=diloco"])
+    assert apply_overrides(diloco, ["policy.server_lr=0.5"]).policy.server_lr == 0.5
+    assert apply_overrides(diloco, ["policy.local_steps=1"]).policy.local_steps == 1
+    fixed = load_config("tiny", ["algorithm.name=diloco", "tree.policy.server_lr=1.0", "policy.server_lr=1.0"])
+    assert build_topology(fixed.run_tree(), root_policy=fixed.policy).levels[0].policies[0].server_lr == 1.0
+
+
 def test_a_strategys_policy_defaults_must_name_policy_fields():
     with pytest.raises(ValueError, match=r"policy_defaults names unknown policy field\(s\) \['server_rate'\]"):
         strategies.StrategyDef(plan=lambda depth, algo: strategies.diloco_plan(depth),

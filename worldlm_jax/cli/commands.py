@@ -14,6 +14,8 @@ from typing import Sequence
 
 from worldlm_jax import config as config_lib
 from worldlm_jax.config import Config, apply_override, apply_overrides, load_yaml, presets as configs
+from worldlm_jax.config.loading import load_written
+from worldlm_jax.config.schema import policy_fields_written, refuse_shadowed_policy
 
 
 class CliError(Exception):
@@ -47,10 +49,13 @@ def load_config(spec: str, overrides: Sequence[str] = (), plugins: Sequence[str]
 
     from worldlm_jax.sweeps.grid import normalize_override
 
-    config = config_lib.load(spec)
+    config, written = load_written(spec)
     if plugins:
         config = dataclasses.replace(config, plugins=tuple(dict.fromkeys((*config.plugins, *plugins))))
-    config = apply_overrides(config, [normalize_override(o) for o in overrides])
+    overrides = [normalize_override(o) for o in overrides]
+    config = apply_overrides(config, overrides)
+    # the YAML's policy fields, once the overrides have chosen the strategy
+    config = refuse_shadowed_policy(config, written | policy_fields_written(overrides))
     check_tree(config)
     return config
 

@@ -11,19 +11,27 @@ import yaml
 
 from worldlm_jax import plugins
 from worldlm_jax.config import presets
-from worldlm_jax.config.schema import Config, ConfigError, from_dict
+from worldlm_jax.config.schema import Config, ConfigError, from_dict, refuse_shadowed_policy
 
 
 def load(spec: str) -> Config:
     """A preset name or a path to a YAML config (`load_yaml`: its plugins
     imported, its `base:` merged in)."""
+    return load_written(spec)[0]
+
+
+def load_written(spec: str) -> tuple[Config, set[str]]:
+    """`load(spec)`, and the config-level `policy:` fields its YAML writes (none for a
+    preset), for `schema.refuse_shadowed_policy` once overrides have chosen the strategy."""
     if spec in presets.PRESETS:
-        return presets.get(spec)
+        return presets.get(spec), set()
     if os.path.isfile(spec):
-        return load_yaml(spec)
+        data = resolve_yaml(spec)
+        written = yaml_policy_fields(data)
+        return refuse_shadowed_policy(from_dict(Config, data).validate(), written), written
     if spec.endswith((".yaml", ".yml")) or os.sep in spec or "/" in spec:
         raise ConfigError(f"config file {spec!r} not found")
-    return presets.get(spec)  # raises: unknown preset, listing the presets
+    return presets.get(spec), set()  # raises: unknown preset, listing the presets
 
 
 def load_yaml(path: str) -> Config:
@@ -31,7 +39,14 @@ def load_yaml(path: str) -> Config:
     register validate; `base: PRESET_OR_YAML` starts from a preset or another
     YAML, which the file's sections override key by key (`tree:` replaces the
     base's tree whole). Relative paths in both are relative to the YAML's folder."""
-    return from_dict(Config, resolve_yaml(path)).validate()
+    data = resolve_yaml(path)
+    return refuse_shadowed_policy(from_dict(Config, data).validate(), yaml_policy_fields(data))
+
+
+def yaml_policy_fields(data: Mapping) -> set[str]:
+    """The fields a resolved YAML's config-level `policy:` section writes."""
+    section = data.get("policy") if isinstance(data, Mapping) else None
+    return set(section) if isinstance(section, Mapping) else set()
 
 
 def resolve_yaml(path: str, _chain: tuple[str, ...] = ()) -> dict:

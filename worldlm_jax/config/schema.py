@@ -410,7 +410,46 @@ def _federation_names(node) -> list[str]:
 def apply_overrides(config, assignments) -> Config:
     for assignment in assignments or ():
         config = apply_override(config, assignment)
-    return config.validate() if isinstance(config, Config) else config
+    if not isinstance(config, Config):
+        return config
+    return refuse_shadowed_policy(config.validate(), policy_fields_written(assignments))
+
+
+def policy_fields_written(assignments) -> set[str]:
+    """The config-level `policy:` fields that `a.b=v` overrides name."""
+    written = set()
+    for assignment in assignments or ():
+        path, _, raw = str(assignment).partition("=")
+        keys = path.strip().split(".")
+        if keys[0] == "policy" and len(keys) > 1:
+            written.add(keys[1])
+        elif keys == ["policy"]:
+            value = yaml.safe_load(raw) if raw.strip() else None
+            written |= set(value) if isinstance(value, Mapping) else set()
+    return written
+
+
+def refuse_shadowed_policy(config: Config, written) -> Config:
+    """`config`, unless a config-level `policy.F` it writes would be silently replaced.
+
+    The `policy:` section is a dataclass, so a field written at the `Policy` default
+    reads as unset, and where the strategy brings its own default for the root
+    (`StrategyDef.policy_defaults`, `tree.provenance.with_root_defaults`) the root
+    would take that instead of what was written (diloco's server_lr 0.7 for a written
+    1.0). Refused, naming the spelling that works: the root's own `tree.policy.F`."""
+    defaults = strategies.policy_defaults(config.algorithm.name) or {}
+    root = config.tree if isinstance(config.tree, Mapping) else {}
+    at_root = {f for section in ("policy", "own_policy") if isinstance(root.get(section), Mapping)
+               for f in root[section]}
+    base = Policy()
+    for field in sorted(set(written) & set(defaults) - at_root):
+        value = getattr(config.policy, field, None)
+        if value == getattr(base, field) and defaults[field] != value:
+            raise ConfigError(
+                f"policy.{field}={value!r} is the Policy default, which strategy {config.algorithm.name!r} "
+                f"replaces at the root with {defaults[field]!r}; to give the root {value!r}, write "
+                f"tree.policy.{field}={value!r}")
+    return config
 
 
 def save_yaml(config: Config, path: str) -> None:

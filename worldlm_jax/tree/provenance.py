@@ -67,7 +67,8 @@ def with_root_defaults(spec: Mapping[str, Any], root_policy: Policy | None,
     value other than the `Policy` default: that section is a dataclass, which keeps no
     record of what was written, so a field left at its default reads as unset, as in
     this module's table. (To give the root the `Policy` default itself, write it at the
-    root: `tree.policy.server_lr: 1.0`.) A default applies at the root alone, as
+    root: `tree.policy.server_lr: 1.0`; the config loader refuses the config-level
+    spelling, `config.schema.refuse_shadowed_policy`.) A default applies at the root alone, as
     `own_policy:` does; the federations below inherit what they did before.
     `spec` is returned unchanged (the same object) where nothing applies."""
     root_policy = root_policy or Policy()
