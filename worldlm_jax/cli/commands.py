@@ -12,7 +12,6 @@ import sys
 import textwrap
 from typing import Sequence
 
-from worldlm_jax import config as config_lib
 from worldlm_jax.config import Config, apply_override, apply_overrides, load_yaml, presets as configs
 from worldlm_jax.config.loading import load_written
 from worldlm_jax.config.schema import policy_fields_written, refuse_shadowed_policy
