@@ -257,16 +257,17 @@ def test_unknown_codecs_and_bad_arguments_are_one_line_naming_the_field():
 
 
 def test_buffers_are_checkpointed_sharded_and_resume_bit_for_bit(tmp_path):
-    """The tiny model on 8 devices with lossy codecs both ways (a random one
-    included), its state sharded: a round run from the restored checkpoint equals
-    the round run from the state in memory, bit for bit, buffers included."""
+    """The tiny model (one block, so that it compiles in seconds) on 8 devices with
+    lossy codecs both ways (a random one included), its state sharded: a round run
+    from the restored checkpoint equals the round run from the state in memory, bit
+    for bit, buffers included."""
     from worldlm_jax.config import apply_overrides, presets
     from worldlm_jax.outputs.checkpoint import Checkpointer
     from worldlm_jax.run import experiment as experiment_lib
 
     config = apply_overrides(presets.tiny(), [
         "run.rounds=2", "run.shard_state_mb=0", "policy.codec_up={B: stochastic, K: topk}",
-        "policy.codec_args.fraction=0.05", "policy.codec_down=int8"])
+        "policy.codec_args.fraction=0.05", "policy.codec_down=int8", "model.n_layers=1", "policy.local_steps=1"])
     exp = experiment_lib.build_experiment(config)
     state = experiment_lib.place_state(exp, exp.strategy.init(exp.init_params))
     key = jax.random.PRNGKey(config.run.seed + 1)
