@@ -176,6 +176,12 @@ CASES = [
     ("policy-default-shadowed", "a config-level policy field written at its default, which the strategy replaces at "
      "the root", PLAN + ["--set", "algorithm.name=diloco", "--set", "policy.server_lr=1.0"], {},
      ["policy.server_lr=1.0", "diloco", "0.7", "tree.policy.server_lr=1.0"]),
+    ("key-layers-select-nothing", "key layers that match no parameter",
+     PLAN + ["--set", "algorithm.key_layers={kind: regex, patterns: [nomatch]}"], {},
+     ["algorithm.key_layers", "nomatch", "no parameter", "hierfavg"]),
+    ("key-layers-block-out-of-range", "a key-layer block the model does not have",
+     PLAN + ["--set", "algorithm.key_layers={kind: blocks, blocks: [5]}"], {},
+     ["algorithm.key_layers", "[5]", "0..1"]),
     # traced, not compiled: the check fires while `plan` lowers the round (plugins/contract.py)
     ("plugin-output-shape", "an aggregator that returns every child's update instead of one per federation",
      ["--plugin", "my_plugins.py", "plan", "--config", "tiny", "--set", "policy.aggregator=my_mean"],

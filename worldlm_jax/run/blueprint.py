@@ -128,7 +128,11 @@ def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
             raise ConfigError(str(e)) from e
     key_paths = frozenset()
     if definition.uses_key_layers:
-        mask = partition.key_layer_mask(params.keys(), algo.key_layers, model_config.n_layers)
+        try:
+            mask = partition.key_layer_mask(params.keys(), algo.key_layers, model_config.n_layers)
+        except ValueError as e:
+            raise ConfigError(f"algorithm.key_layers: {str(e).rstrip('.')}; algorithm.name=hierfavg shares "
+                              "every parameter and local shares none") from e
         key_paths = frozenset(p for p, is_key in mask.items() if is_key)
     plan = definition.plan(run_topology.depth, algo)
     if not isinstance(plan, engine.Plan):
