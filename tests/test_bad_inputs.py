@@ -182,6 +182,12 @@ CASES = [
     ("key-layers-block-out-of-range", "a key-layer block the model does not have",
      PLAN + ["--set", "algorithm.key_layers={kind: blocks, blocks: [5]}"], {},
      ["algorithm.key_layers", "[5]", "0..1"]),
+    ("split-search-no-key-layers", "a split search for a strategy without key layers",
+     ["split-search", "--config", "tiny", "--set", "algorithm.name=fedavg", "--workdir", "runs/split"], {},
+     ["algorithm.name='fedavg'", "no key layers", "worldlm or fedper"]),
+    ("split-search-dp", "a split search over DP federations",
+     ["split-search", "--config", "tiny", "--set", "policy.dp_clip=1.0", "--workdir", "runs/split"], {},
+     ["split-search", "no DP release", "dp_*"]),
     # traced, not compiled: the check fires while `plan` lowers the round (plugins/contract.py)
     ("plugin-output-shape", "an aggregator that returns every child's update instead of one per federation",
      ["--plugin", "my_plugins.py", "plan", "--config", "tiny", "--set", "policy.aggregator=my_mean"],

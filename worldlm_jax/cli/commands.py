@@ -294,6 +294,30 @@ def cmd_sweep(args) -> int:
     return 130 if any(r["status"] == "interrupted" for r in rows) else 0
 
 
+def cmd_split_search(args) -> int:
+    from worldlm_jax.run.loop import NonFiniteStateError
+    from worldlm_jax.sweeps import split_search
+
+    base = load_config(args.config, args.set, args.plugins)
+    _check_same_config(base)
+    split_search.check_base(base)
+    only = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    say = print if _primary() else (lambda *a, **k: None)  # multi-process: process 0 prints
+    try:  # the log names the candidate that was training
+        result = split_search.search(base, args.workdir, only=only, quiet=args.quiet,
+                                     progress=not args.no_progress, log=say)
+    except NonFiniteStateError as e:
+        return _stopped_nonfinite("split-search", e)
+    if result["chosen"] is None:
+        say("split search interrupted; run the same command again to resume")
+        return 130
+    chosen = next(r for r in result["rows"] if r["name"] == result["chosen"])
+    say(split_search.markdown_table(result["rows"], result["front"], result["chosen"]), end="")
+    say(f"chosen: {result['chosen']}  {split_search.override_line(chosen)}")
+    say(f"wrote {os.path.join(args.workdir, split_search.SPLIT_FILE)}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from worldlm_jax.outputs import report
 

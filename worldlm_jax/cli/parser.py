@@ -30,6 +30,8 @@ subcommands:
   train     train (or resume) one run; writes WORKDIR/{summary.json,metrics.jsonl,config.yaml,checkpoints/}
   eval      re-evaluate a run's latest checkpoint; writes WORKDIR/eval.json
   sweep     train every point of a grid of overrides, one run dir each; writes DIR/sweep.md
+  split-search  train one run per candidate key-layer split, rank them by perplexity and bytes
+            (a Pareto front); writes DIR/split_search.md and the chosen split as DIR/split.yaml
   report    compare runs: tables (seeds pooled, differing config fields), learning curves
             against rounds, tokens and bytes, a sweep plot; warns on unequal round counts
   plan      memory per device of a run (federation state, parameters, optimizer
@@ -117,10 +119,11 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worldlm", description=DESCRIPTION, epilog=EPILOG, formatter_class=_RAW)
     _add_plugin_arg(parser, "plugins_before")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sweep,report,plan,config,presets}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sweep,split-search,report,plan,config,presets}")
     _train_parser(sub)
     _eval_parser(sub)
     _sweep_parser(sub)
+    _split_search_parser(sub)
     _report_parser(sub)
     _plan_parser(sub)
     _config_parser(sub)
@@ -193,6 +196,27 @@ def _sweep_parser(sub) -> None:
     _add_plugin_arg(p, "plugins_after")
     _add_distributed_args(p)
     p.set_defaults(func=commands.cmd_sweep)
+
+
+def _split_search_parser(sub) -> None:
+    """split-search: which layers to localise, one run per candidate split."""
+    p = sub.add_parser("split-search", help="choose the key layers: one run per candidate split, ranked",
+                       formatter_class=_RAW,
+                       description="Train the config once per candidate split of the model into backbone and\n"
+                                   "key layers (top-k and bottom-k blocks, attention, MLP, embeddings, none =\n"
+                                   "hierfavg), each in DIR/<candidate>, and rank them by validation perplexity\n"
+                                   "and bytes communicated. Prints the table (the Pareto front marked) and the\n"
+                                   "chosen split as --set arguments; writes DIR/split_search.md, .json and\n"
+                                   "DIR/split.yaml. Finished candidates are skipped on a rerun.",
+                       epilog="example:\n  worldlm split-search --config tiny --workdir runs/split")
+    _add_config_args(p)
+    p.add_argument("--workdir", required=True, help="search directory (one sub-directory per candidate)")
+    p.add_argument("--candidates", default="", metavar="NAME,NAME",
+                   help="only these candidates (default: all; the names are those of the table)")
+    _add_output_args(p)
+    _add_plugin_arg(p, "plugins_after")
+    _add_distributed_args(p)
+    p.set_defaults(func=commands.cmd_split_search)
 
 
 def _report_parser(sub) -> None:

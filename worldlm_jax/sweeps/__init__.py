@@ -2,6 +2,7 @@
 
     grid         `key=v1,v2` axes -> one run dir per point (resumable), sweep.md
     vectorized   the points batched along a sweep axis of one compiled round
+    split_search one run per candidate key-layer split, ranked by perplexity and bytes
 
 The names below are stable; the modules' other names are not.
 """

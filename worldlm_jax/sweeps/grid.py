@@ -132,21 +132,31 @@ def run_sweep(base: Config, grid: Sequence[tuple[str, Sequence[str]]], workdir: 
     Every point's config is built (and checked) before the first one trains, so
     a bad value fails at once. Returns one row per point (in grid order).
     """
+    keys = [k for k, _ in grid]
+    return run_points(base, grid_points(grid), workdir, train_fn=train_fn, quiet=quiet, progress=progress,
+                      log=log, write=lambda rows: write_tables(workdir, keys, rows))
+
+
+def run_points(base: Config, points: Sequence[Sequence[tuple[str, str]]], workdir: str,
+               names: Sequence[str] | None = None, train_fn: Callable[..., dict] | None = None,
+               quiet: bool = False, progress: bool = True, log: Callable[[str], None] = print,
+               write: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
+    """Train each point (a list of overrides of `base`) under `workdir/<name>` (names
+    default to `point_name`), one after the other, skipping finished ones; `write(rows)`
+    after every point, so a crash keeps what finished. Stops at an interrupted point."""
     if train_fn is None:
         from worldlm_jax.run import training as train_lib
         train_fn = train_lib.train
-    points = grid_points(grid)
+    names = list(names) if names is not None else [point_name(a) for a in points]
     plans = []
-    for assignments in points:
+    for assignments, name in zip(points, names):
         config = point_config(base, assignments)
-        run_dir = os.path.join(workdir, point_name(assignments))
+        run_dir = os.path.join(workdir, name)
         check_resumable(run_dir, config)
         plans.append((assignments, config, run_dir))
-    names = [os.path.basename(d) for _, _, d in plans]
     if len(set(names)) != len(names):
         raise ConfigError("two grid points map to the same directory name; use distinct values")
     os.makedirs(workdir, exist_ok=True)
-    keys = [k for k, _ in grid]
     rows: list[dict] = []
     for i, (assignments, config, run_dir) in enumerate(plans, start=1):
         name = os.path.basename(run_dir)
@@ -162,7 +172,7 @@ def run_sweep(base: Config, grid: Sequence[tuple[str, Sequence[str]]], workdir: 
                 log(f"[{i}/{len(plans)}] {name}: stopped by {summary['stopped_by']} after "
                     f"{summary.get('rounds_completed')} rounds")
         rows.append(_row(name, dict(assignments), run_dir, status, summary))
-        write_tables(workdir, keys, rows)  # after every point: a crash keeps what finished
+        write(rows)
         if status == "interrupted":
             log("sweep interrupted; run the same command again to resume")
             break
@@ -223,6 +233,7 @@ def _row(name: str, assignments: dict, run_dir: str, status: str, summary: dict)
     return {"name": name, "assignments": assignments, "workdir": run_dir, "status": status,
             "rounds_completed": summary.get("rounds_completed"), "perplexity": ev.get("perplexity"),
             "bits_per_byte": ev.get("bits_per_byte"), "wall_seconds": summary.get("wall_seconds"),
+            "bytes_communicated": summary.get("bytes_communicated", {}), "sim_hours": summary.get("sim_hours"),
             "per_federation": ev.get("per_federation", {})}
 
 
