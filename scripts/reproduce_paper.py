@@ -414,22 +414,24 @@ def diagnostics(workdir: str, config: Config) -> dict:
     records = [r for r in read_metrics(os.path.join(workdir, "metrics.jsonl")) if "train_loss" in r]
     out = {}
     for d in range(topo.depth):
-        entropy = [np.mean(r[f"level{d}/attention_entropy"]) for r in records if f"level{d}/attention_entropy" in r]
+        # a DP federation's attention diagnostics are null (its K leaves only through its release)
+        mean = lambda x: float(np.nanmean(np.asarray(x, dtype=np.float64))) if np.size(x) else float("nan")
+        entropy = [mean(r[f"level{d}/attention_entropy"]) for r in records if f"level{d}/attention_entropy" in r]
         if not entropy:
             continue
-        level = {"attention_entropy": float(np.mean(entropy)),
-                 "residual_weight": float(np.mean([np.mean(r.get(f"level{d}/attention_residual", 0.0))
-                                                   for r in records])),
-                 "parent_weight": float(np.mean([np.mean(r.get(f"level{d}/attention_parent", 0.0)) for r in records])),
-                 "k_delta_norm": float(np.mean([np.mean(r[f"level{d}/child_k_delta_norm"]) for r in records
-                                                if f"level{d}/child_k_delta_norm" in r]))}
+        level = {"attention_entropy": mean(entropy),
+                 "residual_weight": mean([mean(r.get(f"level{d}/attention_residual", 0.0)) for r in records]),
+                 "parent_weight": mean([mean(r.get(f"level{d}/attention_parent", 0.0)) for r in records]),
+                 "k_delta_norm": mean([mean(r[f"level{d}/child_k_delta_norm"]) for r in records
+                                       if f"level{d}/child_k_delta_norm" in r])}
         parent = topo.client_parent if d == topo.depth - 1 else topo.levels[d + 1].parent
-        sims = [np.asarray(r[f"level{d}/child_similarity"]) for r in records if f"level{d}/child_similarity" in r]
+        sims = [np.asarray(r[f"level{d}/child_similarity"], dtype=np.float64) for r in records
+                if f"level{d}/child_similarity" in r]
         if sims and d == topo.depth - 1 and sims[0].shape[0] != len(parent):  # client slots, sampled: by slot
             parent = topo.with_slot_multiple(1).slot_parent
         if sims and sims[0].shape[0] == len(parent):
             sim = np.mean(sims, axis=0)
-            live = np.abs(np.diag(sim)) > 0.5  # children that ever took part (cosine with itself: 1)
+            live = np.abs(np.diag(sim)) > 0.5  # children that ever took part (cosine with itself: 1; NaN: hidden)
             same = (parent[:, None] == parent[None, :]) & ~np.eye(len(parent), dtype=bool) & live[:, None] & live
             other = (parent[:, None] != parent[None, :]) & live[:, None] & live
             level["cos_same_federation"] = float(sim[same].mean()) if same.any() else None

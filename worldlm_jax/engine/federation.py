@@ -232,8 +232,13 @@ def dp_release(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelState, kid
         new_clip = jnp.where(adaptive & active_P & ((stats.count_P > 0) | (st.dp_noise[d] > 0)), moved.clip,
                              lvl.clip)
         metrics["dp_clip"] = new_clip
-    metrics["dp_clipped_fraction"] = stats.clipped_fraction_P
     is_dp = (st.dp_noise[d] > 0) | jnp.isfinite(st.dp_clip[d])
+    # the exact clipped fraction is a statistic of the raw updates: a DP federation lets out
+    # only the noised one its adaptive clip released (1 - b_hat), and nothing without one
+    released = (1.0 - moved.unclipped_fraction) if rs.adaptive_levels[d] else jnp.full_like(clip_P, jnp.nan)
+    adaptive_P = (st.dp_clip_lr[d] > 0) if rs.adaptive_levels[d] else jnp.zeros(is_dp.shape, bool)
+    metrics["dp_clipped_fraction"] = jnp.where(is_dp, jnp.where(adaptive_P, released, jnp.nan),
+                                               stats.clipped_fraction_P)
     return DpRelease(is_dp, st.dp_noise[d] > 0, noisy), new_clip, metrics
 
 
@@ -269,7 +274,9 @@ def aggregate_backbone(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelSt
         safe_P = jnp.where(total_P > 0, total_P, 1.0)
         mean_sq = tree_ops.row_sq_norms(jax.tree.map(lambda s: s / tree_ops.expand_rows(safe_P, s),
                                                      kids.sums["delta"]["B"]))
-        metrics["update_spread"] = jnp.sqrt(jnp.maximum(kids.sums["sq_norm"] / safe_P - mean_sq, 0.0))
+        spread = jnp.sqrt(jnp.maximum(kids.sums["sq_norm"] / safe_P - mean_sq, 0.0))
+        # computed from the raw updates: null at a DP federation, which lets out only its release
+        metrics["update_spread"] = jnp.where(dp.is_dp_P, jnp.nan, spread) if dp is not None else spread
     return lvl._replace(B=new_B, server=new_server), metrics
 
 
@@ -306,7 +313,27 @@ def aggregate_keys(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelState,
         metrics["child_present"] = (kids.weight_N > 0).astype(jnp.float32)  # what per-child averages count
         if info.child_similarity_NxN is not None:
             metrics["child_similarity"] = info.child_similarity_NxN
+    if dp is not None and rs.dp_scope[d] == "all":
+        metrics = hide_attention_at_dp(metrics, dp.is_dp_P & ~keeps_own, kids.parent_N)
     return lvl._replace(K=new_K), metrics
+
+
+def hide_attention_at_dp(metrics: dict, hidden_P, parent_N) -> dict:
+    """The attention diagnostics null (NaN) at the federations `hidden_P` whose K is
+    released (`dp_scope: all`): they are computed from the children's raw K, and the
+    federation lets out only its noised mean (rows and columns of a child of one)."""
+    hidden_N = hidden_P[parent_N]
+    out = dict(metrics)
+    for key, value in metrics.items():
+        if key == "child_present":  # the count per-child averages divide by: not a statistic of K
+            continue
+        if key == "child_similarity":
+            out[key] = jnp.where(hidden_N[:, None] | hidden_N[None, :], jnp.nan, value)
+        elif key == "child_k_delta_norm":
+            out[key] = jnp.where(hidden_N, jnp.nan, value)
+        else:  # one value (or one row) per federation
+            out[key] = jnp.where(tree_ops.expand_rows(hidden_P, value), jnp.nan, value)
+    return out
 
 
 def update_objective(rs: RoundStatics, st: RoundPolicies, lvl: LevelState, report_sums, safe_P, apply_P):

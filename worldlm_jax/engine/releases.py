@@ -20,8 +20,12 @@ that child by another path. The paths of one round (`engine.py`):
 The parent's K as a candidate flows into F (it is the parent's own state, already
 released), and metrics are diagnostics: they are logged, never sent to a
 federation. Per-client values are logged only without DP, and a plug-in's
-metrics are null at a DP federation (`federation.shown_at`): neither lets out
-what the federation's release would not. `check(spec)` runs when a round is
+metrics are null at a DP federation (`federation.shown_at`), as are the built-in
+statistics of its children's raw updates: `update_spread`, the exact
+`dp_clipped_fraction` (an adaptive clip reports the noised fraction it released)
+and, where K is released (`dp_scope: all`), the attention diagnostics
+(`federation.hide_attention_at_dp`). None lets out what the federation's
+release would not. `check(spec)` runs when a round is
 built (`statics.round_statics`), so every entry point (CLI, `train`, sweeps, a
 user's own driver) refuses a configuration that would let a child's data out
 without noise, with one line naming both fields; docs/errors.md lists the cases.

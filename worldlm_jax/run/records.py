@@ -66,10 +66,18 @@ def node_metrics(topo, metrics: dict) -> dict:
             names = topo.levels[int(key[len("level"):key.index("/")])].names
             out[key] = {name: _or_null(v) for name, v in per_federation(metrics, key, names, ()).items()}
         elif key.startswith("level"):
-            out[key] = np.asarray(value).tolist()
+            out[key] = _nulls(np.asarray(value).tolist())
         elif key.startswith("clients/"):
             out[key] = [_or_null(v) for v in np.asarray(value).tolist()]
     return out
+
+
+def _nulls(value):
+    """A nested list of numbers with NaN as None (JSON null): a value a node does not
+    report (a DP federation's diagnostics of its children's raw updates)."""
+    if isinstance(value, list):
+        return [_nulls(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 RULES = ("server_optimizer", "aggregator", "k_agg")  # the named rules a federation runs
@@ -244,8 +252,10 @@ def write_plots(exp: Experiment, workdir: str) -> list[str]:
         matrix = (last or {}).get(f"level{d}/attention_residual_matrix")
         if matrix is None:
             continue
-        residual = np.asarray(matrix)
-        parent = np.asarray(last.get(f"level{d}/attention_parent", np.zeros(len(residual))))[:, None]
+        residual = np.asarray(matrix, dtype=np.float64)  # null (a DP federation's) -> NaN
+        if not np.isfinite(residual).any():  # every federation of the level is DP: nothing to draw
+            continue
+        parent = np.asarray(last.get(f"level{d}/attention_parent", np.zeros(len(residual))), dtype=np.float64)[:, None]
         children = np.clip(1.0 - residual.sum(1, keepdims=True) - parent, 0.0, 1.0)
         weights = np.concatenate([children, residual, parent], axis=1)
         columns = ["own children", *level.names, "parent"]
@@ -270,15 +280,15 @@ def _diagnostic_plots(exp: Experiment, records, last: dict, out: str) -> list[st
     written = []
     for d, level in enumerate(exp.run_topology.levels):
         matrix = last.get(f"level{d}/child_similarity")
-        if matrix is not None and np.size(matrix):
-            written.append(plots.plot_similarity(matrix, _child_names(exp, d),
+        if matrix is not None and np.isfinite(np.asarray(matrix, dtype=np.float64)).any():
+            written.append(plots.plot_similarity(np.asarray(matrix, dtype=np.float64), _child_names(exp, d),
                                                  os.path.join(out, f"child_similarity_level{d}.png"),
                                                  f"level {d}: cosine of the children's K deltas"))
         series = {}
         for rec in records:
             entropy = rec.get(f"level{d}/attention_entropy")
             if entropy is not None:
-                for name, value in zip(level.names, np.asarray(entropy).reshape(-1, level.size)[-1]):
+                for name, value in zip(level.names, np.asarray(entropy, dtype=np.float64).reshape(-1, level.size)[-1]):
                     series.setdefault(name, []).append((rec["round"] + 1, float(value)))
         if series:
             written.append(plots.plot_series(series, os.path.join(out, f"attention_entropy_level{d}.png"),
