@@ -31,4 +31,5 @@ def documented_form(key: str) -> str:
     """A record key as docs/metrics.md documents it: level numbers as level{d}, a
     plug-in's metric (any entry's, any name) as level{d}/plugin/{kind}/{entry}/{name}."""
     key = re.sub(r"^level\d+/", "level{d}/", key)
+    key = re.sub(r"^level\{d\}/update_spread_group/[^/]+$", "level{d}/update_spread_group/{group}", key)
     return re.sub(r"^level\{d\}/plugin/[^/]+/[^/]+/[^/]+$", "level{d}/plugin/{kind}/{entry}/{name}", key)

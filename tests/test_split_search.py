@@ -121,3 +121,91 @@ def test_a_base_without_key_layers_a_dp_federation_or_an_unknown_candidate_is_re
         split_search.check_base(apply_overrides(presets.tiny(), ["policy.dp_clip=1.0"]))
     with pytest.raises(ConfigError, match=r"--candidates: \['top-9'\] are not candidates"):
         split_search.search(presets.tiny(), str(tmp_path), only=["top-9"], train_fn=_fake_train([]))
+
+
+# ---- the probe -------------------------------------------------------------------------
+@pytest.mark.parametrize("n_layers", [1, 2, 4])
+def test_parameter_groups_partition_the_model_and_each_pattern_selects_exactly_its_group(n_layers):
+    _, params = lm.abstract_init(apply_overrides(presets.tiny(), [f"model.n_layers={n_layers}"]).model)
+    groups = partition.parameter_groups(params)
+    assert set(groups) == set(params)
+    assert set(groups.values()) == {f"block{b}_{k}" for b in range(n_layers) for k in ("attn", "mlp")} | {"embeddings"}
+    for group in set(groups.values()):
+        pattern = re.compile(partition.group_pattern(group))
+        assert {p for p in params if pattern.search(p)} == {p for p, g in groups.items() if g == group}, group
+
+
+def test_group_spreads_decompose_the_update_spread_and_are_null_at_a_dp_federation():
+    """The groups are disjoint coordinates, so their squared spreads add up to the
+    whole backbone's (float32 sums of squares: a relative 1e-5 of the total); a DP
+    federation reports none of them."""
+    import jax
+
+    from worldlm_jax.run import experiment as experiment_lib
+
+    def round_metrics(overrides):
+        exp = experiment_lib.build_experiment(apply_overrides(presets.tiny(), ["algorithm.name=hierfavg",
+                                                                               "run.rounds=1", *overrides]))
+        state = experiment_lib.place_state(exp, exp.strategy.init(exp.init_params))
+        batch = experiment_lib._put(exp, experiment_lib.make_batch(exp, 0))
+        return jax.device_get(exp.strategy.run_round(state, batch, jax.random.PRNGKey(1), exp.policies)[1])
+
+    m = round_metrics([])
+    for d in (0, 1):
+        groups = [k for k in m if k.startswith(f"level{d}/update_spread_group/")]
+        assert len(groups) == 5  # two blocks x (attn, mlp) + embeddings
+        total = sum(np.asarray(m[k], np.float64) ** 2 for k in groups)
+        np.testing.assert_allclose(total, np.asarray(m[f"level{d}/update_spread"], np.float64) ** 2, rtol=1e-5)
+        assert np.all(total > 0)
+    private = round_metrics(["tree.children.0.policy.dp_clip=1.0"])
+    for k in [k for k in private if k.startswith("level1/update_spread")]:
+        assert np.isnan(private[k][0]) and np.all(np.isfinite(private[k][1:])), k
+
+
+def _probe_records(between, within, rounds=3):
+    """Records as a depth-2 probe run writes them: level0 holds the spread between the
+    lowest federations, level1 (two federations) within them; one federation null."""
+    return [{"round": r, "train_loss": 1.0,
+             **{f"level0/update_spread_group/{g}": [v] for g, v in between.items()},
+             **{f"level1/update_spread_group/{g}": [v, None] for g, v in within.items()}} for r in range(rounds)]
+
+
+def test_the_probe_localises_the_groups_whose_federations_differ_most_relative_to_their_clients():
+    between = {"block0_attn": 1.0, "block0_mlp": 1.0, "block1_attn": 4.0, "block1_mlp": 3.0, "embeddings": 1.0}
+    within = {"block0_attn": 1.0, "block0_mlp": 2.0, "block1_attn": 1.0, "block1_mlp": 1.0, "embeddings": 0.5}
+    ranking = split_search.probe_ranking(_probe_records(between, within), depth=2)
+    assert ranking == sorted(((g, between[g] / within[g]) for g in between), key=lambda t: -t[1])
+    candidate = split_search.probe_candidate(ranking)  # ceil(0.3 x 5) = 2 groups
+    base = presets.tiny()
+    assert _key_paths(grid.point_config(base, candidate.overrides)) == {
+        p for p, g in partition.parameter_groups(lm.abstract_init(base.model)[1]).items()
+        if g in ("block1_attn", "block1_mlp")}
+    assert split_search.probe_candidate(ranking, share=1.0).overrides != candidate.overrides  # all but one
+    with pytest.raises(ConfigError, match="depth >= 2"):
+        split_search.probe_ranking(_probe_records(between, within), depth=1)
+
+
+def test_search_with_a_probe_trains_it_once_and_adds_its_candidate(tmp_path):
+    calls = []
+    fake = _fake_train(calls)
+
+    def train(config, workdir, quiet=True, progress=False):
+        summary = fake(config, workdir)
+        if os.path.basename(workdir) == split_search.PROBE_DIR:  # the probe's metrics: block1_mlp diverges
+            assert config.algorithm.name == "hierfavg"
+            groups = set(partition.parameter_groups(lm.abstract_init(config.model)[1]).values())
+            between = {g: 5.0 if g == "block1_mlp" else 1.0 for g in groups}
+            with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+                for record in _probe_records(between, {g: 1.0 for g in groups}, rounds=config.run.rounds):
+                    f.write(json.dumps(record) + "\n")
+        return summary
+
+    base = apply_overrides(presets.tiny(), ["run.rounds=1"])
+    result = split_search.search(base, str(tmp_path), only=["probe", "none"], train_fn=train, log=lambda *a: None,
+                                 probe_rounds=2)
+    assert [os.path.basename(c) for c in calls] == [split_search.PROBE_DIR, "none", "probe"]
+    probe = json.load(open(tmp_path / split_search.PROBE_FILE))
+    assert probe["ranking"][0][0] == "block1_mlp" and probe["rounds"] == 2
+    assert _key_paths(from_dict(Config, merge(base.to_dict(), result["split"])).validate()) == {
+        p for p, g in partition.parameter_groups(lm.abstract_init(base.model)[1]).items()
+        if g in ("block1_mlp", probe["ranking"][1][0])}

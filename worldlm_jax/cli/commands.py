@@ -305,7 +305,7 @@ def cmd_split_search(args) -> int:
     say = print if _primary() else (lambda *a, **k: None)  # multi-process: process 0 prints
     try:  # the log names the candidate that was training
         result = split_search.search(base, args.workdir, only=only, quiet=args.quiet,
-                                     progress=not args.no_progress, log=say)
+                                     progress=not args.no_progress, log=say, probe_rounds=args.probe)
     except NonFiniteStateError as e:
         return _stopped_nonfinite("split-search", e)
     if result["chosen"] is None:

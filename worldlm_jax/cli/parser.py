@@ -213,6 +213,10 @@ def _split_search_parser(sub) -> None:
     p.add_argument("--workdir", required=True, help="search directory (one sub-directory per candidate)")
     p.add_argument("--candidates", default="", metavar="NAME,NAME",
                    help="only these candidates (default: all; the names are those of the table)")
+    p.add_argument("--probe", type=int, default=0, metavar="ROUNDS",
+                   help="first train HierFAVG for ROUNDS rounds (DIR/probe-hierfavg), rank the parameter groups by "
+                        "how much their updates differ between federations relative to within them, and "
+                        "add the most divergent 30%% localised as the candidate 'probe'")
     _add_output_args(p)
     _add_plugin_arg(p, "plugins_after")
     _add_distributed_args(p)

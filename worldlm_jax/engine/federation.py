@@ -110,6 +110,11 @@ def sum_children(rs: RoundStatics, st: RoundPolicies, d: int, delta_N: dict, wei
                                                      0.0), parent_N, num_segments=P) if streamed["B"] else jnp.zeros(P),
             "objective": tree_ops.weighted_sum(report_N, weight_N, parent_N, P) if report_N else {},
             "plugin": plugin}
+    if rs.spec.param_groups and streamed["B"]:
+        sums["sq_norm_groups"] = {
+            group: jax.ops.segment_sum(jnp.where(weight_N > 0, weight_N * tree_ops.row_sq_norms(part), 0.0),
+                                       parent_N, num_segments=P)
+            for group, part in _by_group(rs.spec.param_groups, streamed["B"]).items()}
     norms_N = jnp.zeros(weight_N.shape, jnp.float32)
     if rs.dp_levels[d]:
         dp_tree = released_deltas(rs, st, d, delta_N, parent_N)
@@ -119,6 +124,14 @@ def sum_children(rs: RoundStatics, st: RoundPolicies, d: int, delta_N: dict, wei
             else:
                 sums["dp"], norms_N = privacy.clipped_sums(dp_tree, weight_N, parent_N, P, clip_N)
     return sums, norms_N
+
+
+def _by_group(groups, tree: dict) -> dict[str, dict]:
+    """{group: the leaves of `tree` in it} (`EngineSpec.param_groups`), groups in sorted order."""
+    out: dict[str, dict] = {}
+    for path in sorted(tree):
+        out.setdefault(groups[path], {})[path] = tree[path]
+    return dict(sorted(out.items()))
 
 
 def released_deltas(rs: RoundStatics, st: RoundPolicies, d: int, delta_N: dict, parent_N) -> dict:
@@ -276,7 +289,15 @@ def aggregate_backbone(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelSt
                                                      kids.sums["delta"]["B"]))
         spread = jnp.sqrt(jnp.maximum(kids.sums["sq_norm"] / safe_P - mean_sq, 0.0))
         # computed from the raw updates: null at a DP federation, which lets out only its release
-        metrics["update_spread"] = jnp.where(dp.is_dp_P, jnp.nan, spread) if dp is not None else spread
+        hide = (lambda v: jnp.where(dp.is_dp_P, jnp.nan, v)) if dp is not None else (lambda v: v)
+        metrics["update_spread"] = hide(spread)
+        if "sq_norm_groups" in kids.sums:  # the same, group by group (where a split search probes)
+            mean_by_group = _by_group(rs.spec.param_groups, kids.sums["delta"]["B"])
+            for group, sq_P in kids.sums["sq_norm_groups"].items():
+                mean_sq_g = tree_ops.row_sq_norms(jax.tree.map(lambda s: s / tree_ops.expand_rows(safe_P, s),
+                                                               mean_by_group[group]))
+                metrics[f"update_spread_group/{group}"] = hide(jnp.sqrt(jnp.maximum(sq_P / safe_P - mean_sq_g,
+                                                                                    0.0)))
     return lvl._replace(B=new_B, server=new_server), metrics
 
 

@@ -76,6 +76,9 @@ class EngineSpec:
     client_objective: str = "none"  # a registered `objectives.ClientObjective`
     total_rounds: int = 1  # root rounds of the run: where a schedule's decay ends by default
     client_metrics: bool = False  # the round also returns each client's loss, update norm and weight
+    # path -> parameter group (`partition.parameter_groups`): each level then also reports its
+    # children's backbone update spread per group (`update_spread_group/<group>`); empty: not
+    param_groups: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 # ---- static facts of a tree -----------------------------------------------------

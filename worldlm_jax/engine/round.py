@@ -212,7 +212,8 @@ def _reduce_rounds(metrics):
     and per-client values over the rounds that have one (NaN: none)."""
     out = {}
     for k, v in metrics.items():
-        level, _, name = k.rpartition("/")
+        # "level1/update_spread" and "level1/update_spread_group/block0_attn" are level1's
+        level, _, name = k.partition("/") if k.startswith("level") else k.rpartition("/")
         if k.startswith("clients/") or "/plugin/" in k:
             out[k] = _mean_of_present(v)
         elif name in _ADDITIVE:

@@ -151,6 +151,33 @@ def key_groups(key_paths: Iterable[str]) -> dict[str, int]:
     return {p: index[label(p)] for p in paths}
 
 
+def parameter_groups(param_paths: Iterable[str]) -> dict[str, str]:
+    """path -> the group a split may localise: ``block<l>_attn`` and ``block<l>_mlp``
+    (each with its norm), ``block<l>_other`` for anything else in block l, and
+    ``embeddings`` for everything outside the blocks (token and position embeddings,
+    the tied head, the final norm)."""
+    def group(path: str) -> str:
+        b = block_index(path)
+        if b is None:
+            return 'embeddings'
+        inner = path.split(f'blocks/{b}/', 1)[1]
+        kind = 'attn' if inner.startswith('attn') else 'mlp' if inner.startswith('mlp') else 'other'
+        return f'block{b}_{kind}'
+    return {p: group(p) for p in param_paths}
+
+
+def group_pattern(group: str) -> str:
+    """A `regex` key-layer pattern selecting exactly the paths of `group` (parameter_groups)."""
+    if group == 'embeddings':
+        return r'^(?!blocks/)'
+    m = re.fullmatch(r'block(\d+)_(attn|mlp|other)', group)
+    if m is None:
+        raise ValueError(f'unknown parameter group {group!r}; groups are block<l>_attn, block<l>_mlp, '
+                         'block<l>_other and embeddings')
+    block, kind = m.groups()
+    return rf'^blocks/{block}/(?!attn|mlp)' if kind == 'other' else rf'^blocks/{block}/{kind}'
+
+
 def describe(params: Mapping[str, Any], mask: Mapping[str, bool]) -> dict[str, Any]:
     """Parameter counts of B and K (pass per-model params, not tree-stacked ones)."""
     backbone, key = split(params, mask)

@@ -149,7 +149,8 @@ def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
                              client_optimizer=algo.client_optimizer, chunk=chunk,
                              max_update_norm=algo.max_update_norm, mesh=mesh if mesh.size > 1 else None,
                              client_objective=algo.client_objective, total_rounds=config.run.rounds,
-                             client_metrics=config.run.client_metrics)
+                             client_metrics=config.run.client_metrics,
+                             param_groups=partition.parameter_groups(params))
     if spec.mesh is not None:
         spec = dataclasses.replace(spec, sharded_levels=engine.levels_worth_sharding(
             spec, params, config.run.shard_state_mb * 2 ** 20))

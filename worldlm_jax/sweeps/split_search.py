@@ -15,6 +15,13 @@ on a model of L blocks, each a list of config overrides:
 (localising everything is the `local` strategy, which shares nothing and so
 sends nothing: not a split of this model, and not a candidate.)
 
+`--probe R` adds one candidate chosen from data: R rounds of HierFAVG (every
+group shared) in DIR/probe-hierfavg, then each parameter group (`partition.parameter_groups`:
+a block's attention, its MLP, the embeddings) ranked by how much its updates differ
+between the lowest federations relative to within them (the per-group
+`update_spread_group` metrics of the two lowest levels), and the most divergent
+30% of the groups localised, as the `probe` candidate (DIR/probe.json).
+
 `search` trains the candidates one after the other with the grid sweep's
 machinery (`grid.run_points`): the same base config, tree, data, seed and token
 budget for each, one run dir per candidate, a finished one skipped when the
@@ -47,10 +54,12 @@ import math
 import os
 from typing import Callable, NamedTuple, Sequence
 
+import numpy as np
 import yaml
 
 from worldlm_jax.config import Config, ConfigError
 from worldlm_jax.engine import strategies
+from worldlm_jax.model import partition
 from worldlm_jax.sweeps import grid
 
 TABLE_FILE, RESULT_FILE, SPLIT_FILE = "split_search.md", "split_search.json", "split.yaml"
@@ -78,6 +87,72 @@ def candidates(n_layers: int) -> list[Candidate]:
             Candidate("embeddings", regex(r"^(embed|pos_embed|final_norm)/")),
             Candidate("none", (("algorithm.name", "hierfavg"),))]
     return out
+
+
+# ---- the probe ------------------------------------------------------------------------
+PROBE_DIR, PROBE_FILE, PROBE_SHARE = "probe-hierfavg", "probe.json", 0.3
+
+
+def probe_ranking(records: Sequence[dict], depth: int) -> list[tuple[str, float]]:
+    """(group, between / within) from a probe run's metrics.jsonl records, most
+    divergent first: `between` is the spread of the lowest federations' backbone
+    updates around their parent's mean (`level{depth-2}/update_spread_group/<group>`),
+    `within` the spread of the clients' updates around their federation's mean
+    (`level{depth-1}/...`), each averaged over the federations and rounds that report
+    one. A group whose federations differ more than their clients do is the one a
+    federation should keep for itself."""
+    if depth < 2:
+        raise ConfigError("split-search --probe needs federations under the root (a tree of depth >= 2): with "
+                          "clients straight under the root there is no spread between federations")
+    prefix = {level: f"level{level}/update_spread_group/" for level in (depth - 2, depth - 1)}
+
+    def spread(level: int) -> dict[str, float]:
+        values: dict[str, list] = {}
+        for record in records:
+            for key, value in record.items():
+                if key.startswith(prefix[level]):
+                    values.setdefault(key[len(prefix[level]):], []).extend(np.ravel(np.asarray(value, np.float64)))
+        return {g: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for g, v in values.items()}
+
+    between, within = spread(depth - 2), spread(depth - 1)
+    if not between:
+        raise ConfigError("the probe run recorded no update_spread_group metrics; rerun it with this version")
+    ratio = {g: between[g] / within[g] if within.get(g, 0) > 0 else math.nan for g in between}
+    return sorted(ratio.items(), key=lambda item: (-item[1] if math.isfinite(item[1]) else math.inf, item[0]))
+
+
+def probe_candidate(ranking: Sequence[tuple[str, float]], share: float = PROBE_SHARE) -> Candidate:
+    """The `probe` candidate: the most divergent ceil(share x groups) groups localised
+    (at least one, never all)."""
+    ranked = [g for g, r in ranking if math.isfinite(r)]
+    if len(ranked) < 2:
+        raise ConfigError("the probe ranked fewer than two parameter groups; nothing to split")
+    chosen = ranked[:min(max(1, math.ceil(share * len(ranked))), len(ranked) - 1)]
+    patterns = ", ".join("'" + partition.group_pattern(g) + "'" for g in chosen)
+    return Candidate("probe", _key_layers("{kind: regex, patterns: [" + patterns + "]}"))
+
+
+def run_probe(base: Config, workdir: str, rounds: int, train_fn=None, quiet: bool = True, progress: bool = False,
+              log: Callable[[str], None] = print) -> tuple[Candidate, list[tuple[str, float]]]:
+    """Train HierFAVG (every group shared) for `rounds` rounds in DIR/probe-hierfavg (skipped
+    when finished), rank the groups (`probe_ranking`) and write DIR/probe.json."""
+    from worldlm_jax.outputs.metrics import METRICS_FILE, read_metrics
+    from worldlm_jax.tree.topology import build_topology
+
+    if rounds < 1:
+        raise ConfigError(f"--probe {rounds}: expected a number of rounds >= 1")
+    overrides = [("algorithm.name", "hierfavg"), ("run.rounds", str(rounds))]
+    grid.run_points(base, [overrides], workdir, names=[PROBE_DIR], train_fn=train_fn, quiet=quiet,
+                    progress=progress, log=log)
+    depth = build_topology(base.run_tree(), root_policy=base.policy).depth
+    records = read_metrics(os.path.join(workdir, PROBE_DIR, METRICS_FILE))
+    ranking = probe_ranking([r for r in records if "train_loss" in r], depth)
+    candidate = probe_candidate(ranking)
+    from worldlm_jax.run import distributed
+    if distributed.is_primary():
+        with open(os.path.join(workdir, PROBE_FILE), "w") as f:
+            json.dump({"rounds": rounds, "ranking": ranking, "candidate": dict(candidate.overrides)}, f, indent=2)
+    return candidate, ranking
 
 
 def check_base(base: Config) -> None:
@@ -141,11 +216,18 @@ def markdown_table(rows: Sequence[dict], front: Sequence[str], chosen: str) -> s
 
 
 def search(base: Config, workdir: str, only: Sequence[str] = (), train_fn: Callable[..., dict] | None = None,
-           quiet: bool = True, progress: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Train the candidates (those named in `only`, default all) and write the tables
-    and DIR/split.yaml. Returns {"rows", "front", "chosen", "split"}."""
+           quiet: bool = True, progress: bool = False, log: Callable[[str], None] = print,
+           probe_rounds: int = 0) -> dict:
+    """Train the candidates (those named in `only`, default all; with `probe_rounds`,
+    the probe's candidate too, after its run) and write the tables and DIR/split.yaml.
+    Returns {"rows", "front", "chosen", "split"}."""
     check_base(base)
     pool = candidates(base.model.n_layers)
+    if probe_rounds:
+        probed, ranking = run_probe(base, workdir, probe_rounds, train_fn=train_fn, quiet=quiet,
+                                    progress=progress, log=log)
+        log("probe: groups by between / within spread: " + ", ".join(f"{g} {r:.3g}" for g, r in ranking))
+        pool.append(probed)
     if only:
         unknown = sorted(set(only) - {c.name for c in pool})
         if unknown:
