@@ -144,8 +144,8 @@ def test_group_spreads_decompose_the_update_spread_and_are_null_at_a_dp_federati
     from worldlm_jax.run import experiment as experiment_lib
 
     def round_metrics(overrides):
-        exp = experiment_lib.build_experiment(apply_overrides(presets.tiny(), ["algorithm.name=hierfavg",
-                                                                               "run.rounds=1", *overrides]))
+        exp = experiment_lib.build_experiment(apply_overrides(presets.tiny(), [
+            "algorithm.name=hierfavg", "run.rounds=1", "model.n_layers=1", *overrides]))
         state = experiment_lib.place_state(exp, exp.strategy.init(exp.init_params))
         batch = experiment_lib._put(exp, experiment_lib.make_batch(exp, 0))
         return jax.device_get(exp.strategy.run_round(state, batch, jax.random.PRNGKey(1), exp.policies)[1])
@@ -153,7 +153,7 @@ def test_group_spreads_decompose_the_update_spread_and_are_null_at_a_dp_federati
     m = round_metrics([])
     for d in (0, 1):
         groups = [k for k in m if k.startswith(f"level{d}/update_spread_group/")]
-        assert len(groups) == 5  # two blocks x (attn, mlp) + embeddings
+        assert len(groups) == 3  # one block's attn and mlp, the embeddings
         total = sum(np.asarray(m[k], np.float64) ** 2 for k in groups)
         np.testing.assert_allclose(total, np.asarray(m[f"level{d}/update_spread"], np.float64) ** 2, rtol=1e-5)
         assert np.all(total > 0)

@@ -43,6 +43,9 @@ from worldlm_jax.tree.topology import build_topology
 
 EPS32 = float(np.finfo(np.float32).eps)
 GENTLE_SGD = ["algorithm.client_optimizer=sgd"]  # the argument above; rates set per test
+# the slowest comparisons run the tiny model with one block: it compiles in about half the
+# time, and what they compare (sums over devices and points, the draws) does not depend on depth
+ONE_BLOCK = ["model.n_layers=1"]
 
 
 def summation_rtol(config) -> float:
@@ -101,7 +104,7 @@ def test_four_points_on_a_4x2_mesh_equal_separate_runs_in_one_program(tmp_path):
         pytest.skip("needs 8 (fake CPU) devices: conftest sets XLA_FLAGS before JAX starts")
     # shard_state_mb=0: the language level's small state is sharded too, so its placement shows
     base = apply_overrides(configs.tiny(), ["run.rounds=2", "algorithm.name=worldlm", "run.shard_state_mb=0",
-                                            *GENTLE_SGD])
+                                            *GENTLE_SGD, *ONE_BLOCK])
     points = [apply_overrides(base, [f"policy.client_lr={lr}"]) for lr in (0.025, 0.05, 0.1, 0.2)]
     evals, states, compiles = vectorized.run(points, sweep_devices=4)
     assert compiles == 1
@@ -194,7 +197,7 @@ def test_sweep_rejects_points_that_change_the_key_layer_rule():
 def test_a_sweep_over_warmup_lengths_is_one_program_and_each_point_warms_up_as_alone():
     """Schedules are evaluated from the round index inside the round, their
     lengths are policy arrays: points with other warmups share the program."""
-    base = apply_overrides(configs.tiny(), ["run.rounds=2", "policy.client_lr=0.3", *GENTLE_SGD,
+    base = apply_overrides(configs.tiny(), ["run.rounds=2", "policy.client_lr=0.3", *GENTLE_SGD, *ONE_BLOCK,
                                             "policy.client_lr_schedule=warmup_cosine"])
     points = [apply_overrides(base, [f"policy.warmup_rounds={w}"]) for w in (0, 4)]
     evals, _, compiles = vectorized.run(points)
@@ -212,7 +215,7 @@ def test_vectorised_seeds_draw_their_own_sample_and_windows_and_equal_separate_r
     the summation-order bound). 8 devices, 3 points: a 2 x 4 mesh with a padding
     point, which shares the last point's draws. Before the fix every point drew
     the first seed's batch, and seeds 1 and 2 were off by the whole sample."""
-    base = apply_overrides(configs.tiny(), ["run.rounds=2", "algorithm.name=worldlm", *GENTLE_SGD,
+    base = apply_overrides(configs.tiny(), ["run.rounds=2", "algorithm.name=worldlm", *GENTLE_SGD, *ONE_BLOCK,
                                             "policy.client_lr=0.2", "policy.sampling=fixed",
                                             "policy.clients_per_round=1"])
     points = [apply_overrides(base, [f"run.seed={seed}"]) for seed in (0, 1, 2)]
