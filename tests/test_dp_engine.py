@@ -260,28 +260,27 @@ def test_dp_on_a_federation_that_aggregates_nothing_changes_nothing(chunk):
 
 
 def test_a_dp_federation_logs_no_statistic_of_its_childrens_raw_updates():
-    """Federation a is DP (dp_scope all: B and K released), its sibling b is not: a's
-    update spread, attention diagnostics and exact clipped fraction are null, b's are
-    not; with adaptive clipping a's clipped fraction is the noised one its clip moved by
-    (clip' = clip * exp(-lr * (b_hat - target)), so 1 - fraction = b_hat)."""
+    """Federations a (fixed clip) and b (adaptive clip) are DP with dp_scope all (B and
+    K released), c is not: a's and b's update spread and attention diagnostics are
+    null, c's are not; a's exact clipped fraction is null, and b's is the noised one
+    its clip moved by (clip' = clip * exp(-lr * (b_hat - target)), so 1 - fraction = b_hat)."""
     fixed = {"dp_noise_multiplier": 0.5, "dp_clip": 0.1}
     adaptive = {**fixed, "dp_adaptive_clip": True, "dp_clip_lr": 0.2, "dp_target_quantile": 0.5}
-    for policy in (fixed, adaptive):
-        _, _, metrics = _run("worldlm", _tree(policy_a=policy), rounds=1)
-        m = metrics[0]
-        spread = m["level1/update_spread"]
-        assert np.isnan(spread[0]) and np.isfinite(spread[1]) and spread[1] > 0
-        for key in ("attention_entropy", "attention_parent"):
-            assert np.isnan(m[f"level1/{key}"][0]) and np.isfinite(m[f"level1/{key}"][1]), key
-        children_of_a = np.arange(len(m["level1/child_k_delta_norm"])) < 2  # slots 0, 1 are a's clients
-        norms = m["level1/child_k_delta_norm"]
-        assert np.all(np.isnan(norms[children_of_a])) and np.all(np.isfinite(norms[~children_of_a]))
-        similarity = m["level1/child_similarity"]
-        assert np.all(np.isnan(similarity[children_of_a])) and np.all(np.isnan(similarity[:, children_of_a]))
-        assert np.all(np.isfinite(similarity[np.ix_(~children_of_a, ~children_of_a)]))
-        fraction = m["level1/dp_clipped_fraction"]
-        if policy is fixed:
-            assert np.isnan(fraction[0])
-        else:
-            b_hat = adaptive["dp_target_quantile"] - np.log(m["level1/dp_clip"][0] / adaptive["dp_clip"]) / 0.2
-            np.testing.assert_allclose(1.0 - fraction[0], b_hat, rtol=1e-4, atol=1e-5)
+    tree = {**_tree(), "children": [{"name": n, "sources": ["x"], "clients": 2, "policy": {"rounds": 1, **p}}
+                                    for n, p in (("a", fixed), ("b", adaptive), ("c", {}))]}
+    _, _, metrics = _run("worldlm", tree, rounds=1)
+    m, private = metrics[0], np.array([True, True, False])
+    for key in ("update_spread", "attention_entropy", "attention_parent"):
+        value = m[f"level1/{key}"]
+        assert np.all(np.isnan(value[private])) and np.all(np.isfinite(value[~private])), key
+    assert m["level1/update_spread"][2] > 0
+    of_private = np.arange(len(m["level1/child_k_delta_norm"])) < 4  # slots 0-3: a's and b's clients
+    norms = m["level1/child_k_delta_norm"]
+    assert np.all(np.isnan(norms[of_private])) and np.all(np.isfinite(norms[~of_private]))
+    similarity = m["level1/child_similarity"]
+    assert np.all(np.isnan(similarity[of_private])) and np.all(np.isnan(similarity[:, of_private]))
+    assert np.all(np.isfinite(similarity[np.ix_(~of_private, ~of_private)]))
+    fraction = m["level1/dp_clipped_fraction"]
+    assert np.isnan(fraction[0]) and np.isfinite(fraction[2])
+    b_hat = adaptive["dp_target_quantile"] - np.log(m["level1/dp_clip"][1] / adaptive["dp_clip"]) / 0.2
+    np.testing.assert_allclose(1.0 - fraction[1], b_hat, rtol=1e-4, atol=1e-5)
