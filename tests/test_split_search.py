@@ -133,6 +133,10 @@ def test_parameter_groups_partition_the_model_and_each_pattern_selects_exactly_i
     for group in set(groups.values()):
         pattern = re.compile(partition.group_pattern(group))
         assert {p for p in params if pattern.search(p)} == {p for p, g in groups.items() if g == group}, group
+    # key layers by group name: exactly the named groups' paths (norms included)
+    named = sorted(set(groups.values()))[::2]
+    mask = partition.key_layer_mask(params, partition.KeyLayers(kind="groups", groups=named), n_layers)
+    assert {p for p, is_key in mask.items() if is_key} == {p for p, g in groups.items() if g in named}
 
 
 def test_group_spreads_decompose_the_update_spread_and_are_null_at_a_dp_federation():

@@ -20,7 +20,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-_KINDS = ('last_fraction', 'first_fraction', 'blocks', 'regex')
+_KINDS = ('last_fraction', 'first_fraction', 'blocks', 'regex', 'groups')
 _BLOCK_RE = re.compile(r'(?:^|/)blocks/(\d+)(?:/|$)')
 
 
@@ -35,6 +35,9 @@ class KeyLayers:
       'blocks'         the explicit block indices in `blocks`.
       'regex'          every path that `re.search`-matches one of `patterns`
                        (`include_block_norms` does not apply: patterns are explicit).
+      'groups'         the parameter groups named in `groups` (`parameter_groups`:
+                       block<l>_attn, block<l>_mlp, block<l>_other, embeddings),
+                       each with its norms; what `split-search --probe` writes.
     include_block_norms: whether the selected blocks' LayerNorms are K too.
     """
 
@@ -42,6 +45,7 @@ class KeyLayers:
     fraction: float = 0.3  # ~ a third of the blocks, as in the paper
     blocks: tuple[int, ...] = ()
     patterns: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
     include_block_norms: bool = True
 
     def __post_init__(self):
@@ -52,6 +56,9 @@ class KeyLayers:
         # Lists from YAML/CLI become tuples so the selector stays hashable.
         object.__setattr__(self, 'blocks', tuple(self.blocks))
         object.__setattr__(self, 'patterns', tuple(self.patterns))
+        object.__setattr__(self, 'groups', tuple(self.groups))
+        if self.kind == 'groups' and not self.groups:
+            raise ValueError('KeyLayers.kind="groups" needs a non-empty `groups` tuple, e.g. groups=("block1_attn",).')
         if self.kind == 'blocks' and not self.blocks:
             raise ValueError('KeyLayers.kind="blocks" needs a non-empty `blocks` tuple, e.g. blocks=(2,).')
         if self.kind == 'regex':
@@ -73,7 +80,7 @@ def block_index(path: str) -> int | None:
 
 def key_blocks(selector: KeyLayers, n_layers: int) -> tuple[int, ...]:
     """The block indices a block-based selector picks (empty for 'regex')."""
-    if selector.kind == 'regex':
+    if selector.kind in ('regex', 'groups'):
         return ()
     if selector.kind == 'blocks':
         bad = sorted(b for b in selector.blocks if not 0 <= b < n_layers)
@@ -100,6 +107,13 @@ def key_layer_mask(param_paths: Iterable[str], selector: KeyLayers, n_layers: in
     if selector.kind == 'regex':
         regexes = [re.compile(p) for p in selector.patterns]
         mask = {p: any(r.search(p) for r in regexes) for p in paths}
+    elif selector.kind == 'groups':
+        groups = parameter_groups(paths)
+        unknown = sorted(set(selector.groups) - set(groups.values()))
+        if unknown:
+            raise ValueError(f'KeyLayers.groups {unknown} name no parameter group of this model; its groups: '
+                             f'{", ".join(sorted(set(groups.values())))}.')
+        mask = {p: groups[p] in selector.groups for p in paths}
     else:
         chosen = set(key_blocks(selector, n_layers))
         mask = {p: block_index(p) in chosen and (selector.include_block_norms or not _is_norm(p))

@@ -59,7 +59,6 @@ import yaml
 
 from worldlm_jax.config import Config, ConfigError
 from worldlm_jax.engine import strategies
-from worldlm_jax.model import partition
 from worldlm_jax.sweeps import grid
 
 TABLE_FILE, RESULT_FILE, SPLIT_FILE = "split_search.md", "split_search.json", "split.yaml"
@@ -128,8 +127,7 @@ def probe_candidate(ranking: Sequence[tuple[str, float]], share: float = PROBE_S
     if len(ranked) < 2:
         raise ConfigError("the probe ranked fewer than two parameter groups; nothing to split")
     chosen = ranked[:min(max(1, math.ceil(share * len(ranked))), len(ranked) - 1)]
-    patterns = ", ".join("'" + partition.group_pattern(g) + "'" for g in chosen)
-    return Candidate("probe", _key_layers("{kind: regex, patterns: [" + patterns + "]}"))
+    return Candidate("probe", _key_layers("{kind: groups, groups: [" + ", ".join(chosen) + "]}"))
 
 
 def run_probe(base: Config, workdir: str, rounds: int, train_fn=None, quiet: bool = True, progress: bool = False,
