@@ -185,6 +185,8 @@ CASES = [
     ("key-layers-unknown-group", "a key-layer group the model does not have",
      PLAN + ["--set", "algorithm.key_layers={kind: groups, groups: [block2_attn]}"], {},
      ["algorithm.key_layers", "block2_attn", "block1_mlp", "embeddings"]),
+    ("link-overlap-not-bool", "an overlap that is not true or false",
+     PLAN + ["--set", "tree.policy.link_overlap=3"], {}, ["world", "link_overlap", "3", "true or false"]),
     ("split-search-no-key-layers", "a split search for a strategy without key layers",
      ["split-search", "--config", "tiny", "--set", "algorithm.name=fedavg", "--workdir", "runs/split"], {},
      ["algorithm.name='fedavg'", "no key layers", "worldlm or fedper"]),

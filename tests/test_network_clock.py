@@ -109,3 +109,36 @@ def test_a_client_speed_of_zero_trains_at_the_measured_speed():
     topo = two_level(root={"client_tokens_per_s": 0.0}, b={"client_tokens_per_s": 1000.0})
     assert network_clock.local_work_seconds(topo, TOKENS_PER_STEP, 4000.0) == pytest.approx([1.0, 10.0])
     assert network_clock.local_work_seconds(topo, TOKENS_PER_STEP, 0.0) == pytest.approx([0.0, 10.0])
+
+
+def test_an_overlapped_upload_costs_only_what_the_next_rounds_work_does_not_hide():
+    """With link_overlap a round takes down + max(work, up): a's clients upload 1.3 s
+    behind 2 s of local work in each of a's 2 rounds, b's behind 5 s; the compute is
+    unchanged and a stays the root's slowest child."""
+    plain, overlapped = paths(two_level(), *EVERYONE), paths(two_level(a={"link_overlap": True},
+                                                                      b={"link_overlap": True}), *EVERYONE)
+    assert overlapped[1].sum(1) == pytest.approx([9.2 - 2 * 1.3, 7.6 - 1.3])
+    np.testing.assert_array_equal(overlapped[1][:, 2], plain[1][:, 2])  # the clients' local work
+    assert overlapped[0].sum(1) == pytest.approx([0.135 + 6.6 + 0.135])
+    # a slow upload hides only as much as the work lasts: a's clients upload 1.25e6 B at
+    # 0.8 Mbit/s (12.55 s with the latency) behind 2 s of local work, twice
+    slow = paths(two_level(a={"link_overlap": True, "link_bandwidth_mbps": 0.8}), *EVERYONE)
+    slow_plain = paths(two_level(a={"link_bandwidth_mbps": 0.8}), *EVERYONE)
+    assert slow[1][0].sum() == pytest.approx(slow_plain[1][0].sum() - 2 * 2.0)
+
+
+def test_overlap_at_a_federation_of_federations_hides_its_childs_upload_behind_the_childs_next_round():
+    """world -> r (2 rounds per root round, overlapped) -> a (2 clients, not overlapped):
+    a's round is 1.3 + 2 + 1.3 = 4.6 s; r's link to a costs 0.135 s a message; each of
+    r's two rounds costs 0.135 + max(4.6, 0.135)."""
+    link = {"link_bandwidth_mbps": 80.0, "link_latency_ms": 10.0}
+    topo = build_topology({
+        "name": "world", "policy": {**link, "client_tokens_per_s": 2000.0},
+        "children": [{"name": "r", "policy": {**link, "rounds": 2, "link_overlap": True}, "children": [
+            {"name": "a", "clients": 2, "sources": ["x"],
+             "policy": {"link_bandwidth_mbps": 8.0, "link_latency_ms": 50.0, "local_steps": 4, "rounds": 1,
+                        "link_overlap": False}}]}]})  # a's own uploads: not overlapped
+    participants, rounds = {0: [1], 1: [2], 2: [4]}, {0: [1], 1: [2], 2: [2]}
+    r = paths(topo, participants, rounds)[1]
+    assert r.sum() == pytest.approx(2 * (0.135 + 4.6))
+    assert r[0, 2] == pytest.approx(2 * 2.6) and r[0, 3] == pytest.approx(2 * 2.0)  # a's links and work

@@ -29,17 +29,29 @@ the round's simulated seconds. Along the way each node keeps its critical
 path split into the seconds spent on each level's links and in the clients'
 local work, so a round says where its time went.
 
+Overlap. `link_overlap: true` at a federation prices its children's uploads
+as Streaming DiLoCo schedules them: a child sends its update while it already
+works on the next round, so each round's upload costs only what that work does
+not hide, and a round takes down + max(work, up) instead of down + work + up
+(the steady state: the run's very last upload, which nothing follows, is
+hidden too, one message over a run). The work is the child's time in a round
+before its upload: local work below a leaf federation, the child's own nested
+rounds (with their own downloads) above. The compiled round does not change:
+the engine still applies each round's aggregate before the next round starts,
+so an overlapped clock is the time of a schedule whose one-round staleness the
+training does not simulate. The slowest child is the slowest without overlap.
+
 Simplifications:
 - each child has its own link, at its parent's speed: no shared uplink, no
   contention;
-- transfers are not overlapped with compute, nor with each other;
+- transfers are not overlapped with compute (but where `link_overlap` says),
+  nor with each other;
 - a child's time per round of its parent is its time in the root round over
   the parent rounds it took part in; with sampled children the slowest child
   of the root round counts as present in every round its parent ran (an upper
   bound);
 - stragglers count as doing all their local steps; dropped clients as absent.
-Left for later: deadlines that drop slow children, uploads overlapped with
-compute, codecs.
+Left for later: deadlines that drop slow children.
 """
 from __future__ import annotations
 
@@ -111,10 +123,13 @@ def critical_paths(topology: Topology, plan: Plan, sizes: dict[str, int], partic
         latency = lvl.policy_array("link_latency_ms", np.float64)
         down = message_bytes(topology, d, "down", plan.broadcast[d], sizes, leaves)
         up = message_bytes(topology, d, "up", plan.aggregate[d], sizes, leaves)
+        overlap = np.array([bool(p.link_overlap) for p in lvl.policies])
         per_round = np.zeros((lvl.size, D + 1))
         if d == D - 1:  # children are clients, all alike
-            per_round[:, d] = message_seconds(down, bandwidth, latency) + message_seconds(up, bandwidth, latency)
+            up_seconds = message_seconds(up, bandwidth, latency)
+            per_round[:, d] = message_seconds(down, bandwidth, latency) + up_seconds
             per_round[:, D] = work_seconds
+            work = np.asarray(work_seconds, np.float64)
         else:  # children are federations: the slowest present one sets the pace
             child = topology.levels[d + 1]
             parent = child.parent
@@ -122,13 +137,19 @@ def critical_paths(topology: Topology, plan: Plan, sizes: dict[str, int], partic
             # a child runs its own `rounds` per round of its parent it takes part in
             parent_rounds = np.asarray(rounds[d + 1], np.float64) / child.policy_array("rounds", np.float64)
             child_per_round = paths[d + 1] / np.maximum(parent_rounds, 1.0)[:, None]
+            child_work = child_per_round.sum(1)  # its own nested rounds: what an overlapped upload hides behind
+            child_up = message_seconds(up[parent], bandwidth[parent], latency[parent])
             child_per_round[:, d] += (message_seconds(down[parent] + residual_bytes(topology, plan, sizes, d + 1),
-                                                      bandwidth[parent], latency[parent])
-                                      + message_seconds(up[parent], bandwidth[parent], latency[parent]))
+                                                      bandwidth[parent], latency[parent]) + child_up)
             best = slowest_child(parent, child_per_round.sum(1), present, lvl.size)
             per_round = np.where((best >= 0)[:, None], child_per_round[np.maximum(best, 0)], 0.0)
+            up_seconds = np.where(best >= 0, child_up[np.maximum(best, 0)], 0.0)
+            work = np.where(best >= 0, child_work[np.maximum(best, 0)], 0.0)
         ran = np.where(np.asarray(participants[d]) > 0, np.asarray(rounds[d], np.float64), 0.0)
         paths[d] = per_round * ran[:, None]
+        # link_overlap: each round's upload hides behind the next round's work (the steady state)
+        hidden = np.where(overlap, ran * np.minimum(up_seconds, work), 0.0)
+        paths[d][:, d] -= hidden
     return tuple(paths)
 
 

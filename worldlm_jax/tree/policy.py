@@ -79,6 +79,7 @@ class Policy:
     link_bandwidth_mbps: float = 10000.0  # megabits per second (10 Gbit/s: a datacentre link)
     link_latency_ms: float = 1.0  # per message, one way
     client_tokens_per_s: float = 0.0  # leaf federations: a client's training speed (0 = the run's measured one)
+    link_overlap: bool = False  # the clock hides the children's uploads behind their next round's work
     # compressed links (worldlm_jax.codecs): what this federation's children send up to it
     # (their updates; a leaf federation's: its clients') and what it sends down to them;
     # a codec's name, or {B: name, K: name} per part
@@ -171,6 +172,8 @@ class Policy:
             fail("link_bandwidth_mbps", self.link_bandwidth_mbps, "expected a number > 0 (megabits per second)")
         if not number(self.link_latency_ms) or not 0 <= self.link_latency_ms < math.inf:
             fail("link_latency_ms", self.link_latency_ms, "expected a finite number >= 0 (milliseconds)")
+        if not isinstance(self.link_overlap, bool):
+            fail("link_overlap", self.link_overlap, "expected true or false")
         if not number(self.client_tokens_per_s) or not 0 <= self.client_tokens_per_s < math.inf:
             fail("client_tokens_per_s", self.client_tokens_per_s,
                  "expected a finite number >= 0 (tokens per second; 0 = the run's measured speed)")
