@@ -28,7 +28,8 @@ def write_run(root, name, *, lr=0.001, seed=0, final_ppl=150.0, rounds=4, evals=
     records = []
     for r in range(rounds):
         records.append({"round": r, "train_loss": 5.0 - 0.3 * r - seed / 100 - lr, "tokens": TOKENS_PER_ROUND,
-                        "bytes_communicated": {"level1": {"total": 1000 + r}, "total": 1000 + r}})
+                        "bytes_communicated": {"level1": {"total": 1000 + r}, "total": 1000 + r},
+                        "sim_seconds": 360.0 * (r + 1)})
         if r in evals:
             ppl = final_ppl + 10 * (rounds - 1 - r)
             records.append({"round": r, "eval": {"perplexity": ppl, "per_federation": {"en": ppl, "de": ppl}}})
@@ -156,16 +157,19 @@ def test_curves_hold_every_round_and_every_evaluation(lr_by_seed):
     assert train["train_loss"] == [r["train_loss"] for r in rounds]
     assert train["tokens"] == [TOKENS_PER_ROUND * (r + 1) for r in range(4)]
     assert train["bytes_communicated"] == [1000, 2001, 3003, 4006]
+    assert train["sim_hours"] == pytest.approx([0.1, 0.3, 0.6, 1.0])  # 360, 720, 1080, 1440 s summed
     evals = curves["perplexity"]  # each at what the run had spent when it evaluated
     assert evals == {"round": [1, 3], "tokens": [2 * TOKENS_PER_ROUND, 4 * TOKENS_PER_ROUND],
-                     "bytes_communicated": [2001, 4006],
+                     "bytes_communicated": [2001, 4006], "sim_hours": pytest.approx([0.3, 1.0]),
                      "perplexity": [r["eval"]["perplexity"] for r in records if "eval" in r]}
 
 
 def test_a_group_line_is_the_mean_of_its_seeds_at_their_common_rounds():
-    a = {"round": [0, 1, 2], "tokens": [1, 2, 3], "bytes_communicated": [10, 20, 30], "train_loss": [3.0, 2.0, 1.0]}
-    b = {"round": [0, 1], "tokens": [1, 2], "bytes_communicated": [12, 22], "train_loss": [5.0, 4.0]}
+    a = {"round": [0, 1, 2], "tokens": [1, 2, 3], "bytes_communicated": [10, 20, 30], "sim_hours": [1, 2, 3],
+         "train_loss": [3.0, 2.0, 1.0]}
+    b = {"round": [0, 1], "tokens": [1, 2], "bytes_communicated": [12, 22], "sim_hours": [3, 4],
+         "train_loss": [5.0, 4.0]}
     assert report.mean_curve([a, b], "train_loss") == {
-        "round": [0, 1], "tokens": [1.0, 2.0], "bytes_communicated": [11.0, 21.0], "train_loss": [4.0, 3.0],
-        "low": [3.0, 2.0], "high": [5.0, 4.0]}
+        "round": [0, 1], "tokens": [1.0, 2.0], "bytes_communicated": [11.0, 21.0], "sim_hours": [2.0, 3.0],
+        "train_loss": [4.0, 3.0], "low": [3.0, 2.0], "high": [5.0, 4.0]}
     assert report.mean_curve([a], "train_loss") is a

@@ -33,7 +33,7 @@ subcommands:
   split-search  train one run per candidate key-layer split, rank them by perplexity and bytes
             (a Pareto front); writes DIR/split_search.md and the chosen split as DIR/split.yaml
   report    compare runs: tables (seeds pooled, differing config fields), learning curves
-            against rounds, tokens and bytes, a sweep plot; warns on unequal round counts
+            against rounds, tokens, bytes and simulated hours, a sweep plot; warns on unequal round counts
   plan      memory per device of a run (federation state, parameters, optimizer
             states, activations; XLA's figure), before any data is loaded
   config    the resolved config as YAML (what train saves as config.yaml) and each
@@ -230,8 +230,8 @@ def _report_parser(sub) -> None:
                                    "first run, perplexity per federation, the config fields that differ) in\n"
                                    "OUT/report.md, runs that differ only in run.seed pooled (mean, std, n),\n"
                                    "a warning per run not comparable (unfinished, other round counts), and\n"
-                                   "plots: curves.png (train loss and eval perplexity against rounds, tokens\n"
-                                   "and bytes communicated), sweep.png (perplexity against the one swept\n"
+                                   "plots: curves.png (train loss and eval perplexity against rounds, tokens,\n"
+                                   "bytes communicated and simulated hours), sweep.png (perplexity against the one swept\n"
                                    "numeric field), perplexity_<run>.png (per federation).",
                        epilog="examples:\n  worldlm report runs/demo-worldlm runs/demo-fedavg --out runs/report\n"
                               "  worldlm report runs/lr-sweep --out runs/lr-report     # a sweep dir: all its points")

@@ -122,7 +122,8 @@ def plot_methods(results: Mapping[str, Sequence[tuple[int, float]]],
 
 # x axes of the learning curves: what a run has spent so far (cumulative sums of the round records)
 CURVE_X = (("round", "round"), ("tokens", "training tokens (cumulative)"),
-           ("bytes_communicated", "bytes communicated (cumulative)"))
+           ("bytes_communicated", "bytes communicated (cumulative)"),
+           ("sim_hours", "simulated hours (cumulative, the network clock)"))
 # y axes: (key, label, log scale)
 CURVE_Y = (("train_loss", "training loss (nats/token)", False), ("perplexity", "evaluation perplexity", True))
 _MARKERS_UP_TO = 30  # points per line: mark each one while they stay apart (a lone final eval is a dot)
@@ -130,17 +131,18 @@ _MARKERS_UP_TO = 30  # points per line: mark each one while they stay apart (a l
 
 def plot_curves(lines: Mapping[str, Mapping[str, Mapping[str, Sequence]]], out_png: str | os.PathLike) -> str:
     """Training loss (top row) and evaluation perplexity (bottom row) against rounds,
-    cumulative tokens and cumulative bytes communicated (columns), one line per name.
+    cumulative tokens, bytes communicated and simulated hours (columns), one line per name.
 
     ``lines[name][y]``, y in ``"train_loss"``, ``"perplexity"``, holds equal-length lists:
-    the x values ``"round"``, ``"tokens"``, ``"bytes_communicated"``, the line under ``y``
+    the x values ``"round"``, ``"tokens"``, ``"bytes_communicated"``, ``"sim_hours"`` (None
+    for a run without a clock: that panel stays empty), the line under ``y``
     itself (a group's mean) and, optionally, ``"low"`` and ``"high"``: a band (the
     spread of a group's seeds).
     """
     if not lines:
         raise ValueError("plot_curves: lines is empty; expected {name: {'train_loss': curve, "
                          "'perplexity': curve}}.")
-    fig = Figure(figsize=(15, 8))
+    fig = Figure(figsize=(20, 8))
     axes = fig.subplots(len(CURVE_Y), len(CURVE_X), squeeze=False)
     legend_drawn = False  # one legend, on the first panel with lines: the colours are the same in all
     for row, (y, ylabel, log_y) in enumerate(CURVE_Y):

@@ -15,7 +15,7 @@ metrics.jsonl and config.yaml and writes, into `out_dir`:
                cumulative tokens and cumulative bytes communicated) and "sweep" (the
                points of sweep.png, or null);
 - curves.png   training loss (top) and evaluation perplexity (bottom) against rounds,
-               cumulative tokens and cumulative bytes communicated: one line per seed
+               cumulative tokens, bytes communicated and simulated hours: one line per seed
                group (the mean over its seeds, a band from its lowest to its highest
                seed), so one per run with group_seeds=False (`--no-group`);
 - sweep.png    final perplexity (mean, min-max bar over seeds) against the one config
@@ -238,8 +238,9 @@ def run_warnings(runs: Sequence[dict]) -> list[str]:
 # ---- curves -------------------------------------------------------------------------------
 def run_curves(records: Sequence[dict]) -> dict:
     """{'train_loss': curve, 'perplexity': curve} of one run's metrics records; a curve is
-    {'round', 'tokens', 'bytes_communicated', <its own key>: values}, every round's
-    train_loss and every evaluation, at the tokens and bytes spent up to that round.
+    {'round', 'tokens', 'bytes_communicated', 'sim_hours', <its own key>: values}, every
+    round's train_loss and every evaluation, at the tokens, bytes and simulated hours
+    (the network clock's, docs/network.md) spent up to that round.
 
     A round written twice (a resumed run's) counts once, its last record.
     """
@@ -249,10 +250,13 @@ def run_curves(records: Sequence[dict]) -> dict:
     tokens = dict(zip(rounds, _cumulative([trained[r].get("tokens") for r in rounds])))
     sent = dict(zip(rounds, _cumulative([(trained[r].get("bytes_communicated") or {}).get("total")
                                          for r in rounds])))
+    seconds = _cumulative([trained[r].get("sim_seconds") for r in rounds])
+    hours = dict(zip(rounds, [None if s is None else s / 3600 for s in seconds]))
 
     def curve(at: Sequence[int], key: str, values: list) -> dict:
         return {"round": list(at), "tokens": [tokens.get(r) for r in at],
-                "bytes_communicated": [sent.get(r) for r in at], key: values}
+                "bytes_communicated": [sent.get(r) for r in at], "sim_hours": [hours.get(r) for r in at],
+                key: values}
 
     return {"train_loss": curve(rounds, "train_loss", [trained[r].get("train_loss") for r in rounds]),
             "perplexity": curve(sorted(evaluated), "perplexity",
@@ -288,6 +292,7 @@ def mean_curve(curves: Sequence[dict], key: str) -> dict:
     values = column(key)
     return {"round": common, "tokens": column("tokens").mean(axis=1).tolist(),
             "bytes_communicated": column("bytes_communicated").mean(axis=1).tolist(),
+            "sim_hours": column("sim_hours").mean(axis=1).tolist(),
             key: values.mean(axis=1).tolist(), "low": values.min(axis=1).tolist(),
             "high": values.max(axis=1).tolist()}
 
