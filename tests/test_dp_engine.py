@@ -14,7 +14,7 @@ from worldlm_jax.run import communication
 from worldlm_jax.tree.topology import build_topology
 from engine_helpers import strategy_plan
 
-CFG = model.preset("tiny", max_len=16, d_model=16, n_heads=2, n_layers=2)
+CFG = model.preset("tiny", max_len=16, d_model=16, n_heads=2, n_layers=1)  # one block: half the compile
 MODEL_DEF, PARAMS = model.init(CFG, jax.random.PRNGKey(0))
 KEY_PATHS = frozenset(p for p, k in partition.key_layer_mask(PARAMS, partition.KeyLayers(), CFG.n_layers).items() if k)
 
