@@ -206,6 +206,9 @@ def test_train_writes_summary_and_prints_the_table(trained):
     for name, ppl in ev["per_federation"].items():
         assert f"{ppl:10.3f}" in out and name in out
     assert f"{ev['perplexity']:10.3f}" in out and "bits/byte" in out
+    assert f"{summary['sim_hours'] * 3600:.4g} simulated s" in out
+    assert f"compute utilisation {100 * summary['compute_utilisation']:.1f}%" in out
+    assert f"{summary['bytes_communicated']['total'] / 1e6:.4g} MB communicated" in out
     assert "summary.json" in out
     saved = load_yaml(os.path.join(workdir, "config.yaml"))
     assert saved.run.rounds == 1 and saved.model == apply_overrides(configs.get("tiny"), ["model.n_layers=1"]).model

@@ -1,6 +1,7 @@
 """Faults inside the round (dropout, stragglers, Byzantine clients) and the
 robust aggregators that withstand them: each protection fails its test when
 removed."""
+import dataclasses
 import functools
 
 import jax
@@ -64,6 +65,25 @@ def test_partial_dropout_averages_over_those_who_report():
     # who drops is the round key's draw: some round of three drops part of the federation
     assert any(0 < m["dropped"] < 4 for m in metrics)
     assert all(m["level0/participants"][0] == 4 - m["dropped"] for m in metrics)
+
+
+def test_a_child_late_by_its_parents_deadline_is_left_out_as_if_it_were_not_in_the_tree():
+    """EngineSpec.on_time (what the planned clock decides for `deadline_s`): F1 is
+    late, so the root trains exactly as a tree of F0 alone on F0's data, F1 and its
+    clients do not move, and the root counts F1 as late."""
+    with_late = topo(tree2([2, 3], fed_policies=[BASE, BASE]))
+    alone = topo(tree2([2], fed_policies=[BASE]))
+    late_spec = dataclasses.replace(make_spec(with_late, client_optimizer="test_sgd"), on_time=(None, (True, False)))
+    batches = make_batches(with_late, 2)
+    f0_batches = [engine.RoundBatch(b.tokens[..., :2, :, :, :], b.slot_client[..., :2], b.slot_weight[..., :2])
+                  for b in batches]
+    state, metrics = run(engine.make_strategy(late_spec), toy_params(), batches)
+    reference, _ = run(engine.make_strategy(make_spec(alone, client_optimizer="test_sgd")), toy_params(), f0_batches)
+    assert_tree_equal(state.levels[0].B, reference.levels[0].B)
+    assert_tree_equal(jax.tree.map(lambda x: x[:1], state.levels[1].B), reference.levels[1].B)
+    assert_tree_equal(jax.tree.map(lambda x: x[1], state.levels[1].B), toy_params())
+    assert all(m["level0/late"].tolist() == [1.0] and m["level0/participants"].tolist() == [1.0]
+               and m["level1/rounds"].tolist() == [1.0, 0.0] for m in metrics)
 
 
 def test_stragglers_take_fewer_steps():

@@ -1,5 +1,8 @@
 """The simulated network clock (run/network_clock.py) on hand-built trees and
 hand-written round metrics: host-side arithmetic, no training."""
+import dataclasses
+import types
+
 import numpy as np
 import pytest
 
@@ -142,3 +145,93 @@ def test_overlap_at_a_federation_of_federations_hides_its_childs_upload_behind_t
     r = paths(topo, participants, rounds)[1]
     assert r.sum() == pytest.approx(2 * (0.135 + 4.6))
     assert r[0, 2] == pytest.approx(2 * 2.6) and r[0, 3] == pytest.approx(2 * 2.0)  # a's links and work
+
+
+# ---- deadlines ------------------------------------------------------------------------
+def work_of(topo):
+    return network_clock.local_work_seconds(topo, TOKENS_PER_STEP, 0.0)
+
+
+def test_a_deadline_leaves_out_the_child_that_misses_it_and_its_parent_waits_it_out():
+    """world waits 8 s for each child: a takes 0.135 + 9.2 + 0.135 s (late), b 7.87 s;
+    the deadline is inherited, and a's and b's clients reply in 4.6 s and 7.6 s."""
+    topo = two_level(root={"deadline_s": 8.0})
+    on_time = network_clock.planned_on_time(topo, HIERFAVG, SIZES, work_of(topo))
+    assert on_time[0] is None and on_time[1].tolist() == [False, True]
+    assert network_clock.planned_on_time(two_level(root={"deadline_s": 9.5}), HIERFAVG, SIZES,
+                                         work_of(topo))[1].tolist() == [True, True]
+    # the round as it ran: a left out (no rounds, no participants), world counted it late
+    ran = ({0: [1], 1: [0, 3]}, {0: [1], 1: [0, 1]})
+    clock = network_clock.round_clock(topo, HIERFAVG, SIZES, *ran, work_of(topo), late={0: [1]})
+    assert clock["seconds"] == pytest.approx(8.0)  # b's 7.87 s, then the wait for a
+    assert clock["compute_seconds"] == pytest.approx(5.0)  # b's work
+    assert clock["per_level"] == pytest.approx({"level0": 0.27 + 0.13, "level1": 2.6})  # the wait is world's
+    assert network_clock.round_clock(topo, HIERFAVG, SIZES, *ran, work_of(topo))["seconds"] == pytest.approx(7.87)
+
+
+def test_deadlines_apply_bottom_up_on_the_planned_clock():
+    """eu waits 10 s for fr (15 s: late) and de (6 s), so eu replies to the root in
+    1.25 + 10 + 1.25 = 12.5 s, inside the root's 13 s; without its own deadline eu
+    would take 1.25 + 15 + 1.25 s and be late. (own_policy: the leaves keep none.)"""
+    link = {"link_bandwidth_mbps": 8.0, "link_latency_ms": 0.0, "client_tokens_per_s": 2000.0, "local_steps": 2}
+    topo = build_topology({"name": "world", "policy": link, "own_policy": {"deadline_s": 13.0}, "children": [
+        {"name": "eu", "own_policy": {"deadline_s": 10.0}, "children": [
+            {"name": "fr", "clients": 1, "sources": ["x"], "policy": {"client_tokens_per_s": 200.0}},
+            {"name": "de", "clients": 1, "sources": ["x"]}]},
+        {"name": "asia", "children": [{"name": "jp", "clients": 1, "sources": ["x"]}]}]})
+    on_time = network_clock.planned_on_time(topo, HIERFAVG_3, SIZES, work_of(topo))
+    assert dict(zip(topo.levels[1].names, on_time[1].tolist())) == {"eu": True, "asia": True}
+    assert dict(zip(topo.levels[2].names, on_time[2].tolist())) == {"fr": False, "de": True, "jp": True}
+
+
+HIERFAVG_3 = Plan(broadcast=(ALL,) * 3, aggregate=(ALL,) * 3)
+
+
+def test_a_deadline_that_every_child_misses_is_refused():
+    with pytest.raises(ValueError, match=r"federation 'a': policy field 'deadline_s' = 1 .*its clients .*in 4\.6 s"):
+        network_clock.planned_on_time(two_level(root={"deadline_s": 1.0}), HIERFAVG, SIZES, work_of(two_level()))
+    with pytest.raises(ValueError, match=r"federation 'world': .*'deadline_s' = 7\.7 .*child federations: .*in 7\.87 s"):
+        network_clock.planned_on_time(two_level(root={"deadline_s": 7.7}), HIERFAVG, SIZES, work_of(two_level()))
+
+
+def deadline_config(**world):
+    """tiny (en, de, ru x 2 clients) where world waits 1 s for each language, and ru's
+    clients train 10x slower: 2 steps x 64 tokens at 100 tokens/s = 1.28 s."""
+    from worldlm_jax.config import presets
+
+    config = presets.tiny()
+    tree = dict(config.tree, own_policy={"deadline_s": 1.0, **world})
+    tree["children"] = [dict(c, policy={"client_tokens_per_s": 100.0 if c["name"] == "ru" else 1000.0})
+                        for c in tree["children"]]
+    return dataclasses.replace(config, tree=tree)
+
+
+def test_a_run_plans_its_deadlines_from_its_config():
+    from worldlm_jax.config import ConfigError
+    from worldlm_jax.run import blueprint
+
+    run = blueprint.abstract_run(deadline_config())
+    assert dict(zip(run.run_topology.levels[1].names, run.spec.on_time[1])) == {"en": True, "de": True, "ru": False}
+    assert blueprint.abstract_run(deadline_config(deadline_s=0.0)).spec.on_time == ()  # no deadline: today's round
+    config = deadline_config()
+    config = dataclasses.replace(config, tree=dict(config.tree, children=[
+        dict(c, policy={}) if c["name"] == "de" else c for c in config.tree["children"]]))
+    with pytest.raises(ConfigError, match=r"'deadline_s' is set, but federation\(s\) de have client_tokens_per_s 0"):
+        blueprint.abstract_run(config)
+
+
+def test_the_round_record_prices_a_late_childs_wait():
+    """records.simulated_time reads `level0/late`: world, which left ru out, ends its
+    round at its 1 s deadline, not when en and de have replied."""
+    from worldlm_jax.run import blueprint, communication, records
+
+    run = blueprint.abstract_run(deadline_config())
+    exp = types.SimpleNamespace(run_topology=run.run_topology, batch_size=run.batch_size, config=run.config,
+                                init_params=run.params, spec=run.spec,
+                                part_bytes=communication.part_bytes(run.params, run.spec.key_paths))
+    metrics = {"level0/rounds": np.ones(1), "level1/rounds": np.array([1.0, 1.0, 0.0])}
+    participants = {0: np.array([2.0]), 1: np.array([2.0, 2.0, 0.0])}
+    waited = records.simulated_time(exp, run.spec.plan, {**metrics, "level0/late": np.ones(1)}, participants, 0.0)
+    assert waited["sim_seconds"] == pytest.approx(1.0)
+    no_wait = records.simulated_time(exp, run.spec.plan, metrics, participants, 0.0)
+    assert 0.128 < no_wait["sim_seconds"] < 0.2  # en's and de's 0.128 s of work and their fast links

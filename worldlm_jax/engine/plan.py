@@ -79,6 +79,10 @@ class EngineSpec:
     # path -> parameter group (`partition.parameter_groups`): each level then also reports its
     # children's backbone update spread per group (`update_spread_group/<group>`); empty: not
     param_groups: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # deadlines (policy `deadline_s`): per level d >= 1 (index d), which federations reply
+    # within their parent's deadline, as the planned clock decides (`network_clock.planned_on_time`);
+    # a late one is left out of its parent's every round. (): no deadline anywhere
+    on_time: tuple = ()
 
 
 # ---- static facts of a tree -----------------------------------------------------

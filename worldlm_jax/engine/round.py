@@ -145,6 +145,13 @@ def federations_work(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineS
     sampled = sample_children(sample_key, parent, st.children_per_round[d], st.poisson_children[d],
                               topo.children_count(d))
     active_child = active_P[parent] & sampled
+    metrics_here = {}
+    if rs.spec.on_time:  # a child late by its parent's deadline is left out, counted like a dropout
+        on_time = jnp.asarray(rs.spec.on_time[d + 1])
+        late = active_child & ~on_time
+        metrics_here[f"level{d}/late"] = jax.ops.segment_sum(late.astype(jnp.float32), parent,
+                                                             num_segments=topo.levels[d].size)
+        active_child = active_child & on_time
     lvl, sent_P = links.broadcast_level(rs.down_codecs[d], plan.broadcast[d], lvl, active_P, down_keys)
     state = _with_level(state, d, lvl)
     received = {}  # what the children start from: their parent's parts as they decoded them
@@ -175,7 +182,8 @@ def federations_work(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineS
     K_N = child_level.K
     if "K" in links.lossy_parts(rs.up_codecs[d]):  # the K a federation attends to is the one it decoded
         K_N = tree_ops.add({p: start[p] for p in child_level.K}, delta["K"])
-    return state, metrics, Children(weight, parent, sums, dp_norm, K_N, delta["B"] if rs.stacked[d] else None)
+    return state, {**metrics, **metrics_here}, Children(weight, parent, sums, dp_norm, K_N,
+                                                       delta["B"] if rs.stacked[d] else None)
 
 
 def run_rounds(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, batch: RoundBatch,
@@ -198,7 +206,7 @@ def _with_level(state: EngineState, d: int, level: LevelState) -> EngineState:
 
 
 _ADDITIVE = ("train_loss_sum", "train_clients", "tokens", "diverged", "rounds", "participants", "dropped",
-             "stragglers", "attackers", "child_present")
+             "stragglers", "attackers", "child_present", "late")
 
 
 _PER_CHILD = ("child_similarity", "child_k_delta_norm")  # indexed by the level's children, not its nodes

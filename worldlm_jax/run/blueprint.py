@@ -18,6 +18,7 @@ from worldlm_jax import engine, model as model_lib
 from worldlm_jax.config import Config, ConfigError
 from worldlm_jax.engine import parallel, strategies
 from worldlm_jax.model import partition
+from worldlm_jax.run import communication, network_clock
 from worldlm_jax.tree.topology import Topology, build_topology
 
 
@@ -150,7 +151,9 @@ def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
                              max_update_norm=algo.max_update_norm, mesh=mesh if mesh.size > 1 else None,
                              client_objective=algo.client_objective, total_rounds=config.run.rounds,
                              client_metrics=config.run.client_metrics,
-                             param_groups=partition.parameter_groups(params))
+                             param_groups=partition.parameter_groups(params),
+                             on_time=planned_deadlines(run_topology, plan, params, key_paths,
+                                                       batch_size * config.data.seq_len))
     if spec.mesh is not None:
         spec = dataclasses.replace(spec, sharded_levels=engine.levels_worth_sharding(
             spec, params, config.run.shard_state_mb * 2 ** 20))
@@ -159,9 +162,31 @@ def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
     if algo.schedule == "staged":
         global_plan = strategies.global_stage_plan(run_topology.depth, algo.residuals, algo.similarity,
                                                    algo.use_parent)
-        first_stage = engine.make_strategy(dataclasses.replace(spec, plan=global_plan))
+        first_stage = engine.make_strategy(dataclasses.replace(spec, plan=global_plan, on_time=planned_deadlines(
+            run_topology, global_plan, params, key_paths, batch_size * config.data.seq_len)))
     return AbstractRun(config, topology, run_topology, spec, strategy, first_stage, model_def, params, mesh,
                        batch_size)
+
+
+def planned_deadlines(topology: Topology, plan: engine.Plan, params: dict, key_paths, tokens_per_step: int) -> tuple:
+    """`EngineSpec.on_time`: which federations reply within their parent's
+    `deadline_s`, by the planned network clock (`network_clock.planned_on_time`);
+    () where no federation sets a deadline. A deadline is decided before the run,
+    so every leaf federation needs its own `client_tokens_per_s` (not the measured 0)."""
+    if not any(p.deadline_s > 0 for lvl in topology.levels for p in lvl.policies):
+        return ()
+    unset = [n for n, p in zip(topology.leaf.names, topology.leaf.policies) if not p.client_tokens_per_s > 0]
+    if unset:
+        raise ConfigError(f"policy field 'deadline_s' is set, but federation(s) {', '.join(unset)} have "
+                          "client_tokens_per_s 0 (the measured speed, unknown before the run): give every leaf "
+                          "federation a client_tokens_per_s > 0, or set deadline_s 0")
+    work = network_clock.local_work_seconds(topology, tokens_per_step, 0.0)
+    try:
+        mask = network_clock.planned_on_time(topology, plan, communication.part_bytes(params, key_paths), work,
+                                             communication.part_leaves(params, key_paths))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return tuple(None if m is None else tuple(bool(x) for x in m) for m in mask)
 
 
 def with_personal_keys(plan: engine.Plan, topology: Topology, algo) -> engine.Plan:

@@ -133,8 +133,10 @@ def simulated_time(exp: Experiment, plan, metrics: dict, participants: dict, mea
     topo = exp.run_topology
     rounds = {d: np.asarray(metrics[f"level{d}/rounds"], np.float64) for d in range(topo.depth)}
     work = network_clock.local_work_seconds(topo, exp.batch_size * exp.config.data.seq_len, measured_tokens_per_s)
+    late = {d: np.asarray(metrics[f"level{d}/late"], np.float64) for d in range(topo.depth)
+            if f"level{d}/late" in metrics}  # children a deadline left out: their parent waited it out
     clock = network_clock.round_clock(topo, plan, exp.part_bytes, participants, rounds, work,
-                                      communication.part_leaves(exp.init_params, exp.spec.key_paths))
+                                      communication.part_leaves(exp.init_params, exp.spec.key_paths), late)
     return {"sim_seconds": clock["seconds"], "sim_compute_seconds": clock["compute_seconds"],
             "sim_seconds_per_level": clock["per_level"]}
 
@@ -328,8 +330,20 @@ def format_table(summary: dict) -> str:
              f"{'federation':<{width}} perplexity"]
     lines += [f"{name:<{width}} {ppl:10.3f}" for name, ppl in ev["per_federation"].items()]
     lines.append(f"{'overall':<{width}} {ev['perplexity']:10.3f}   ({ev['bits_per_byte']:.3f} bits/byte)")
+    if summary.get("sim_hours") is not None:
+        lines.append(network_line(summary))
     lines += [privacy_line(name, rep) for name, rep in summary.get("privacy", {}).items()]
     return "\n".join(lines)
+
+
+def network_line(summary: dict) -> str:
+    """The run on the network clock (docs/network.md): simulated time, the clients'
+    share of it, and what the edges carried."""
+    utilisation = summary.get("compute_utilisation")
+    share = f", compute utilisation {100 * utilisation:.1f}%" if utilisation is not None else ""
+    sent = summary.get("bytes_communicated", {}).get("total")
+    carried = f", {sent / 1e6:.4g} MB communicated" if sent is not None else ""
+    return f"network clock: {summary['sim_hours'] * 3600:.4g} simulated s ({summary['sim_hours']:.4g} h){share}{carried}"
 
 
 def privacy_line(name: str, rep: dict) -> str:

@@ -109,6 +109,9 @@ def _point_topology(exp: experiment.Experiment, config: Config,
             if [getattr(p, field) for p in b.policies] != [getattr(p, field) for p in t.policies]:
                 raise ValueError(f"a vectorised sweep may not vary {field} (codecs and their arguments are part "
                                  f"of the compiled round); use `worldlm sweep`")
+    if any(p.deadline_s > 0 for lvl in topo.levels for p in lvl.policies):
+        raise ValueError("a vectorised sweep does not take policy deadline_s (which children are late is part of "
+                         "the compiled round); use `worldlm sweep`")
     levels = tuple(dataclasses.replace(b, policies=t.policies) for b, t in zip(base.levels, topo.levels))
     topo = dataclasses.replace(data_exp.run_topology, levels=levels)
     _check_same_batch(base, topo)

@@ -80,6 +80,9 @@ class Policy:
     link_latency_ms: float = 1.0  # per message, one way
     client_tokens_per_s: float = 0.0  # leaf federations: a client's training speed (0 = the run's measured one)
     link_overlap: bool = False  # the clock hides the children's uploads behind their next round's work
+    # seconds this federation waits for each child's reply in one of its rounds (0 = no
+    # deadline); a child whose planned time exceeds it is late, and left out like a dropout
+    deadline_s: float = 0.0
     # compressed links (worldlm_jax.codecs): what this federation's children send up to it
     # (their updates; a leaf federation's: its clients') and what it sends down to them;
     # a codec's name, or {B: name, K: name} per part
@@ -177,6 +180,11 @@ class Policy:
         if not number(self.client_tokens_per_s) or not 0 <= self.client_tokens_per_s < math.inf:
             fail("client_tokens_per_s", self.client_tokens_per_s,
                  "expected a finite number >= 0 (tokens per second; 0 = the run's measured speed)")
+        if not number(self.deadline_s) or not 0 <= self.deadline_s < math.inf:
+            fail("deadline_s", self.deadline_s, "expected a finite number of seconds >= 0 (0 = no deadline)")
+        if self.deadline_s > 0 and self.link_overlap:
+            fail("deadline_s", self.deadline_s, "a deadline times each child's whole reply, which link_overlap "
+                 "hides behind the next round: set one of them on this federation")
 
     def _validate_plugins(self, where: str, fail) -> None:
         """Named rules must be registered (plug-ins load before configs are read)."""
@@ -251,7 +259,8 @@ def inherit_policy(node: Mapping[str, Any], inherited: Policy, where: str, field
     for name in ("dropout", "stragglers", "attacker_fraction", "min_lr_ratio", "client_lr", "server_lr", "tau",
                  "eta", "residual_bias", "parent_bias",
                  "dp_noise_multiplier", "dp_clip", "dp_delta", "dp_target_quantile", "dp_clip_lr",
-                 "dp_clip_count_stddev", "link_bandwidth_mbps", "link_latency_ms", "client_tokens_per_s"):
+                 "dp_clip_count_stddev", "link_bandwidth_mbps", "link_latency_ms", "client_tokens_per_s",
+                 "deadline_s"):
         value = values.get(name)
         if isinstance(value, int) and not isinstance(value, bool):
             values[name] = float(value)
