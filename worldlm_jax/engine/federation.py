@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from worldlm_jax import tree_ops
-from worldlm_jax.engine import aggregation
+from worldlm_jax.engine import aggregation, fragments
 from worldlm_jax.engine.plan import PARTS, Params, split_parts
 from worldlm_jax.engine.round_policies import RoundPolicies
 from worldlm_jax.engine.state import Children, EngineState, LevelState
@@ -146,8 +146,10 @@ def released_deltas(rs: RoundStatics, st: RoundPolicies, d: int, delta_N: dict, 
                                                         delta_N["K"])}
 
 
-def aggregate(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, kids: Children, active_P, key):
-    """Aggregate level d's children into it; returns (new level state, metrics)."""
+def aggregate(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, kids: Children, active_P, key,
+              synced=None):
+    """Aggregate level d's children into it; returns (new level state, metrics).
+    `synced` ({B path: (P,) bool}, `fragments`): the backbone moves only in its fragment."""
     lvl = state.levels[d]
     P = rs.topo.levels[d].size
     total_P = jax.ops.segment_sum(kids.weight_N, kids.parent_N, num_segments=P)
@@ -159,7 +161,7 @@ def aggregate(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, k
         dp, new_clip, metrics = dp_release(rs, st, d, lvl, kids, active_P, key)
         lvl = lvl._replace(clip=new_clip)
     if "B" in rs.plan.aggregate[d]:
-        lvl, backbone_metrics = aggregate_backbone(rs, st, d, lvl, kids, mean["B"], total_P, active_P, dp)
+        lvl, backbone_metrics = aggregate_backbone(rs, st, d, lvl, kids, mean["B"], total_P, active_P, dp, synced)
         metrics.update(backbone_metrics)
     if "K" in rs.plan.aggregate[d] and lvl.K:
         parent_K = None
@@ -256,7 +258,7 @@ def dp_release(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelState, kid
 
 
 def aggregate_backbone(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelState, kids: Children, mean_B,
-                       total_P, active_P, dp):
+                       total_P, active_P, dp, synced=None):
     """B <- each federation's server optimizer stepped with its aggregator's
     pseudo-gradient (the weighted mean for streamed rules; the DP release at
     DP federations). Returns (level state, metrics)."""
@@ -282,6 +284,9 @@ def aggregate_backbone(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelSt
     apply = applies(total_P, active_P, dp)
     new_B, new_server = aggregation.server_update(lvl.B, mean_B, lvl.server, rs.server_txs[d], st.server_choice[d],
                                                   st.server_lr[d], apply)
+    if synced is not None:  # the other fragments, and their optimizer state, wait for their turn
+        new_B = fragments.where_synced(synced, new_B, lvl.B)
+        new_server = fragments.keep_unsynced(synced, new_server, lvl.server)
     metrics["update_norm"] = jnp.sqrt(tree_ops.row_sq_norms(mean_B)) if mean_B else jnp.zeros(P)
     if mean_B:  # weighted RMS distance of the children's updates from their mean (client drift)
         safe_P = jnp.where(total_P > 0, total_P, 1.0)

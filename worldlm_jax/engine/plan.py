@@ -83,6 +83,9 @@ class EngineSpec:
     # within their parent's deadline, as the planned clock decides (`network_clock.planned_on_time`);
     # a late one is left out of its parent's every round. (): no deadline anywhere
     on_time: tuple = ()
+    # path -> transformer block index (paths outside the blocks: absent); where a
+    # federation syncs its backbone in fragments of blocks (policy `sync_fragments`)
+    param_blocks: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 # ---- static facts of a tree -----------------------------------------------------

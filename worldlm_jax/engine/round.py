@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from worldlm_jax import tree_ops
-from worldlm_jax.engine import links, parallel, round_policies as policy_arrays, slots
+from worldlm_jax.engine import fragments, links, parallel, round_policies as policy_arrays, slots
 from worldlm_jax.engine.federation import aggregate, aggregated_parts, clip_norm, sum_children
 from worldlm_jax.engine.plan import PARTS, EngineSpec, level_rounds, local_steps
 from worldlm_jax.engine.round_policies import RoundPolicies, round_policies, sample_children
@@ -80,7 +80,8 @@ def make_round(spec: EngineSpec) -> Callable:
         st = default_policies if policies is None else policies
         st = policies_at(rs, st, stored.round)
         key = jax.random.fold_in(key, stored.round)
-        state, metrics = fed_round(rs, st, 0, unpad_state(spec, stored), batch, jnp.ones((1,), bool), key)
+        ordinal = jnp.reshape(stored.round, (1,)) if any(rs.fragment_levels) else None
+        state, metrics = fed_round(rs, st, 0, unpad_state(spec, stored), batch, jnp.ones((1,), bool), key, ordinal)
         metrics = {**metrics, **learning_rate_metrics(rs, st)}
         state = repad_state(spec, state._replace(round=state.round + 1), stored)
         if spec.mesh is not None:  # returned where it came from: round 2 reuses round 1's compilation
@@ -111,16 +112,22 @@ def learning_rate_metrics(rs: RoundStatics, st: RoundPolicies) -> dict:
             **{f"level{d}/server_lr": st.server_lr[d] for d in range(D)}}
 
 
-def fed_round(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, batch: RoundBatch, active_P, key):
+def fed_round(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, batch: RoundBatch, active_P, key,
+              ordinal_P=None):
     """One round of every level-d federation with its children. The round's
     key is split, never folded with constants: the children's work and the
-    level's aggregation draw from keys no other draw of the round uses."""
+    level's aggregation draw from keys no other draw of the round uses.
+    `ordinal_P` (where some level syncs in fragments): each federation's round
+    counted over the run, which picks the fragment it syncs (`fragments`)."""
     work_key, aggregate_key = jax.random.split(key)
+    synced = None
+    if rs.fragment_levels[d]:
+        synced = fragments.synced(rs.spec.param_blocks, state.levels[d].B, st.sync_fragments[d], ordinal_P)
     if d == rs.topo.depth - 1:
         state, metrics, kids = slots.clients_work(rs, st, state, batch, active_P, work_key)
     else:
-        state, metrics, kids = federations_work(rs, st, d, state, batch, active_P, work_key)
-    new_level, agg_metrics = aggregate(rs, st, d, state, kids, active_P, aggregate_key)
+        state, metrics, kids = federations_work(rs, st, d, state, batch, active_P, work_key, ordinal_P, synced)
+    new_level, agg_metrics = aggregate(rs, st, d, state, kids, active_P, aggregate_key, synced)
     if d == rs.topo.depth - 1 and rs.plan.personal_keys:
         state = slots.personalize(rs, st, state, kids, new_level.K, batch.slot_client)
     agg_metrics["rounds"] = active_P.astype(jnp.float32)
@@ -129,9 +136,11 @@ def fed_round(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, b
 
 
 def federations_work(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, batch: RoundBatch, active_P,
-                     key):
+                     key, ordinal_P=None, synced=None):
     """Each child federation receives what level d broadcasts, then runs its own
-    rounds; afterwards the children share their K as residuals.
+    rounds; afterwards the children share their K as residuals. With `synced`
+    ({B path: (P,) bool}, `fragments`) only each federation's fragment of this
+    round goes down and comes up.
     Returns (state, the children's metrics, Children)."""
     topo, plan = rs.topo, rs.plan
     lvl = state.levels[d]
@@ -154,15 +163,18 @@ def federations_work(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineS
         active_child = active_child & on_time
     lvl, sent_P = links.broadcast_level(rs.down_codecs[d], plan.broadcast[d], lvl, active_P, down_keys)
     state = _with_level(state, d, lvl)
+    synced_N = None if synced is None else {path: m[parent] for path, m in synced.items()}
     received = {}  # what the children start from: their parent's parts as they decoded them
     for part in PARTS:
         if part in plan.broadcast[d]:
             sent = tree_ops.gather(sent_P[part], parent)
             received.update(sent)
-            child_level = child_level._replace(
-                **{part: tree_ops.where_rows(active_child, sent, getattr(child_level, part))})
+            updated = tree_ops.where_rows(active_child, sent, getattr(child_level, part))
+            if part == "B" and synced_N is not None:  # a fragment goes down only in its turn
+                updated = fragments.where_synced(synced_N, updated, child_level.B)
+            child_level = child_level._replace(**{part: updated})
     state = _with_level(state, d + 1, child_level)
-    state, metrics = run_rounds(rs, st, d + 1, state, batch, active_child, rounds_key)
+    state, metrics = run_rounds(rs, st, d + 1, state, batch, active_child, rounds_key, ordinal_P)
     child_level = state.levels[d + 1]
     weight = jnp.where(active_child, st.node_weight[d + 1], 0.0)
     # level d itself does not change while its children run
@@ -170,6 +182,8 @@ def federations_work(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineS
     if links.lossy_parts(rs.down_codecs[d]):
         start = {**start, **received}
     delta = aggregated_parts(rs, d, tree_ops.sub({**child_level.B, **child_level.K}, start))
+    if synced_N is not None:  # and comes up only in its turn: the other fragments' drift stays with the child
+        delta = {**delta, "B": fragments.where_synced(synced_N, delta["B"], jax.tree.map(jnp.zeros_like, delta["B"]))}
     delta, error = links.send_up(rs.up_codecs[d], delta, child_level.up_error, parent, up_keys)
     if error:  # a child that took part keeps what its codec left out
         child_level = child_level._replace(up_error={**child_level.up_error, **{
@@ -187,12 +201,14 @@ def federations_work(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineS
 
 
 def run_rounds(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, batch: RoundBatch,
-               active_parent_P, key):
-    """Level-d federations each run their own number of rounds (scan)."""
+               active_parent_P, key, parent_ordinal_P=None):
+    """Level-d federations each run their own number of rounds (scan); a
+    federation's r-th round in its parent's round n is its round n x rounds + r."""
     def body(state, xs):
         r, sub_batch, round_key = xs
         active = active_parent_P & (r < st.rounds[d])
-        return fed_round(rs, st, d, state, sub_batch, active, round_key)
+        ordinal = None if parent_ordinal_P is None else parent_ordinal_P[st.parents[d]] * st.rounds[d] + r
+        return fed_round(rs, st, d, state, sub_batch, active, round_key, ordinal)
 
     n = level_rounds(rs.topo)[d - 1]
     state, metrics = jax.lax.scan(body, state, (jnp.arange(n), batch, jax.random.split(key, n)))

@@ -52,6 +52,7 @@ class RoundPolicies(NamedTuple):
     attack_args: dict  # {argument: (n_leaf,)}
     attackers: jax.Array  # (n_leaf,) the federation's clients of rank below this attack
     client_rank: jax.Array  # (n_clients,) a client's index within its leaf federation
+    sync_fragments: tuple = ()  # per level: (n_d,) fragments its backbone syncs in, one per round in turn
 
 
 def round_policies(topo: Topology, total_rounds: int = 1, objective: str = "none") -> "RoundPolicies":
@@ -120,6 +121,7 @@ def round_policies(topo: Topology, total_rounds: int = 1, objective: str = "none
         attackers=jnp.asarray([max(p.attackers, math.ceil(p.attacker_fraction * n)) for p, n in
                                zip(topo.leaf.policies, topo.children_count(D - 1))], jnp.float32),
         client_rank=jnp.asarray(_client_rank(topo)),
+        sync_fragments=tuple(jnp.asarray(lvl.policy_array("sync_fragments", np.int32)) for lvl in topo.levels),
     )
 
 

@@ -8,7 +8,7 @@ import dataclasses
 
 import optax
 
-from worldlm_jax.engine import links, releases
+from worldlm_jax.engine import fragments, links, releases
 from worldlm_jax.engine.plan import EngineSpec, Plan, level_kinds, residual_mask, server_kinds
 from worldlm_jax.plugins import aggregators, contract, objectives, optimizers
 from worldlm_jax.plugins.objectives import ClientObjective
@@ -41,12 +41,14 @@ class RoundStatics:
     summed: tuple  # per level: parts reduced to per-federation sums as children finish
     up_codecs: tuple = ()  # per level: {part: links.PartCodecs} of what its children send it
     down_codecs: tuple = ()  # per level: {part: links.PartCodecs} of what it broadcasts
+    fragment_levels: tuple = ()  # per level: some federation syncs its backbone in fragments
 
 
 def round_statics(spec: EngineSpec) -> RoundStatics:
     topo, plan = spec.topology, spec.plan
     plan.validate(topo.depth)
     releases.check(spec)  # nothing leaves a DP federation but through its release
+    fragments.check(spec)
     D = topo.depth
     dp_scope = []
     for d, lvl in enumerate(topo.levels):
@@ -88,7 +90,8 @@ def round_statics(spec: EngineSpec) -> RoundStatics:
         summed=tuple(frozenset(part for part in plan.aggregate[d] if part == "B" or not child_K_kept[d])
                      for d in range(D)),
         up_codecs=tuple(links.level_codecs(topo, d, "up", plan.aggregate[d]) for d in range(D)),
-        down_codecs=tuple(links.level_codecs(topo, d, "down", plan.broadcast[d]) for d in range(D)))
+        down_codecs=tuple(links.level_codecs(topo, d, "down", plan.broadcast[d]) for d in range(D)),
+        fragment_levels=fragments.levels(spec))
 
 
 def checked_optimizer(name: str, field: str) -> optax.GradientTransformation:

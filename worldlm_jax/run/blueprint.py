@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from worldlm_jax import engine, model as model_lib
 from worldlm_jax.config import Config, ConfigError
-from worldlm_jax.engine import parallel, strategies
+from worldlm_jax.engine import fragments, parallel, strategies
 from worldlm_jax.model import partition
 from worldlm_jax.run import communication, network_clock
 from worldlm_jax.tree.topology import Topology, build_topology
@@ -153,7 +153,12 @@ def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
                              client_metrics=config.run.client_metrics,
                              param_groups=partition.parameter_groups(params),
                              on_time=planned_deadlines(run_topology, plan, params, key_paths,
-                                                       batch_size * config.data.seq_len))
+                                                       batch_size * config.data.seq_len),
+                             param_blocks={p: b for p in params if (b := partition.block_index(p)) is not None})
+    try:
+        fragments.check(spec)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if spec.mesh is not None:
         spec = dataclasses.replace(spec, sharded_levels=engine.levels_worth_sharding(
             spec, params, config.run.shard_state_mb * 2 ** 20))

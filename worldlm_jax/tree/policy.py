@@ -83,6 +83,9 @@ class Policy:
     # seconds this federation waits for each child's reply in one of its rounds (0 = no
     # deadline); a child whose planned time exceeds it is late, and left out like a dropout
     deadline_s: float = 0.0
+    # federations of federations: the backbone is synced with the child federations in this
+    # many fragments of blocks, one fragment per round in turn (Streaming DiLoCo; engine/fragments.py)
+    sync_fragments: int = 1
     # compressed links (worldlm_jax.codecs): what this federation's children send up to it
     # (their updates; a leaf federation's: its clients') and what it sends down to them;
     # a codec's name, or {B: name, K: name} per part
@@ -94,7 +97,7 @@ class Policy:
         def fail(field, value, allowed):
             raise TopologyError(f"{where}: policy field '{field}' = {value!r}; {allowed}")
 
-        for name in ("rounds", "local_steps"):
+        for name in ("rounds", "local_steps", "sync_fragments"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 fail(name, value, "expected an integer >= 1")

@@ -1,0 +1,163 @@
+"""A backbone synced in fragments (policy `sync_fragments`, engine/fragments.py):
+each fragment goes down, comes up and moves only in its turn, the others stay
+as each child federation trains them, and one fragment is today's round."""
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from engine_helpers import POLICY, assert_tree_equal, make_batches, make_spec, to_device, toy_params, topo, tree2
+from worldlm_jax import engine
+from worldlm_jax.engine import fragments
+
+# the toy has one block; calling its norm block 1 gives two fragments: 0 = embed and
+# head_bias (outside the blocks) with blocks/0/w, 1 = the norm
+BLOCKS = {"blocks/0/w": 0, "blocks/0/norm/scale": 1}
+FRAGMENT = {0: ("embed", "head_bias", "blocks/0/w"), 1: ("blocks/0/norm/scale",)}
+OUTER = {"server_optimizer": "nesterov", "server_lr": 0.7}  # momentum would move a fragment out of turn
+LEAF = {**POLICY, "server_optimizer": "sgd", "server_lr": 1.0}  # the root's outer rule is not inherited
+
+
+@functools.cache
+def fragmented(root_policy=(), blocks=tuple(BLOCKS.items())):
+    t = topo(tree2([2, 2], root_policy={"sync_fragments": 2, **OUTER, **dict(root_policy)},
+                   fed_policies=[LEAF, LEAF]))
+    return t, engine.make_strategy(dataclasses.replace(make_spec(t, client_optimizer="test_sgd"),
+                                                             param_blocks=dict(blocks)))
+
+
+def rounds(strategy, batches, policies=()):
+    """The state after each round (round r runs with `policies[r]` where given)."""
+    state, out = strategy.init(toy_params()), []
+    for r, b in enumerate(batches):
+        extra = (policies[r],) if r < len(policies) and policies[r] is not None else ()
+        state, _ = strategy.run_round(state, to_device(b), jax.random.PRNGKey(r), *extra)
+        out.append(jax.tree.map(np.asarray, state))
+    return out
+
+
+def root(state, paths):
+    return {p: state.levels[0].B[p][0] for p in paths}
+
+
+def test_each_fragment_moves_only_in_its_turn_with_its_own_optimizer_state():
+    t, strategy = fragmented()
+    after = rounds(strategy, make_batches(t, 3))
+    init = toy_params()
+    assert_tree_equal(root(after[0], FRAGMENT[1]), {p: init[p] for p in FRAGMENT[1]})  # round 0: fragment 0
+    assert all(np.any(after[0].levels[0].B[p][0] != init[p]) for p in FRAGMENT[0])
+    assert_tree_equal(root(after[1], FRAGMENT[0]), root(after[0], FRAGMENT[0]))  # round 1: fragment 1 only,
+    assert all(np.any(after[1].levels[0].B[p][0] != init[p]) for p in FRAGMENT[1])  # though fragment 0 has momentum
+    momentum = lambda s: {jax.tree_util.keystr(path): leaf
+                          for path, leaf in jax.tree_util.tree_flatten_with_path(s.levels[0].server)[0]
+                          if any(getattr(k, "key", None) in FRAGMENT[0] for k in path)}
+    assert momentum(after[0]) and all(np.any(v != 0) for v in momentum(after[0]).values())
+    assert_tree_equal(momentum(after[1]), momentum(after[0]))  # its momentum waits for its turn too
+    assert all(np.any(after[2].levels[0].B[p][0] != after[1].levels[0].B[p][0]) for p in FRAGMENT[0])
+
+
+def test_a_fragment_out_of_turn_stays_as_each_child_trained_it():
+    """Round 1 (fragment 1's turn) with every client's rate zeroed, so nothing trains:
+    each child federation then holds fragment 1 as the root sent it and fragment 0 as
+    it had it after its own round 0, and the root's fragment 1 does not move."""
+    t, strategy = fragmented()
+    policies = engine.spec_policies(make_spec(t))
+    frozen = policies._replace(client_lr=policies.client_lr * 0.0)
+    after = rounds(strategy, make_batches(t, 2), policies=(None, frozen))
+    children = lambda s, paths: {p: s.levels[1].B[p] for p in paths}
+    assert_tree_equal(children(after[1], FRAGMENT[0]), children(after[0], FRAGMENT[0]))
+    sent = {p: np.broadcast_to(after[0].levels[0].B[p], after[1].levels[1].B[p].shape) for p in FRAGMENT[1]}
+    assert_tree_equal(children(after[1], FRAGMENT[1]), sent)
+    assert not np.array_equal(after[0].levels[1].B["embed"][0], after[0].levels[0].B["embed"][0])  # a real test
+    assert_tree_equal(root(after[1], FRAGMENT[1]), root(after[0], FRAGMENT[1]))
+
+
+def test_one_fragment_is_todays_round_bit_for_bit():
+    t = topo(tree2([2, 2], root_policy=OUTER, fed_policies=[POLICY, POLICY]))
+    plain = engine.make_strategy(make_spec(t, client_optimizer="test_sgd"))
+    one = engine.make_strategy(dataclasses.replace(make_spec(t, client_optimizer="test_sgd"), param_blocks=BLOCKS))
+    batches = make_batches(t, 2)
+    assert_tree_equal(rounds(plain, batches)[-1], rounds(one, batches)[-1])
+
+
+def test_a_dp_federation_releases_only_its_fragment():
+    """The noise of the release lands on every coordinate; the fragment out of turn
+    still does not move, and the clip budget goes to the fragment in turn."""
+    t, strategy = fragmented((("dp_noise_multiplier", 1.0), ("dp_clip", 0.5)))
+    after = rounds(strategy, make_batches(t, 1))
+    init = toy_params()
+    assert_tree_equal(root(after[0], FRAGMENT[1]), {p: init[p] for p in FRAGMENT[1]})
+    assert all(np.any(after[0].levels[0].B[p][0] != init[p]) for p in FRAGMENT[0])
+
+
+def refusal(root_policy=None, blocks=tuple(BLOCKS.items()), tree=None):
+    t = topo(tree or tree2([2, 2], root_policy={"sync_fragments": 2, **(root_policy or {})},
+                           fed_policies=[POLICY, POLICY]))
+    with pytest.raises(ValueError) as e:
+        fragments.check(dataclasses.replace(make_spec(t), param_blocks=dict(blocks)))
+    return str(e.value)
+
+
+def test_what_fragments_do_not_compose_with_is_refused():
+    assert "does nothing here" in refusal(tree={"name": "root", "clients": 3, "sources": ["s"],
+                                                "policy": {"sync_fragments": 2}})
+    assert "fragment(s) [1] without a backbone block (the backbone's blocks: 0): expected 1..1" in refusal(
+        blocks=(("blocks/0/w", 0),))
+    message = refusal({"codec_up": "int8"})
+    assert "'root'" in message and "codec 'int8' on B" in message
+
+
+def test_a_fragmented_backbone_sends_one_fragment_a_round_on_the_byte_count_and_the_clock():
+    """Blocks 0 and 1 of 300 and 600 bytes, 100 outside: under two fragments the root
+    sends 400 bytes of B (fragment 0) in even rounds and 600 in odd ones; eu, with 2
+    rounds per root round, sends each fragment once per root round (500 on average)."""
+    from worldlm_jax.engine import Plan
+    from worldlm_jax.run import communication, network_clock
+    from worldlm_jax.tree.topology import build_topology
+
+    link = {"link_bandwidth_mbps": 8.0, "link_latency_ms": 0.0, "client_tokens_per_s": 1000.0}
+    tree = build_topology({"name": "world", "policy": link, "own_policy": {"sync_fragments": 2}, "children": [
+        {"name": "eu", "own_policy": {"sync_fragments": 2, "rounds": 2}, "children": [
+            {"name": "fr", "clients": 1, "sources": ["x"], "policy": {"sync_fragments": 2}}]}]})
+    by_block = {-1: 100, 0: 300, 1: 600}
+    shares = [communication.fragment_shares(tree, by_block, r) for r in (0, 1)]
+    assert shares[0][0].tolist() == [0.4] and shares[1][0].tolist() == [0.6]
+    assert shares[0][1].tolist() == [0.5] == shares[1][1].tolist()
+    assert 2 not in shares[0]  # fr's clients keep no backbone: nothing to fragment
+    plan = Plan(broadcast=(frozenset("B"),) * 3, aggregate=(frozenset("B"),) * 3)
+    sizes, participants = {"B": 1000, "K": 0}, {0: [1], 1: [2], 2: [2]}
+    whole = communication.round_bytes(tree, plan, sizes, participants)
+    split = communication.round_bytes(tree, plan, sizes, participants, shares=shares[1])
+    assert split["level0"]["down"] == 0.6 * whole["level0"]["down"] == 600
+    assert split["level1"]["up"] == 0.5 * whole["level1"]["up"] and split["level2"] == whole["level2"]
+    # the clock: the root's one message each way at 1e6 B/s carries 600 bytes, not 1000
+    rounds = {0: [1], 1: [2], 2: [2]}
+    work = network_clock.local_work_seconds(tree, 10, 0.0)
+    at = lambda s: network_clock.critical_paths(tree, plan, sizes, participants, rounds, work, shares=s)[0][0, 0]
+    assert at(shares[1]) == pytest.approx(2 * 600 / 1e6) and at(None) == pytest.approx(2 * 1000 / 1e6)
+
+
+def test_a_run_syncs_the_backbone_in_fragments_and_counts_one_fragment_a_round(tmp_path):
+    """worldlm train (hierfavg, two blocks) with world syncing in two fragments: the
+    bytes world sends down alternate between fragment 0 (the embeddings and block 0)
+    and fragment 1 (block 1), and the run trains."""
+    import json
+    import math
+
+    from cli_helpers import run_cli
+    from worldlm_jax.config import apply_overrides, presets
+    from worldlm_jax.run import blueprint, communication
+
+    overrides = ["algorithm.name=hierfavg", "tree.policy.sync_fragments=2", "run.rounds=2", "run.devices=1"]
+    code, _, err = run_cli(["train", "--config", "tiny", "--workdir", str(tmp_path), "--quiet"]
+                           + [a for o in overrides for a in ("--set", o)])
+    assert code == 0, err
+    run = blueprint.abstract_run(apply_overrides(presets.get("tiny"), overrides))
+    by_block = communication.block_bytes(run.params, run.spec.key_paths, run.spec.param_blocks)
+    fragment = {0: by_block[-1] + by_block[0], 1: by_block[1]}
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    down = [r["bytes_communicated"]["level0"]["down"] for r in records if "train_loss" in r]
+    assert down == [3 * fragment[0], 3 * fragment[1]]  # three languages, one message each
+    assert math.isfinite(json.loads((tmp_path / "summary.json").read_text())["eval"]["perplexity"])
