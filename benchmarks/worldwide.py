@@ -1,7 +1,8 @@
-"""Methods x codecs on a slow wide-area tree: perplexity, bytes and simulated hours.
+"""Methods x codecs on a slow wide-area tree: perplexity, bytes, simulated hours, and
+the world bandwidth each method needs for 90% compute utilisation.
 
-    .venv/bin/python benchmarks/worldwide.py                  # about 6 min on 2 cores
-    .venv/bin/python benchmarks/worldwide.py --rounds 4 --methods worldlm --codecs none,int8
+    .venv/bin/python benchmarks/worldwide.py                  # about 25 min on 2 cores (3 seeds)
+    .venv/bin/python benchmarks/worldwide.py --rounds 4 --seeds 0 --methods worldlm --codecs none,int8
 
 The tree is the `tiny` preset's (world -> en, de, ru -> 2 clients each) with the
 world's links made intercontinental and thin (10 Mbit/s, 100 ms one way) and the
@@ -13,23 +14,52 @@ and `codec_down`: what the language federations send up and what the world
 broadcasts), so the federations' own links stay uncompressed. FedAvg flattens
 the tree: its clients sit directly under the world, every one of them on an
 intercontinental link. Perplexity is the final evaluation over every client's
-validation text. Prints a table (ratios to the method's uncompressed run) and
-one JSON line.
+validation text, as the mean and standard deviation over the seeds (bytes and
+the clock do not depend on the seed: every client takes part in every round).
+
+Methods: the four strategies, hierarchical DiLoCo (`hdiloco`: the language
+federations step their clients' mean with the same outer Nesterov rule as the
+world) and Streaming DiLoCo (`streaming`: DiLoCo with the world syncing the
+backbone in two fragments of blocks, one a round; it sends uncompressed, since
+fragments refuse codecs on B).
+
+The bandwidth column replays each run's recorded rounds on the network clock
+with the world's links at other speeds (the same participants, rounds and
+codecs; `network_clock.round_clock`, checked to reproduce the run's own
+`sim_hours` first) and bisects for the lowest bandwidth at which the clients'
+work is 90% of the simulated time; where latency alone keeps utilisation below
+that, the column gives the ceiling at unlimited bandwidth instead. The preset's
+2 local steps are 64 ms of work against 200 ms of round trip, so the same
+replay is also projected to `--projected-local-steps` (500, DiLoCo's regime) at
+the same message sizes: only the clients' work on the clock changes. Prints a
+table (ratios to the method's uncompressed run) and one JSON line.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import sys
 import tempfile
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from worldlm_jax.config import apply_overrides, presets as configs  # noqa: E402
-from worldlm_jax.run import training as train  # noqa: E402
+from worldlm_jax.outputs import metrics as metrics_lib  # noqa: E402
+from worldlm_jax.run import blueprint, communication, network_clock, training as train  # noqa: E402
 
-METHODS = ("fedavg", "hierfavg", "diloco", "worldlm")
+METHODS = {  # name: overrides
+    "fedavg": ["algorithm.name=fedavg"], "hierfavg": ["algorithm.name=hierfavg"],
+    "diloco": ["algorithm.name=diloco"],
+    "hdiloco": ["algorithm.name=diloco", "tree.policy.server_optimizer=nesterov", "tree.policy.server_lr=0.7"],
+    "streaming": ["algorithm.name=diloco", "tree.own_policy.sync_fragments=2"],
+    "worldlm": ["algorithm.name=worldlm"],
+}
+UNCOMPRESSED_ONLY = ("streaming",)  # fragments send the backbone as it is
 CODECS = {  # name: the world's own policy overrides
     "none": [],
     "bf16": ["tree.own_policy.codec_up=bf16", "tree.own_policy.codec_down=bf16"],
@@ -38,46 +68,112 @@ CODECS = {  # name: the world's own policy overrides
     "topk10": ["tree.own_policy.codec_up=topk", "tree.own_policy.codec_args={fraction: 0.1}"],
     "sign": ["tree.own_policy.codec_up=sign"],
 }
+DEFAULT_CODECS = ("none", "bf16", "int8", "int4", "topk10")
+TARGET_UTILISATION = 0.9
 WORLD_LINK = ["tree.policy.link_bandwidth_mbps=1000", "tree.policy.link_latency_ms=5",
               "tree.own_policy.link_bandwidth_mbps=10", "tree.own_policy.link_latency_ms=100",
               "tree.policy.client_tokens_per_s=2000"]
 
 
-def config_for(method: str, codec: str, rounds: int, cache: str):
-    return apply_overrides(configs.tiny(), [f"algorithm.name={method}", f"run.rounds={rounds}", "run.devices=1",
-                                            "run.eval_every=0", f"run.compilation_cache={cache}",
-                                            *WORLD_LINK, *CODECS[codec]])
+def config_for(method: str, codec: str, rounds: int, seed: int, cache: str, world_mbps: float | None = None,
+               local_steps: int | None = None):
+    link = [f"tree.own_policy.link_bandwidth_mbps={world_mbps}"] if world_mbps is not None else []
+    link += [f"tree.policy.local_steps={local_steps}"] if local_steps is not None else []
+    return apply_overrides(configs.tiny(), [*METHODS[method], f"run.rounds={rounds}", f"run.seed={seed}",
+                                            "run.devices=1", "run.eval_every=0", f"run.compilation_cache={cache}",
+                                            *WORLD_LINK, *CODECS[codec], *link])
 
 
-def run(method: str, codec: str, rounds: int, cache: str) -> dict:
+def run(config, keep_records: bool) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
-        summary = train.train(config_for(method, codec, rounds, cache), workdir, quiet=True, progress=False)
+        summary = train.train(config, workdir, quiet=True, progress=False)
+        records = [r for r in metrics_lib.read_metrics(os.path.join(workdir, metrics_lib.METRICS_FILE))
+                   if "sim_seconds" in r] if keep_records else None
     sent = summary["bytes_communicated"]
     return {"perplexity": summary["eval"]["perplexity"], "bytes_world": sent.get("level0", 0.0),
             "bytes_total": sent.get("total", 0.0), "sim_hours": summary["sim_hours"],
-            "compute_utilisation": summary["compute_utilisation"]}
+            "compute_utilisation": summary["compute_utilisation"], "records": records}
+
+
+def replayed_clock(config, records: list[dict]) -> tuple[float, float]:
+    """(simulated seconds, the clients' work on them) of a run's recorded rounds, priced
+    over the links of `config` (the run's own, or the same tree with other link speeds)."""
+    run_ = blueprint.abstract_run(config)
+    topo, plan, spec = run_.run_topology, run_.spec.plan, run_.spec
+    sizes, leaves = communication.part_bytes(run_.params, spec.key_paths), communication.part_leaves(
+        run_.params, spec.key_paths)
+    by_block = communication.block_bytes(run_.params, spec.key_paths, spec.param_blocks)
+    work = network_clock.local_work_seconds(topo, run_.batch_size * config.data.seq_len, 0.0)
+    seconds = compute = 0.0
+    for rec in records:
+        per_level = lambda name: {d: np.asarray(rec[f"level{d}/{name}"], np.float64) for d in range(topo.depth)
+                                  if f"level{d}/{name}" in rec}
+        clock = network_clock.round_clock(topo, plan, sizes, per_level("participants"), per_level("rounds"), work,
+                                          leaves, per_level("late"),
+                                          communication.fragment_shares(topo, by_block, rec["round"]))
+        seconds, compute = seconds + clock["seconds"], compute + clock["compute_seconds"]
+    return seconds, compute
+
+
+def bandwidth_for(utilisation_at, target: float) -> tuple[float | None, float]:
+    """(the lowest world bandwidth in Mbit/s at which utilisation reaches `target`, or None
+    where latency caps it below; the utilisation at unlimited bandwidth), by bisection on
+    a log scale (utilisation rises with bandwidth)."""
+    ceiling = utilisation_at(1e9)
+    if ceiling < target:
+        return None, ceiling
+    low, high = -3.0, 9.0  # log10 Mbit/s
+    for _ in range(20):  # 12 decades / 2^20: far finer than the table shows
+        mid = (low + high) / 2
+        low, high = (mid, high) if utilisation_at(10 ** mid) < target else (low, mid)
+    return 10 ** high, ceiling
 
 
 def table(results: list[dict]) -> str:
     base = {r["method"]: r for r in results if r["codec"] == "none"}
-    lines = ["| method | world's codec | perplexity | vs none | bytes over the world's links | vs none | "
-             "all bytes | simulated s | vs none | compute utilisation |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | world's codec | perplexity (mean ± sd) | vs none | bytes over the world's links | vs none | "
+             "all bytes | simulated s | vs none | compute utilisation | world bandwidth for 90% | "
+             "... at the projected local steps |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         b = base.get(r["method"])
         ratio = (lambda k: r[k] / b[k] if b and b[k] else float("nan"))
-        lines.append(f"| {r['method']} | {r['codec']} | {r['perplexity']:.2f} | {ratio('perplexity'):.3f}x | "
-                     f"{r['bytes_world'] / 1e6:.1f} MB | {ratio('bytes_world'):.3f}x | {r['bytes_total'] / 1e6:.1f} MB | "
-                     f"{r['sim_hours'] * 3600:.1f} | {ratio('sim_hours'):.3f}x | {r['compute_utilisation']:.3f} |")
+        needed = lambda key: (f"{r[key][0]:.3g} Mbit/s" if r[key][0] is not None
+                              else f"not reached (at most {r[key][1]:.3f})")
+        lines.append(f"| {r['method']} | {r['codec']} | {r['perplexity']:.2f} ± {r['perplexity_sd']:.2f} | "
+                     f"{ratio('perplexity'):.3f}x | {r['bytes_world'] / 1e6:.1f} MB | {ratio('bytes_world'):.3f}x | "
+                     f"{r['bytes_total'] / 1e6:.1f} MB | {r['sim_hours'] * 3600:.1f} | {ratio('sim_hours'):.3f}x | "
+                     f"{r['compute_utilisation']:.3f} | {needed('for_target')} | {needed('projected_for_target')} |")
     return "\n".join(lines)
+
+
+def measure(method: str, codec: str, rounds: int, seeds, cache: str, projected_steps: int) -> dict:
+    """One table row: every seed trained; the first one's rounds replayed for the bandwidth."""
+    runs = [run(config_for(method, codec, rounds, seed, cache), keep_records=i == 0) for i, seed in enumerate(seeds)]
+    first = runs[0]
+    seconds, compute = replayed_clock(config_for(method, codec, rounds, seeds[0], cache), first["records"])
+    assert math.isclose(seconds, first["sim_hours"] * 3600, rel_tol=1e-9), (seconds, first["sim_hours"])
+    def utilisation(mbps, steps=None):
+        s, c = replayed_clock(config_for(method, codec, rounds, seeds[0], cache, mbps, steps), first["records"])
+        return c / s
+
+    ppl = [r["perplexity"] for r in runs]
+    return {"method": method, "codec": codec, "seeds": list(seeds), "perplexity": statistics.mean(ppl),
+            "perplexity_sd": statistics.stdev(ppl) if len(ppl) > 1 else 0.0, "perplexity_per_seed": ppl,
+            **{k: first[k] for k in ("bytes_world", "bytes_total", "sim_hours", "compute_utilisation")},
+            "for_target": bandwidth_for(utilisation, TARGET_UTILISATION),  # (Mbit/s or None, ceiling)
+            "projected_for_target": bandwidth_for(lambda mbps: utilisation(mbps, projected_steps), TARGET_UTILISATION)}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--projected-local-steps", type=int, default=500)
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--codecs", default=",".join(CODECS))
+    parser.add_argument("--codecs", default=",".join(DEFAULT_CODECS), help=f"of {', '.join(CODECS)}")
     args = parser.parse_args(argv)
     methods, codecs = args.methods.split(","), args.codecs.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
     unknown = sorted(set(codecs) - set(CODECS)) + sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods or codecs {unknown}; methods: {', '.join(METHODS)}; codecs: {', '.join(CODECS)}")
@@ -85,13 +181,16 @@ def main(argv=None) -> None:
     results = []
     for method in methods:
         for codec in codecs:
-            r = {"method": method, "codec": codec, **run(method, codec, args.rounds, cache)}
+            if codec != "none" and method in UNCOMPRESSED_ONLY:
+                continue
+            r = measure(method, codec, args.rounds, seeds, cache, args.projected_local_steps)
             results.append(r)
-            print(f"{method:<9} {codec:<7} ppl {r['perplexity']:8.3f}  world {r['bytes_world'] / 1e6:8.1f} MB  "
-                  f"sim {r['sim_hours'] * 3600:8.1f} s", flush=True)
+            print(f"{method:<9} {codec:<7} ppl {r['perplexity']:8.3f} ± {r['perplexity_sd']:.3f}  "
+                  f"world {r['bytes_world'] / 1e6:8.1f} MB  sim {r['sim_hours'] * 3600:8.1f} s", flush=True)
     print()
     print(table(results))
-    print(json.dumps({"benchmark": "worldwide", "rounds": args.rounds, "results": results}))
+    print(json.dumps({"benchmark": "worldwide", "rounds": args.rounds, "seeds": seeds,
+                      "projected_local_steps": args.projected_local_steps, "target_utilisation": TARGET_UTILISATION, "results": results}))
 
 
 if __name__ == "__main__":
