@@ -16,6 +16,10 @@ the tree: its clients sit directly under the world, every one of them on an
 intercontinental link. Perplexity is the final evaluation over every client's
 validation text, as the mean and standard deviation over the seeds (bytes and
 the clock do not depend on the seed: every client takes part in every round).
+Time to target: every run is evaluated after every round; a run's time is the
+simulated seconds until its first evaluation at or below the target (by default
+1.1x flat FedAvg's final perplexity at float32, its seed mean), averaged over
+the seeds that reach it; the headline is flat FedAvg's time over each row's.
 
 Methods: the four strategies, hierarchical DiLoCo (`hdiloco`: the language
 federations step their clients' mean with the same outer Nesterov rule as the
@@ -70,6 +74,7 @@ CODECS = {  # name: the world's own policy overrides
 }
 DEFAULT_CODECS = ("none", "bf16", "int8", "int4", "topk10")
 TARGET_UTILISATION = 0.9
+TARGET_OVER_FLAT = 1.1  # the time-to-target's perplexity, over flat FedAvg's final at float32
 WORLD_LINK = ["tree.policy.link_bandwidth_mbps=1000", "tree.policy.link_latency_ms=5",
               "tree.own_policy.link_bandwidth_mbps=10", "tree.own_policy.link_latency_ms=100",
               "tree.policy.client_tokens_per_s=2000"]
@@ -80,19 +85,23 @@ def config_for(method: str, codec: str, rounds: int, seed: int, cache: str, worl
     link = [f"tree.own_policy.link_bandwidth_mbps={world_mbps}"] if world_mbps is not None else []
     link += [f"tree.policy.local_steps={local_steps}"] if local_steps is not None else []
     return apply_overrides(configs.tiny(), [*METHODS[method], f"run.rounds={rounds}", f"run.seed={seed}",
-                                            "run.devices=1", "run.eval_every=0", f"run.compilation_cache={cache}",
+                                            "run.devices=1", "run.eval_every=1", f"run.compilation_cache={cache}",
                                             *WORLD_LINK, *CODECS[codec], *link])
 
 
 def run(config, keep_records: bool) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         summary = train.train(config, workdir, quiet=True, progress=False)
-        records = [r for r in metrics_lib.read_metrics(os.path.join(workdir, metrics_lib.METRICS_FILE))
-                   if "sim_seconds" in r] if keep_records else None
+        written = list(metrics_lib.read_metrics(os.path.join(workdir, metrics_lib.METRICS_FILE)))
+    rounds = [r for r in written if "sim_seconds" in r]
+    elapsed = dict(zip([r["round"] for r in rounds], np.cumsum([r["sim_seconds"] for r in rounds])))
+    # (simulated seconds at the end of the round, perplexity then): what time to a target reads
+    curve = [(float(elapsed[r["round"]]), r["eval"]["perplexity"]) for r in written if "eval" in r]
+    records = rounds if keep_records else None
     sent = summary["bytes_communicated"]
     return {"perplexity": summary["eval"]["perplexity"], "bytes_world": sent.get("level0", 0.0),
             "bytes_total": sent.get("total", 0.0), "sim_hours": summary["sim_hours"],
-            "compute_utilisation": summary["compute_utilisation"], "records": records}
+            "compute_utilisation": summary["compute_utilisation"], "records": records, "curve": curve}
 
 
 def replayed_clock(config, records: list[dict]) -> tuple[float, float]:
@@ -129,20 +138,41 @@ def bandwidth_for(utilisation_at, target: float) -> tuple[float | None, float]:
     return 10 ** high, ceiling
 
 
+def time_to(curve, target: float) -> float | None:
+    """Simulated seconds until the first evaluation at or below `target` (None: never)."""
+    return next((t for t, ppl in curve if ppl <= target), None)
+
+
+def with_time_to_target(results: list[dict], target: float) -> None:
+    """Each row's mean simulated time to `target` over the seeds that reach it."""
+    for r in results:
+        times = [time_to(c, target) for c in r.pop("curves")]
+        reached = [t for t in times if t is not None]
+        r.update(target=target, seconds_to_target=statistics.mean(reached) if reached else None,
+                 seeds_reaching_target=len(reached))
+
+
 def table(results: list[dict]) -> str:
     base = {r["method"]: r for r in results if r["codec"] == "none"}
+    flat = next((r for r in results if r["method"] == "fedavg" and r["codec"] == "none"), None)
     lines = ["| method | world's codec | perplexity (mean ± sd) | vs none | bytes over the world's links | vs none | "
-             "all bytes | simulated s | vs none | compute utilisation | world bandwidth for 90% | "
-             "... at the projected local steps |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "all bytes | simulated s | vs none | simulated s to target | FedAvg's / this | compute utilisation | "
+             "world bandwidth for 90% | ... at the projected local steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         b = base.get(r["method"])
         ratio = (lambda k: r[k] / b[k] if b and b[k] else float("nan"))
+        to_target = lambda r: (f"{r['seconds_to_target']:.1f} ({r['seeds_reaching_target']}/{len(r['seeds'])})"
+                               if r["seconds_to_target"] is not None else f"not reached (0/{len(r['seeds'])})")
+        speedup = lambda r: (f"{flat['seconds_to_target'] / r['seconds_to_target']:.2f}x"
+                             if flat and flat["seconds_to_target"] and r["seconds_to_target"] else "-")
         needed = lambda key: (f"{r[key][0]:.3g} Mbit/s" if r[key][0] is not None
                               else f"not reached (at most {r[key][1]:.3f})")
         lines.append(f"| {r['method']} | {r['codec']} | {r['perplexity']:.2f} ± {r['perplexity_sd']:.2f} | "
                      f"{ratio('perplexity'):.3f}x | {r['bytes_world'] / 1e6:.1f} MB | {ratio('bytes_world'):.3f}x | "
                      f"{r['bytes_total'] / 1e6:.1f} MB | {r['sim_hours'] * 3600:.1f} | {ratio('sim_hours'):.3f}x | "
-                     f"{r['compute_utilisation']:.3f} | {needed('for_target')} | {needed('projected_for_target')} |")
+                     f"{to_target(r)} | {speedup(r)} | {r['compute_utilisation']:.3f} | {needed('for_target')} | "
+                     f"{needed('projected_for_target')} |")
     return "\n".join(lines)
 
 
@@ -159,6 +189,7 @@ def measure(method: str, codec: str, rounds: int, seeds, cache: str, projected_s
     ppl = [r["perplexity"] for r in runs]
     return {"method": method, "codec": codec, "seeds": list(seeds), "perplexity": statistics.mean(ppl),
             "perplexity_sd": statistics.stdev(ppl) if len(ppl) > 1 else 0.0, "perplexity_per_seed": ppl,
+            "curves": [r["curve"] for r in runs],
             **{k: first[k] for k in ("bytes_world", "bytes_total", "sim_hours", "compute_utilisation")},
             "for_target": bandwidth_for(utilisation, TARGET_UTILISATION),  # (Mbit/s or None, ceiling)
             "projected_for_target": bandwidth_for(lambda mbps: utilisation(mbps, projected_steps), TARGET_UTILISATION)}
@@ -169,6 +200,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--projected-local-steps", type=int, default=500)
+    parser.add_argument("--target", type=float, default=0.0,
+                        help=f"perplexity to time (default: {TARGET_OVER_FLAT}x FedAvg's final at float32)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--codecs", default=",".join(DEFAULT_CODECS), help=f"of {', '.join(CODECS)}")
     args = parser.parse_args(argv)
@@ -187,10 +220,16 @@ def main(argv=None) -> None:
             results.append(r)
             print(f"{method:<9} {codec:<7} ppl {r['perplexity']:8.3f} ± {r['perplexity_sd']:.3f}  "
                   f"world {r['bytes_world'] / 1e6:8.1f} MB  sim {r['sim_hours'] * 3600:8.1f} s", flush=True)
+    flat = [r for r in results if r["method"] == "fedavg" and r["codec"] == "none"]
+    target = args.target or (TARGET_OVER_FLAT * flat[0]["perplexity"] if flat else math.nan)
+    with_time_to_target(results, target)
     print()
+    print(f"target perplexity {target:.2f}" + ("" if args.target else
+                                               f" ({TARGET_OVER_FLAT}x flat FedAvg's final at float32)"))
     print(table(results))
     print(json.dumps({"benchmark": "worldwide", "rounds": args.rounds, "seeds": seeds,
-                      "projected_local_steps": args.projected_local_steps, "target_utilisation": TARGET_UTILISATION, "results": results}))
+                      "projected_local_steps": args.projected_local_steps, "target_utilisation": TARGET_UTILISATION, "target_perplexity": target,
+                      "results": results}))
 
 
 if __name__ == "__main__":
