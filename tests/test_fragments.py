@@ -105,38 +105,60 @@ def test_what_fragments_do_not_compose_with_is_refused():
                                                 "policy": {"sync_fragments": 2}})
     assert "fragment(s) [1] without a backbone block (the backbone's blocks: 0): expected 1..1" in refusal(
         blocks=(("blocks/0/w", 0),))
-    message = refusal({"codec_up": "int8"})
-    assert "'root'" in message and "codec 'int8' on B" in message
 
 
 def test_a_fragmented_backbone_sends_one_fragment_a_round_on_the_byte_count_and_the_clock():
-    """Blocks 0 and 1 of 300 and 600 bytes, 100 outside: under two fragments the root
-    sends 400 bytes of B (fragment 0) in even rounds and 600 in odd ones; eu, with 2
-    rounds per root round, sends each fragment once per root round (500 on average)."""
+    """Backbone leaves of 25 values outside the blocks, 75 in block 0 and 150 in block 1
+    (100, 300 and 600 float32 bytes): under two fragments the root sends 400 bytes of B
+    (fragment 0) in even rounds and 600 in odd ones, its int8 uploads a byte a value
+    plus a 4-byte scale a leaf; eu, with 2 rounds per root round, sends each fragment
+    once per root round (500 bytes on average)."""
     from worldlm_jax.engine import Plan
     from worldlm_jax.run import communication, network_clock
     from worldlm_jax.tree.topology import build_topology
 
     link = {"link_bandwidth_mbps": 8.0, "link_latency_ms": 0.0, "client_tokens_per_s": 1000.0}
-    tree = build_topology({"name": "world", "policy": link, "own_policy": {"sync_fragments": 2}, "children": [
+    tree = build_topology({"name": "world", "policy": link, "own_policy": {"sync_fragments": 2, "codec_up": "int8"},
+                           "children": [
         {"name": "eu", "own_policy": {"sync_fragments": 2, "rounds": 2}, "children": [
             {"name": "fr", "clients": 1, "sources": ["x"], "policy": {"sync_fragments": 2}}]}]})
-    by_block = {-1: 100, 0: 300, 1: 600}
-    shares = [communication.fragment_shares(tree, by_block, r) for r in (0, 1)]
-    assert shares[0][0].tolist() == [0.4] and shares[1][0].tolist() == [0.6]
-    assert shares[0][1].tolist() == [0.5] == shares[1][1].tolist()
-    assert 2 not in shares[0]  # fr's clients keep no backbone: nothing to fragment
+    leaves = {-1: (25,), 0: (75,), 1: (150,)}
+    odd, even = (communication.fragment_bytes(tree, leaves, r) for r in (1, 2))
+    assert even[(0, "down")].tolist() == [400.0] and odd[(0, "down")].tolist() == [600.0]
+    assert even[(0, "up")].tolist() == [25 + 4 + 75 + 4] and odd[(0, "up")].tolist() == [150 + 4]
+    assert odd[(1, "down")].tolist() == [500.0] == even[(1, "up")].tolist()
+    assert (2, "down") not in odd  # fr's clients keep no backbone: nothing to fragment
     plan = Plan(broadcast=(frozenset("B"),) * 3, aggregate=(frozenset("B"),) * 3)
     sizes, participants = {"B": 1000, "K": 0}, {0: [1], 1: [2], 2: [2]}
     whole = communication.round_bytes(tree, plan, sizes, participants)
-    split = communication.round_bytes(tree, plan, sizes, participants, shares=shares[1])
-    assert split["level0"]["down"] == 0.6 * whole["level0"]["down"] == 600
+    split = communication.round_bytes(tree, plan, sizes, participants, backbone=odd)
+    assert split["level0"]["down"] == 600 and whole["level0"]["down"] == 1000
     assert split["level1"]["up"] == 0.5 * whole["level1"]["up"] and split["level2"] == whole["level2"]
-    # the clock: the root's one message each way at 1e6 B/s carries 600 bytes, not 1000
+    # the clock: the root's messages at 1e6 B/s carry 600 bytes down and 154 up, not 1000 each way
     rounds = {0: [1], 1: [2], 2: [2]}
     work = network_clock.local_work_seconds(tree, 10, 0.0)
-    at = lambda s: network_clock.critical_paths(tree, plan, sizes, participants, rounds, work, shares=s)[0][0, 0]
-    assert at(shares[1]) == pytest.approx(2 * 600 / 1e6) and at(None) == pytest.approx(2 * 1000 / 1e6)
+    at = lambda b: network_clock.critical_paths(tree, plan, sizes, participants, rounds, work, backbone=b)[0][0, 0]
+    assert at(odd) == pytest.approx((600 + 154) / 1e6) and at(None) == pytest.approx(2 * 1000 / 1e6)
+
+
+def test_a_fragment_out_of_turn_keeps_its_error_feedback_and_sends_nothing():
+    """The world's uploads through top-10% with error feedback and its broadcast through
+    int8 (the children's copy as reference): each fragment's error buffers and copy move
+    only in its turn, so what fragment 0 left unsent in round 0 waits through round 1."""
+    spec = tree2([2, 2], root_policy={"sync_fragments": 2, **OUTER}, fed_policies=[LEAF, LEAF])
+    t = topo({**spec, "own_policy": {"codec_up": "topk", "codec_down": "int8", "codec_args": {"fraction": 0.1}}})
+    strategy = engine.make_strategy(dataclasses.replace(make_spec(t, client_optimizer="test_sgd"),
+                                                        param_blocks=BLOCKS))
+    after = rounds(strategy, make_batches(t, 2))
+    error = lambda r, k: {p: after[r].levels[1].up_error["B"][p] for p in FRAGMENT[k]}
+    copy = lambda r, k: {p: after[r].levels[0].down_copy["B"][p][0] for p in FRAGMENT[k]}
+    init = toy_params()
+    assert all(np.all(v == 0) for v in error(0, 1).values()) and all(np.any(v != 0) for v in error(0, 0).values())
+    assert_tree_equal(error(1, 0), error(0, 0))  # kept for fragment 0's next turn, not sent in round 1
+    assert all(np.any(v != 0) for v in error(1, 1).values())
+    assert_tree_equal(copy(0, 1), {p: init[p] for p in FRAGMENT[1]})
+    assert_tree_equal(copy(1, 0), copy(0, 0))
+    assert_tree_equal(root(after[1], FRAGMENT[0]), root(after[0], FRAGMENT[0]))
 
 
 def test_a_run_syncs_the_backbone_in_fragments_and_counts_one_fragment_a_round(tmp_path):
@@ -155,8 +177,8 @@ def test_a_run_syncs_the_backbone_in_fragments_and_counts_one_fragment_a_round(t
                            + [a for o in overrides for a in ("--set", o)])
     assert code == 0, err
     run = blueprint.abstract_run(apply_overrides(presets.get("tiny"), overrides))
-    by_block = communication.block_bytes(run.params, run.spec.key_paths, run.spec.param_blocks)
-    fragment = {0: by_block[-1] + by_block[0], 1: by_block[1]}
+    by_block = communication.block_leaves(run.params, run.spec.key_paths, run.spec.param_blocks)
+    fragment = {k: 4 * sum(by_block[-1] * (k == 0) + by_block[k]) for k in (0, 1)}  # float32
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     down = [r["bytes_communicated"]["level0"]["down"] for r in records if "train_loss" in r]
     assert down == [3 * fragment[0], 3 * fragment[1]]  # three languages, one message each

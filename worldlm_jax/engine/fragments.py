@@ -15,9 +15,11 @@ trains it (a child holds its own backbone: federations keep their state).
 
 How it composes: DP clips and noises the synced fragment's deltas (the others
 are zeros and leave nothing); stacked and streamed aggregators see zeros
-outside the fragment; K, residuals and attention are untouched; codecs on B
-at such a federation are refused (`check`: error feedback per fragment is not
-built); a leaf federation's clients keep no backbone between rounds, so the
+outside the fragment; codecs on B compress the fragment in turn (`round.
+federations_work`): a fragment out of turn sends nothing up and keeps its
+error feedback for its next turn, and the children's copy of it (a lossy
+broadcast's reference) does not move; K, residuals and attention are
+untouched; a leaf federation's clients keep no backbone between rounds, so the
 field does nothing there, and a tree where it would do nothing anywhere is
 refused. The compiled round changes only at levels that set it.
 """
@@ -65,11 +67,6 @@ def check(spec: EngineSpec) -> None:
             raise ValueError(f"federation {name!r}: policy field 'sync_fragments' = {p.sync_fragments} leaves "
                              f"fragment(s) {empty} without a backbone block (the backbone's blocks: "
                              f"{', '.join(map(str, blocks)) or 'none'}): expected 1..{most}")
-        codecs = {p.codec(direction, "B") for direction in ("up", "down")} - {"none"}
-        if codecs:
-            raise ValueError(f"federation {name!r}: policy field 'sync_fragments' = {p.sync_fragments} with "
-                             f"codec {sorted(codecs)[0]!r} on B: fragments send the backbone uncompressed; set "
-                             "codec_up/codec_down {B: none} there, or sync_fragments 1")
 
 
 def fragment_of(block, fragments_P):

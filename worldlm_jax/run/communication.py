@@ -50,52 +50,53 @@ def codec_bytes(variant, leaf_sizes) -> int:
 
 
 def message_bytes(topology: Topology, level: int, direction: str, parts, sizes: dict[str, int],
-                  leaves: dict | None = None, backbone_share: np.ndarray | None = None) -> np.ndarray:
+                  leaves: dict | None = None, backbone_bytes: np.ndarray | None = None) -> np.ndarray:
     """(n_level,) bytes of one message on each level-`level` federation's edges in
     `direction` ("up": what one child sends it; "down": what it sends one child)
     of `parts`: through the federation's codecs where `leaves` is given, else float32;
-    B times `backbone_share` (n_level,) where a federation syncs it in fragments."""
+    B's bytes are `backbone_bytes` (n_level,) where given (fragments: `fragment_bytes`)."""
     policies = topology.levels[level].policies
     if leaves is None:
         per_part = {part: np.full(len(policies), float(sizes[part])) for part in parts}
     else:
         per_part = {part: np.array([float(codec_bytes(links.variant(p, direction, part), leaves[part])
                                           if leaves[part] else 0) for p in policies]) for part in parts}
-    if backbone_share is not None and "B" in per_part:
-        per_part["B"] = per_part["B"] * backbone_share
+    if backbone_bytes is not None and "B" in per_part:
+        per_part["B"] = np.asarray(backbone_bytes, np.float64)
     return sum(per_part.values(), np.zeros(len(policies)))
 
 
-def block_bytes(params: dict, key_paths, blocks: dict[str, int], bytes_per_value: int = 4) -> dict[int, int]:
-    """{block: float32 bytes of the backbone in it} (-1: outside the blocks), where
-    `blocks` maps a path to its block (`EngineSpec.param_blocks`)."""
-    out: dict[int, int] = {}
-    for path, value in params.items():
+def block_leaves(params: dict, key_paths, blocks: dict[str, int]) -> dict[int, tuple[int, ...]]:
+    """{block: the number of values in each backbone leaf in it} (-1: outside the
+    blocks), where `blocks` maps a path to its block (`EngineSpec.param_blocks`)."""
+    out: dict[int, list] = {}
+    for path in sorted(params):
         if path not in key_paths:
-            block = blocks.get(path, -1)
-            out[block] = out.get(block, 0) + int(np.prod(value.shape)) * bytes_per_value
-    return out
+            out.setdefault(blocks.get(path, -1), []).append(int(np.prod(params[path].shape)))
+    return {block: tuple(v) for block, v in out.items()}
 
 
-def fragment_shares(topology: Topology, bytes_by_block: dict[int, int], round_index: int) -> dict[int, np.ndarray]:
-    """{d: (n_d,)} per level with a federation of federations that syncs its
-    backbone in fragments (`sync_fragments`, engine/fragments.py): the share of B's
-    bytes its messages carry in root round `round_index`, averaged over its rounds in
-    that root round (a federation's n-th round over the run syncs fragment n mod P)."""
-    total = float(sum(bytes_by_block.values())) or 1.0
+def fragment_bytes(topology: Topology, leaves_by_block: dict[int, tuple[int, ...]], round_index: int) -> dict:
+    """{(d, direction): (n_d,)} per level with a federation of federations that syncs
+    its backbone in fragments (`sync_fragments`, engine/fragments.py): the bytes of B
+    in one message on each federation's edges in root round `round_index`, through its
+    codec, averaged over its rounds in that root round (a federation's n-th round over
+    the run syncs fragment n mod P: block l is in fragment l mod P, the rest in 0)."""
     out, per_root = {}, np.ones(1, np.int64)  # a federation's rounds per root round
     for d, lvl in enumerate(topology.levels):
         if d:
             per_root = per_root[lvl.parent] * lvl.policy_array("rounds", np.int64)
-        fragments = lvl.policy_array("sync_fragments", np.int64)
-        if d == topology.depth - 1 or not np.any(fragments > 1):
+        if d == topology.depth - 1 or not any(p.sync_fragments > 1 for p in lvl.policies):
             continue
-        share = np.ones(lvl.size)
-        for i, (P, T) in enumerate(zip(fragments, per_root)):
-            fragment = [sum(b for blk, b in bytes_by_block.items() if (blk % P if blk >= 0 else 0) == k)
-                        for k in range(P)]
-            share[i] = np.mean([fragment[n % P] for n in range(round_index * T, (round_index + 1) * T)]) / total
-        out[d] = share
+        for direction in ("up", "down"):
+            sent = np.zeros(lvl.size)
+            for i, (policy, T) in enumerate(zip(lvl.policies, per_root)):
+                P = policy.sync_fragments
+                fragment = [sum((leaves for block, leaves in leaves_by_block.items()
+                                 if (block % P if block >= 0 else 0) == k), ()) for k in range(P)]
+                priced = [codec_bytes(links.variant(policy, direction, "B"), f) for f in fragment]
+                sent[i] = np.mean([priced[n % P] for n in range(round_index * T, (round_index + 1) * T)])
+            out[(d, direction)] = sent
     return out
 
 
@@ -111,22 +112,24 @@ def residual_candidates(topology: Topology, level: int, mode: str) -> np.ndarray
 
 
 def round_bytes(topology: Topology, plan: Plan, sizes: dict[str, int], participants: dict[int, np.ndarray],
-                leaves: dict | None = None, shares: dict | None = None) -> dict:
+                leaves: dict | None = None, backbone: dict | None = None) -> dict:
     """Bytes of one root round, per level edge.
 
     `participants[d]` is each level-d federation's number of (round, child)
     participations of its children during the root round (summed over nested
     rounds), as reported by the round metrics `level{d}/participants`;
     `leaves` (`part_leaves`) prices messages through the federations' codecs;
-    `shares` (`fragment_shares`): the backbone's share where it syncs in fragments.
+    `backbone` (`fragment_bytes`): B's bytes per message where it syncs in fragments.
     """
     out = {}
     for d in range(topology.depth):
         n_P = np.asarray(participants[d], np.float64)
         n = float(np.sum(n_P))
-        share = (shares or {}).get(d)
-        down = float(np.sum(n_P * message_bytes(topology, d, "down", plan.broadcast[d], sizes, leaves, share)))
-        up = float(np.sum(n_P * message_bytes(topology, d, "up", plan.aggregate[d], sizes, leaves, share)))
+        fragmented = lambda direction: (backbone or {}).get((d, direction))
+        down = float(np.sum(n_P * message_bytes(topology, d, "down", plan.broadcast[d], sizes, leaves,
+                                                fragmented("down"))))
+        up = float(np.sum(n_P * message_bytes(topology, d, "up", plan.aggregate[d], sizes, leaves,
+                                              fragmented("up"))))
         extra = 0.0
         child_is_federation = d + 1 < topology.depth
         if child_is_federation and "K" in plan.aggregate[d + 1] and sizes["K"]:

@@ -116,7 +116,7 @@ def slowest_child(parent: np.ndarray, seconds: np.ndarray, present: np.ndarray, 
 def critical_paths(topology: Topology, plan: Plan, sizes: dict[str, int], participants: dict[int, np.ndarray],
                    rounds: dict[int, np.ndarray], work_seconds: np.ndarray,
                    leaves: dict | None = None, late: dict | None = None,
-                   shares: dict | None = None) -> tuple[np.ndarray, ...]:
+                   backbone: dict | None = None) -> tuple[np.ndarray, ...]:
     """Per level d, (n_d, depth + 1): each node's simulated seconds in the root
     round along its critical path, split into the seconds on the links of each
     level (columns 0..depth-1: level d's links go to its children) and in the
@@ -128,9 +128,9 @@ def critical_paths(topology: Topology, plan: Plan, sizes: dict[str, int], partic
     `leaves`: messages priced through the federations' codecs (`communication.message_bytes`);
     `late[d]`: the round metric `level{d}/late` (per node, the children its deadline
     left out): a node that had one waits out its `deadline_s` in each of its rounds;
-    `shares[d]` (`communication.fragment_shares`): the backbone's share of a message
+    `backbone[(d, direction)]` (`communication.fragment_bytes`): B's bytes per message
     where it syncs in fragments."""
-    return _walk(topology, plan, sizes, participants, rounds, work_seconds, leaves, late, shares=shares)
+    return _walk(topology, plan, sizes, participants, rounds, work_seconds, leaves, late, backbone=backbone)
 
 
 def planned_on_time(topology: Topology, plan: Plan, sizes: dict[str, int], work_seconds: np.ndarray,
@@ -158,7 +158,7 @@ def planned_on_time(topology: Topology, plan: Plan, sizes: dict[str, int], work_
 
 
 def _walk(topology, plan, sizes, participants, rounds, work_seconds, leaves, late, planned: dict | None = None,
-          shares: dict | None = None):
+          backbone: dict | None = None):
     """The bottom-up walk of `critical_paths`; with `planned` (a dict, filled with
     each level's on-time mask) lateness is decided from the planned times."""
     D = topology.depth
@@ -168,9 +168,9 @@ def _walk(topology, plan, sizes, participants, rounds, work_seconds, leaves, lat
         bandwidth = lvl.policy_array("link_bandwidth_mbps", np.float64)
         latency = lvl.policy_array("link_latency_ms", np.float64)
         deadline = lvl.policy_array("deadline_s", np.float64)
-        share = (shares or {}).get(d)
-        down = message_bytes(topology, d, "down", plan.broadcast[d], sizes, leaves, share)
-        up = message_bytes(topology, d, "up", plan.aggregate[d], sizes, leaves, share)
+        fragmented = (backbone or {}).get
+        down = message_bytes(topology, d, "down", plan.broadcast[d], sizes, leaves, fragmented((d, "down")))
+        up = message_bytes(topology, d, "up", plan.aggregate[d], sizes, leaves, fragmented((d, "up")))
         overlap = np.array([bool(p.link_overlap) for p in lvl.policies])
         per_round = np.zeros((lvl.size, D + 1))
         waits = np.zeros(lvl.size, bool) if late is None or d not in late else np.asarray(late[d]) > 0
@@ -226,10 +226,10 @@ def _refuse_all_late(names, deadline: np.ndarray, seconds: np.ndarray, children:
 
 def round_clock(topology: Topology, plan: Plan, sizes: dict[str, int], participants: dict[int, np.ndarray],
                 rounds: dict[int, np.ndarray], work_seconds: np.ndarray, leaves: dict | None = None,
-                late: dict | None = None, shares: dict | None = None) -> dict:
+                late: dict | None = None, backbone: dict | None = None) -> dict:
     """The root round's simulated seconds: `seconds` (the root's critical path),
     `compute_seconds` (the clients' local work on it) and `per_level` (its
     seconds on each level's links, `level{d}`); compute and links add up to seconds."""
-    root = critical_paths(topology, plan, sizes, participants, rounds, work_seconds, leaves, late, shares)[0][0]
+    root = critical_paths(topology, plan, sizes, participants, rounds, work_seconds, leaves, late, backbone)[0][0]
     return {"seconds": float(root.sum()), "compute_seconds": float(root[-1]),
             "per_level": {f"level{d}": float(root[d]) for d in range(topology.depth)}}

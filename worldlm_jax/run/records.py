@@ -121,15 +121,16 @@ def round_record(exp: Experiment, round_index: int, metrics: dict, seconds: floa
         algo = exp.config.algorithm
         plan = strategies.global_stage_plan(topo.depth, algo.residuals, algo.similarity, algo.use_parent)
     leaves = communication.part_leaves(exp.init_params, exp.spec.key_paths)
-    shares = communication.fragment_shares(  # a backbone synced in fragments sends one fragment a round
-        topo, communication.block_bytes(exp.init_params, exp.spec.key_paths, exp.spec.param_blocks), round_index)
-    record["bytes_communicated"] = communication.round_bytes(topo, plan, exp.part_bytes, participants, leaves, shares)
-    record.update(simulated_time(exp, plan, metrics, participants, record["tokens_per_s"], shares))
+    backbone = communication.fragment_bytes(  # a backbone synced in fragments sends one fragment a round
+        topo, communication.block_leaves(exp.init_params, exp.spec.key_paths, exp.spec.param_blocks), round_index)
+    record["bytes_communicated"] = communication.round_bytes(topo, plan, exp.part_bytes, participants, leaves,
+                                                             backbone)
+    record.update(simulated_time(exp, plan, metrics, participants, record["tokens_per_s"], backbone))
     return record
 
 
 def simulated_time(exp: Experiment, plan, metrics: dict, participants: dict, measured_tokens_per_s: float,
-                   shares: dict | None = None) -> dict:
+                   backbone: dict | None = None) -> dict:
     """The round on the network clock (`network_clock.round_clock`): `sim_seconds`,
     `sim_compute_seconds` and `sim_seconds_per_level`. A leaf federation with
     client_tokens_per_s 0 trains at this round's measured tokens_per_s."""
@@ -139,7 +140,7 @@ def simulated_time(exp: Experiment, plan, metrics: dict, participants: dict, mea
     late = {d: np.asarray(metrics[f"level{d}/late"], np.float64) for d in range(topo.depth)
             if f"level{d}/late" in metrics}  # children a deadline left out: their parent waited it out
     clock = network_clock.round_clock(topo, plan, exp.part_bytes, participants, rounds, work,
-                                      communication.part_leaves(exp.init_params, exp.spec.key_paths), late, shares)
+                                      communication.part_leaves(exp.init_params, exp.spec.key_paths), late, backbone)
     return {"sim_seconds": clock["seconds"], "sim_compute_seconds": clock["compute_seconds"],
             "sim_seconds_per_level": clock["per_level"]}
 
