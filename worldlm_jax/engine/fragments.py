@@ -10,13 +10,15 @@ trains it (a child holds its own backbone: federations keep their state).
                      its round ordinal (its rounds counted over the run, `round.fed_round`)
     where_synced     the broadcast, the children's deltas and the new backbone: a fragment
                      moves only in its turn
+    in_turn          the same over {part: Params} (B only): the down copies
+    send_up_in_turn  the upload through the codecs, for the fragment in turn only
     keep_unsynced    the server optimizer's state of the other fragments stays as it was
                      (momentum and moments are per fragment, as in Streaming DiLoCo)
 
 How it composes: DP clips and noises the synced fragment's deltas (the others
 are zeros and leave nothing); stacked and streamed aggregators see zeros
-outside the fragment; codecs on B compress the fragment in turn (`round.
-federations_work`): a fragment out of turn sends nothing up and keeps its
+outside the fragment; codecs on B compress the fragment in turn
+(`send_up_in_turn`): a fragment out of turn sends nothing up and keeps its
 error feedback for its next turn, and the children's copy of it (a lossy
 broadcast's reference) does not move; K, residuals and attention are
 untouched; a leaf federation's clients keep no backbone between rounds, so the
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 from worldlm_jax import tree_ops
 from worldlm_jax.engine.plan import EngineSpec
 
-__all__ = ["levels", "check", "fragment_of", "synced", "where_synced", "keep_unsynced"]
+__all__ = ["levels", "check", "fragment_of", "synced", "where_synced", "in_turn", "send_up_in_turn", "keep_unsynced"]
 
 
 def levels(spec: EngineSpec) -> tuple[bool, ...]:
@@ -85,6 +87,20 @@ def where_synced(synced_P: dict, new: dict, old: dict) -> dict:
     (`synced_P` indexed by row: gather it to the children first)."""
     return {path: tree_ops.where_rows(synced_P[path], new[path], old[path]) if path in synced_P else new[path]
             for path in new}
+
+
+def in_turn(synced: dict, new: dict, old: dict) -> dict:
+    """{part: Params} with B's fragments out of turn as in `old` (other parts as in `new`)."""
+    return {**new, "B": where_synced(synced, new["B"], old["B"])} if "B" in new else new
+
+
+def send_up_in_turn(send_up, synced_N: dict, delta_N: dict, error_N: dict) -> tuple[dict, dict]:
+    """`send_up(delta, error) -> (decoded, new error)` (`links.send_up`) for the fragment
+    in turn only: a fragment out of turn sends zeros and its error feedback waits for
+    its next turn (it enters no message, so no codec spends bytes or changes it)."""
+    zeros = {part: jax.tree.map(jnp.zeros_like, tree) for part, tree in {**delta_N, **error_N}.items()}
+    decoded, error = send_up(in_turn(synced_N, delta_N, zeros), in_turn(synced_N, error_N, zeros))
+    return in_turn(synced_N, decoded, zeros), in_turn(synced_N, error, error_N)
 
 
 def keep_unsynced(synced_P: dict, new_state, old_state):

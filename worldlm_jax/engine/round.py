@@ -161,11 +161,10 @@ def federations_work(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineS
         metrics_here[f"level{d}/late"] = jax.ops.segment_sum(late.astype(jnp.float32), parent,
                                                              num_segments=topo.levels[d].size)
         active_child = active_child & on_time
-    copies = lvl.down_copy
+    held = lvl.down_copy
     lvl, sent_P = links.broadcast_level(rs.down_codecs[d], plan.broadcast[d], lvl, active_P, down_keys)
-    if synced is not None and "B" in copies:  # the children's copy of a fragment moves only in its turn
-        lvl = lvl._replace(down_copy={**lvl.down_copy, "B": fragments.where_synced(synced, lvl.down_copy["B"],
-                                                                                   copies["B"])})
+    if synced is not None:  # the children's copy of a fragment moves only in its turn
+        lvl = lvl._replace(down_copy=fragments.in_turn(synced, lvl.down_copy, held))
     state = _with_level(state, d, lvl)
     synced_N = None if synced is None else {path: m[parent] for path, m in synced.items()}
     received = {}  # what the children start from: their parent's parts as they decoded them
@@ -186,16 +185,11 @@ def federations_work(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineS
     if links.lossy_parts(rs.down_codecs[d]):
         start = {**start, **received}
     delta = aggregated_parts(rs, d, tree_ops.sub({**child_level.B, **child_level.K}, start))
-    if synced_N is not None:  # and comes up only in its turn: the other fragments' drift stays with the child
-        delta = {**delta, "B": fragments.where_synced(synced_N, delta["B"], _zeros(delta["B"]))}
-    errors = child_level.up_error
-    if synced_N is not None and "B" in errors:  # a fragment out of turn sends nothing, and keeps its error
-        errors = {**errors, "B": fragments.where_synced(synced_N, errors["B"], _zeros(errors["B"]))}
-    delta, error = links.send_up(rs.up_codecs[d], delta, errors, parent, up_keys)
-    if synced_N is not None:
-        delta = {**delta, "B": fragments.where_synced(synced_N, delta["B"], _zeros(delta["B"]))}
-        if "B" in error:
-            error = {**error, "B": fragments.where_synced(synced_N, error["B"], child_level.up_error["B"])}
+    send_up = lambda delta_, error_: links.send_up(rs.up_codecs[d], delta_, error_, parent, up_keys)
+    if synced_N is None:
+        delta, error = send_up(delta, child_level.up_error)
+    else:  # and comes up only in its turn: the other fragments' drift (and unsent error) stays with the child
+        delta, error = fragments.send_up_in_turn(send_up, synced_N, delta, child_level.up_error)
     if error:  # a child that took part keeps what its codec left out
         child_level = child_level._replace(up_error={**child_level.up_error, **{
             part: tree_ops.where_rows(active_child, e, child_level.up_error[part]) for part, e in error.items()}})
@@ -224,10 +218,6 @@ def run_rounds(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, 
     n = level_rounds(rs.topo)[d - 1]
     state, metrics = jax.lax.scan(body, state, (jnp.arange(n), batch, jax.random.split(key, n)))
     return state, _reduce_rounds(metrics)
-
-
-def _zeros(tree):
-    return jax.tree.map(jnp.zeros_like, tree)
 
 
 def _with_level(state: EngineState, d: int, level: LevelState) -> EngineState:
