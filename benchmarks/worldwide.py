@@ -128,7 +128,7 @@ def replayed_clock(config, records: list[dict]) -> tuple[float, float]:
     topo, plan, spec = run_.run_topology, run_.spec.plan, run_.spec
     sizes, leaves = communication.part_bytes(run_.params, spec.key_paths), communication.part_leaves(
         run_.params, spec.key_paths)
-    by_block = communication.block_leaves(run_.params, spec.key_paths, spec.param_blocks)
+    backbone = communication.backbone_leaves(run_.params, spec.key_paths, spec.param_blocks, spec.param_groups)
     work = network_clock.local_work_seconds(topo, run_.batch_size * config.data.seq_len, 0.0)
     seconds = compute = 0.0
     for rec in records:
@@ -136,7 +136,7 @@ def replayed_clock(config, records: list[dict]) -> tuple[float, float]:
                                   if f"level{d}/{name}" in rec}
         clock = network_clock.round_clock(topo, plan, sizes, per_level("participants"), per_level("rounds"), work,
                                           leaves, per_level("late"),
-                                          communication.fragment_bytes(topo, by_block, rec["round"]))
+                                          communication.partial_sync_bytes(topo, backbone, rec["round"]))
         seconds, compute = seconds + clock["seconds"], compute + clock["compute_seconds"]
     return seconds, compute
 

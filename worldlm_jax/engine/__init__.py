@@ -9,7 +9,7 @@ root round is in `round`'s docstring; the modules in the order a round meets the
     state           EngineState: stacked per-level and per-client state, padding, sharding
     round           make_round / make_strategy: the nested loop over the levels
     links           what crosses an edge: messages through the federations' codecs, error feedback
-    fragments       a backbone synced in fragments of blocks, one per round in turn (Streaming DiLoCo)
+    partial_sync    the part of the backbone a federation syncs this round: fragments, intervals
     slots           the lowest federations' client slots, vmapped and chunked
     client          one client's local training
     federation      sums of the children and a federation's aggregation step

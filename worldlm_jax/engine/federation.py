@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from worldlm_jax import tree_ops
-from worldlm_jax.engine import aggregation, fragments
+from worldlm_jax.engine import aggregation, partial_sync
 from worldlm_jax.engine.plan import PARTS, Params, split_parts
 from worldlm_jax.engine.round_policies import RoundPolicies
 from worldlm_jax.engine.state import Children, EngineState, LevelState
@@ -285,8 +285,8 @@ def aggregate_backbone(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelSt
     new_B, new_server = aggregation.server_update(lvl.B, mean_B, lvl.server, rs.server_txs[d], st.server_choice[d],
                                                   st.server_lr[d], apply)
     if synced is not None:  # the other fragments, and their optimizer state, wait for their turn
-        new_B = fragments.where_synced(synced, new_B, lvl.B)
-        new_server = fragments.keep_unsynced(synced, new_server, lvl.server)
+        new_B = partial_sync.where_synced(synced, new_B, lvl.B)
+        new_server = partial_sync.keep_unsynced(synced, new_server, lvl.server)
     metrics["update_norm"] = jnp.sqrt(tree_ops.row_sq_norms(mean_B)) if mean_B else jnp.zeros(P)
     if mean_B:  # weighted RMS distance of the children's updates from their mean (client drift)
         safe_P = jnp.where(total_P > 0, total_P, 1.0)

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from worldlm_jax import tree_ops
-from worldlm_jax.engine import fragments, links, parallel, round_policies as policy_arrays, slots
+from worldlm_jax.engine import links, parallel, partial_sync, round_policies as policy_arrays, slots
 from worldlm_jax.engine.federation import aggregate, aggregated_parts, clip_norm, sum_children
 from worldlm_jax.engine.plan import PARTS, EngineSpec, level_rounds, local_steps
 from worldlm_jax.engine.round_policies import RoundPolicies, round_policies, sample_children
@@ -80,7 +80,7 @@ def make_round(spec: EngineSpec) -> Callable:
         st = default_policies if policies is None else policies
         st = policies_at(rs, st, stored.round)
         key = jax.random.fold_in(key, stored.round)
-        ordinal = jnp.reshape(stored.round, (1,)) if any(rs.fragment_levels) else None
+        ordinal = jnp.reshape(stored.round, (1,)) if any(rs.partial_sync_levels) else None
         state, metrics = fed_round(rs, st, 0, unpad_state(spec, stored), batch, jnp.ones((1,), bool), key, ordinal)
         metrics = {**metrics, **learning_rate_metrics(rs, st)}
         state = repad_state(spec, state._replace(round=state.round + 1), stored)
@@ -117,12 +117,12 @@ def fed_round(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, b
     """One round of every level-d federation with its children. The round's
     key is split, never folded with constants: the children's work and the
     level's aggregation draw from keys no other draw of the round uses.
-    `ordinal_P` (where some level syncs in fragments): each federation's round
-    counted over the run, which picks the fragment it syncs (`fragments`)."""
+    `ordinal_P` (where some level syncs part of its backbone): each federation's
+    round counted over the run, which picks the part it syncs (`partial_sync`)."""
     work_key, aggregate_key = jax.random.split(key)
     synced = None
-    if rs.fragment_levels[d]:
-        synced = fragments.synced(rs.spec.param_blocks, state.levels[d].B, st.sync_fragments[d], ordinal_P)
+    if rs.partial_sync_levels[d]:
+        synced = partial_sync.synced(rs.spec, state.levels[d].B, st.sync_fragments[d], st.sync_every[d], ordinal_P)
     if d == rs.topo.depth - 1:
         state, metrics, kids = slots.clients_work(rs, st, state, batch, active_P, work_key)
     else:
@@ -164,7 +164,7 @@ def federations_work(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineS
     held = lvl.down_copy
     lvl, sent_P = links.broadcast_level(rs.down_codecs[d], plan.broadcast[d], lvl, active_P, down_keys)
     if synced is not None:  # the children's copy of a fragment moves only in its turn
-        lvl = lvl._replace(down_copy=fragments.in_turn(synced, lvl.down_copy, held))
+        lvl = lvl._replace(down_copy=partial_sync.in_turn(synced, lvl.down_copy, held))
     state = _with_level(state, d, lvl)
     synced_N = None if synced is None else {path: m[parent] for path, m in synced.items()}
     received = {}  # what the children start from: their parent's parts as they decoded them
@@ -174,7 +174,7 @@ def federations_work(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineS
             received.update(sent)
             updated = tree_ops.where_rows(active_child, sent, getattr(child_level, part))
             if part == "B" and synced_N is not None:  # a fragment goes down only in its turn
-                updated = fragments.where_synced(synced_N, updated, child_level.B)
+                updated = partial_sync.where_synced(synced_N, updated, child_level.B)
             child_level = child_level._replace(**{part: updated})
     state = _with_level(state, d + 1, child_level)
     state, metrics = run_rounds(rs, st, d + 1, state, batch, active_child, rounds_key, ordinal_P)
@@ -189,7 +189,7 @@ def federations_work(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineS
     if synced_N is None:
         delta, error = send_up(delta, child_level.up_error)
     else:  # and comes up only in its turn: the other fragments' drift (and unsent error) stays with the child
-        delta, error = fragments.send_up_in_turn(send_up, synced_N, delta, child_level.up_error)
+        delta, error = partial_sync.send_up_in_turn(send_up, synced_N, delta, child_level.up_error)
     if error:  # a child that took part keeps what its codec left out
         child_level = child_level._replace(up_error={**child_level.up_error, **{
             part: tree_ops.where_rows(active_child, e, child_level.up_error[part]) for part, e in error.items()}})

@@ -53,6 +53,7 @@ class RoundPolicies(NamedTuple):
     attackers: jax.Array  # (n_leaf,) the federation's clients of rank below this attack
     client_rank: jax.Array  # (n_clients,) a client's index within its leaf federation
     sync_fragments: tuple = ()  # per level: (n_d,) fragments its backbone syncs in, one per round in turn
+    sync_every: tuple = ()  # per level: {parameter group: (n_d,) rounds between its syncs} (groups some node names)
 
 
 def round_policies(topo: Topology, total_rounds: int = 1, objective: str = "none") -> "RoundPolicies":
@@ -122,6 +123,9 @@ def round_policies(topo: Topology, total_rounds: int = 1, objective: str = "none
                                zip(topo.leaf.policies, topo.children_count(D - 1))], jnp.float32),
         client_rank=jnp.asarray(_client_rank(topo)),
         sync_fragments=tuple(jnp.asarray(lvl.policy_array("sync_fragments", np.int32)) for lvl in topo.levels),
+        sync_every=tuple({group: jnp.asarray([p.sync_every.get(group, 1) for p in lvl.policies], jnp.int32)
+                          for group in sorted({g for p in lvl.policies for g in p.sync_every})}
+                         for lvl in topo.levels),
     )
 
 

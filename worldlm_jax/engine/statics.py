@@ -8,7 +8,7 @@ import dataclasses
 
 import optax
 
-from worldlm_jax.engine import fragments, links, releases
+from worldlm_jax.engine import links, partial_sync, releases
 from worldlm_jax.engine.plan import EngineSpec, Plan, level_kinds, residual_mask, server_kinds
 from worldlm_jax.plugins import aggregators, contract, objectives, optimizers
 from worldlm_jax.plugins.objectives import ClientObjective
@@ -41,14 +41,14 @@ class RoundStatics:
     summed: tuple  # per level: parts reduced to per-federation sums as children finish
     up_codecs: tuple = ()  # per level: {part: links.PartCodecs} of what its children send it
     down_codecs: tuple = ()  # per level: {part: links.PartCodecs} of what it broadcasts
-    fragment_levels: tuple = ()  # per level: some federation syncs its backbone in fragments
+    partial_sync_levels: tuple = ()  # per level: some federation syncs part of its backbone a round
 
 
 def round_statics(spec: EngineSpec) -> RoundStatics:
     topo, plan = spec.topology, spec.plan
     plan.validate(topo.depth)
     releases.check(spec)  # nothing leaves a DP federation but through its release
-    fragments.check(spec)
+    partial_sync.check(spec)
     D = topo.depth
     dp_scope = []
     for d, lvl in enumerate(topo.levels):
@@ -91,7 +91,7 @@ def round_statics(spec: EngineSpec) -> RoundStatics:
                      for d in range(D)),
         up_codecs=tuple(links.level_codecs(topo, d, "up", plan.aggregate[d]) for d in range(D)),
         down_codecs=tuple(links.level_codecs(topo, d, "down", plan.broadcast[d]) for d in range(D)),
-        fragment_levels=fragments.levels(spec))
+        partial_sync_levels=partial_sync.levels(spec))
 
 
 def checked_optimizer(name: str, field: str) -> optax.GradientTransformation:

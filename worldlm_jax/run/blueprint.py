@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from worldlm_jax import engine, model as model_lib
 from worldlm_jax.config import Config, ConfigError
-from worldlm_jax.engine import fragments, parallel, strategies
+from worldlm_jax.engine import parallel, partial_sync, strategies
 from worldlm_jax.model import partition
 from worldlm_jax.run import communication, network_clock
 from worldlm_jax.tree.topology import Topology, build_topology
@@ -156,7 +156,7 @@ def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
                                                        batch_size * config.data.seq_len),
                              param_blocks={p: b for p in params if (b := partition.block_index(p)) is not None})
     try:
-        fragments.check(spec)
+        partial_sync.check(spec)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if spec.mesh is not None:

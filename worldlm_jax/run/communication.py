@@ -54,7 +54,7 @@ def message_bytes(topology: Topology, level: int, direction: str, parts, sizes: 
     """(n_level,) bytes of one message on each level-`level` federation's edges in
     `direction` ("up": what one child sends it; "down": what it sends one child)
     of `parts`: through the federation's codecs where `leaves` is given, else float32;
-    B's bytes are `backbone_bytes` (n_level,) where given (fragments: `fragment_bytes`)."""
+    B's bytes are `backbone_bytes` (n_level,) where given (a partial sync: `partial_sync_bytes`)."""
     policies = topology.levels[level].policies
     if leaves is None:
         per_part = {part: np.full(len(policies), float(sizes[part])) for part in parts}
@@ -66,36 +66,38 @@ def message_bytes(topology: Topology, level: int, direction: str, parts, sizes: 
     return sum(per_part.values(), np.zeros(len(policies)))
 
 
-def block_leaves(params: dict, key_paths, blocks: dict[str, int]) -> dict[int, tuple[int, ...]]:
-    """{block: the number of values in each backbone leaf in it} (-1: outside the
-    blocks), where `blocks` maps a path to its block (`EngineSpec.param_blocks`)."""
-    out: dict[int, list] = {}
-    for path in sorted(params):
-        if path not in key_paths:
-            out.setdefault(blocks.get(path, -1), []).append(int(np.prod(params[path].shape)))
-    return {block: tuple(v) for block, v in out.items()}
+def backbone_leaves(params: dict, key_paths, blocks: dict[str, int], groups: dict[str, str]) -> tuple:
+    """((block, group, values), ...) of each backbone leaf (block -1: outside the blocks),
+    where `blocks` and `groups` map a path to its block and parameter group
+    (`EngineSpec.param_blocks`, `EngineSpec.param_groups`)."""
+    return tuple((blocks.get(path, -1), groups.get(path, ""), int(np.prod(params[path].shape)))
+                 for path in sorted(params) if path not in key_paths)
 
 
-def fragment_bytes(topology: Topology, leaves_by_block: dict[int, tuple[int, ...]], round_index: int) -> dict:
+def partial_sync_bytes(topology: Topology, leaves: tuple, round_index: int) -> dict:
     """{(d, direction): (n_d,)} per level with a federation of federations that syncs
-    its backbone in fragments (`sync_fragments`, engine/fragments.py): the bytes of B
-    in one message on each federation's edges in root round `round_index`, through its
-    codec, averaged over its rounds in that root round (a federation's n-th round over
-    the run syncs fragment n mod P: block l is in fragment l mod P, the rest in 0)."""
+    part of its backbone a round (`sync_fragments`, `sync_every`; engine/partial_sync.py):
+    the bytes of B in one message on each federation's edges in root round
+    `round_index`, through its codec, averaged over its rounds in that root round
+    (`leaves`: `backbone_leaves`; its n-th round over the run syncs the leaves of
+    fragment n mod P whose group's interval divides n)."""
     out, per_root = {}, np.ones(1, np.int64)  # a federation's rounds per root round
     for d, lvl in enumerate(topology.levels):
         if d:
             per_root = per_root[lvl.parent] * lvl.policy_array("rounds", np.int64)
-        if d == topology.depth - 1 or not any(p.sync_fragments > 1 for p in lvl.policies):
+        partial = [p.sync_fragments > 1 or any(s > 1 for s in p.sync_every.values()) for p in lvl.policies]
+        if d == topology.depth - 1 or not any(partial):
             continue
         for direction in ("up", "down"):
             sent = np.zeros(lvl.size)
             for i, (policy, T) in enumerate(zip(lvl.policies, per_root)):
-                P = policy.sync_fragments
-                fragment = [sum((leaves for block, leaves in leaves_by_block.items()
-                                 if (block % P if block >= 0 else 0) == k), ()) for k in range(P)]
-                priced = [codec_bytes(links.variant(policy, direction, "B"), f) for f in fragment]
-                sent[i] = np.mean([priced[n % P] for n in range(round_index * T, (round_index + 1) * T)])
+                P, every = policy.sync_fragments, policy.sync_every
+                in_turn = lambda n: tuple(size for block, group, size in leaves
+                                          if (block % P if block >= 0 else 0) == n % P
+                                          and n % every.get(group, 1) == 0)
+                variant = links.variant(policy, direction, "B")
+                sent[i] = np.mean([codec_bytes(variant, in_turn(n))
+                                   for n in range(round_index * T, (round_index + 1) * T)])
             out[(d, direction)] = sent
     return out
 
@@ -119,7 +121,7 @@ def round_bytes(topology: Topology, plan: Plan, sizes: dict[str, int], participa
     participations of its children during the root round (summed over nested
     rounds), as reported by the round metrics `level{d}/participants`;
     `leaves` (`part_leaves`) prices messages through the federations' codecs;
-    `backbone` (`fragment_bytes`): B's bytes per message where it syncs in fragments.
+    `backbone` (`partial_sync_bytes`): B's bytes per message where part of it syncs.
     """
     out = {}
     for d in range(topology.depth):

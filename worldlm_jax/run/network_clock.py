@@ -128,8 +128,8 @@ def critical_paths(topology: Topology, plan: Plan, sizes: dict[str, int], partic
     `leaves`: messages priced through the federations' codecs (`communication.message_bytes`);
     `late[d]`: the round metric `level{d}/late` (per node, the children its deadline
     left out): a node that had one waits out its `deadline_s` in each of its rounds;
-    `backbone[(d, direction)]` (`communication.fragment_bytes`): B's bytes per message
-    where it syncs in fragments."""
+    `backbone[(d, direction)]` (`communication.partial_sync_bytes`): B's bytes per
+    message where part of it syncs."""
     return _walk(topology, plan, sizes, participants, rounds, work_seconds, leaves, late, backbone=backbone)
 
 

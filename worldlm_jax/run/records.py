@@ -121,8 +121,8 @@ def round_record(exp: Experiment, round_index: int, metrics: dict, seconds: floa
         algo = exp.config.algorithm
         plan = strategies.global_stage_plan(topo.depth, algo.residuals, algo.similarity, algo.use_parent)
     leaves = communication.part_leaves(exp.init_params, exp.spec.key_paths)
-    backbone = communication.fragment_bytes(  # a backbone synced in fragments sends one fragment a round
-        topo, communication.block_leaves(exp.init_params, exp.spec.key_paths, exp.spec.param_blocks), round_index)
+    backbone = communication.partial_sync_bytes(topo, communication.backbone_leaves(  # a part of B a round
+        exp.init_params, exp.spec.key_paths, exp.spec.param_blocks, exp.spec.param_groups), round_index)
     record["bytes_communicated"] = communication.round_bytes(topo, plan, exp.part_bytes, participants, leaves,
                                                              backbone)
     record.update(simulated_time(exp, plan, metrics, participants, record["tokens_per_s"], backbone))

@@ -105,9 +105,10 @@ def _point_topology(exp: experiment.Experiment, config: Config,
             if [getattr(p, field) for p in b.policies] != [getattr(p, field) for p in t.policies]:
                 raise ValueError(f"a vectorised sweep may not vary {field} (each named rule is part of the "
                                  f"compiled round; its numeric arguments may vary); use `worldlm sweep`")
-        if [p.sync_fragments for p in b.policies] != [p.sync_fragments for p in t.policies]:
-            raise ValueError("a vectorised sweep may not vary sync_fragments (where a backbone syncs in "
-                             "fragments is part of the compiled round); use `worldlm sweep`")
+        if [(p.sync_fragments, dict(p.sync_every)) for p in b.policies] != \
+                [(p.sync_fragments, dict(p.sync_every)) for p in t.policies]:
+            raise ValueError("a vectorised sweep may not vary sync_fragments or sync_every (which part of a "
+                             "backbone syncs when is part of the compiled round); use `worldlm sweep`")
         for field in CODEC_FIELDS:  # a codec's arguments shape its messages: both are traced into the round
             if [getattr(p, field) for p in b.policies] != [getattr(p, field) for p in t.policies]:
                 raise ValueError(f"a vectorised sweep may not vary {field} (codecs and their arguments are part "

@@ -84,8 +84,11 @@ class Policy:
     # deadline); a child whose planned time exceeds it is late, and left out like a dropout
     deadline_s: float = 0.0
     # federations of federations: the backbone is synced with the child federations in this
-    # many fragments of blocks, one fragment per round in turn (Streaming DiLoCo; engine/fragments.py)
+    # many fragments of blocks, one fragment per round in turn (Streaming DiLoCo), and a
+    # parameter group named in sync_every only every s-th round (FedLAMA), e.g. {embeddings: 4}
+    # (engine/partial_sync.py)
     sync_fragments: int = 1
+    sync_every: Mapping[str, int] = dataclasses.field(default_factory=dict)
     # compressed links (worldlm_jax.codecs): what this federation's children send up to it
     # (their updates; a leaf federation's: its clients') and what it sends down to them;
     # a codec's name, or {B: name, K: name} per part
@@ -183,6 +186,11 @@ class Policy:
         if not number(self.client_tokens_per_s) or not 0 <= self.client_tokens_per_s < math.inf:
             fail("client_tokens_per_s", self.client_tokens_per_s,
                  "expected a finite number >= 0 (tokens per second; 0 = the run's measured speed)")
+        every = self.sync_every
+        if not isinstance(every, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1
+                for k, v in every.items()):
+            fail("sync_every", every, "expected a mapping of parameter groups to integers >= 1, e.g. {embeddings: 4}")
         if not number(self.deadline_s) or not 0 <= self.deadline_s < math.inf:
             fail("deadline_s", self.deadline_s, "expected a finite number of seconds >= 0 (0 = no deadline)")
         if self.deadline_s > 0 and self.link_overlap:
@@ -252,7 +260,7 @@ def inherit_policy(node: Mapping[str, Any], inherited: Policy, where: str, field
         raise TopologyError(f"{where}: unknown {field.replace('_', ' ')} field(s) {unknown}; valid fields: "
                             f"{', '.join(POLICY_FIELDS)}")
     values = dict(raw)
-    for name in ("aggregator_args", "objective_args", "attack_args", "codec_args"):  # merged key by key
+    for name in ("aggregator_args", "objective_args", "attack_args", "codec_args", "sync_every"):  # key by key
         if isinstance(values.get(name), Mapping):
             values[name] = {**getattr(inherited, name), **values[name]}
     for name in ("codec_up", "codec_down"):  # {B: ..} over an inherited name or mapping: part by part

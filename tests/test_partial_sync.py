@@ -1,6 +1,7 @@
-"""A backbone synced in fragments (policy `sync_fragments`, engine/fragments.py):
-each fragment goes down, comes up and moves only in its turn, the others stay
-as each child federation trains them, and one fragment is today's round."""
+"""A backbone synced part by part (engine/partial_sync.py): in fragments of blocks,
+one a round (policy `sync_fragments`), and by parameter group every s-th round
+(`sync_every`). A part goes down, comes up and moves only in its turn, the rest
+stays as each child federation trains it, and one fragment is today's round."""
 import dataclasses
 import functools
 
@@ -10,7 +11,7 @@ import pytest
 
 from engine_helpers import POLICY, assert_tree_equal, make_batches, make_spec, to_device, toy_params, topo, tree2
 from worldlm_jax import engine
-from worldlm_jax.engine import fragments
+from worldlm_jax.engine import partial_sync
 
 # the toy has one block; calling its norm block 1 gives two fragments: 0 = embed and
 # head_bias (outside the blocks) with blocks/0/w, 1 = the norm
@@ -96,7 +97,7 @@ def refusal(root_policy=None, blocks=tuple(BLOCKS.items()), tree=None):
     t = topo(tree or tree2([2, 2], root_policy={"sync_fragments": 2, **(root_policy or {})},
                            fed_policies=[POLICY, POLICY]))
     with pytest.raises(ValueError) as e:
-        fragments.check(dataclasses.replace(make_spec(t), param_blocks=dict(blocks)))
+        partial_sync.check(dataclasses.replace(make_spec(t), param_blocks=dict(blocks)))
     return str(e.value)
 
 
@@ -122,8 +123,8 @@ def test_a_fragmented_backbone_sends_one_fragment_a_round_on_the_byte_count_and_
                            "children": [
         {"name": "eu", "own_policy": {"sync_fragments": 2, "rounds": 2}, "children": [
             {"name": "fr", "clients": 1, "sources": ["x"], "policy": {"sync_fragments": 2}}]}]})
-    leaves = {-1: (25,), 0: (75,), 1: (150,)}
-    odd, even = (communication.fragment_bytes(tree, leaves, r) for r in (1, 2))
+    leaves = ((-1, "embeddings", 25), (0, "block0_mlp", 75), (1, "block1_mlp", 150))
+    odd, even = (communication.partial_sync_bytes(tree, leaves, r) for r in (1, 2))
     assert even[(0, "down")].tolist() == [400.0] and odd[(0, "down")].tolist() == [600.0]
     assert even[(0, "up")].tolist() == [25 + 4 + 75 + 4] and odd[(0, "up")].tolist() == [150 + 4]
     assert odd[(1, "down")].tolist() == [500.0] == even[(1, "up")].tolist()
@@ -177,9 +178,56 @@ def test_a_run_syncs_the_backbone_in_fragments_and_counts_one_fragment_a_round(t
                            + [a for o in overrides for a in ("--set", o)])
     assert code == 0, err
     run = blueprint.abstract_run(apply_overrides(presets.get("tiny"), overrides))
-    by_block = communication.block_leaves(run.params, run.spec.key_paths, run.spec.param_blocks)
-    fragment = {k: 4 * sum(by_block[-1] * (k == 0) + by_block[k]) for k in (0, 1)}  # float32
+    leaves = communication.backbone_leaves(run.params, run.spec.key_paths, run.spec.param_blocks,
+                                           run.spec.param_groups)
+    fragment = {k: 4 * sum(n for block, _, n in leaves if max(block, 0) == k) for k in (0, 1)}  # float32
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     down = [r["bytes_communicated"]["level0"]["down"] for r in records if "train_loss" in r]
     assert down == [3 * fragment[0], 3 * fragment[1]]  # three languages, one message each
     assert math.isfinite(json.loads((tmp_path / "summary.json").read_text())["eval"]["perplexity"])
+
+
+# ---- intervals per parameter group (sync_every) ---------------------------------------
+GROUPS = {"embed": "embeddings", "head_bias": "embeddings", "blocks/0/w": "block0_mlp",
+          "blocks/0/norm/scale": "block0_other"}
+
+
+def test_a_group_synced_every_second_round_waits_in_between_with_its_momentum():
+    t = topo(tree2([2, 2], root_policy={"sync_every": {"embeddings": 2}, **OUTER}, fed_policies=[LEAF, LEAF]))
+    spec = dataclasses.replace(make_spec(t, client_optimizer="test_sgd"), param_blocks=BLOCKS, param_groups=GROUPS)
+    after = rounds(engine.make_strategy(spec), make_batches(t, 3))
+    embeddings, block = ("embed", "head_bias"), ("blocks/0/w", "blocks/0/norm/scale")
+    moved = lambda a, b, paths: all(np.any(a.levels[0].B[p] != b.levels[0].B[p]) for p in paths)
+    assert moved(after[0], after[1], block) and moved(after[1], after[2], block)  # every round
+    assert_tree_equal(root(after[1], embeddings), root(after[0], embeddings))  # round 1: not its turn
+    assert moved(after[1], after[2], embeddings)  # round 2: its turn again
+
+
+def test_intervals_and_fragments_combine_on_the_byte_count():
+    """Embeddings every 3rd round; then two fragments with embeddings every 2nd round
+    (they are in fragment 0, whose turns are the even rounds: always with it); then
+    three fragments with embeddings every 2nd round (fragment 0's turns 0, 3, 6, ...:
+    the embeddings only in the even ones)."""
+    from worldlm_jax.run import communication
+    from worldlm_jax.tree.topology import build_topology
+
+    tree = build_topology({"name": "world", "own_policy": {"sync_every": {"embeddings": 3}},
+                           "children": [{"name": "r", "children": [{"name": "a", "clients": 1, "sources": ["x"]}]}]})
+    leaves = ((-1, "embeddings", 25), (0, "block0_mlp", 75), (1, "block1_mlp", 150))
+    down = [communication.partial_sync_bytes(tree, leaves, r)[(0, "down")].tolist() for r in range(4)]
+    assert down == [[1000.0], [900.0], [900.0], [1000.0]]  # embeddings (100 bytes) in rounds 0 and 3
+    both = build_topology({"name": "world", "own_policy": {"sync_fragments": 2, "sync_every": {"embeddings": 2}},
+                           "children": [{"name": "r", "children": [{"name": "a", "clients": 1, "sources": ["x"]}]}]})
+    down = [communication.partial_sync_bytes(both, leaves, r)[(0, "down")].tolist() for r in range(4)]
+    assert down == [[400.0], [600.0], [400.0], [600.0]]  # embeddings join fragment 0's even turns: always
+    leaves_odd = ((-1, "embeddings", 25), (0, "block0_mlp", 75), (1, "block1_mlp", 150), (2, "block2_mlp", 50))
+    three = build_topology({"name": "world", "own_policy": {"sync_fragments": 3, "sync_every": {"embeddings": 2}},
+                            "children": [{"name": "r", "children": [{"name": "a", "clients": 1, "sources": ["x"]}]}]})
+    down = [communication.partial_sync_bytes(three, leaves_odd, r)[(0, "down")].tolist() for r in range(6)]
+    assert down == [[400.0], [600.0], [200.0], [300.0], [600.0], [200.0]]  # embeddings in rounds 0 and 6, not 3
+
+
+def test_a_group_the_backbone_does_not_have_is_refused():
+    t = topo(tree2([2, 2], root_policy={"sync_every": {"block3_attn": 2}}, fed_policies=[POLICY, POLICY]))
+    with pytest.raises(ValueError, match=r"'root': policy field 'sync_every' names \['block3_attn'\].*block0_mlp"):
+        partial_sync.check(dataclasses.replace(make_spec(t), param_blocks=BLOCKS, param_groups=GROUPS))
