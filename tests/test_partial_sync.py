@@ -231,3 +231,44 @@ def test_a_group_the_backbone_does_not_have_is_refused():
     t = topo(tree2([2, 2], root_policy={"sync_every": {"block3_attn": 2}}, fed_policies=[POLICY, POLICY]))
     with pytest.raises(ValueError, match=r"'root': policy field 'sync_every' names \['block3_attn'\].*block0_mlp"):
         partial_sync.check(dataclasses.replace(make_spec(t), param_blocks=BLOCKS, param_groups=GROUPS))
+
+
+# ---- with sharding and a resume ------------------------------------------------------------
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake CPU) devices, see conftest.py")
+def test_on_a_mesh_with_the_level_sharded_a_fragment_out_of_turn_stays_exactly_as_it_was():
+    """16 federations under a root that syncs in two fragments, the federations' state split
+    by rows over 8 devices: after round 0 the root's fragment 1 is still the initial model,
+    bit for bit, and after round 1 its fragment 0 is still round 0's, as without a mesh."""
+    from worldlm_jax.engine import parallel
+
+    t = topo(tree2([2] * 16, root_policy={"sync_fragments": 2, **OUTER}, fed_policies=[LEAF] * 16),
+             slot_multiple=8)
+    spec = dataclasses.replace(make_spec(t, client_optimizer="test_sgd", mesh=parallel.make_mesh(8)),
+                               param_blocks=BLOCKS)
+    strategy = engine.make_strategy(spec)
+    state = strategy.init(toy_params())
+    assert state.levels[1].B["embed"].sharding.spec == parallel.P(parallel.AXIS)  # the level is sharded
+    after = []
+    for r, b in enumerate(make_batches(t, 2)):
+        state, _ = strategy.run_round(state, to_device(b), jax.random.PRNGKey(r))
+        after.append(jax.tree.map(np.asarray, engine.unpad_state(spec, state)))
+    init = toy_params()
+    assert_tree_equal(root(after[0], FRAGMENT[1]), {p: init[p] for p in FRAGMENT[1]})
+    assert_tree_equal(root(after[1], FRAGMENT[0]), root(after[0], FRAGMENT[0]))
+    assert all(np.any(after[1].levels[0].B[p][0] != init[p]) for p in FRAGMENT[1])
+
+
+def test_a_run_resumed_from_its_state_syncs_the_fragment_an_uninterrupted_run_would():
+    """The fragment in turn follows the state's round counter: a fresh round function
+    given round 1's state on the host (what a restore hands it) continues exactly as the
+    run that never stopped."""
+    t, strategy = fragmented()
+    batches = make_batches(t, 3)
+    straight = rounds(strategy, batches)[-1]
+    first = rounds(strategy, batches[:1])[-1]
+    resumed = engine.make_strategy(dataclasses.replace(make_spec(t, client_optimizer="test_sgd"),
+                                                       param_blocks=BLOCKS))
+    state = jax.tree.map(jax.numpy.asarray, first)
+    for r, b in enumerate(batches[1:], start=1):
+        state, _ = resumed.run_round(state, to_device(b), jax.random.PRNGKey(r))
+    assert_tree_equal(jax.tree.map(np.asarray, state), straight)
