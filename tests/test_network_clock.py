@@ -235,3 +235,12 @@ def test_the_round_record_prices_a_late_childs_wait():
     assert waited["sim_seconds"] == pytest.approx(1.0)
     no_wait = records.simulated_time(exp, run.spec.plan, metrics, participants, 0.0)
     assert 0.128 < no_wait["sim_seconds"] < 0.2  # en's and de's 0.128 s of work and their fast links
+
+
+def test_the_config_table_says_which_children_a_deadline_leaves_out():
+    from worldlm_jax.cli.commands import describe_config
+    from worldlm_jax.config import presets
+
+    table = describe_config(deadline_config(), short=True)
+    assert table.splitlines()[-1] == "deadline: world waits 1 s and leaves out ru (the planned clock)"
+    assert "deadline:" not in describe_config(presets.tiny(), short=True)

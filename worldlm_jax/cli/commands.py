@@ -351,11 +351,43 @@ def describe_config(config: Config, short: bool = False) -> str:
     table = format_provenance(policy_provenance(config.tree, root_policy=config.policy,
                                                 root_defaults=strategies.policy_defaults(name),
                                                 defaults_from=f"strategy {name}"))
+    table = "\n".join([table, *deadline_lines(config)])
     if short:
         return table + "\n"
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)  # as config.save_yaml writes config.yaml
     note = "policies per federation: fields not at the defaults, and where each comes from"
     return text + "\n".join(f"# {line}".rstrip() for line in ["", note, *table.splitlines()]) + "\n"
+
+
+def deadline_lines(config: Config) -> list[str]:
+    """Which children each federation's `deadline_s` leaves out, by the planned network
+    clock (docs/network.md, "Deadlines"); none where no federation sets a deadline."""
+    if not any(_deadlines(config.tree)) and not config.policy.deadline_s:
+        return []
+    from worldlm_jax.run import blueprint
+
+    run = blueprint.abstract_run(config)
+    topo, on_time = run.run_topology, run.spec.on_time
+    if not on_time:
+        return []
+    lines = []
+    for d in range(1, topo.depth):
+        above, level = topo.levels[d - 1], topo.levels[d]
+        for p, (name, policy) in enumerate(zip(above.names, above.policies)):
+            late = [n for n, parent, ok in zip(level.names, level.parent, on_time[d]) if parent == p and not ok]
+            if policy.deadline_s > 0:
+                left = f"leaves out {', '.join(late)}" if late else "hears from every child in time"
+                lines.append(f"deadline: {name} waits {policy.deadline_s:g} s and {left} (the planned clock)")
+    return lines
+
+
+def _deadlines(node) -> list:
+    """The deadline_s values written anywhere in a tree spec."""
+    if not isinstance(node, dict):
+        return []
+    own = [node.get(field, {}).get("deadline_s", 0) for field in ("policy", "own_policy")
+           if isinstance(node.get(field), dict)]
+    return [v for v in own if v] + [v for child in node.get("children", []) for v in _deadlines(child)]
 
 
 def cmd_presets(args) -> int:
