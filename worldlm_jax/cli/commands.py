@@ -362,10 +362,12 @@ def describe_config(config: Config, short: bool = False) -> str:
 def deadline_lines(config: Config) -> list[str]:
     """Which children each federation's `deadline_s` leaves out, by the planned network
     clock (docs/network.md, "Deadlines"); none where no federation sets a deadline."""
-    if not any(_deadlines(config.tree)) and not config.policy.deadline_s:
-        return []
     from worldlm_jax.run import blueprint
+    from worldlm_jax.tree.topology import build_topology
 
+    tree = build_topology(config.run_tree(), root_policy=config.policy)  # cheap: no model, no data
+    if not any(p.deadline_s > 0 for lvl in tree.levels for p in lvl.policies):
+        return []
     run = blueprint.abstract_run(config)
     topo, on_time = run.run_topology, run.spec.on_time
     if not on_time:
@@ -379,15 +381,6 @@ def deadline_lines(config: Config) -> list[str]:
                 left = f"leaves out {', '.join(late)}" if late else "hears from every child in time"
                 lines.append(f"deadline: {name} waits {policy.deadline_s:g} s and {left} (the planned clock)")
     return lines
-
-
-def _deadlines(node) -> list:
-    """The deadline_s values written anywhere in a tree spec."""
-    if not isinstance(node, dict):
-        return []
-    own = [node.get(field, {}).get("deadline_s", 0) for field in ("policy", "own_policy")
-           if isinstance(node.get(field), dict)]
-    return [v for v in own if v] + [v for child in node.get("children", []) for v in _deadlines(child)]
 
 
 def cmd_presets(args) -> int:
