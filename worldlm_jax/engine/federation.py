@@ -149,7 +149,7 @@ def released_deltas(rs: RoundStatics, st: RoundPolicies, d: int, delta_N: dict, 
 def aggregate(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineState, kids: Children, active_P, key,
               synced=None):
     """Aggregate level d's children into it; returns (new level state, metrics).
-    `synced` ({B path: (P,) bool}, `fragments`): the backbone moves only in its fragment."""
+    `synced` ({B path: (P,) bool}, `partial_sync`): the backbone moves only where it syncs."""
     lvl = state.levels[d]
     P = rs.topo.levels[d].size
     total_P = jax.ops.segment_sum(kids.weight_N, kids.parent_N, num_segments=P)

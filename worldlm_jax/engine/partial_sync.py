@@ -11,6 +11,8 @@ between its syncs a part stays as each child trains it. Two rules, combined
   (`partition.parameter_groups`: block<l>_attn, block<l>_mlp, block<l>_other,
   embeddings) syncs in the rounds n with n mod s = 0; groups not named, every round.
 
+    is_partial       a policy syncs part of its backbone a round
+    syncs_at         the rule itself, host-side: does a leaf sync in round n (the byte count)
     levels           per level: some federation syncs part of its backbone
     check            what does not compose, refused with one line
     synced           {B path: (P,) bool}: what each federation syncs this round, from its
@@ -42,25 +44,33 @@ import jax.numpy as jnp
 from worldlm_jax import tree_ops
 from worldlm_jax.engine.plan import EngineSpec
 
-__all__ = ["levels", "check", "fragment_of", "synced", "where_synced", "in_turn", "send_up_in_turn", "keep_unsynced"]
+__all__ = ["is_partial", "syncs_at", "levels", "check", "fragment_of", "synced", "where_synced", "in_turn",
+           "send_up_in_turn", "keep_unsynced"]
 
 
-def _partial(policy) -> bool:
+def is_partial(policy) -> bool:
     return policy.sync_fragments > 1 or any(s > 1 for s in policy.sync_every.values())
+
+
+def syncs_at(policy, block: int, group: str, n: int) -> bool:
+    """Whether a backbone leaf of `block` (-1: outside the blocks) and `group` syncs in
+    round `n` of a federation with `policy`: `synced`'s rule, on the host."""
+    fragment = block % policy.sync_fragments if block >= 0 else 0
+    return fragment == n % policy.sync_fragments and n % policy.sync_every.get(group, 1) == 0
 
 
 def levels(spec: EngineSpec) -> tuple[bool, ...]:
     """Per level: some federation of federations there syncs part of its backbone."""
     topo, plan = spec.topology, spec.plan
     return tuple(d < topo.depth - 1 and "B" in plan.aggregate[d] and "B" in plan.broadcast[d]
-                 and any(_partial(p) for p in lvl.policies) for d, lvl in enumerate(topo.levels))
+                 and any(is_partial(p) for p in lvl.policies) for d, lvl in enumerate(topo.levels))
 
 
 def check(spec: EngineSpec) -> None:
     """Refuse what partial syncs do not compose with (one line, naming the federation)."""
     topo = spec.topology
     where_set = [(d, n, p) for d, lvl in enumerate(topo.levels) for n, p in zip(lvl.names, lvl.policies)
-                 if _partial(p)]
+                 if is_partial(p)]
     if not where_set:
         return
     active = levels(spec)

@@ -139,7 +139,7 @@ def federations_work(rs: RoundStatics, st: RoundPolicies, d: int, state: EngineS
                      key, ordinal_P=None, synced=None):
     """Each child federation receives what level d broadcasts, then runs its own
     rounds; afterwards the children share their K as residuals. With `synced`
-    ({B path: (P,) bool}, `fragments`) only each federation's fragment of this
+    ({B path: (P,) bool}, `partial_sync`) only each federation's part of this
     round goes down and comes up.
     Returns (state, the children's metrics, Children)."""
     topo, plan = rs.topo, rs.plan

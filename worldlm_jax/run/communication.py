@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from worldlm_jax.engine import Plan, links
+from worldlm_jax.engine import Plan, links, partial_sync
 from worldlm_jax.plugins import codecs
 from worldlm_jax.tree.policy import ATTENDING
 from worldlm_jax.tree.topology import Topology
@@ -85,16 +85,13 @@ def partial_sync_bytes(topology: Topology, leaves: tuple, round_index: int) -> d
     for d, lvl in enumerate(topology.levels):
         if d:
             per_root = per_root[lvl.parent] * lvl.policy_array("rounds", np.int64)
-        partial = [p.sync_fragments > 1 or any(s > 1 for s in p.sync_every.values()) for p in lvl.policies]
-        if d == topology.depth - 1 or not any(partial):
+        if d == topology.depth - 1 or not any(partial_sync.is_partial(p) for p in lvl.policies):
             continue
         for direction in ("up", "down"):
             sent = np.zeros(lvl.size)
             for i, (policy, T) in enumerate(zip(lvl.policies, per_root)):
-                P, every = policy.sync_fragments, policy.sync_every
                 in_turn = lambda n: tuple(size for block, group, size in leaves
-                                          if (block % P if block >= 0 else 0) == n % P
-                                          and n % every.get(group, 1) == 0)
+                                          if partial_sync.syncs_at(policy, block, group, n))
                 variant = links.variant(policy, direction, "B")
                 sent[i] = np.mean([codec_bytes(variant, in_turn(n))
                                    for n in range(round_index * T, (round_index + 1) * T)])
