@@ -121,6 +121,9 @@ class AlgorithmConfig:
             raise ConfigError(f"algorithm.max_update_norm={self.max_update_norm}; expected > 0 (inf = off)")
 
 
+SLOT_LAYOUT_CHOICES = ("auto", "local", "spread")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     rounds: int = 10  # root rounds
@@ -136,6 +139,13 @@ class RunConfig:
     # (0: every level with a node per device); smaller levels stay replicated, since
     # sharding costs a collective per parameter leaf each round (benchmarks/RESULTS.md)
     shard_state_mb: float = 64.0
+    # where the client slots sit on the devices: 'local' (a device trains only the slots of
+    # the federations whose rows it holds, reading and summing into its own rows: per-device
+    # memory falls with the device count), 'spread' (every federation's slots over every
+    # device: even work under Poisson sampling, the leaf level read whole on every device),
+    # or 'auto' (local where the federations divide the devices or the devices the
+    # federations, else spread)
+    slot_layout: str = "auto"
     # registered callbacks (worldlm_jax.callbacks), run in this order: a name, or
     # {name: NAME, args: {ARG: VALUE}} whose args are keyword arguments of its factory
     callbacks: tuple[str | CallbackSpec, ...] = ()
@@ -151,6 +161,8 @@ class RunConfig:
         for name in ("eval_every", "checkpoint_every", "devices", "shard_state_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"run.{name}={getattr(self, name)}; expected >= 0")
+        if self.slot_layout not in SLOT_LAYOUT_CHOICES:
+            raise ConfigError(f"run.slot_layout={self.slot_layout!r}; allowed: {', '.join(SLOT_LAYOUT_CHOICES)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -73,7 +73,8 @@ def participant_sums(values_N: dict, counted_N, parent_N, P: int) -> dict:
             for m, v in values_N.items()}
 
 
-def _streamed_metric_sums(rs: RoundStatics, st: RoundPolicies, d: int, delta_B: Params, weight_N, parent_N) -> dict:
+def _streamed_metric_sums(rs: RoundStatics, st: RoundPolicies, d: int, delta_B: Params, weight_N, parent_N,
+                          segments) -> dict:
     """{aggregator: {metric: (P,)}}: the streamed rules' per-child metrics (of the
     updates as the children sent them), summed over each federation's
     participating children that the rule aggregates."""
@@ -85,44 +86,47 @@ def _streamed_metric_sums(rs: RoundStatics, st: RoundPolicies, d: int, delta_B: 
             values = contract.check_metrics(_aggregator(name, rule.metrics, "metrics"), rule.metrics(delta_B, args_N),
                                             weight_N.shape, STREAMED_METRICS_RULE)
             counted = (weight_N > 0) & (st.aggregator_choice[d][parent_N] == k)
-            out[name] = participant_sums(values, counted, parent_N, rs.topo.levels[d].size)
+            out[name] = participant_sums(values, counted, *segments)
     return out
 
 
 def sum_children(rs: RoundStatics, st: RoundPolicies, d: int, delta_N: dict, weight_N, parent_N, clip_N,
-                 report_N=None, objective_metrics_N=None):
+                 report_N=None, objective_metrics_N=None, segments=None):
     """Per-federation sums over level d's children: the weighted deltas of the
     summed parts, the weighted squared norms of the backbone deltas (their
     spread), the objective's reports, the plug-ins' per-child metrics and, at
     DP levels, the participants' clipped deltas; plus each child's pre-clip
     norm. Sums over disjoint children add up, so the client level runs this
-    chunk by chunk."""
-    P = rs.topo.levels[d].size
+    chunk by chunk. `segments` (row_N, n_rows): the rows the sums go to, where
+    they are not the level's federations (`parent_N`, P) themselves: a device's
+    own federation rows under a federation-local slot layout; the policies are
+    still read at `parent_N`."""
+    segment_N, P = (parent_N, rs.topo.levels[d].size) if segments is None else segments
     streamed = {part: delta_N[part] if part in rs.summed[d] else {} for part in PARTS}
-    plugin = {"aggregator": _streamed_metric_sums(rs, st, d, streamed["B"], weight_N, parent_N)}
+    plugin = {"aggregator": _streamed_metric_sums(rs, st, d, streamed["B"], weight_N, parent_N, (segment_N, P))}
     if objective_metrics_N:
         plugin["objective"] = {rs.spec.client_objective: participant_sums(objective_metrics_N, weight_N > 0,
-                                                                          parent_N, P)}
+                                                                          segment_N, P)}
     streamed["B"] = _streamed_backbone(rs, st, d, streamed["B"], parent_N)
-    sums = {"delta": tree_ops.weighted_sum(streamed, weight_N, parent_N, P), "dp": {},
+    sums = {"delta": tree_ops.weighted_sum(streamed, weight_N, segment_N, P), "dp": {},
             # `where`, not a product: an absent row may hold NaN (0 * NaN is NaN)
             "sq_norm": jax.ops.segment_sum(jnp.where(weight_N > 0, weight_N * tree_ops.row_sq_norms(streamed["B"]),
-                                                     0.0), parent_N, num_segments=P) if streamed["B"] else jnp.zeros(P),
-            "objective": tree_ops.weighted_sum(report_N, weight_N, parent_N, P) if report_N else {},
+                                                     0.0), segment_N, num_segments=P) if streamed["B"] else jnp.zeros(P),
+            "objective": tree_ops.weighted_sum(report_N, weight_N, segment_N, P) if report_N else {},
             "plugin": plugin}
     if rs.spec.param_groups and streamed["B"]:
         sums["sq_norm_groups"] = {
             group: jax.ops.segment_sum(jnp.where(weight_N > 0, weight_N * tree_ops.row_sq_norms(part), 0.0),
-                                       parent_N, num_segments=P)
+                                       segment_N, num_segments=P)
             for group, part in _by_group(rs.spec.param_groups, streamed["B"]).items()}
     norms_N = jnp.zeros(weight_N.shape, jnp.float32)
     if rs.dp_levels[d]:
         dp_tree = released_deltas(rs, st, d, delta_N, parent_N)
         if jax.tree.leaves(dp_tree):  # a level that aggregates nothing releases nothing
             if dp_tree["B"] and dp_tree["K"] and "K" not in rs.plan.broadcast[d]:
-                sums["dp"], norms_N = privacy.clipped_part_sums(dp_tree, weight_N, parent_N, P, clip_N)
+                sums["dp"], norms_N = privacy.clipped_part_sums(dp_tree, weight_N, segment_N, P, clip_N)
             else:
-                sums["dp"], norms_N = privacy.clipped_sums(dp_tree, weight_N, parent_N, P, clip_N)
+                sums["dp"], norms_N = privacy.clipped_sums(dp_tree, weight_N, segment_N, P, clip_N)
     return sums, norms_N
 
 

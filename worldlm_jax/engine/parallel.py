@@ -93,7 +93,8 @@ def map_clients(fn: Callable, mesh: Mesh | None, chunk: int = 0, n_shared: int =
     return lambda *args: mapped(*args)[0]
 
 
-def map_reduce_clients(chunk_fn: Callable, mesh: Mesh | None, chunk: int = 0, n_shared: int = 0) -> Callable:
+def map_reduce_clients(chunk_fn: Callable, mesh: Mesh | None, chunk: int = 0, n_shared: int = 0,
+                       n_local: int = 0) -> Callable:
     """Run `chunk_fn` over chunks of client slots and total its reductions.
 
     `chunk_fn(*shared, *mapped_chunk) -> (per_slot, sums)` handles a chunk of
@@ -109,13 +110,20 @@ def map_reduce_clients(chunk_fn: Callable, mesh: Mesh | None, chunk: int = 0, n_
     On a (`sweep`, `clients`) mesh only `clients` is named: under a vmap with
     `spmd_axis_name=SWEEP_AXIS` each group of devices maps its own points'
     slots and all-reduces within the group.
+
+    n_local > 0 (a federation-local slot layout, `Topology.slot_layout`): the
+    `n_local` arguments after the shared ones are per-federation rows laid out
+    by device (`to_device_rows`): each device gets only its own rows, and the
+    sums are per device row, left where they were formed (no all-reduce; the
+    caller folds them back with `from_device_rows`).
     """
     def per_device(*args):
-        shared, mapped = args[:n_shared], args[n_shared:]
+        # a device's own federation rows are shared by all its chunks, like the shared arguments
+        shared, mapped = args[:n_shared + n_local], args[n_shared + n_local:]
         run = lambda xs: chunk_fn(*shared, *xs)
-        n_local = jax.tree.leaves(mapped)[0].shape[0]
-        k = n_local if chunk <= 0 else min(chunk, n_local)
-        n_full, rest = divmod(n_local, k)
+        n_slots = jax.tree.leaves(mapped)[0].shape[0]
+        k = n_slots if chunk <= 0 else min(chunk, n_slots)
+        n_full, rest = divmod(n_slots, k)
         if n_full == 1 and rest == 0:
             return run(mapped)
         head = jax.tree.map(lambda x: x[:n_full * k].reshape((n_full, k) + x.shape[1:]), mapped)
@@ -139,14 +147,37 @@ def map_reduce_clients(chunk_fn: Callable, mesh: Mesh | None, chunk: int = 0, n_
 
     def on_device(*args):
         outs, sums = per_device(*args)
-        return outs, jax.lax.psum(sums, AXIS)
+        return outs, sums if n_local else jax.lax.psum(sums, AXIS)
 
     def sharded(*args):
         specs = (P(),) * n_shared + (P(AXIS),) * (len(args) - n_shared)
-        return jax.shard_map(on_device, mesh=mesh, in_specs=specs, out_specs=(P(AXIS), P()),
+        return jax.shard_map(on_device, mesh=mesh, in_specs=specs, out_specs=(P(AXIS), P(AXIS) if n_local else P()),
                              check_vma=False)(*args)
 
     return sharded
+
+
+def to_device_rows(tree, n_devices: int, rows_per_device: int, group: int):
+    """Per-federation rows (F, ...) -> per-device rows (M x rows_per_device, ...)
+    of a federation-local layout (`topology.federation_rows`): padded with
+    copies of row 0 where F_pad > F (rows no real slot reads), repeated over a
+    federation's group of devices where F < M."""
+    def one(x):
+        if group > 1:
+            return jnp.repeat(x, group, axis=0)
+        pad = n_devices * rows_per_device - x.shape[0]
+        return x if pad == 0 else jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad,) + x.shape[1:])])
+    return jax.tree.map(one, tree)
+
+
+def from_device_rows(tree, n_federations: int, group: int):
+    """Sums per device row -> per federation (the inverse of `to_device_rows`
+    for sums: a federation's group adds up its devices' rows; padding rows go)."""
+    def one(x):
+        if group > 1:
+            return jnp.sum(x.reshape((n_federations, group) + x.shape[1:]), axis=1)
+        return x[:n_federations]
+    return jax.tree.map(one, tree)
 
 
 def configure_cpu_devices(n: int) -> None:

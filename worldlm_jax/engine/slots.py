@@ -26,19 +26,20 @@ from worldlm_jax.plugins import attacks, contract, objectives
 from worldlm_jax.plugins.objectives import ObjectiveContext
 
 
-def train_slot(rs: RoundStatics, sent_P, fed_state_P, parent, kept, opt_state, client_state, tokens, lr, steps,
+def train_slot(rs: RoundStatics, sent_P, fed_state_P, row, kept, opt_state, client_state, tokens, lr, steps,
                args):
     """One slot: its federation's broadcast parts (gathered here, per chunk, not
-    materialised for every slot) plus the parts the client kept, trained with the
-    run's client objective. Returns (ClientResult, start params, objective state)."""
-    start = jax.tree.map(lambda x: x[parent], sent_P)
+    materialised for every slot; `row`: its federation's row of `sent_P`) plus
+    the parts the client kept, trained with the run's client objective.
+    Returns (ClientResult, start params, objective state)."""
+    start = jax.tree.map(lambda x: x[row], sent_P)
     if rs.plan.personal_keys:  # a kept K is the client's offset from its federation's K
         kept = {p: start[p] + v if p in rs.spec.key_paths else v for p, v in kept.items()}
     params = {**start, **kept}
     if not rs.plan.client_opt_persistent:
         opt_state = rs.client_tx.init(params)
     objective = rs.objective
-    ctx = ObjectiveContext(params, client_state, jax.tree.map(lambda x: x[parent], fed_state_P), args)
+    ctx = ObjectiveContext(params, client_state, jax.tree.map(lambda x: x[row], fed_state_P), args)
     objective_fn = None
     if objective.loss is not None:
         objective_fn = lambda p, t: checked_loss(rs, objective.loss(rs.spec.loss_fn, p, t, ctx))
@@ -117,16 +118,18 @@ def _checked_attack(name: str):
     return checked
 
 
-def train_chunk(rs: RoundStatics, st: RoundPolicies, sent_P, clip_P, fed_state_P, parent_N, kept_N, opt_N,
+def train_chunk(rs: RoundStatics, st: RoundPolicies, sent_P, clip_P, fed_state_P, parent_N, row_N, kept_N, opt_N,
                 client_state_N, tokens_N, lr_N, steps_N, args_N, attacker_N, key_N, codec_key_N, error_N, weight_N,
                 present_N):
     """A chunk of slots: train, let attackers replace their updates, check each
     update (finite, norm), send it through its federation's up codec, and reduce
-    the chunk to per-federation sums."""
+    the chunk to per-federation sums. The per-federation inputs (`sent_P`,
+    `clip_P`, `fed_state_P`) and the sums are indexed by `row_N`, the policies by
+    `parent_N` (the same but under a federation-local layout: a device's own rows)."""
     d = rs.topo.depth - 1
     train = lambda *a: train_slot(rs, sent_P, fed_state_P, *a)
     result, start, client_state, report, objective_metrics = jax.vmap(train)(
-        parent_N, kept_N, opt_N, client_state_N, tokens_N, lr_N, steps_N, args_N)
+        row_N, kept_N, opt_N, client_state_N, tokens_N, lr_N, steps_N, args_N)
     update = attack_updates(rs, st, tree_ops.sub(result.params, start), parent_N, attacker_N, key_N)
     mean_loss = result.loss_sum / jnp.maximum(result.steps, 1.0)
     valid = (tree_ops.row_all_finite(update) & jnp.isfinite(mean_loss)
@@ -134,7 +137,8 @@ def train_chunk(rs: RoundStatics, st: RoundPolicies, sent_P, clip_P, fed_state_P
     weight = jnp.where(valid & present_N, weight_N, 0.0)
     delta, error = links.send_up(rs.up_codecs[d], aggregated_parts(rs, d, update), error_N, parent_N,
                                  None if not links.needs_key(rs.up_codecs[d], {}) else codec_key_N)
-    sums, dp_norm = sum_children(rs, st, d, delta, weight, parent_N, clip_P[parent_N], report, objective_metrics)
+    sums, dp_norm = sum_children(rs, st, d, delta, weight, parent_N, clip_P[row_N], report, objective_metrics,
+                                 segments=(row_N, clip_P.shape[0]))
     final = split_parts(tree_ops.add(start, update) if rs.attack_kinds != ("none",) else result.params,
                         rs.spec.key_paths)
     per_slot = dict(loss=mean_loss, tokens=result.tokens, valid=valid, weight=weight, dp_norm=dp_norm,
@@ -203,11 +207,21 @@ def clients_work(rs: RoundStatics, st: RoundPolicies, state: EngineState, batch:
     # Skipping pays with small chunks (CPU); with every slot in one vmap (chunk 0,
     # accelerators) a whole device is rarely idle and a conditional would only
     # stand between XLA and the round's fusion.
-    run = parallel.map_reduce_clients(_skip_if_absent(chunk_fn) if rs.spec.chunk > 0 else chunk_fn,
-                                      rs.spec.mesh, rs.spec.chunk, n_shared=4)
-    out, sums = run(st, sent, clip_norm(rs, st, d, lvl), lvl.objective, st.slot_parent, kept, opt_state, client_state,
+    chunk_fn = _skip_if_absent(chunk_fn) if rs.spec.chunk > 0 else chunk_fn
+    per_federation = (sent, clip_norm(rs, st, d, lvl), lvl.objective)
+    if rs.device_rows is None:  # every device reads the level whole and the sums are all-reduced
+        run = parallel.map_reduce_clients(chunk_fn, rs.spec.mesh, rs.spec.chunk, n_shared=4)
+        row = st.slot_parent
+    else:  # federation-local: a device reads and sums into its own federations' rows only
+        n_devices, rows_per_device, group = rs.device_rows
+        per_federation = parallel.to_device_rows(per_federation, n_devices, rows_per_device, group)
+        run = parallel.map_reduce_clients(chunk_fn, rs.spec.mesh, rs.spec.chunk, n_shared=1, n_local=3)
+        row = jnp.asarray(topo.slot_row)
+    out, sums = run(st, *per_federation, st.slot_parent, row, kept, opt_state, client_state,
                     batch.tokens, st.client_lr[st.slot_parent], faults["steps"], args, faults["attacker"],
                     faults["keys"], up_keys, error, batch.slot_weight, present)
+    if rs.device_rows is not None:
+        sums = parallel.from_device_rows(sums, topo.leaf.size, rs.device_rows[2])
     state = state._replace(clients=_write_back(rs, state.clients, out, jnp.where(out["valid"] & present, cid,
                                                                                   topo.n_clients)))
     weight = out["weight"]

@@ -8,12 +8,12 @@ import dataclasses
 
 import optax
 
-from worldlm_jax.engine import links, partial_sync, releases
+from worldlm_jax.engine import links, parallel, partial_sync, releases
 from worldlm_jax.engine.plan import EngineSpec, Plan, level_kinds, residual_mask, server_kinds
 from worldlm_jax.plugins import aggregators, contract, objectives, optimizers
 from worldlm_jax.plugins.objectives import ClientObjective
 from worldlm_jax.tree.policy import ATTENDING
-from worldlm_jax.tree.topology import Topology
+from worldlm_jax.tree.topology import Topology, federation_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,9 @@ class RoundStatics:
     up_codecs: tuple = ()  # per level: {part: links.PartCodecs} of what its children send it
     down_codecs: tuple = ()  # per level: {part: links.PartCodecs} of what it broadcasts
     partial_sync_levels: tuple = ()  # per level: some federation syncs part of its backbone a round
+    # (devices M, rows per device L, devices per federation g) where the client slots are laid
+    # out federation-local on a mesh (`Topology.slot_layout`, `parallel.to_device_rows`); else None
+    device_rows: tuple | None = None
 
 
 def round_statics(spec: EngineSpec) -> RoundStatics:
@@ -91,7 +94,20 @@ def round_statics(spec: EngineSpec) -> RoundStatics:
                      for d in range(D)),
         up_codecs=tuple(links.level_codecs(topo, d, "up", plan.aggregate[d]) for d in range(D)),
         down_codecs=tuple(links.level_codecs(topo, d, "down", plan.broadcast[d]) for d in range(D)),
-        partial_sync_levels=partial_sync.levels(spec))
+        partial_sync_levels=partial_sync.levels(spec),
+        device_rows=device_rows(spec))
+
+
+def device_rows(spec: EngineSpec) -> tuple | None:
+    """(M, L, g) of a federation-local slot layout on a mesh of M > 1 devices, else None."""
+    topo, mesh = spec.topology, spec.mesh
+    if topo.slot_layout != "local" or mesh is None or mesh.shape[parallel.AXIS] == 1:
+        return None
+    M = mesh.shape[parallel.AXIS]
+    if topo.slot_multiple != M:
+        raise ValueError(f"the slots are laid out on {topo.slot_multiple} device blocks but the mesh has {M} "
+                         f"devices on '{parallel.AXIS}': lay them out with topology.with_slot_multiple({M})")
+    return (M, *federation_rows(topo.leaf.size, M))
 
 
 def checked_optimizer(name: str, field: str) -> optax.GradientTransformation:

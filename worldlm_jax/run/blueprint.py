@@ -19,7 +19,7 @@ from worldlm_jax.config import Config, ConfigError
 from worldlm_jax.engine import parallel, partial_sync, strategies
 from worldlm_jax.model import partition
 from worldlm_jax.run import communication, network_clock
-from worldlm_jax.tree.topology import Topology, build_topology
+from worldlm_jax.tree.topology import Topology, build_topology, local_layout_fits
 
 
 @dataclasses.dataclass
@@ -89,6 +89,20 @@ def vocab_size(config: Config) -> int:
         raise ConfigError(f"data.tokenizer={name!r}: {e}") from e
 
 
+def slot_layout(choice: str, n_federations: int, n_devices: int) -> str:
+    """`run.slot_layout` resolved for F lowest federations on M devices: `auto` is
+    local where F divides M or M divides F (no device idles for padding rows),
+    else spread; `local` where the devices cannot hold it is refused."""
+    if choice == "auto":
+        even = n_federations % n_devices == 0 or n_devices % n_federations == 0
+        return "local" if n_devices > 1 and even else "spread"
+    if choice == "local" and not local_layout_fits(n_federations, n_devices):
+        raise ConfigError(f"run.slot_layout=local: {n_federations} lowest federations on {n_devices} devices; it "
+                          f"needs at least as many federations as devices or a number that divides them: set "
+                          f"run.slot_layout=spread, or run.devices to at most {n_federations} or a multiple of it")
+    return choice
+
+
 def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
                  vocab: int | None = None, platform: str | None = None) -> AbstractRun:
     """Everything `experiment.build_experiment` builds that does not need the data.
@@ -119,6 +133,8 @@ def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
         batch_size *= topology.clients_per_round()  # same tokens per round as the clients that train
     run_topology = definition.topology(topology)
     run_topology = run_topology.with_slot_multiple(mesh.shape[parallel.AXIS])  # slots shard over 'clients'
+    run_topology = run_topology.with_slot_layout(slot_layout(config.run.slot_layout, run_topology.leaf.size,
+                                                             mesh.shape[parallel.AXIS]))
     if config.privacy.target_epsilon > 0:
         try:
             run_topology = dp_ledger.calibrate(run_topology, config.privacy.target_epsilon,

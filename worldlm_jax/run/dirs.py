@@ -26,8 +26,11 @@ SUMMARY_FILE = "summary.json"
 #   run uses from a plug-in (an optimizer, aggregator, schedule, strategy) is a
 #   field of its own and still compared, and a plug-in file's contents are not
 #   compared either way, so a moved plug-in (another path) may resume the run.
+# - run.slot_layout: where the client slots sit on the devices (it follows run.devices);
+#   the clients' state is stored per client, not per slot, so it changes only the
+#   order in which the same sums are added.
 RESUMABLE_KEYS = ("run.rounds", "run.eval_every", "run.checkpoint_every", "run.compilation_cache",
-                  "run.chunk", "run.devices", "run.callbacks", "plugins")
+                  "run.chunk", "run.devices", "run.slot_layout", "run.callbacks", "plugins")
 
 
 def flatten_config(config: Config) -> dict[str, Any]:

@@ -6,8 +6,10 @@
   federation state         every level's B, K, server optimizer states, residual K
                            (and the clients' kept state) as stored: sharded along
                            the node axis where a level is wide enough
-  federation working copy  the levels' rows the round works on, whole
-  aggregation sums         per-federation sums of the clients' updates
+  federation working copy  the levels' rows the round works on, whole (a
+                           federation-local leaf level: the device's own rows)
+  aggregation sums         per-federation sums of the clients' updates (the
+                           device's own federations' under a local layout)
   batch                    the round's token block, sharded along the slot axis
   parameters               per client in flight (a chunk of `run.chunk` per
                            device): broadcast copy, weights, gradients
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 
 from worldlm_jax import engine
 from worldlm_jax.plugins import aggregators, optimizers
+from worldlm_jax.engine.statics import device_rows
 from worldlm_jax.run.blueprint import AbstractRun
 from worldlm_jax.tree.policy import ATTENDING
 
@@ -131,16 +134,24 @@ def estimate(run: AbstractRun) -> tuple[dict, dict, dict]:
     # Per-federation sums of the leaf level's updates: each chunk's, plus the
     # chunk loop's carry when a device runs more than one chunk (DP's clipped
     # sums add nothing XLA keeps apart: measured on small).
+    # Under a federation-local slot layout (`statics.device_rows`) a device reads and
+    # sums into its own L rows of the leaf level, not all F of them.
     summed = sum(tree_bytes(parts[part]) for part in plan.aggregate[leaf])
     n_sets = 1 if slots == k else 2
-    sums = n_sets * topo.leaf.size * summed
+    local = device_rows(spec)
+    leaf_rows = topo.leaf.size if local is None else local[1]
+    sums = n_sets * leaf_rows * summed
     batch = device_bytes(run.abstract_batch())
+    working = jax.eval_shape(lambda s: engine.unpad_state(spec, s), state)
+    leaf_working = tree_bytes(working.levels[leaf])
     components = {
         "federation state": fed_state,
         # the levels' rows the round works on and their new values: whole on
         # every device (a sharded level is gathered for the round's segment
-        # sums, gathers and attention; only its storage is split)
-        "federation working copy": tree_bytes(jax.eval_shape(lambda s: engine.unpad_state(spec, s), state)),
+        # sums, gathers and attention; only its storage is split), but for a
+        # federation-local leaf level: the device's own rows
+        "federation working copy": (tree_bytes(working) - leaf_working
+                                    + leaf_working * leaf_rows // topo.leaf.size),
         "aggregation sums": sums,
         "batch": batch,
         # per client in flight: the broadcast copy, the weights being trained, their gradients

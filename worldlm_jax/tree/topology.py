@@ -25,7 +25,30 @@ import numpy as np
 
 from worldlm_jax.tree.policy import K_AGG_MODES, Policy, TopologyError, inherit_policy
 
-__all__ = ["Topology", "Level", "build_topology"]
+__all__ = ["Topology", "Level", "build_topology", "SLOT_LAYOUTS", "federation_rows", "local_layout_fits"]
+
+SLOT_LAYOUTS = ("spread", "local")
+
+
+def federation_rows(n_federations: int, n_devices: int) -> tuple[int, int]:
+    """(rows per device, devices per federation) of a federation-local layout:
+    F >= M federations, padded to a multiple of the M devices, F_pad / M rows
+    on each device (device j holds rows j*L .. j*L + L - 1); F < M federations
+    dividing M, each on its own group of M / F consecutive devices (one row per
+    device, its federation's). Raises where F < M does not divide M."""
+    F, M = int(n_federations), int(n_devices)
+    if F >= M:
+        return -(-F // M), 1
+    if M % F:
+        raise TopologyError(f"{F} lowest federations on {M} devices: a federation-local slot layout needs at least "
+                            f"as many federations as devices or a number that divides them; set "
+                            f"run.slot_layout=spread, or run.devices to at most {F} or a multiple of it")
+    return 1, M // F
+
+
+def local_layout_fits(n_federations: int, n_devices: int) -> bool:
+    """Whether `federation_rows` holds for this many federations and devices."""
+    return n_federations >= n_devices or n_devices % n_federations == 0
 
 NODE_FIELDS = ("name", "children", "clients", "sources", "split", "alpha", "policy", "own_policy")
 
@@ -61,7 +84,8 @@ class Topology:
     client_sources: tuple[tuple[str, ...], ...]  # data sources of each client's federation
     client_weight: np.ndarray  # (n_clients,) data weight (tokens); set once data is loaded
     leaf_split: tuple[tuple[str, float], ...]  # per leaf federation: (split, alpha)
-    slot_multiple: int = 1
+    slot_multiple: int = 1  # device blocks the slot axis is cut into (the mesh's device count)
+    slot_layout: str = "spread"  # SLOT_LAYOUTS: how a leaf federation's slots sit on the device blocks
 
     # ---- sizes -------------------------------------------------------------
     @property
@@ -100,39 +124,80 @@ class Topology:
         return per_round.astype(np.int64)
 
     @functools.cached_property
-    def _slot_layout(self) -> tuple[np.ndarray, np.ndarray]:
-        """(slot_parent, real): the slots cut into `slot_multiple` equal device
-        blocks, each leaf federation's slots spread over the blocks as evenly as
-        possible (remainders rotating from one federation to the next),
-        federation-major inside a block, padding at the end of a block. Every
-        device holds a fair share of every federation, so sampling clients or
-        federations thins all devices' work alike instead of idling some."""
+    def _slot_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(slot_parent, real, slot_row): the slots cut into `slot_multiple` equal
+        device blocks, padding at the end of a block (a padding slot sits with its
+        block's last federation, weight 0). `slot_row`: where the slot's
+        federation sits among its block's federation rows (`federation_rows`).
+
+        spread: each leaf federation's slots spread over all the blocks as evenly
+        as possible (remainders rotating from one federation to the next),
+        federation-major inside a block: every device holds a fair share of every
+        federation, so sampling clients or federations thins all devices' work
+        alike; a slot's row is its federation (every block sees every row).
+        local: block j holds only the slots of the federations whose rows device
+        j holds (`federation_rows`): the client step reads its federation's copy
+        from the device's own rows and sums into them, nothing of the level is
+        gathered; where a federation spans a group of devices its slots spread
+        evenly over the group."""
         n_dev = max(self.slot_multiple, 1)
-        blocks = [[] for _ in range(n_dev)]
-        first = 0
-        for leaf, m in enumerate(self.slots_per_leaf):
-            base, extra = divmod(int(m), n_dev)
-            for j in range(n_dev):
-                blocks[(first + j) % n_dev] += [leaf] * (base + (j < extra))
-            first = (first + extra) % n_dev
+        counts = [int(m) for m in self.slots_per_leaf]
+        blocks: list[list[int]] = [[] for _ in range(n_dev)]
+        if self.slot_layout == "local":
+            rows_per_device, group = federation_rows(self.leaf.size, n_dev)
+            for leaf, m in enumerate(counts):
+                first = leaf * group if group > 1 else leaf // rows_per_device
+                base, extra = divmod(m, group)
+                for j in range(group):
+                    blocks[first + j] += [leaf] * (base + (j < extra))
+        else:
+            first = 0
+            for leaf, m in enumerate(counts):
+                base, extra = divmod(m, n_dev)
+                for j in range(n_dev):
+                    blocks[(first + j) % n_dev] += [leaf] * (base + (j < extra))
+                first = (first + extra) % n_dev
         size = max(len(b) for b in blocks)
-        parent, real = [], []
-        for b in blocks:  # a padding slot sits with its block's last federation (weight 0)
-            parent += b + [b[-1] if b else self.leaf.size - 1] * (size - len(b))
+        parent, real, row = [], [], []
+        for j, b in enumerate(blocks):
+            pad_parent = b[-1] if b else self._device_federation(j)
+            parent += b + [pad_parent] * (size - len(b))
             real += [True] * len(b) + [False] * (size - len(b))
-        parent, real = np.asarray(parent, np.int32), np.asarray(real, bool)
-        parent.setflags(write=False)  # cached and shared: nobody may edit it in place
-        real.setflags(write=False)
-        return parent, real
+            if self.slot_layout == "local":  # the device's own rows: federation - its first row
+                rows_per_device, group = federation_rows(self.leaf.size, n_dev)
+                local = lambda f: 0 if group > 1 else f - j * rows_per_device
+                # (a device holding only padding rows points its padding slots at its first row)
+                row += [local(f) for f in b] + [local(pad_parent) if b else 0] * (size - len(b))
+            else:
+                row += b + [pad_parent] * (size - len(b))
+        arrays = tuple(np.asarray(a, dt) for a, dt in ((parent, np.int32), (real, bool), (row, np.int32)))
+        for a in arrays:
+            a.setflags(write=False)  # cached and shared: nobody may edit it in place
+        return arrays
 
     @property
     def slot_parent(self) -> np.ndarray:
         """(S,) leaf federation of each slot (padding slots too: they weigh 0)."""
         return self._slot_layout[0]
 
+    def _device_federation(self, j: int) -> int:
+        """The federation whose row device block j holds first (`local`; the last
+        federation where it holds only padding rows, or under `spread`)."""
+        if self.slot_layout != "local":
+            return self.leaf.size - 1
+        rows_per_device, group = federation_rows(self.leaf.size, max(self.slot_multiple, 1))
+        return min(j // group if group > 1 else j * rows_per_device, self.leaf.size - 1)
+
+    @property
+    def slot_row(self) -> np.ndarray:
+        """(S,) the row of each slot's federation among its device block's
+        federation rows: its federation under `spread`; under `local` an index
+        into the device's own rows (`federation_rows`)."""
+        return self._slot_layout[2]
+
     def leaf_slots(self, leaf: int) -> np.ndarray:
         """Positions of the (non-padding) slots of one leaf federation."""
-        parent, real = self._slot_layout
+        parent, real, _ = self._slot_layout
         return np.flatnonzero((parent == leaf) & real)
 
     @property
@@ -161,6 +226,15 @@ class Topology:
 
     def with_slot_multiple(self, multiple: int) -> "Topology":
         return dataclasses.replace(self, slot_multiple=int(multiple))
+
+    def with_slot_layout(self, layout: str) -> "Topology":
+        """The same tree with its slots laid out as `layout` (SLOT_LAYOUTS) on its
+        `slot_multiple` device blocks; `local` needs `federation_rows` to hold."""
+        if layout not in SLOT_LAYOUTS:
+            raise TopologyError(f"slot layout {layout!r} is not one of {', '.join(SLOT_LAYOUTS)}")
+        if layout == "local":
+            federation_rows(self.leaf.size, max(self.slot_multiple, 1))
+        return dataclasses.replace(self, slot_layout=layout)
 
     def ancestors(self, level: int) -> np.ndarray:
         """(n_clients,) index of each client's ancestor at `level`."""
