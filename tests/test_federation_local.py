@@ -23,10 +23,11 @@ from worldlm_jax.tree.topology import federation_rows
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake CPU) devices, see conftest.py")
 
 
-def tree(sizes, layout, devices=8):
+def tree(sizes, layout, devices=8, dp=False):
     n = len(sizes)
+    private = {"dp_clip": 0.05, "dp_noise_multiplier": 0.5} if dp else {}  # clips every update: the sums change
     spec = tree2(sizes, root_policy=dict(POLICY, client_lr=0.5, tau=0.5),
-                 fed_policies=[{"server_optimizer": "adam", "server_lr": 0.1}] * n)
+                 fed_policies=[{"server_optimizer": "adam", "server_lr": 0.1, **private}] * n)
     return topo(spec, slot_multiple=devices).with_slot_layout(layout)
 
 
@@ -79,11 +80,14 @@ def trained(t, batches, params, n_feds, chunk=0):
     return host((engine.unpad_state(spec, state), metrics)), initial
 
 
-@pytest.mark.parametrize("sizes,chunk", [([2] * 12, 1), ([2, 3, 2, 1, 2, 2, 3, 2], 0), ([3, 2], 0)],
-                         ids=["more-federations-than-devices-in-chunks", "as-many", "fewer"])
-def test_the_federation_local_round_equals_the_spread_round(sizes, chunk):
+@pytest.mark.parametrize("sizes,chunk,dp", [([2] * 12, 1, False), ([2, 3, 2, 1, 2, 2, 3, 2], 0, False),
+                                            ([3, 2], 0, True)],
+                         ids=["more-federations-than-devices-in-chunks", "as-many", "fewer-under-dp"])
+def test_the_federation_local_round_equals_the_spread_round(sizes, chunk, dp):
+    # (under DP the clipped sums of a federation's group of devices add up outside the map;
+    # the noise is drawn per federation from the same keys in both layouts)
     n_feds = len(sizes)
-    spread, local = tree(sizes, "spread"), tree(sizes, "local")
+    spread, local = tree(sizes, "spread", dp=dp), tree(sizes, "local", dp=dp)
     # the same clients in the same rounds: batches are drawn per client, so re-laid out by slot
     batches = make_batches(spread, 2, seed=3)
     moved = [relaid(b, spread, local) for b in batches]
