@@ -22,6 +22,11 @@ TIMING = ("seconds", "tokens_per_s", "sim_seconds", "sim_compute_seconds")  # me
 # is scored from rounding noise (engine_helpers.with_distinct_residuals), which another
 # all-reduce order redraws; the sums across processes are what the comparison is about.
 COMPARED = ("--set", "algorithm.residuals=none")
+# Two federations on the 4 devices of two processes, slots federation-local: each
+# federation's slots on its own group of 2 devices, so each process trains, feeds and
+# sums only its own federation's clients.
+LOCAL_SLOTS = ("--set", "tree={name: world, children: [{name: en, sources: [man_en], clients: 2}, "
+               "{name: de, sources: [man_de], clients: 2}]}", "--set", "run.slot_layout=local")
 
 
 def free_port() -> int:
@@ -126,10 +131,11 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
     multi, single = tmp_path / "two-processes", tmp_path / "one-process"
     cache = ["--set", f"run.compilation_cache={tmp_path / 'xla-cache'}"]  # the resumed launch compiles nothing
     t0 = time.time()
-    kill_after_checkpoint(launch(multi, rounds, extra=cache + list(COMPARED)), multi, step=1)  # SIGKILL both mid-run
+    compared = list(COMPARED + LOCAL_SLOTS)
+    kill_after_checkpoint(launch(multi, rounds, extra=cache + compared), multi, step=1)  # SIGKILL both mid-run
     assert not (multi / "summary.json").exists()
     t1 = time.time()
-    results = finish(launch(multi, rounds, extra=cache + list(COMPARED)))  # the same command resumes
+    results = finish(launch(multi, rounds, extra=cache + compared))  # the same command resumes
     print(f"first launch {t1 - t0:.0f} s, resumed {time.time() - t1:.0f} s")
     for i, (code, _, stderr) in enumerate(results):
         assert code == 0, f"process {i} failed:\n{stderr[-3000:]}"
@@ -141,12 +147,13 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
     assert printed == "", f"only process 0 prints: {printed!r} in {results[1][1]!r}"
     # the reference: one process with 4 devices, in this one (4 of the session's 8 devices)
     from cli_helpers import run_cli
-    code, _, err = run_cli(_cmd(single, rounds, *COMPARED, "--set", "run.devices=4")[3:])
+    code, _, err = run_cli(_cmd(single, rounds, *compared, "--set", "run.devices=4")[3:])
     assert code == 0, err[-3000:]
 
     got = json.load(open(multi / "summary.json"))
     want = json.load(open(single / "summary.json"))
     assert got["rounds_completed"] == want["rounds_completed"] == rounds
+    assert got["topology"]["slot_layout"] == want["topology"]["slot_layout"] == "local"
     _assert_close(got["eval"], want["eval"], rounds, where="eval")
     # one writer: exactly one metrics line per round (and the final evaluation)
     _assert_close(_records(multi), _records(single), rounds, where="metrics")

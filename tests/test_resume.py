@@ -99,3 +99,27 @@ def test_sigint_checkpoints_and_exits_cleanly(tmp_path):
     summary = json.load(open(workdir / "summary.json"))
     assert summary["interrupted"] and 1 <= summary["rounds_completed"] < 50
     assert (workdir / "checkpoints" / str(summary["rounds_completed"])).exists()
+
+
+def test_from_step_resumes_from_an_older_step_and_sets_the_later_ones_aside(tmp_path):
+    import shutil
+
+    from cli_helpers import run_cli
+    args = ["train", "--config", "tiny", "--set", "run.rounds=3", "--set", "run.checkpoint_every=1",
+            "--set", "model.n_layers=1", "--set", "run.devices=1", "--quiet", "--skip-memory-check"]
+    straight, rerun = tmp_path / "straight", tmp_path / "rerun"
+    code, _, err = run_cli(args + ["--workdir", str(straight)])
+    assert code == 0, err
+    shutil.copytree(straight, rerun)  # a finished run whose step 3 we pretend is bad
+    code, _, err = run_cli(args + ["--workdir", str(rerun), "--from-step", "2"])
+    assert code == 0, err
+    assert (rerun / "checkpoints" / "3.superseded").is_dir()  # set aside, not deleted
+    # round 3 ran again from step 2: the same records (metrics.jsonl cut to round 2 first), bit for bit
+    assert _comparable(straight) == _comparable(rerun)
+    (round_a, leaves_a), (round_b, leaves_b) = _final_params(straight), _final_params(rerun)
+    assert round_a == round_b == 3
+    for a, b in zip(leaves_a, leaves_b):
+        np.testing.assert_array_equal(a, b)
+    # a step the run does not hold (it keeps its newest two): one line naming the saved ones
+    code, _, err = run_cli(args + ["--workdir", str(rerun), "--from-step", "1"])
+    assert code == 2 and "--from-step=1" in err and "[2, 3]" in err and err.count("\n") == 1, err

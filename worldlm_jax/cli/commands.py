@@ -125,7 +125,7 @@ def cmd_train(args) -> int:
     run_dirs.check_resumable(workdir, config)  # before the finished-run check: train() checks it too
     # a run a callback stopped is resumed by the same command (a sweep skips it instead)
     done = run_dirs.finished_summary(workdir, config.run.rounds, stopped=False)
-    if done is not None:
+    if done is not None and args.from_step is None:  # (--from-step reruns the rounds after its step)
         print(f"{workdir} already finished {config.run.rounds} rounds; raise run.rounds to continue it")
         print(records_lib.format_table(done))
         return 0
@@ -137,7 +137,8 @@ def cmd_train(args) -> int:
             print(memory_line(result))
     from worldlm_jax.run.loop import NonFiniteStateError
     try:
-        summary = train_lib.train(config, workdir, quiet=args.quiet, progress=not args.no_progress, **extra)
+        summary = train_lib.train(config, workdir, quiet=args.quiet, progress=not args.no_progress,
+                                  from_step=args.from_step, **extra)
     except NonFiniteStateError as e:
         return _stopped_nonfinite("train", e)
     # a callback's stop is the run's own decision, not an interruption to report as Ctrl-C

@@ -145,6 +145,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--target-delta", type=float, metavar="D", help="delta for --target-epsilon")
     p.add_argument("--skip-memory-check", action="store_true",
                    help="start without checking that the round fits a device's memory ('worldlm plan')")
+    p.add_argument("--from-step", type=int, metavar="N",
+                   help="resume from saved step N rather than the latest (past a damaged or diverged step): "
+                        "the later checkpoints are set aside as <step>.superseded, none deleted")
     _add_device_memory_arg(p)
     _add_plugin_arg(p, "plugins_after")
     _add_distributed_args(p)

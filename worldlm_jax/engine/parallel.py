@@ -1,12 +1,15 @@
 """Devices: the client-slot axis sharded over a mesh, clients mapped per device.
 
-Client slots are laid out federation-major, so a device's contiguous shard
-holds whole federations whenever the sizes allow. Inside a device, clients run
+Client slots sit on the devices as `Topology.slot_layout` says: spread (every
+federation's slots over every device) or federation-local (a device holds only
+the slots of the federations whose rows it holds). Inside a device, clients run
 either all at once (`vmap`), in chunks of k (a `lax.scan` over vmapped chunks:
 bounded memory) or one after another (k = 1). Whatever aggregation can be
 streamed (weighted sums of updates per federation) is summed chunk by chunk
-inside the mapped function and all-reduced over devices once
-(`map_reduce_clients`), so no per-client copy of the model outlives its chunk.
+inside the mapped function (`map_reduce_clients`), so no per-client copy of the
+model outlives its chunk; spread, the sums are then all-reduced over devices
+once; federation-local, each device keeps its own federations' rows
+(`to_device_rows`, `from_device_rows`).
 """
 from __future__ import annotations
 

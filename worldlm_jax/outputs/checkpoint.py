@@ -215,15 +215,15 @@ class Checkpointer:
                 break
         return good
 
-    def set_aside(self, step: int) -> str:
-        """Renames a (damaged) step to ``<step>.damaged`` (kept for inspection, never
+    def set_aside(self, step: int, suffix: str = SET_ASIDE_SUFFIX) -> str:
+        """Renames a (damaged) step to ``<step><suffix>`` (kept for inspection, never
         listed nor restored), so the run resumes from the step before; returns the new
         path. Process 0 renames; every process calls it and reloads after a barrier."""
         source = self.step_path(step)
-        target = source + SET_ASIDE_SUFFIX
+        target = source + suffix
         n = 1
         while os.path.exists(target):
-            target, n = f"{source}{SET_ASIDE_SUFFIX}.{n}", n + 1
+            target, n = f"{source}{suffix}.{n}", n + 1
         if jax.process_index() == 0:
             os.rename(source, target)
         if jax.process_count() > 1:

@@ -90,8 +90,9 @@ class CheckpointCorruptError(CheckpointError):
         how = ("verified: its arrays match their saved fingerprints" if self.deep else
                "its record is intact; its arrays are verified when it is restored")
         return (f"The previous good step is {self.good_step} ({how}). To resume from step "
-                f"{self.good_step}, move the damaged step aside: {aside} (or delete {bad}), then "
-                f"rerun the same command; to read step {self.good_step} without that: "
+                f"{self.good_step}, rerun the same `worldlm train` command with `--from-step "
+                f"{self.good_step}` (the later steps are set aside, none deleted), or move the damaged "
+                f"step aside: {aside} (or delete {bad}); to read step {self.good_step} without that: "
                 f"Checkpointer.restore(step={self.good_step}) or `worldlm eval --workdir "
                 f"{os.path.dirname(self.directory)} --step {self.good_step}`.")
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from worldlm_jax.config import ConfigError
 from worldlm_jax.outputs import metrics as metrics_lib
 from worldlm_jax.plugins import callbacks as callbacks_lib
 from worldlm_jax.privacy import accounting, ledger as dp_ledger
@@ -127,12 +128,15 @@ def nonfinite_error(topology, round_index: int, flags: Sequence[np.ndarray],
     return NonFiniteStateError(message, round_index, d, _name(topology, d, i))
 
 
+SUPERSEDED_SUFFIX = ".superseded"  # a checkpoint after the step `--from-step` resumes from
+
+
 class RunLoop:
     """One run's rounds, from its latest checkpoint (or round 0) to run.rounds,
     a callback's stop, the privacy budget or Ctrl-C (which finishes the round,
     checkpoints and ends cleanly). `round`: the rounds done so far."""
 
-    def __init__(self, exp: Experiment, workdir: str, hooks, say, progress: bool):
+    def __init__(self, exp: Experiment, workdir: str, hooks, say, progress: bool, from_step: int | None = None):
         from worldlm_jax.outputs import checkpoint
 
         self.exp, self.say = exp, say
@@ -140,6 +144,8 @@ class RunLoop:
         self.ckpt = checkpoint.Checkpointer(workdir, max_to_keep=2)
         # Multi-process runs: every process computes, process 0 alone writes files and prints.
         self.writer = metrics_lib.MetricsWriter(workdir) if distributed.is_primary() else metrics_lib.NullWriter()
+        if from_step is not None:
+            self._rewind(from_step)
         self.resumed = self.ckpt.latest_step() is not None
         self.start = self._resume()
         self.round = self.start
@@ -153,6 +159,20 @@ class RunLoop:
         self.lag = 0 if callbacks_lib.may_stop(hooks) else 1
         self._finite = finite_flags(exp.spec)
         self._unchecked: collections.deque = collections.deque()  # (round, flags on device)
+
+    def _rewind(self, step: int) -> None:
+        """`--from-step`: set every checkpoint after `step` aside (renamed
+        `<step>.superseded`, none deleted), so the run resumes from `step` as if
+        it had stopped there; metrics.jsonl is cut to it by `_resume`."""
+        steps = self.ckpt.all_steps()
+        if step not in steps:
+            raise ConfigError(f"--from-step={step}: {self.ckpt.directory} holds no step {step}; saved steps: {steps} "
+                              "(a run keeps its newest two)")
+        later = [s for s in reversed(steps) if s > step]
+        for s in later:
+            self.ckpt.set_aside(s, SUPERSEDED_SUFFIX)
+        if later:
+            self.say(f"set aside the checkpoints of steps {sorted(later)} (as <step>{SUPERSEDED_SUFFIX})")
 
     def _resume(self) -> int:
         """The round to start from (its checkpoint restored, metrics.jsonl cut to it);

@@ -105,13 +105,15 @@ def configure_devices() -> None:
 
 
 def train(config: Config | str, workdir: str, quiet: bool = False, progress: bool = True,
-          callbacks=()) -> dict:
+          callbacks=(), from_step: int | None = None) -> dict:
     """Train (or resume) the run in `workdir`; returns the summary (also written).
 
     `config`: a Config, a preset name or a YAML path. `callbacks`: Callback
     instances (or registered names) run after those named in run.callbacks;
     their on_start comes before the first round, their on_end after the
-    summary (with None when the run raises).
+    summary (with None when the run raises). `from_step`: resume from that
+    saved step rather than the latest, the later steps set aside (renamed
+    `<step>.superseded`, never deleted), e.g. past a damaged or diverged one.
     Refuses (ConfigError) a workdir whose checkpoints belong to another config.
     Raises NonFiniteStateError (run_loop) when a round leaves a federation's state
     NaN or Inf: metrics.jsonl has the rounds so far, no checkpoint holds that state
@@ -129,7 +131,7 @@ def train(config: Config | str, workdir: str, quiet: bool = False, progress: boo
     exp = build_experiment(config)
     say = (lambda *a: None) if quiet or not primary else print
     say(exp.run_topology.summary())
-    loop = RunLoop(exp, workdir, hooks, say, progress=progress and not quiet and primary)
+    loop = RunLoop(exp, workdir, hooks, say, progress=progress and not quiet and primary, from_step=from_step)
     context = callbacks_lib.RunContext(workdir=os.path.abspath(workdir), process_index=distributed.process_index(),
                                        process_count=jax.process_count(), config=config, first_round=loop.start,
                                        resumed=loop.resumed)
