@@ -143,8 +143,9 @@ class Topology:
         n_dev = max(self.slot_multiple, 1)
         counts = [int(m) for m in self.slots_per_leaf]
         blocks: list[list[int]] = [[] for _ in range(n_dev)]
-        if self.slot_layout == "local":
-            rows_per_device, group = federation_rows(self.leaf.size, n_dev)
+        local = self.slot_layout == "local"
+        rows_per_device, group = federation_rows(self.leaf.size, n_dev) if local else (self.leaf.size, 1)
+        if local:
             for leaf, m in enumerate(counts):
                 first = leaf * group if group > 1 else leaf // rows_per_device
                 base, extra = divmod(m, group)
@@ -163,11 +164,10 @@ class Topology:
             pad_parent = b[-1] if b else self._device_federation(j)
             parent += b + [pad_parent] * (size - len(b))
             real += [True] * len(b) + [False] * (size - len(b))
-            if self.slot_layout == "local":  # the device's own rows: federation - its first row
-                rows_per_device, group = federation_rows(self.leaf.size, n_dev)
-                local = lambda f: 0 if group > 1 else f - j * rows_per_device
+            if local:  # the device's own rows: its federation less its first row (0 in a group)
+                own_row = lambda f: 0 if group > 1 else f - j * rows_per_device
                 # (a device holding only padding rows points its padding slots at its first row)
-                row += [local(f) for f in b] + [local(pad_parent) if b else 0] * (size - len(b))
+                row += [own_row(f) for f in b] + [own_row(pad_parent) if b else 0] * (size - len(b))
             else:
                 row += b + [pad_parent] * (size - len(b))
         arrays = tuple(np.asarray(a, dt) for a, dt in ((parent, np.int32), (real, bool), (row, np.int32)))
