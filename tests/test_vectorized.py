@@ -255,3 +255,47 @@ def test_sweep_rejects_points_whose_batch_the_first_points_round_cannot_take():
             vectorized._point_topology(exp, point)
         assert "\n" not in str(caught.value)
     vectorized._point_topology(exp, apply_overrides(base, ["run.seed=3", "policy.client_lr=0.01"]))  # accepted
+
+
+class Killed(Exception):
+    """The process dying between rounds (only its files outlive it)."""
+
+
+def test_a_killed_vectorised_sweep_resumes_from_its_checkpoint_and_ends_as_if_uninterrupted(tmp_path, monkeypatch):
+    def sweep(workdir, *extra):
+        return run_cli(["sweep", "--config", "tiny", "--set", "run.rounds=3", "--set", "run.devices=2",
+                        "--set", "run.checkpoint_every=1", "--set", "run.eval_every=2", "--set",
+                        "algorithm.name=fedavg", *extra, "--grid", "policy.client_lr=1e-3,1e-2", "--vectorized",
+                        "--workdir", str(workdir)])
+
+    code, _, err = sweep(tmp_path / "whole")
+    assert code == 0, err
+    get = vectorized._Prefetcher.get
+
+    def dies_at_round_2(self, r):
+        if r == 2:
+            raise Killed
+        return get(self, r)
+
+    with monkeypatch.context() as m:  # killed after round 2's checkpoint, before round 3 (index 2) trains
+        m.setattr(vectorized._Prefetcher, "get", dies_at_round_2)
+        with pytest.raises(Killed):
+            sweep(tmp_path / "resumed")
+    names = [f"policy.client_lr={v}" for v in ("1e-3", "1e-2")]
+    assert not any((tmp_path / "resumed" / n / "summary.json").exists() for n in names)
+    code, out, err = sweep(tmp_path / "resumed")  # the same command again
+    assert code == 0, err
+    assert "resumed the sweep from round 2" in out
+
+    timing = ("seconds", "tokens_per_s", "sim_seconds", "sim_compute_seconds")
+    def records(d):
+        lines = (d / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
+    for n in names:
+        whole, resumed = (json.loads((tmp_path / d / n / "summary.json").read_text()) for d in ("whole", "resumed"))
+        assert resumed["rounds_completed"] == whole["rounds_completed"] == 3
+        assert resumed["eval"] == whole["eval"]  # the same program on the same devices: bit for bit
+        assert records(tmp_path / "resumed" / n) == records(tmp_path / "whole" / n)
+    # a sweep of other points (here: another local_steps) is refused, not resumed
+    code, _, err = sweep(tmp_path / "resumed", "--set", "policy.local_steps=1")
+    assert code != 0 and "policy.local_steps" in err and "another --workdir" in err

@@ -80,18 +80,24 @@ def scale_rows(scale_N: jax.Array, tree_N: PyTree) -> PyTree:
     return jax.tree.map(lambda x: expand_rows(scale_N, x) * x, tree_N)
 
 
+def trailing_axes(x) -> tuple[int, ...]:
+    """Every axis but the leading (row) one: reduced in place rather than after a
+    reshape to (N, -1), which would gather a weight split over a model axis."""
+    return tuple(range(1, x.ndim))
+
+
 def row_sq_norms(tree_N: PyTree) -> jax.Array:
     """(N,) squared L2 norm of each row over all leaves (fp32)."""
     leaves = jax.tree.leaves(tree_N)
     if not leaves:
         return jnp.zeros(())
-    return sum(jnp.sum(jnp.square(x.astype(jnp.float32)).reshape(x.shape[0], -1), axis=1) for x in leaves)
+    return sum(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=trailing_axes(x)) for x in leaves)
 
 
 def row_all_finite(tree_N: PyTree) -> jax.Array:
     """(N,) True where every entry of the row is finite."""
     leaves = jax.tree.leaves(tree_N)
-    ok = [jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1) for x in leaves]
+    ok = [jnp.all(jnp.isfinite(x), axis=trailing_axes(x)) for x in leaves]
     out = ok[0]
     for o in ok[1:]:
         out = out & o

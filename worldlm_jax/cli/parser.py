@@ -189,7 +189,8 @@ def _sweep_parser(sub) -> None:
     p.add_argument("--vectorized", action="store_true",
                    help="run all points as ONE compiled program (grid over policy.* / tree policies / "
                         "run.seed only); writes each point's DIR/<point>/{summary.json,metrics.jsonl,"
-                        "config.yaml} (no checkpoints: it does not resume) and DIR/sweep.md, sweep.json")
+                        "config.yaml} and DIR/sweep.md, sweep.json; checkpoints in DIR/checkpoints, so the "
+                        "same command resumes a killed sweep")
     p.add_argument("--sweep-devices", type=int, default=0, metavar="S",
                    help="with --vectorized: spread the points over S groups of devices (a sweep x clients "
                         "mesh of S x N/S; S must divide the N devices, run.devices or all): each group "

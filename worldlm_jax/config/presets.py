@@ -90,6 +90,7 @@ def _paper(size: str) -> Callable[[], Config]:
 PRESETS: dict[str, Callable[[], Config]] = {
     "tiny": tiny, "demo": demo, "small": small,
     "paper-75m": _paper("75m"), "paper-125m": _paper("125m"), "paper-400m": _paper("400m"),
+    "paper-1b": _paper("1b"), "paper-3b": _paper("3b"),
 }
 
 

@@ -146,6 +146,10 @@ class RunConfig:
     # or 'auto' (local where the federations divide the devices or the devices the
     # federations, else spread)
     slot_layout: str = "auto"
+    # devices one copy of the weights is split over (FSDP: every weight along its largest
+    # dimension this divides; a client's batch split likewise); must divide the devices.
+    # 1 = none. A model larger than one chip needs it; `worldlm plan` suggests it
+    model_parallel: int = 1
     # registered callbacks (worldlm_jax.callbacks), run in this order: a name, or
     # {name: NAME, args: {ARG: VALUE}} whose args are keyword arguments of its factory
     callbacks: tuple[str | CallbackSpec, ...] = ()
@@ -161,6 +165,8 @@ class RunConfig:
         for name in ("eval_every", "checkpoint_every", "devices", "shard_state_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"run.{name}={getattr(self, name)}; expected >= 0")
+        if self.model_parallel < 1:
+            raise ConfigError(f"run.model_parallel={self.model_parallel}; expected >= 1 (1 = no model axis)")
         if self.slot_layout not in SLOT_LAYOUT_CHOICES:
             raise ConfigError(f"run.slot_layout={self.slot_layout!r}; allowed: {', '.join(SLOT_LAYOUT_CHOICES)}")
 

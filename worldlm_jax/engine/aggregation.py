@@ -91,7 +91,7 @@ def _rowdot(a: Params, b: Params, onehot) -> jax.Array:
     """(N, G) per-group dot product of matching rows of a and b."""
     out = 0.0
     for p in a:
-        d = jnp.sum((a[p].astype(jnp.float32) * b[p].astype(jnp.float32)).reshape(a[p].shape[0], -1), axis=1)
+        d = jnp.sum(a[p].astype(jnp.float32) * b[p].astype(jnp.float32), axis=tree_ops.trailing_axes(a[p]))
         out = out + d[:, None] * onehot[p]
     return out
 
@@ -100,9 +100,9 @@ def _gram(a_P: Params, b_M: Params, onehot) -> jax.Array:
     """(P, M, G) per-group dot products between every row of a and of b."""
     out = 0.0
     for p in a_P:
-        x = a_P[p].astype(jnp.float32).reshape(a_P[p].shape[0], -1)
-        y = b_M[p].astype(jnp.float32).reshape(b_M[p].shape[0], -1)
-        out = out + (x @ y.T)[:, :, None] * onehot[p]
+        axes = tree_ops.trailing_axes(a_P[p])
+        dots = jnp.tensordot(a_P[p].astype(jnp.float32), b_M[p].astype(jnp.float32), axes=(axes, axes))
+        out = out + dots[:, :, None] * onehot[p]
     return out
 
 
@@ -333,9 +333,9 @@ def personal_keys(K_N: Params, base_N: Params, w_N: jax.Array, parent_N: jax.Arr
     a = jnp.where(live[:, None, None], a, 0.0)  # absent children: no mixture (and no NaN from an empty row)
     out = {}
     for p in paths:
-        flat = K_live[p].reshape(K_live[p].shape[0], -1)
         a_g = a[:, :, groups[p]]
-        move = (a_g @ flat - a_g.sum(1, keepdims=True) * flat).reshape(K32[p].shape)
+        move = (jnp.tensordot(a_g, K_live[p], axes=(1, 0))
+                - tree_ops.expand_rows(a_g.sum(1), K_live[p]) * K_live[p]).reshape(K32[p].shape)
         mixed = K_live[p] + tree_ops.expand_rows(eta_N, move) * move
         out[p] = jnp.where(tree_ops.expand_rows(live, mixed), mixed, K32[p]).astype(K_N[p].dtype)
     return out
@@ -369,8 +369,7 @@ def _step(p, gi, K32, delta_N, a_N, child_parent_N, P, step_P, residual, parent)
     move = tree_ops.weighted_sum({p: delta_N[p]}, a_N[:, gi], child_parent_N, P)[p]
     if residual is not None:  # sum_m a_m (R_m - K_n)
         a_R, R = residual
-        flat_R = R[p].reshape(R[p].shape[0], -1)
-        move = (move + (a_R[:, :, gi] @ flat_R).reshape(move.shape)
+        move = (move + jnp.tensordot(a_R[:, :, gi], R[p], axes=(1, 0)).reshape(move.shape)
                 - tree_ops.expand_rows(a_R[:, :, gi].sum(1), K32[p]) * K32[p])
     if parent is not None:
         a_p, delta_p = parent

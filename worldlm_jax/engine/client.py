@@ -27,7 +27,7 @@ class ClientResult(NamedTuple):
 
 
 def make_local_update(loss_fn: LossFn, tx: optax.GradientTransformation, masked_steps: bool = True,
-                      objective_fn: Callable | None = None):
+                      objective_fn: Callable | None = None, constrain: Callable = lambda tree: tree):
     """Returns `local_update(params, opt_state, tokens_ExBxL1, lr, n_steps) -> ClientResult`.
 
     `n_steps` (<= E) lets federations with fewer local steps share one compiled
@@ -35,6 +35,8 @@ def make_local_update(loss_fn: LossFn, tx: optax.GradientTransformation, masked_
     `masked_steps=False` every one of the E steps is taken (faster: no select).
     `objective_fn(params, tokens) -> (value, (loss, n_tokens))`, when given, is
     what the client descends (e.g. FedProx's proximal loss); `loss` is reported.
+    `constrain(tree) -> tree` places the weights, their gradients and optimizer
+    state at every step (a model axis: `parallel.constrain_model`).
     """
     if objective_fn is None:
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -47,8 +49,9 @@ def make_local_update(loss_fn: LossFn, tx: optax.GradientTransformation, masked_
             params, opt_state = carry
             i, tokens_BxL1 = xs
             (loss, n_tokens), grads = grad_fn(params, tokens_BxL1)
-            updates, next_state = tx.update(grads, opt_state, params)
+            updates, next_state = tx.update(constrain(grads), opt_state, params)
             stepped = jax.tree.map(lambda p, u: (p + lr * u).astype(p.dtype), params, updates)
+            stepped, next_state = constrain(stepped), constrain(next_state)
             if masked_steps:
                 active = i < n_steps
                 stepped = jax.tree.map(lambda a, b: jnp.where(active, a, b), stepped, params)

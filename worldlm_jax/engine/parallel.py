@@ -10,6 +10,14 @@ inside the mapped function (`map_reduce_clients`), so no per-client copy of the
 model outlives its chunk; spread, the sums are then all-reduced over devices
 once; federation-local, each device keeps its own federations' rows
 (`to_device_rows`, `from_device_rows`).
+
+A model axis (`run.model_parallel`, `make_mesh(model=k)`) splits every weight
+along its largest dimension that k divides, in the manner of FSDP
+(`model_spec`): the stored state carries that sharding and a client's
+parameters, optimizer state and gradients are constrained to it inside the step
+(`constrain_model`); XLA's SPMD partitioner gathers each weight where a matmul
+needs it. The client map is manual over `clients` only, so `model` stays
+automatic inside it.
 """
 from __future__ import annotations
 
@@ -22,10 +30,11 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXIS = "clients"
+MODEL = "model"  # a weight's shards (`run.model_parallel`)
 SWEEP_AXIS = "sweep"  # the points of a vectorised sweep (`vectorized.run`), each on its own devices
 
 
-def make_mesh(n_devices: int | None = None, sweep: int | None = None) -> Mesh:
+def make_mesh(n_devices: int | None = None, sweep: int | None = None, model: int = 1) -> Mesh:
     """A mesh over the first `n_devices` devices (all by default).
 
     sweep=None: 1-D, (`clients`,), what a single run trains on. sweep=S: 2-D,
@@ -33,21 +42,79 @@ def make_mesh(n_devices: int | None = None, sweep: int | None = None) -> Mesh:
     devices, each group the `clients` mesh of its own sweep points (a vectorised
     sweep vmaps the round with `spmd_axis_name=SWEEP_AXIS`, so the engine's
     client mapping and sharding constraints, which name only `clients`, act
-    within a group). Auto axis types: a weighted reduction over a sharded axis
-    must be allowed to insert its all-reduce (Explicit axes raise
-    ShardingTypeError).
+    within a group). model=k > 1 (no sweep): 2-D, (`clients`, `model`) of shape
+    (n_devices / k, k): k consecutive devices hold the shards of one copy of the
+    weights (within a host where the hosts' devices are consecutive). Auto axis
+    types: a weighted reduction over a sharded axis must be allowed to insert its
+    all-reduce (Explicit axes raise ShardingTypeError).
     """
     devices = jax.devices()
     n = len(devices) if n_devices is None else int(n_devices)
     if not 1 <= n <= len(devices):
         raise ValueError(f"n_devices={n_devices} but {len(devices)} device(s) are available "
                          f"(on CPU, set XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts)")
+    if model > 1:
+        if sweep is not None:
+            raise ValueError("a model axis and a sweep axis in one mesh are not supported")
+        if n % model:
+            raise ValueError(f"model={model} must divide the {n} device(s) of the mesh")
+        grid = np.array(devices[:n]).reshape(n // model, model)
+        return Mesh(grid, (AXIS, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
     if sweep is None:
         return Mesh(np.array(devices[:n]), (AXIS,), axis_types=(AxisType.Auto,))
     if not 1 <= sweep <= n or n % sweep:
         raise ValueError(f"sweep={sweep} must divide the {n} device(s) of the mesh")
     grid = np.array(devices[:n]).reshape(sweep, n // sweep)
     return Mesh(grid, (SWEEP_AXIS, AXIS), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def model_size(mesh) -> int:
+    """Devices one copy of the weights is split over (1: no model axis)."""
+    return 1 if mesh is None else dict(mesh.shape).get(MODEL, 1)
+
+
+def model_dim(shape: tuple[int, ...], k: int) -> int | None:
+    """The dimension a weight of `shape` is split along over k model devices:
+    its largest one that k divides (the last of equals). None: kept whole
+    (k = 1, a vector or scalar, which is cheap to replicate, or no dimension fits)."""
+    if k <= 1 or len(shape) < 2:
+        return None
+    fits = [d for d, n in enumerate(shape) if n % k == 0]
+    return max(fits, key=lambda d: (shape[d], d)) if fits else None
+
+
+def model_spec(shape: tuple[int, ...], k: int, lead: tuple = ()) -> P:
+    """PartitionSpec of an array whose leading len(lead) dimensions (rows, slots)
+    are sharded as `lead` says and whose trailing ones are a weight split over
+    the model axis (`model_dim`)."""
+    body = [None] * (len(shape) - len(lead))
+    d = model_dim(tuple(shape[len(lead):]), k)
+    if d is not None:
+        body[d] = MODEL
+    spec = [*lead, *body]
+    while spec and spec[-1] is None:  # trailing Nones dropped: the form XLA hands back (one compilation)
+        spec.pop()
+    return P(*spec)
+
+
+def constrain_model(tree, mesh):
+    """Every leaf of a weight-shaped tree (one client's, inside the client map)
+    kept split over the model axis; the identity without one."""
+    k = model_size(mesh)
+    if k == 1:
+        return tree
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, model_spec(x.shape, k)), tree)
+
+
+def constrain_batch(tokens_ExBxL1, mesh):
+    """One client's token block split along its batch over the model axis (where
+    the axis divides it): each device of a model group runs its part of the batch
+    with the weights gathered where used (FSDP), so activations fall with the
+    axis too; the identity without one."""
+    k = model_size(mesh)
+    if k == 1 or tokens_ExBxL1.shape[1] % k:
+        return tokens_ExBxL1
+    return jax.lax.with_sharding_constraint(tokens_ExBxL1, P(None, MODEL))
 
 
 def sharded(mesh: Mesh) -> NamedSharding:
@@ -154,8 +221,10 @@ def map_reduce_clients(chunk_fn: Callable, mesh: Mesh | None, chunk: int = 0, n_
 
     def sharded(*args):
         specs = (P(),) * n_shared + (P(AXIS),) * (len(args) - n_shared)
+        # manual over `clients` only: a model axis stays automatic inside (XLA splits the weights)
+        manual = frozenset({AXIS}) if MODEL in mesh.axis_names else frozenset()
         return jax.shard_map(on_device, mesh=mesh, in_specs=specs, out_specs=(P(AXIS), P(AXIS) if n_local else P()),
-                             check_vma=False)(*args)
+                             axis_names=manual, check_vma=False)(*args)
 
     return sharded
 

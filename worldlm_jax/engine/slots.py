@@ -35,7 +35,7 @@ def train_slot(rs: RoundStatics, sent_P, fed_state_P, row, kept, opt_state, clie
     start = jax.tree.map(lambda x: x[row], sent_P)
     if rs.plan.personal_keys:  # a kept K is the client's offset from its federation's K
         kept = {p: start[p] + v if p in rs.spec.key_paths else v for p, v in kept.items()}
-    params = {**start, **kept}
+    params = parallel.constrain_model({**start, **kept}, rs.spec.mesh)
     if not rs.plan.client_opt_persistent:
         opt_state = rs.client_tx.init(params)
     objective = rs.objective
@@ -43,8 +43,9 @@ def train_slot(rs: RoundStatics, sent_P, fed_state_P, row, kept, opt_state, clie
     objective_fn = None
     if objective.loss is not None:
         objective_fn = lambda p, t: checked_loss(rs, objective.loss(rs.spec.loss_fn, p, t, ctx))
-    local_update = make_local_update(rs.spec.loss_fn, rs.client_tx, rs.masked_steps, objective_fn)
-    result = local_update(params, opt_state, tokens, lr, steps)
+    local_update = make_local_update(rs.spec.loss_fn, rs.client_tx, rs.masked_steps, objective_fn,
+                                     lambda tree: parallel.constrain_model(tree, rs.spec.mesh))
+    result = local_update(params, opt_state, parallel.constrain_batch(tokens, rs.spec.mesh), lr, steps)
     new_state, report, metrics = client_state, {}, {}
     if objective.after_training is not None:
         new_state, report = checked_after_training(rs, objective.after_training(ctx, result.params, result.steps, lr),

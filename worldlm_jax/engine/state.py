@@ -170,8 +170,14 @@ def repad_state(spec: EngineSpec, new: EngineState, stored: EngineState) -> Engi
 
 
 def state_partition_specs(spec: EngineSpec, state: EngineState) -> EngineState:
-    """PartitionSpec of every leaf of a (stored) state: rows sharded where wide enough."""
-    specs = _map_rows(spec, lambda x, n, m, mesh: parallel.row_spec(m, mesh), state)
+    """PartitionSpec of every leaf of a (stored) state: rows sharded where wide
+    enough, and on a model axis each row's weight split along its largest dimension."""
+    k = parallel.model_size(spec.mesh)
+    if k == 1:
+        specs = _map_rows(spec, lambda x, n, m, mesh: parallel.row_spec(m, mesh), state)
+    else:
+        specs = _map_rows(spec, lambda x, n, m, mesh: parallel.model_spec(
+            x.shape, k, tuple(parallel.row_spec(m, mesh)) or (None,)), state)
     return specs._replace(round=parallel.P())
 
 

@@ -60,6 +60,12 @@ PRESETS: dict[str, ModelConfig] = {
     # GPT-2 medium width, deeper to reach 400M.
     '400m': ModelConfig(vocab_size=50304, d_model=1024, n_heads=16, n_layers=28,
                         max_len=1024, positions='rotary'),
+    # MPT-1B's shape (1.3B parameters): larger than one chip's round, run with a model axis.
+    '1b': ModelConfig(vocab_size=50304, d_model=2048, n_heads=16, n_layers=24,
+                      max_len=1024, positions='rotary'),
+    # The 1B's heads at 2560 wide and 32 deep (2.7B parameters).
+    '3b': ModelConfig(vocab_size=50304, d_model=2560, n_heads=32, n_layers=32,
+                      max_len=1024, positions='rotary'),
 }
 
 

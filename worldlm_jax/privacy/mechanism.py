@@ -25,6 +25,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from worldlm_jax import tree_ops
+
 
 Tree = dict  # flat {path: jax.Array}; any pytree works
 f32 = jnp.float32
@@ -42,8 +44,7 @@ def global_norms(updates_N: Tree) -> jax.Array:
     User-level DP bounds a child's whole contribution, so the norm is global
     over every leaf that leaves the federation, not per leaf.
     """
-    sq = [jnp.sum(jnp.square(x.astype(f32)).reshape(x.shape[0], -1), axis=1)
-          for x in jax.tree.leaves(updates_N)]
+    sq = [jnp.sum(jnp.square(x.astype(f32)), axis=tree_ops.trailing_axes(x)) for x in jax.tree.leaves(updates_N)]
     return jnp.sqrt(sum(sq))
 
 

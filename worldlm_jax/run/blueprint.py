@@ -103,6 +103,19 @@ def slot_layout(choice: str, n_federations: int, n_devices: int) -> str:
     return choice
 
 
+def run_mesh(config: Config):
+    """The mesh of `config.run.devices` devices with its model axis (`run.model_parallel`)."""
+    import jax
+    n, k = config.run.devices or jax.device_count(), config.run.model_parallel
+    if k > 1 and jax.process_count() > 1:
+        raise ConfigError(f"run.model_parallel={k} with {jax.process_count()} processes: a model axis runs in one "
+                          "process for now; set run.model_parallel=1")
+    if n % k:
+        fits = ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+        raise ConfigError(f"run.model_parallel={k} does not divide the {n} devices; set it to one of {fits}")
+    return parallel.make_mesh(config.run.devices or None, model=k)
+
+
 def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
                  vocab: int | None = None, platform: str | None = None) -> AbstractRun:
     """Everything `experiment.build_experiment` builds that does not need the data.
@@ -127,7 +140,7 @@ def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
 
     algo = config.algorithm
     definition = strategies.get(algo.name)
-    mesh = parallel.make_mesh(config.run.devices or None) if mesh is None else mesh
+    mesh = run_mesh(config) if mesh is None else mesh
     batch_size = config.data.batch_size
     if definition.pooled:
         batch_size *= topology.clients_per_round()  # same tokens per round as the clients that train

@@ -18,6 +18,11 @@
                            the chunk (the model's VJP residuals: remat and bf16 show)
   per-slot copies          what outlives a chunk for every slot of the device
 
+On a model axis of k devices (`run.model_parallel`) the slots shard over the
+`clients` axis only, and every weight-shaped component is the device's split of
+it (`parallel.model_dim`: matrices over k, vectors whole); a client's
+activations fall by k where k divides its batch (`parallel.constrain_batch`).
+
 `compiled_memory(run)` is XLA's own figure for the same round: lowered and
 compiled on abstract inputs, `memory_analysis()` (arguments + outputs - aliased
 + temporaries). Both are what `memory_plan.py` weighs against the device.
@@ -70,6 +75,14 @@ def _is_sharded(tree) -> bool:
                for x in jax.tree.leaves(tree))
 
 
+def split_bytes(tree, k: int) -> int:
+    """Bytes of one device's share of a weight-shaped pytree split over a model
+    axis of k devices (`parallel.model_dim`)."""
+    from worldlm_jax.engine import parallel
+    return sum(_nbytes(x) // (k if parallel.model_dim(tuple(x.shape), k) is not None else 1)
+               for x in jax.tree.leaves(tree))
+
+
 def activation_bytes(model_def, params: dict, batch: int, seq_len: int) -> int:
     """What one client's local step keeps for its backward pass: the residuals of
     the loss's VJP, less the weights (the client holds those anyway)."""
@@ -94,15 +107,18 @@ def activation_bytes(model_def, params: dict, batch: int, seq_len: int) -> int:
 
 def estimate(run: AbstractRun) -> tuple[dict, dict, dict]:
     """(components, federation state per level, facts) in bytes per device."""
+    from worldlm_jax.engine import parallel
     spec, topo, plan = run.spec, run.run_topology, run.spec.plan
-    m = run.mesh.size if spec.mesh is not None else 1
+    m = run.mesh.shape[parallel.AXIS] if spec.mesh is not None else 1  # devices the slots shard over
+    split = parallel.model_size(spec.mesh)
     slots = topo.n_slots // m
     k = slots if spec.chunk <= 0 else min(spec.chunk, slots)
     params = run.params
-    P = tree_bytes(params)
+    P = split_bytes(params, split)
     parts = engine.split_parts(params, spec.key_paths)
-    opt = tree_bytes(jax.eval_shape(optimizers.get(spec.client_optimizer).init, params))
+    opt = split_bytes(jax.eval_shape(optimizers.get(spec.client_optimizer).init, params), split)
     acts = activation_bytes(run.model_def, params, run.batch_size, run.config.data.seq_len)
+    acts = acts // split if run.batch_size % split == 0 else acts
 
     state = run.abstract_state()
     levels = {}
@@ -122,35 +138,35 @@ def estimate(run: AbstractRun) -> tuple[dict, dict, dict]:
     leaf = topo.depth - 1
     leaf_k_attention = ("K" in plan.aggregate[leaf] and bool(spec.key_paths)
                         and any(p.k_agg in ATTENDING for p in topo.leaf.policies))
-    kept = sum(tree_bytes(parts[part]) for part in plan.client_keeps)
-    per_slot = 2 * kept + (3 * tree_bytes(parts["K"]) if leaf_k_attention else 0)
+    kept = sum(split_bytes(parts[part], split) for part in plan.client_keeps)
+    per_slot = 2 * kept + (3 * split_bytes(parts["K"], split) if leaf_k_attention else 0)
     if plan.client_opt_persistent:
         per_slot += 2 * opt
     # A stacked aggregator (`aggregators`: median, trimmed mean) needs every
     # slot's backbone update (the chunk's output, the stacked outputs, and one
     # leaf-sized (federations x slots) temporary at a time while it combines).
     if "B" in plan.aggregate[leaf] and any(not aggregators.get(p.aggregator).streamed for p in topo.leaf.policies):
-        per_slot += 2 * tree_bytes(parts["B"])
+        per_slot += 2 * split_bytes(parts["B"], split)
     # Per-federation sums of the leaf level's updates: each chunk's, plus the
     # chunk loop's carry when a device runs more than one chunk (DP's clipped
     # sums add nothing XLA keeps apart: measured on small).
     # Under a federation-local slot layout (`statics.device_rows`) a device reads and
     # sums into its own L rows of the leaf level, not all F of them.
-    summed = sum(tree_bytes(parts[part]) for part in plan.aggregate[leaf])
+    summed = sum(split_bytes(parts[part], split) for part in plan.aggregate[leaf])
     n_sets = 1 if slots == k else 2
     local = device_rows(spec)
     leaf_rows = topo.leaf.size if local is None else local[1]
     sums = n_sets * leaf_rows * summed
     batch = device_bytes(run.abstract_batch())
     working = jax.eval_shape(lambda s: engine.unpad_state(spec, s), state)
-    leaf_working = tree_bytes(working.levels[leaf])
+    leaf_working = split_bytes(working.levels[leaf], split)
     components = {
         "federation state": fed_state,
         # the levels' rows the round works on and their new values: whole on
         # every device (a sharded level is gathered for the round's segment
         # sums, gathers and attention; only its storage is split), but for a
         # federation-local leaf level: the device's own rows
-        "federation working copy": (tree_bytes(working) - leaf_working
+        "federation working copy": (split_bytes(working, split) - leaf_working
                                     + leaf_working * leaf_rows // topo.leaf.size),
         "aggregation sums": sums,
         "batch": batch,
@@ -160,7 +176,7 @@ def estimate(run: AbstractRun) -> tuple[dict, dict, dict]:
         "activations": int(k * ACTIVATION_FUSION * acts),
         "per-slot copies": slots * per_slot,
     }
-    facts = {"devices": m, "chunk": k, "slots_per_device": slots, "params_bytes": P, "opt_bytes": opt,
+    facts = {"devices": m * split, "model_parallel": split, "chunk": k, "slots_per_device": slots, "params_bytes": P, "opt_bytes": opt,
              "activation_bytes_per_client": acts, "per_slot_bytes": per_slot}
     return components, levels, facts
 

@@ -29,7 +29,7 @@ import jax
 
 from worldlm_jax.config import Config, ConfigError, apply_overrides
 from worldlm_jax.engine import parallel
-from worldlm_jax.run.blueprint import abstract_run
+from worldlm_jax.run.blueprint import abstract_run, run_mesh
 from worldlm_jax.run.memory_estimate import compiled_memory, estimate
 
 PLATFORMS = ("cpu", "gpu", "tpu")
@@ -80,9 +80,12 @@ def _host_memory() -> int:
 def _mesh(config: Config):
     """The run's mesh; an abstract one where run.devices exceeds this host's devices
     (planning a bigger run: estimate only, XLA cannot compile for absent devices)."""
-    n = config.run.devices or jax.device_count()
-    if n <= jax.device_count():
-        return parallel.make_mesh(config.run.devices or None)
+    n, k = config.run.devices or jax.device_count(), config.run.model_parallel
+    if n <= jax.device_count() or n % k:
+        return run_mesh(config)  # (which names the fix where k does not divide n)
+    if k > 1:
+        return jax.sharding.AbstractMesh((n // k, k), (parallel.AXIS, parallel.MODEL),
+                                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
     return jax.sharding.AbstractMesh((n,), (parallel.AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
@@ -226,6 +229,10 @@ def knobs(config: Config, result: PlanResult) -> list[Knob]:
         trials.append(("run.shard_state_mb", f"{config.run.shard_state_mb:g} -> 0 (shard every level with a node "
                        "per device, however small its state)", ("run.shard_state_mb=0",)))
     n, local = result.devices, jax.device_count()
+    split = config.run.model_parallel
+    if n % (2 * split) == 0:
+        trials.append(("run.model_parallel", f"{split} -> {2 * split} (every weight, optimizer state and client "
+                       f"batch split over {2 * split} devices)", (f"run.model_parallel={2 * split}",)))
     more = local if n < local else 2 * n
     needs = f" (a run on {more} devices; this host has {local})" if more > local else ""
     trials.append(("run.devices", f"{n} -> {more}{needs}: fewer client slots per device, wide levels split further",

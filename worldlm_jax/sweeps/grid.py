@@ -186,8 +186,9 @@ def run_vectorized(base: Config, grid: Sequence[tuple[str, Sequence[str]]], work
 
     Writes what `run_sweep` writes: DIR/<point_name>/ with config.yaml,
     metrics.jsonl, summary.json and plots for every point, and DIR/sweep.md and
-    sweep.json, so `worldlm report DIR` reads it. A vectorised sweep does not
-    resume: re-running it trains every point again.
+    sweep.json, so `worldlm report DIR` reads it. The stacked states are
+    checkpointed under DIR/checkpoints (every run.checkpoint_every rounds and at
+    the end): the same command run again after a kill resumes from the latest.
 
     Each point runs on n / S of the n devices (`run_sweep` runs each on all n),
     so its clients' sums are split over other devices: a point equals its
@@ -205,7 +206,7 @@ def run_vectorized(base: Config, grid: Sequence[tuple[str, Sequence[str]]], work
     os.makedirs(workdir, exist_ok=True)
     try:
         _, _, compiles = vectorized.run([point_config(base, a) for a in points], sweep_devices=sweep_devices,
-                                            workdirs=run_dirs, log=log)
+                                        workdirs=run_dirs, log=log, checkpoint_dir=workdir)
     except ValueError as e:
         raise ConfigError(f"--vectorized: {e}") from e
     from worldlm_jax.run import distributed

@@ -47,9 +47,15 @@ How it composes:
 - Several processes: every process computes; each cuts the token windows of
   only the (point, slot) blocks its own devices hold, participation (small)
   for every point; process 0 writes the points' files.
-- Resume: a vectorised sweep does not resume (`_open_point` starts each point
-  afresh); its batches are a pure function of (seed, round), so there is no
-  batch-stream position to save.
+- Resume: with a checkpoint directory (`worldlm sweep --vectorized`: the
+  sweep's DIR/checkpoints) the stacked states and the points' privacy ledgers
+  are saved every run.checkpoint_every rounds and at the end; the same sweep
+  run again restores the latest step, cuts each point's metrics.jsonl to it and
+  goes on, ending as the uninterrupted sweep does (tested bit for bit). Its
+  batches are a pure function of (seed, round), so there is no batch-stream
+  position to save. A checkpoint of other points (a config that differs beyond
+  the resumable keys) or of another layout (other devices or device groups) is
+  refused, naming the fix.
 Refused, one line each (ValueError naming the field and the fix): points that
 differ in anything but policy.*, tree policies and run.seed; in the tree, k_agg,
 a named rule, clients_per_round/sampling where they move the client slots,
@@ -178,6 +184,10 @@ def check_static(configs: Sequence[Config]) -> None:
     if configs[0].run.callbacks:  # they would be silently skipped: the points never pass through train.train
         raise ValueError("a vectorised sweep runs no callbacks (its points train as one program), so it refuses "
                          "run.callbacks; set run.callbacks=[] or use `worldlm sweep` without --vectorized")
+    if configs[0].run.model_parallel > 1:  # its mesh is (sweep, clients): no axis left for the weights
+        raise ValueError(f"a vectorised sweep has no model axis, so it refuses run.model_parallel="
+                         f"{configs[0].run.model_parallel}; set run.model_parallel=1 or use `worldlm sweep` "
+                         "without --vectorized")
 
 
 def choose_sweep_devices(n_devices: int, n_points: int, requested: int = 0) -> int:
@@ -248,13 +258,16 @@ def _on_sweep(exp: experiment.Experiment, tree):
 
 
 def run(configs: Sequence[Config], rounds: int | None = None, sweep_devices: int = 0,
-        workdirs: Sequence[str] | None = None, log: Callable[[str], None] | None = None):
+        workdirs: Sequence[str] | None = None, log: Callable[[str], None] | None = None,
+        checkpoint_dir: str | None = None):
     """Train every point for `rounds` root rounds in one program.
 
     `sweep_devices`: device groups (0 = `choose_sweep_devices`). With `workdirs`
     (one per point), each point's dir gets what `train.train` writes for a run:
     config.yaml, metrics.jsonl (per-round records, evaluations), summary.json
-    and plots (no checkpoints).
+    and plots. With `checkpoint_dir` (and workdirs) the sweep checkpoints its
+    stacked states under checkpoint_dir/checkpoints and resumes from them (the
+    module docstring, Resume).
 
     Returns (per-point evaluations as dicts, the points' final states stacked,
     number of compilations of the round).
@@ -285,10 +298,19 @@ def run(configs: Sequence[Config], rounds: int | None = None, sweep_devices: int
     step = jax.jit(jax.vmap(engine.make_round(exp.spec), in_axes=(0, 0, 0, 0), spmd_axis_name=spmd),
                    donate_argnums=(0,))
     n_rounds = rounds or first.run.rounds
-    writers = [] if workdirs is None else [_open_point(d, c) for d, c in zip(workdirs, configs)]
     accountants = [dp_ledger.make_accountants(t, first.privacy.accountant) for t in topologies[:n_points]]
+    ckpt = None
+    if checkpoint_dir is not None and workdirs is not None:
+        from worldlm_jax.outputs.checkpoint import Checkpointer
+        ckpt = Checkpointer(checkpoint_dir, max_to_keep=2)
+    inputs, start = _resume(ckpt, inputs, configs, workdirs, accountants, log)
+    writers = [] if workdirs is None else [_open_point(d, c, start) for d, c in zip(workdirs, configs)]
     logger = records.RoundLogger(points[:len(writers)], writers, stacked=True)
-    states, evals = _train(exp, points, step, inputs, n_rounds, n_points, logger, accountants)
+    try:
+        states, evals = _train(exp, points, step, inputs, n_rounds, n_points, logger, accountants, start, ckpt)
+    finally:
+        if ckpt is not None:
+            ckpt.close()
     compiles = step._cache_size()
     wall = time.perf_counter() - t0
     if writers and distributed.is_primary():  # multi-process sweeps: process 0 writes
@@ -437,10 +459,10 @@ def put_batch(exp: experiment.Experiment, batch: engine.RoundBatch, local_points
 class _Prefetcher:
     """Cuts round r+1's stacked batch on a host thread while round r runs."""
 
-    def __init__(self, draw: Callable[[int], engine.RoundBatch], stop: int):
+    def __init__(self, draw: Callable[[int], engine.RoundBatch], stop: int, start: int = 0):
         self._draw, self._stop = draw, stop
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        self._next = self._submit(0)
+        self._next = self._submit(start)
 
     def _submit(self, r: int):
         return self._pool.submit(self._draw, r) if r < self._stop else None
@@ -466,10 +488,41 @@ def _evaluate_points(exp: experiment.Experiment):
     return jax.jit(jax.vmap(one))
 
 
+def _resume(ckpt, inputs, configs: Sequence[Config], workdirs, accountants: list[dict], log):
+    """(inputs with the saved stacked states, the round to start from): the
+    sweep's latest checkpoint where there is one, its points' ledgers restored
+    into `accountants`; (inputs, 0) where there is none."""
+    if ckpt is None or ckpt.latest_step() is None:
+        return inputs, 0
+    from worldlm_jax.config import load_yaml
+    from worldlm_jax.outputs.checkpoint import leaf_paths
+    from worldlm_jax.privacy import accounting
+    from worldlm_jax.run.dirs import config_changes
+    for workdir, config in zip(workdirs, configs):
+        saved = os.path.join(workdir, "config.yaml")
+        changed = config_changes(load_yaml(saved), config) if os.path.exists(saved) else ["config.yaml missing"]
+        if changed:
+            raise ValueError(f"{ckpt.directory} holds a sweep whose point {workdir} differs in: "
+                             f"{', '.join(changed[:6])}; rerun that sweep, or use another --workdir")
+    states = inputs[0]
+    saved_shapes = ckpt.saved_shapes()
+    if [saved_shapes.get(p) for p in leaf_paths(states)] != [tuple(x.shape) for x in jax.tree.leaves(states)]:
+        raise ValueError(f"{ckpt.directory} holds a sweep laid out on other devices (its stacked states have other "
+                         "shapes); resume it with the run.devices and --sweep-devices it was saved with")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), states)
+    states, host = ckpt.restore(abstract_state=abstract)
+    for acc, saved in zip(accountants, host["privacy"]):
+        acc.update({name: accounting.FederationAccountant.from_dict(d) for name, d in saved.items()})
+    if log is not None:
+        log(f"resumed the sweep from round {host['round']}")
+    return (states, *inputs[1:]), int(host["round"])
+
+
 def _train(exp: experiment.Experiment, points: Sequence[experiment.Experiment], step, inputs, n_rounds: int,
-           n_points: int, logger: records.RoundLogger, accountants: Sequence[dict]):
-    """The rounds of every point, logged to the points' writers (when there are any):
-    each round's records, run.eval_every evaluations and the final one.
+           n_points: int, logger: records.RoundLogger, accountants: Sequence[dict], start: int = 0, ckpt=None):
+    """The rounds `start`.. of every point, logged to the points' writers (when there
+    are any): each round's records, run.eval_every evaluations and the final one;
+    checkpointed to `ckpt` (when given) every run.checkpoint_every rounds and at the end.
     Returns (the stacked final states, each point's final evaluation)."""
     states, keys, policies, eval_tokens = inputs
     evaluate_points = _evaluate_points(exp)
@@ -486,11 +539,17 @@ def _train(exp: experiment.Experiment, points: Sequence[experiment.Experiment], 
             r, flags = pending.pop(0)
             _check_points_finite(points[:n_points], r, flags, logger)
 
-    eval_every = exp.config.run.eval_every
+    def save(done: int):
+        check_finite(keep=0)  # never save a broken state
+        logger.flush()
+        host = {"round": done, "privacy": [{n: a.to_dict() for n, a in acc.items()} for acc in accountants]}
+        ckpt.save(done, states, host, force=True)
+
+    eval_every, checkpoint_every = exp.config.run.eval_every, exp.config.run.checkpoint_every
     local_points, local_slots = local_blocks(exp, len(points))
-    prefetch = _Prefetcher(lambda r: host_batch(points, r, local_points, local_slots), n_rounds)
+    prefetch = _Prefetcher(lambda r: host_batch(points, r, local_points, local_slots), n_rounds, start)
     try:
-        for r in range(n_rounds):
+        for r in range(start, n_rounds):
             batch = put_batch(exp, prefetch.get(r), local_points, local_slots)
             states, round_metrics = step(states, batch, keys, policies)
             pending.append((r, finite(states)))
@@ -506,10 +565,17 @@ def _train(exp: experiment.Experiment, points: Sequence[experiment.Experiment], 
             if eval_every and done % eval_every == 0 and done < n_rounds:
                 logger.flush()
                 logger.evaluation(r, evaluations())
+            if ckpt is not None and checkpoint_every and done % checkpoint_every == 0:
+                save(done)
         check_finite(keep=0)
         logger.flush()
+        if ckpt is not None and ckpt.latest_step() != n_rounds:
+            ckpt.wait()
+            if ckpt.latest_step() != n_rounds:
+                save(n_rounds)
         evals = evaluations()
-        logger.evaluation(n_rounds - 1, evals, final=True)
+        if start < n_rounds:  # (a finished sweep run again: its final evaluation is on file)
+            logger.evaluation(n_rounds - 1, evals, final=True)
     finally:
         prefetch.close()
         for writer in logger.writers:
@@ -533,8 +599,9 @@ def _check_points_finite(points: Sequence[experiment.Experiment], round_index: i
                                                error.round, error.level, error.federation)
 
 
-def _open_point(workdir: str, config: Config):
-    """A point's run dir, started afresh (a vectorised sweep does not resume)."""
+def _open_point(workdir: str, config: Config, start: int = 0):
+    """A point's run dir, its metrics.jsonl cut to the rounds before `start`
+    (0: started afresh; a resumed sweep's round)."""
     from worldlm_jax.outputs import metrics as metrics_lib
 
     if not distributed.is_primary():  # multi-process sweeps: process 0 writes
@@ -547,5 +614,5 @@ def _open_point(workdir: str, config: Config):
     earlier = os.path.exists(os.path.join(workdir, metrics_lib.METRICS_FILE))
     writer = metrics_lib.MetricsWriter(workdir)
     if earlier:
-        writer.truncate_after(-1)
+        writer.truncate_after(start - 1)
     return writer
