@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from worldlm_jax import tree_ops
-from worldlm_jax.engine import aggregation, partial_sync
+from worldlm_jax.engine import aggregation, parallel, partial_sync
 from worldlm_jax.engine.plan import PARTS, Params, split_parts
 from worldlm_jax.engine.round_policies import RoundPolicies
 from worldlm_jax.engine.state import Children, EngineState, LevelState
@@ -326,7 +326,8 @@ def aggregate_keys(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelState,
             lvl.K, kids.K_N, kids.weight_N, kids.parent_N, st.attention[d], rs.spec.key_groups, rs.plan.similarity,
             residual_K_M=lvl.residual_K if res_mask is not None else None,
             residual_mask_PxM=jnp.asarray(res_mask) if res_mask is not None else None,
-            parent_K_P=parent_K, residual_dim=rs.plan.residual_dim, robust=rs.robust_keys[d])
+            parent_K_P=parent_K, residual_dim=rs.plan.residual_dim, robust=rs.robust_keys[d],
+            split=parallel.model_size(rs.spec.mesh) > 1)
     keeps_own = st.attention[d].mode == K_AGG_MODES.index("local")
     if dp is not None and rs.dp_scope[d] == "all":  # K released: its noised mean, never attention over raw K
         stepped = tree_ops.add(lvl.K, tree_ops.scale_rows(st.attention[d].eta, dp.mean["K"]))

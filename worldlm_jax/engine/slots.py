@@ -281,7 +281,8 @@ def personalize(rs: RoundStatics, st: RoundPolicies, state: EngineState, kids: C
     parent = st.slot_parent
     policy = st.attention[d]
     mixed = aggregation.personal_keys(kids.K_N, tree_ops.gather(state.levels[d].K, parent), kids.weight_N, parent,
-                                      policy.tau[parent], policy.eta[parent], rs.spec.key_groups)
+                                      policy.tau[parent], policy.eta[parent], rs.spec.key_groups,
+                                      parallel.model_size(rs.spec.mesh) > 1)
     offset = tree_ops.sub(mixed, tree_ops.gather(new_K_P, parent))
     rows = jnp.where(kids.weight_N > 0, slot_client, rs.topo.n_clients)
     K = jax.tree.map(lambda x, y: x.at[rows].set(y.astype(x.dtype), mode="drop"), state.clients.K, offset)
