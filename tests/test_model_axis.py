@@ -38,11 +38,15 @@ def trained(mesh, t, batches, params):
     return state, jax.tree.map(np.asarray, (engine.unpad_state(spec, state), metrics)), initial
 
 
-@pytest.mark.parametrize("layout", ["local", "spread"])
-def test_a_model_axis_of_2_by_4_equals_no_model_axis(layout):
+@pytest.mark.parametrize("layout,dp", [("local", False), ("spread", False), ("local", True)],
+                         ids=["local", "spread", "local-under-dp"])
+def test_a_model_axis_of_2_by_4_equals_no_model_axis(layout, dp):
+    # (under DP the clip norms are summed over the split weights' shards, and the noise,
+    # drawn from the same keys, does not depend on how the arrays are laid out)
     sizes = [2, 3, 1, 2]
+    private = {"dp_clip": 0.05, "dp_noise_multiplier": 0.5} if dp else {}  # clips every update
     spec = tree2(sizes, root_policy=dict(POLICY, client_lr=0.5, tau=0.5),
-                 fed_policies=[{"server_optimizer": "adam", "server_lr": 0.1}] * len(sizes))
+                 fed_policies=[{"server_optimizer": "adam", "server_lr": 0.1, **private}] * len(sizes))
     t = topo(spec, slot_multiple=4).with_slot_layout(layout)
     batches = make_batches(t, 2, seed=5)
     _, (want, m_want), initial = trained(parallel.make_mesh(4), t, batches, toy_params())
