@@ -213,3 +213,29 @@ def test_search_with_a_probe_trains_it_once_and_adds_its_candidate(tmp_path):
     assert _key_paths(from_dict(Config, merge(base.to_dict(), result["split"])).validate()) == {
         p for p, g in partition.parameter_groups(lm.abstract_init(base.model)[1]).items()
         if g in ("block1_mlp", probe["ranking"][1][0])}
+
+
+def test_auto_probe_trains_its_probe_then_the_run_with_the_groups_it_ranked_most_divergent(tmp_path):
+    from cli_helpers import run_cli
+    from worldlm_jax.config import load_yaml
+    from worldlm_jax.run import probe
+
+    workdir = tmp_path / "run"
+    argv = ["train", "--config", "tiny", "--workdir", str(workdir), "--quiet", "--skip-memory-check",
+            "--set", "run.rounds=1", "--set", "algorithm.key_layers.auto=probe",
+            "--set", "algorithm.key_layers.probe_rounds=2"]
+    code, _, err = run_cli(argv)
+    assert code == 0, err
+    probe_dir = workdir / probe.PROBE_DIR
+    chosen = json.load(open(probe_dir / probe.PROBE_FILE))
+    probe_summary = json.load(open(probe_dir / "summary.json"))
+    assert probe_summary["algorithm"] == "hierfavg" and probe_summary["rounds_completed"] == 2  # every group shared
+    records = [json.loads(line) for line in (probe_dir / "metrics.jsonl").read_text().splitlines()]
+    ranking = probe.probe_ranking([r for r in records if "train_loss" in r], depth=2)
+    assert chosen["groups"] == list(probe.probe_groups(ranking))  # the most divergent of its own records
+    key_layers = load_yaml(str(workdir / "config.yaml")).algorithm.key_layers
+    assert (key_layers.kind, list(key_layers.groups), key_layers.auto) == ("groups", chosen["groups"], "")
+    assert json.load(open(workdir / "summary.json"))["algorithm"] == "worldlm"
+    # the same command again resolves to the same split: the finished run is recognised, nothing retrains
+    code, out, err = run_cli(argv)
+    assert code == 0 and "already finished" in out, err

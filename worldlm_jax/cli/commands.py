@@ -122,6 +122,9 @@ def cmd_train(args) -> int:
     config, extra = apply_privacy_target(config, args.target_epsilon, args.target_delta)
     _check_same_config(config)
     workdir = args.workdir or os.path.join("runs", f"{preset_name(args.config)}-{config.algorithm.name}")
+    from worldlm_jax.run.probe import resolve_key_layers  # (its probe run first: the split it picks is the config)
+    config = resolve_key_layers(config, workdir, train_lib.train,
+                                say=print if not args.quiet and _primary() else (lambda *a: None))
     run_dirs.check_resumable(workdir, config)  # before the finished-run check: train() checks it too
     # a run a callback stopped is resumed by the same command (a sweep skips it instead)
     done = run_dirs.finished_summary(workdir, config.run.rounds, stopped=False)

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 _KINDS = ('last_fraction', 'first_fraction', 'blocks', 'regex', 'groups')
+_AUTO = ('', 'probe')
 _BLOCK_RE = re.compile(r'(?:^|/)blocks/(\d+)(?:/|$)')
 
 
@@ -39,6 +40,13 @@ class KeyLayers:
                        block<l>_attn, block<l>_mlp, block<l>_other, embeddings),
                        each with its norms; what `split-search --probe` writes.
     include_block_norms: whether the selected blocks' LayerNorms are K too.
+    auto: '' (the split above) or 'probe': `worldlm train` first runs `probe_rounds`
+      rounds of HierFAVG (every group shared) in <workdir>/probe, ranks the parameter
+      groups by how much their updates differ between federations relative to within
+      them, and trains with the most divergent 30% localised (kind 'groups'; the
+      choice is written into the run's config.yaml). The fields above are then
+      replaced by the choice (`run.training.resolve_key_layers`).
+    probe_rounds: the probe's rounds (auto: 'probe'); 0 = a tenth of run.rounds, at least 1.
     """
 
     kind: str = 'last_fraction'
@@ -47,10 +55,17 @@ class KeyLayers:
     patterns: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
     include_block_norms: bool = True
+    auto: str = ''
+    probe_rounds: int = 0
 
     def __post_init__(self):
         if self.kind not in _KINDS:
             raise ValueError(f'KeyLayers.kind must be one of {_KINDS}, got {self.kind!r}.')
+        if self.auto not in _AUTO:
+            raise ValueError(f'KeyLayers.auto must be one of {_AUTO} ("" = the split as given), got {self.auto!r}.')
+        if self.probe_rounds < 0:
+            raise ValueError(f'KeyLayers.probe_rounds must be >= 0 (0 = a tenth of run.rounds), got '
+                             f'{self.probe_rounds!r}.')
         if self.kind in ('last_fraction', 'first_fraction') and not 0 < self.fraction <= 1:
             raise ValueError(f'KeyLayers.fraction must be in (0, 1], got {self.fraction!r}.')
         # Lists from YAML/CLI become tuples so the selector stays hashable.

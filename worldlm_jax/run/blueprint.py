@@ -139,6 +139,10 @@ def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
     model_def, params = model_lib.abstract_init(model_config)
 
     algo = config.algorithm
+    if algo.key_layers.auto:
+        raise ConfigError(f"algorithm.key_layers.auto={algo.key_layers.auto}: the split is chosen when `worldlm "
+                          "train` starts (a probe run in <workdir>/probe); here give the split itself, e.g. the "
+                          "groups that probe's probe.json names, or drop auto")
     definition = strategies.get(algo.name)
     mesh = run_mesh(config) if mesh is None else mesh
     batch_size = config.data.batch_size

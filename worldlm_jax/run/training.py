@@ -120,7 +120,7 @@ def train(config: Config | str, workdir: str, quiet: bool = False, progress: boo
     and no summary is written.
     """
     configure_devices()
-    config, hooks = _load(config, workdir, callbacks)
+    config, hooks = _load(config, workdir, callbacks, quiet)
     prepare_backend(config.model)
     enable_compilation_cache(config.run.compilation_cache)
     # Multi-process runs: every process computes, process 0 alone writes files and prints.
@@ -155,18 +155,21 @@ def _run(exp, config: Config, loop: RunLoop, workdir: str, t0: float, quiet: boo
     return summary
 
 
-def _load(config: Config | str, workdir: str, callbacks) -> tuple[Config, list]:
-    """The config (a preset or YAML read, its plug-ins imported) and its callbacks,
-    once `workdir` is known to hold no run of another config (then created)."""
+def _load(config: Config | str, workdir: str, callbacks, quiet: bool = False) -> tuple[Config, list]:
+    """The config (a preset or YAML read, its plug-ins imported, `key_layers.auto`
+    resolved by its probe run) and its callbacks, once `workdir` is known to hold
+    no run of another config (then created)."""
     from worldlm_jax import plugins
+    from worldlm_jax.run.probe import resolve_key_layers
 
     if isinstance(config, str):
         config = config_lib.load(config)
     plugins.load_all(config.plugins)  # a config built in this process has them; one read elsewhere may not
-    hooks = callbacks_lib.build(config, callbacks)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"run directory {workdir!r} exists and is not a directory; give --workdir a new "
                           "directory or an earlier run's")
+    config = resolve_key_layers(config, workdir, train, say=(lambda *a: None) if quiet else print)
+    hooks = callbacks_lib.build(config, callbacks)
     check_resumable(workdir, config)
     os.makedirs(workdir, exist_ok=True)
     return config, hooks

@@ -54,11 +54,11 @@ import math
 import os
 from typing import Callable, NamedTuple, Sequence
 
-import numpy as np
 import yaml
 
 from worldlm_jax.config import Config, ConfigError
 from worldlm_jax.engine import strategies
+from worldlm_jax.run import probe
 from worldlm_jax.sweeps import grid
 
 TABLE_FILE, RESULT_FILE, SPLIT_FILE = "split_search.md", "split_search.json", "split.yaml"
@@ -89,45 +89,14 @@ def candidates(n_layers: int) -> list[Candidate]:
 
 
 # ---- the probe ------------------------------------------------------------------------
-PROBE_DIR, PROBE_FILE, PROBE_SHARE = "probe-hierfavg", "probe.json", 0.3
-
-
-def probe_ranking(records: Sequence[dict], depth: int) -> list[tuple[str, float]]:
-    """(group, between / within) from a probe run's metrics.jsonl records, most
-    divergent first: `between` is the spread of the lowest federations' backbone
-    updates around their parent's mean (`level{depth-2}/update_spread_group/<group>`),
-    `within` the spread of the clients' updates around their federation's mean
-    (`level{depth-1}/...`), each averaged over the federations and rounds that report
-    one. A group whose federations differ more than their clients do is the one a
-    federation should keep for itself."""
-    if depth < 2:
-        raise ConfigError("split-search --probe needs federations under the root (a tree of depth >= 2): with "
-                          "clients straight under the root there is no spread between federations")
-    prefix = {level: f"level{level}/update_spread_group/" for level in (depth - 2, depth - 1)}
-
-    def spread(level: int) -> dict[str, float]:
-        values: dict[str, list] = {}
-        for record in records:
-            for key, value in record.items():
-                if key.startswith(prefix[level]):
-                    values.setdefault(key[len(prefix[level]):], []).extend(np.ravel(np.asarray(value, np.float64)))
-        return {g: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for g, v in values.items()}
-
-    between, within = spread(depth - 2), spread(depth - 1)
-    if not between:
-        raise ConfigError("the probe run recorded no update_spread_group metrics; rerun it with this version")
-    ratio = {g: between[g] / within[g] if within.get(g, 0) > 0 else math.nan for g in between}
-    return sorted(ratio.items(), key=lambda item: (-item[1] if math.isfinite(item[1]) else math.inf, item[0]))
+PROBE_DIR, PROBE_FILE, PROBE_SHARE = "probe-hierfavg", probe.PROBE_FILE, probe.PROBE_SHARE
+probe_ranking = probe.probe_ranking  # (run/probe.py: `algorithm.key_layers.auto: probe` ranks alike)
 
 
 def probe_candidate(ranking: Sequence[tuple[str, float]], share: float = PROBE_SHARE) -> Candidate:
     """The `probe` candidate: the most divergent ceil(share x groups) groups localised
-    (at least one, never all)."""
-    ranked = [g for g, r in ranking if math.isfinite(r)]
-    if len(ranked) < 2:
-        raise ConfigError("the probe ranked fewer than two parameter groups; nothing to split")
-    chosen = ranked[:min(max(1, math.ceil(share * len(ranked))), len(ranked) - 1)]
-    return Candidate("probe", _key_layers("{kind: groups, groups: [" + ", ".join(chosen) + "]}"))
+    (at least one, never all; `probe.probe_groups`)."""
+    return Candidate("probe", _key_layers(probe.groups_override(probe.probe_groups(ranking, share))))
 
 
 def run_probe(base: Config, workdir: str, rounds: int, train_fn=None, quiet: bool = True, progress: bool = False,
