@@ -75,7 +75,11 @@ EXTRA = {"worldlm_mean_nores": ("worldlm", ["policy.k_agg=mean", "algorithm.resi
          "worldlm_resbias": ("worldlm", ["policy.residual_bias=5.0"]),
          # the same method without the middle level (families -> languages under the root)
          "worldlm_nofamily": ("worldlm", []),
-         "hierfavg_nofamily": ("hierfavg", [])}
+         "hierfavg_nofamily": ("hierfavg", []),
+         # the key layers chosen by a probe (`algorithm.key_layers.auto: probe`): 3 rounds of
+         # HierFAVG on seed 0, the most divergent 30% of the parameter groups localised; every
+         # seed then trains that split (one vectorised program needs one split)
+         "worldlm_probe": ("worldlm", ["algorithm.key_layers.auto=probe", "algorithm.key_layers.probe_rounds=3"])}
 FLATTEN_MIDDLE = ("worldlm_nofamily", "hierfavg_nofamily")
 METHODS = BASELINES + tuple(ABLATIONS)
 KNOWN = METHODS + tuple(EXTRA)
@@ -93,6 +97,8 @@ MECHANISMS = {
     "family level vs none (WorldLM)": ("worldlm", "worldlm_nofamily"),
     "family level vs none (HierFAVG)": ("hierfavg", "hierfavg_nofamily"),
     "sharing vs local": ("worldlm", "local"),
+    "probe-chosen K vs the last block": ("worldlm_probe", "worldlm"),
+    "probe-chosen K vs FedPer": ("worldlm_probe", "fedper"),
 }
 DP_METHODS = ("fedavg", "worldlm", "worldlm_mean", "worldlm_nores")
 FLAT = ("fedavg", "fedper", "local", "centralized")  # run on topology.flattened() (or pooled)
@@ -657,6 +663,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             dp, dp_level = privacy_policy(scenario.privacy, base), scenario.privacy.level
         for m in methods:
             config = method_config(base, m, dp, dp_level)
+            if config.algorithm.key_layers.auto:  # chosen once, on seed 0, in the method's own dir
+                from worldlm_jax.run import probe, training
+                config = probe.resolve_key_layers(config, os.path.join(args.out, "runs", m + suffix), training.train)
             runs.append((m + suffix, [apply_overrides(config, [f"run.seed={k}"]) for k in seeds],
                          [os.path.join(args.out, "runs", m + suffix, f"seed{k}") for k in seeds]))
 
@@ -672,6 +681,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
               f"{len(workdirs)} seed(s) -> {os.path.dirname(workdirs[0])}", flush=True)
         summaries = run_seeds(configs_by_seed, workdirs)
         results["methods"][name] = combine_seeds([method_result(s) for s in summaries])
+        if configs_by_seed[0].algorithm.key_layers.kind == "groups":  # a chosen split: which groups
+            results["methods"][name]["key_layer_groups"] = list(configs_by_seed[0].algorithm.key_layers.groups)
         diag = diagnostics(workdirs[0], configs_by_seed[0])
         if diag:
             results["methods"][name]["diagnostics"] = diag  # of seed 0
