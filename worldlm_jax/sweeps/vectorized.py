@@ -61,7 +61,9 @@ differ in anything but policy.*, tree policies and run.seed; in the tree, k_agg,
 a named rule, clients_per_round/sampling where they move the client slots,
 local_steps/rounds where they change the batch shape or need masked steps the
 first point does not compile; seeds whose tokenizers differ in vocabulary size;
-algorithm.schedule=staged; run.callbacks (the points run none).
+algorithm.schedule=staged; run.callbacks (the points run none); run.model_parallel > 1
+(the mesh is sweep x clients: no axis left for the weights); an unresolved
+algorithm.key_layers.auto (a probe needs a run of its own, `blueprint.abstract_run`).
 """
 from __future__ import annotations
 
