@@ -230,9 +230,10 @@ def knobs(config: Config, result: PlanResult) -> list[Knob]:
                        "per device, however small its state)", ("run.shard_state_mb=0",)))
     n, local = result.devices, jax.device_count()
     split = config.run.model_parallel
-    if n % (2 * split) == 0:
-        trials.append(("run.model_parallel", f"{split} -> {2 * split} (every weight, optimizer state and client "
-                       f"batch split over {2 * split} devices)", (f"run.model_parallel={2 * split}",)))
+    wider = model_parallel_trial(config, result, n)
+    if wider is not None:
+        trials.append(("run.model_parallel", f"{split} -> {wider} (every weight, optimizer state and client "
+                       f"batch split over {wider} devices)", (f"run.model_parallel={wider}",)))
     more = local if n < local else 2 * n
     needs = f" (a run on {more} devices; this host has {local})" if more > local else ""
     trials.append(("run.devices", f"{n} -> {more}{needs}: fewer client slots per device, wide levels split further",
@@ -256,6 +257,25 @@ def knobs(config: Config, result: PlanResult) -> list[Knob]:
         if saved > 0:
             out.append(Knob(knob, change, int(saved), sets))
     return sorted(out, key=lambda k: -k.saves)
+
+
+def model_parallel_trial(config: Config, result: PlanResult, n_devices: int) -> int | None:
+    """The model axis worth offering: of 2, 4 and 8 times today's (those that divide
+    the devices), the one whose estimate is lowest (a wider axis splits the weights
+    further but leaves fewer `clients` rows, so more slots per device); None where
+    none divides them."""
+    split = config.run.model_parallel
+    best = None
+    for wider in (2 * split, 4 * split, 8 * split):
+        if n_devices % wider:
+            continue
+        try:
+            estimate = _estimate_with(apply_overrides(config, [f"run.model_parallel={wider}"]), result.platform)
+        except (ValueError, ConfigError):
+            continue
+        if best is None or estimate < best[1]:
+            best = (wider, estimate)
+    return None if best is None else best[0]
 
 
 def fit_line(config: Config, result: PlanResult) -> tuple[str, ...] | None:
