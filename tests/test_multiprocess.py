@@ -173,6 +173,22 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
     assert [r["round"] for r in _records(multi) if "train_loss" in r] == list(range(rounds))
 
 
+def test_two_processes_with_a_model_axis_equal_one_process(tmp_path):
+    # run.model_parallel=2: each process's 2 devices hold one copy of the weights, split;
+    # the `clients` axis spans the processes. The same round as one process of 4 devices
+    # with the same (clients 2 x model 2) mesh, up to the order of its sums
+    rounds, extra = 2, list(COMPARED) + ["--set", "run.model_parallel=2"]
+    for i, (code, _, stderr) in enumerate(finish(launch(tmp_path / "multi", rounds, extra=extra))):
+        assert code == 0, f"process {i} failed:\n{stderr[-3000:]}"
+    from cli_helpers import run_cli
+    code, _, err = run_cli(_cmd(tmp_path / "single", rounds, *extra, "--set", "run.devices=4")[3:])
+    assert code == 0, err[-3000:]
+    got, want = (json.load(open(tmp_path / d / "summary.json")) for d in ("multi", "single"))
+    assert got["rounds_completed"] == want["rounds_completed"] == rounds
+    _assert_close(got["eval"], want["eval"], rounds, where="eval")
+    _assert_close(_records(tmp_path / "multi"), _records(tmp_path / "single"), rounds, where="metrics")
+
+
 def test_process_id_and_flags_checked_before_connecting(tmp_path, monkeypatch):
     # in-process: the checks come before anything connects, and a connection attempt fails the test
     import jax

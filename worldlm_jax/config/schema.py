@@ -147,8 +147,9 @@ class RunConfig:
     # federations, else spread)
     slot_layout: str = "auto"
     # devices one copy of the weights is split over (FSDP: every weight along its largest
-    # dimension this divides; a client's batch split likewise); must divide the devices.
-    # 1 = none. A model larger than one chip needs it; `worldlm plan` suggests it
+    # dimension this divides; a client's batch split likewise); must divide the devices
+    # (and, over several processes, each process's devices). 1 = none. A model larger
+    # than one chip needs it; `worldlm plan` suggests it. Refused by vectorised sweeps
     model_parallel: int = 1
     # registered callbacks (worldlm_jax.callbacks), run in this order: a name, or
     # {name: NAME, args: {ARG: VALUE}} whose args are keyword arguments of its factory

@@ -107,9 +107,10 @@ def run_mesh(config: Config):
     """The mesh of `config.run.devices` devices with its model axis (`run.model_parallel`)."""
     import jax
     n, k = config.run.devices or jax.device_count(), config.run.model_parallel
-    if k > 1 and jax.process_count() > 1:
-        raise ConfigError(f"run.model_parallel={k} with {jax.process_count()} processes: a model axis runs in one "
-                          "process for now; set run.model_parallel=1")
+    if k > 1 and jax.process_count() > 1 and jax.local_device_count() % k:
+        raise ConfigError(f"run.model_parallel={k} with {jax.local_device_count()} devices per process: a copy of "
+                          "the weights is split within a process; set run.model_parallel to a divisor of "
+                          f"{jax.local_device_count()}")
     if n % k:
         fits = ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
         raise ConfigError(f"run.model_parallel={k} does not divide the {n} devices; set it to one of {fits}")
