@@ -185,6 +185,7 @@ def test_two_processes_with_a_model_axis_equal_one_process(tmp_path):
     assert code == 0, err[-3000:]
     got, want = (json.load(open(tmp_path / d / "summary.json")) for d in ("multi", "single"))
     assert got["rounds_completed"] == want["rounds_completed"] == rounds
+    assert got["topology"]["model_parallel"] == want["topology"]["model_parallel"] == 2
     _assert_close(got["eval"], want["eval"], rounds, where="eval")
     _assert_close(_records(tmp_path / "multi"), _records(tmp_path / "single"), rounds, where="metrics")
 

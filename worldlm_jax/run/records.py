@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from worldlm_jax.engine import strategies
+from worldlm_jax.engine import parallel, strategies
 from worldlm_jax.outputs import metrics as metrics_lib
 from worldlm_jax.plugins import callbacks as callbacks_lib
 from worldlm_jax.privacy import ledger as dp_ledger
@@ -234,7 +234,8 @@ def run_summary(exp: Experiment, config, rounds_completed: int, final: dict, com
         "wall_seconds": wall_seconds,
         "topology": {"depth": exp.run_topology.depth, "clients": exp.topology.n_clients,
                      "slots": exp.run_topology.n_slots, "padding_fraction": exp.run_topology.padding_fraction,
-                     "slot_layout": exp.run_topology.slot_layout},
+                     "slot_layout": exp.run_topology.slot_layout,
+                     "model_parallel": parallel.model_size(exp.spec.mesh)},
         "parameters": int(sum(np.prod(v.shape) for v in exp.init_params.values())),
         "bytes_communicated": _total_bytes(metrics_path) if distributed.is_primary() else {},
         **(_total_sim_time(metrics_path) if distributed.is_primary() else {"sim_hours": None,
