@@ -263,10 +263,12 @@ class Killed(Exception):
 
 def test_a_killed_vectorised_sweep_resumes_from_its_checkpoint_and_ends_as_if_uninterrupted(tmp_path, monkeypatch):
     def sweep(workdir, *extra):
+        # (under DP: the points' privacy ledgers are saved with the states and restored)
         return run_cli(["sweep", "--config", "tiny", "--set", "run.rounds=3", "--set", "run.devices=2",
                         "--set", "run.checkpoint_every=1", "--set", "run.eval_every=2", "--set",
-                        "algorithm.name=fedavg", *extra, "--grid", "policy.client_lr=1e-3,1e-2", "--vectorized",
-                        "--workdir", str(workdir)])
+                        "algorithm.name=fedavg", "--set", "policy.dp_clip=1.0", "--set",
+                        "policy.dp_noise_multiplier=1.0", *extra, "--grid", "policy.client_lr=1e-3,1e-2",
+                        "--vectorized", "--workdir", str(workdir)])
 
     code, _, err = sweep(tmp_path / "whole")
     assert code == 0, err
@@ -295,6 +297,7 @@ def test_a_killed_vectorised_sweep_resumes_from_its_checkpoint_and_ends_as_if_un
         whole, resumed = (json.loads((tmp_path / d / n / "summary.json").read_text()) for d in ("whole", "resumed"))
         assert resumed["rounds_completed"] == whole["rounds_completed"] == 3
         assert resumed["eval"] == whole["eval"]  # the same program on the same devices: bit for bit
+        assert resumed["privacy"] == whole["privacy"] and whole["privacy"]  # the ledgers went on from round 2
         assert records(tmp_path / "resumed" / n) == records(tmp_path / "whole" / n)
     # a sweep of other points (here: another local_steps) is refused, not resumed
     code, _, err = sweep(tmp_path / "resumed", "--set", "policy.local_steps=1")
