@@ -110,18 +110,25 @@ def resolve_key_layers(config: Config, workdir: str, train_fn: Callable[..., dic
     return apply_overrides(config, [f"algorithm.key_layers={groups_override(groups)}"])
 
 
+def dp_federations(config: Config) -> list[str]:
+    """The names of the tree's federations whose policy uses DP: what a choice made
+    from their updates or validation data would leak outside any release."""
+    from worldlm_jax.tree.topology import build_topology
+
+    topology = build_topology(config.run_tree(), root_policy=config.policy)
+    return [name for level in topology.levels for name, p in zip(level.names, level.policies) if p.uses_dp]
+
+
 def check_probe(config: Config) -> None:
     """Refuses what `auto: probe` cannot honestly do (the module docstring), one line each."""
     import jax
 
     from worldlm_jax.engine import strategies
-    from worldlm_jax.tree.topology import build_topology
 
     if not strategies.uses_key_layers(config.algorithm.name):
         raise ConfigError(f"algorithm.key_layers.auto=probe: algorithm.name={config.algorithm.name!r} has no key "
                           "layers to choose; use worldlm or fedper, or drop auto")
-    topology = build_topology(config.run_tree(), root_policy=config.policy)
-    private = [name for level in topology.levels for name, p in zip(level.names, level.policies) if p.uses_dp]
+    private = dp_federations(config)
     if private or config.privacy.target_epsilon > 0:
         raise ConfigError("algorithm.key_layers.auto=probe ranks the groups on update spreads, which no DP release "
                           f"covers, and federation(s) {', '.join(private[:3]) or 'of privacy.target_epsilon'} use "

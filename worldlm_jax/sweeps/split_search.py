@@ -127,9 +127,7 @@ def check_base(base: Config) -> None:
     if not strategies.uses_key_layers(base.algorithm.name):
         raise ConfigError(f"algorithm.name={base.algorithm.name!r} has no key layers to choose; split-search "
                           "needs a strategy that localises them (worldlm or fedper)")
-    from worldlm_jax.tree.topology import build_topology
-    topology = build_topology(base.run_tree(), root_policy=base.policy)
-    private = [name for level in topology.levels for name, p in zip(level.names, level.policies) if p.uses_dp]
+    private = probe.dp_federations(base)
     if private:
         raise ConfigError(f"split-search selects on every federation's validation perplexity, which no DP release "
                           f"covers, and federation(s) {', '.join(private[:3])} use DP; search on the "
