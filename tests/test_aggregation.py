@@ -224,7 +224,8 @@ def test_a_residual_that_has_not_moved_scores_as_a_zero_delta(kind):
         K = {"a": jnp.asarray(rng.normal(size=(2, n)) * 3, jnp.float32)}
         m = {"a": jnp.asarray(rng.normal(size=(2, n)) * 0.01, jnp.float32)}
         dots = tuple(aggregation._rowdot(x, y, onehot) for x, y in ((K, K), (K, m), (m, m)))
-        sim = np.asarray(aggregation._residual_similarity(kind, K, K, m, dots, onehot, 0))[..., 0]  # (P, M)
+        residuals = aggregation.dense_residuals(K, jnp.ones(2, bool), onehot, {"a": 0}, 0)
+        sim = np.asarray(aggregation._residual_similarity(kind, residuals, K, m, dots, onehot, 0))[..., 0]  # (P, M)
         zero = np.asarray(aggregation._similarity(kind, 0.0, 0.0, dots[2], 0.0, dots[1], dots[0]))[:, 0]
         np.testing.assert_allclose(np.diagonal(sim), zero, rtol=1e-6, atol=1e-7)
         if kind != "neg_l2":

@@ -12,7 +12,7 @@ before any product or sum over children, never multiplies it by its 0 weight
 """
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import zlib
 
@@ -152,19 +152,49 @@ def sketch(tree_N: Params, dim: int) -> Params:
     return out
 
 
-def _residual_similarity(similarity: str, R_M: Params, K_P: Params, mean_P: Params, full_dots, onehot,
-                         residual_dim: int, split: bool = False) -> jax.Array:
+class Residuals(NamedTuple):
+    """How a level's attention reaches its residual candidates R_m (M of them).
+
+    `dots(Ke, Me)` -> (rr (M, G), kr (P, M, G), mr (P, M, G)): per-group dot
+    products of the candidates (or their sketches, `residual_dim`) with
+    themselves and with the nodes' K and query, embedded alike; `mix(a_PxMxG)`
+    -> {path: (P, ...)}: each node's sum_m a_m R_m. `dense_residuals` holds every
+    candidate in one array; a federation-local leaf level passes its candidates
+    round its devices instead (`local_keys`)."""
+
+    dots: Callable
+    mix: Callable
+
+
+def dense_residuals(R_M: Params, used_M, onehot, groups: Mapping[str, int], residual_dim: int,
+                    split: bool = False) -> Residuals:
+    """The candidates as one stacked array. A candidate no attending node may use
+    (`used_M` False) enters the weighted sum with weight 0: it must not be NaN there."""
+    R = tree_ops.zero_absent_rows({p: x.astype(jnp.float32) for p, x in R_M.items()}, used_M.astype(jnp.float32))
+    Re = sketch(R, residual_dim) if residual_dim > 0 else R
+    contract_in_place = split and residual_dim == 0
+
+    def dots(Ke, Me):
+        return (_rowdot(Re, Re, onehot), _gram(Ke, Re, onehot, contract_in_place),
+                _gram(Me, Re, onehot, contract_in_place))
+
+    def mix(a_R):
+        return {p: jnp.tensordot(a_R[:, :, groups[p]], R[p], axes=(1, 0)) for p in R}
+
+    return Residuals(dots, mix)
+
+
+def _residual_similarity(similarity: str, residuals: Residuals, K_P: Params, mean_P: Params, full_dots, onehot,
+                         residual_dim: int) -> jax.Array:
     """(P, M, G) similarity of every residual candidate R_m - K_n to node n's
     query, from dot products; on count-sketch embeddings when `residual_dim` > 0
     (`full_dots` = (kk, km, mm) of the full K, reused otherwise)."""
     if residual_dim > 0:
-        Re, Ke, Me = (sketch(t, residual_dim) for t in (R_M, K_P, mean_P))
+        Ke, Me = sketch(K_P, residual_dim), sketch(mean_P, residual_dim)
         kk, km, mm = _rowdot(Ke, Ke, onehot), _rowdot(Ke, Me, onehot), _rowdot(Me, Me, onehot)
     else:
-        (Re, Ke, Me), (kk, km, mm) = (R_M, K_P, mean_P), full_dots
-    rr_M = _rowdot(Re, Re, onehot)
-    kr = _gram(Ke, Re, onehot, split and residual_dim == 0)
-    mr = _gram(Me, Re, onehot, split and residual_dim == 0)
+        (Ke, Me), (kk, km, mm) = (K_P, mean_P), full_dots
+    rr_M, kr, mr = residuals.dots(Ke, Me)
     dd = rr_M[None] - 2 * kr + kk[:, None]
     # |R - K|^2 expanded cancels where R is close to K (a fresh state: every residual
     # is the initial K): below its rounding error the delta is taken as exactly 0, so
@@ -190,6 +220,8 @@ def attend_keys(
     residual_dim: int = 0,
     robust: bool = False,
     split: bool = False,
+    residual_source: Callable | None = None,
+    child_pairs: Callable | None = None,
 ):
     """K_n <- K_n + eta * sum_j a_j (K_j - K_n), per key group (see WORLDLM.md).
 
@@ -215,6 +247,13 @@ def attend_keys(
     only enters the weighted sum.
 
     `split` (static): the weights are split over a model axis (`_gram`).
+
+    `residual_source(allowed_PxM)` -> `Residuals` and `child_pairs(delta_N,
+    live_N, onehot)` -> the (N, N') cosine matrix (or None) say where the
+    residual candidates and the children's pairs are read: by default from
+    `residual_K_M` and `delta_N` whole (`dense_residuals`, `_dense_pairs`); a
+    federation-local leaf level reads its own rows and passes the others round
+    its devices (`local_keys`).
     """
     paths = sorted(node_K_P)
     if not paths:
@@ -252,10 +291,12 @@ def attend_keys(
     # residual candidates: delta_nm = R_m - K_n, all from dot products
     if residual_K_M is not None and residual_mask_PxM is not None:
         allowed_PxM = residual_mask_PxM & attention
-        # a candidate no attending node may use enters `a_R @ R` with weight 0: it must not be NaN there
-        R = tree_ops.zero_absent_rows({p: residual_K_M[p].astype(jnp.float32) for p in paths},
-                                      jnp.any(allowed_PxM, axis=0).astype(jnp.float32))
-        sim_R = _residual_similarity(similarity, R, K32, mean_P, dots, onehot, residual_dim, split)
+        if residual_source is None:
+            residuals = dense_residuals({p: residual_K_M[p] for p in paths}, jnp.any(allowed_PxM, axis=0), onehot,
+                                        groups, residual_dim, split)
+        else:
+            residuals = residual_source(allowed_PxM)
+        sim_R = _residual_similarity(similarity, residuals, K32, mean_P, dots, onehot, residual_dim)
         allowed = allowed_PxM[:, :, None]
         logit_R = jnp.where(allowed, sim_R * inv_tau[:, None, :]
                             + (ext_log_prior_P + policy.residual_bias)[:, None, None], -jnp.inf)
@@ -266,13 +307,15 @@ def attend_keys(
     a_N, a_R, a_p = _softmax(logit_N, logit_R, logit_p, child_parent_N, P)
 
     step_P = jnp.where((policy.mode != 2) & (total_P > 0), policy.eta, 0.0)
+    mixed_R = residuals.mix(a_R) if a_R is not None else None
     out = {p: _step(p, groups[p], K32, delta_N, a_N, child_parent_N, P, step_P,
-                    (a_R, R) if a_R is not None else None, (a_p, delta_p) if a_p is not None else None
+                    (a_R, mixed_R) if a_R is not None else None, (a_p, delta_p) if a_p is not None else None
                     ).astype(node_K_P[p].dtype) for p in paths}
     res_w = jnp.mean(a_R, axis=2) if a_R is not None else jnp.zeros((P, 0))
     par_w = jnp.mean(a_p, axis=1) if a_p is not None else jnp.zeros(P)
+    pairs = child_pairs or (lambda delta, live, onehot_: _dense_pairs(delta, live, onehot_, split))
     return out, AttentionInfo(jnp.mean(a_N, axis=1), res_w, par_w, *_diagnostics(delta_N, a_N, w_N, child_parent_N,
-                                                                                  P, onehot, split))
+                                                                                  P, onehot, pairs))
 
 
 def _weighted_spread(sim_N, share_N, parent_N, P: int) -> jax.Array:
@@ -286,7 +329,7 @@ def _weighted_spread(sim_N, share_N, parent_N, P: int) -> jax.Array:
     return jnp.sqrt(jnp.maximum(var_P, 0.0))
 
 
-def _diagnostics(delta_N: Params, a_N, w_N, parent_N, P: int, onehot, split: bool = False):
+def _diagnostics(delta_N: Params, a_N, w_N, parent_N, P: int, onehot, pairs: Callable):
     """Why attention chose what it chose: the entropy of each node's weights over
     its children (per key group, then averaged) against uniform (1 = the mean's
     weights for equal shares), the
@@ -299,14 +342,25 @@ def _diagnostics(delta_N: Params, a_N, w_N, parent_N, P: int, onehot, split: boo
     n_P = jax.ops.segment_sum(live_N, parent_N, num_segments=P)
     entropy_P = jnp.where(n_P > 1, ent_P / jnp.log(jnp.maximum(n_P, 2.0)), 1.0)
     norm_N = jnp.where(w_N > 0, jnp.sqrt(jnp.maximum(tree_ops.row_sq_norms(delta_N), 0.0)), 0.0)
-    similarity = None
-    if a_N.shape[0] <= SIMILARITY_MATRIX_MAX:
-        gram = _gram(delta_N, delta_N, onehot, split)  # (N, N, G)
-        sq = jnp.maximum(jnp.diagonal(gram, axis1=0, axis2=1).T, 0.0)  # (N, G)
-        cos = gram / jnp.sqrt(sq[:, None, :] * sq[None, :, :] + _EPS)
-        both = (live_N[:, None] > 0) & (live_N[None, :] > 0)
-        similarity = jnp.where(both, jnp.mean(cos, axis=2), 0.0)
-    return entropy_P, similarity, norm_N
+    return entropy_P, pairs(delta_N, live_N, onehot), norm_N
+
+
+def _dense_pairs(delta_N: Params, live_N, onehot, split: bool = False):
+    """(N, N) the children's pairwise cosines (mean over key groups; 0 where either
+    is absent), or None beyond `SIMILARITY_MATRIX_MAX` children."""
+    if live_N.shape[0] > SIMILARITY_MATRIX_MAX:
+        return None
+    gram = _gram(delta_N, delta_N, onehot, split)  # (N, N, G)
+    sq = jnp.maximum(jnp.diagonal(gram, axis1=0, axis2=1).T, 0.0)  # (N, G)
+    return pair_cosines(gram, sq, sq, live_N, live_N)
+
+
+def pair_cosines(gram_NxN2, sq_N, sq_N2, live_N, live_N2):
+    """Cosines from a (N, N', G) Gram block and the rows' squared norms, averaged
+    over key groups; 0 where either child is absent."""
+    cos = gram_NxN2 / jnp.sqrt(sq_N[:, None, :] * sq_N2[None, :, :] + _EPS)
+    both = (live_N[:, None] > 0) & (live_N2[None, :] > 0)
+    return jnp.where(both, jnp.mean(cos, axis=2), 0.0)
 
 
 def personal_keys(K_N: Params, base_N: Params, w_N: jax.Array, parent_N: jax.Array, tau_N: jax.Array,
@@ -380,8 +434,8 @@ def _step(p, gi, K32, delta_N, a_N, child_parent_N, P, step_P, residual, parent)
     children's deltas, the residuals (a_R, R) and the parent (a_p, delta_p)."""
     move = tree_ops.weighted_sum({p: delta_N[p]}, a_N[:, gi], child_parent_N, P)[p]
     if residual is not None:  # sum_m a_m (R_m - K_n)
-        a_R, R = residual
-        move = (move + jnp.tensordot(a_R[:, :, gi], R[p], axes=(1, 0)).reshape(move.shape)
+        a_R, mixed_R = residual
+        move = (move + mixed_R[p].reshape(move.shape)
                 - tree_ops.expand_rows(a_R[:, :, gi].sum(1), K32[p]) * K32[p])
     if parent is not None:
         a_p, delta_p = parent

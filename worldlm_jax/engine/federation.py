@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from worldlm_jax import tree_ops
-from worldlm_jax.engine import aggregation, parallel, partial_sync
+from worldlm_jax.engine import aggregation, local_keys, parallel, partial_sync
 from worldlm_jax.engine.plan import PARTS, Params, split_parts
 from worldlm_jax.engine.round_policies import RoundPolicies
 from worldlm_jax.engine.state import Children, EngineState, LevelState
@@ -322,12 +322,21 @@ def aggregate_keys(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelState,
         n_res = 0 if res_mask is None else res_mask.shape[1]
         info = aggregation.AttentionInfo(None, jnp.zeros((P, n_res)), jnp.zeros(P))
     else:
-        attended, info = aggregation.attend_keys(
-            lvl.K, kids.K_N, kids.weight_N, kids.parent_N, st.attention[d], rs.spec.key_groups, rs.plan.similarity,
-            residual_K_M=lvl.residual_K if res_mask is not None else None,
-            residual_mask_PxM=jnp.asarray(res_mask) if res_mask is not None else None,
-            parent_K_P=parent_K, residual_dim=rs.plan.residual_dim, robust=rs.robust_keys[d],
-            split=parallel.model_size(rs.spec.mesh) > 1)
+        args = dict(residual_K_M=lvl.residual_K if res_mask is not None else None,
+                    residual_mask_PxM=jnp.asarray(res_mask) if res_mask is not None else None,
+                    parent_K_P=parent_K, residual_dim=rs.plan.residual_dim, robust=rs.robust_keys[d],
+                    split=parallel.model_size(rs.spec.mesh) > 1)
+        if d == rs.topo.depth - 1 and local_keys.applies(rs.device_rows):  # where the federations live
+            attended, info = local_keys.attend_keys(
+                rs.spec.mesh, rs.device_rows, jnp.asarray(rs.topo.slot_row), lvl.K, kids.K_N, kids.weight_N,
+                st.attention[d], rs.spec.key_groups, rs.plan.similarity, **args)
+        else:
+            mesh = rs.spec.mesh
+            if mesh is not None and kids.weight_N.shape[0] >= mesh.shape[parallel.AXIS] > 1:
+                # the children's rows are sharded: their pairwise cosines round the devices, not gathered
+                args["child_pairs"] = local_keys.sharded_pairs(mesh, args["split"])
+            attended, info = aggregation.attend_keys(lvl.K, kids.K_N, kids.weight_N, kids.parent_N, st.attention[d],
+                                                     rs.spec.key_groups, rs.plan.similarity, **args)
     keeps_own = st.attention[d].mode == K_AGG_MODES.index("local")
     if dp is not None and rs.dp_scope[d] == "all":  # K released: its noised mean, never attention over raw K
         stepped = tree_ops.add(lvl.K, tree_ops.scale_rows(st.attention[d].eta, dp.mean["K"]))

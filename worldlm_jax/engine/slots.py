@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from worldlm_jax import tree_ops
-from worldlm_jax.engine import aggregation, links, parallel
+from worldlm_jax.engine import aggregation, links, local_keys, parallel
 from worldlm_jax.engine.client import make_local_update
 from worldlm_jax.engine.federation import aggregated_parts, clip_norm, sum_children
 from worldlm_jax.engine.plan import PARTS, split_parts
@@ -280,10 +280,15 @@ def personalize(rs: RoundStatics, st: RoundPolicies, state: EngineState, kids: C
     d = rs.topo.depth - 1
     parent = st.slot_parent
     policy = st.attention[d]
-    mixed = aggregation.personal_keys(kids.K_N, tree_ops.gather(state.levels[d].K, parent), kids.weight_N, parent,
-                                      policy.tau[parent], policy.eta[parent], rs.spec.key_groups,
-                                      parallel.model_size(rs.spec.mesh) > 1)
-    offset = tree_ops.sub(mixed, tree_ops.gather(new_K_P, parent))
+    split = parallel.model_size(rs.spec.mesh) > 1
+    if local_keys.applies(rs.device_rows):  # on each device's own slots and federation rows
+        offset = local_keys.personal_keys(rs.spec.mesh, rs.device_rows, jnp.asarray(rs.topo.slot_row), kids.K_N,
+                                          state.levels[d].K, new_K_P, kids.weight_N, policy.tau[parent],
+                                          policy.eta[parent], rs.spec.key_groups, split)
+    else:
+        mixed = aggregation.personal_keys(kids.K_N, tree_ops.gather(state.levels[d].K, parent), kids.weight_N,
+                                          parent, policy.tau[parent], policy.eta[parent], rs.spec.key_groups, split)
+        offset = tree_ops.sub(mixed, tree_ops.gather(new_K_P, parent))
     rows = jnp.where(kids.weight_N > 0, slot_client, rs.topo.n_clients)
     K = jax.tree.map(lambda x, y: x.at[rows].set(y.astype(x.dtype), mode="drop"), state.clients.K, offset)
     return state._replace(clients=state.clients._replace(K=K))
