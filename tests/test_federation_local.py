@@ -23,11 +23,11 @@ from worldlm_jax.tree.topology import federation_rows
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake CPU) devices, see conftest.py")
 
 
-def tree(sizes, layout, devices=8, dp=False):
+def tree(sizes, layout, devices=8, dp=False, aggregator="mean"):
     n = len(sizes)
     private = {"dp_clip": 0.05, "dp_noise_multiplier": 0.5} if dp else {}  # clips every update: the sums change
     spec = tree2(sizes, root_policy=dict(POLICY, client_lr=0.5, tau=0.5),
-                 fed_policies=[{"server_optimizer": "adam", "server_lr": 0.1, **private}] * n)
+                 fed_policies=[{"server_optimizer": "adam", "server_lr": 0.1, "aggregator": aggregator, **private}] * n)
     return topo(spec, slot_multiple=devices).with_slot_layout(layout)
 
 
@@ -80,14 +80,19 @@ def trained(t, batches, params, n_feds, chunk=0):
     return host((engine.unpad_state(spec, state), metrics)), initial
 
 
-@pytest.mark.parametrize("sizes,chunk,dp", [([2] * 12, 1, False), ([2, 3, 2, 1, 2, 2, 3, 2], 0, False),
-                                            ([3, 2], 0, True)],
-                         ids=["more-federations-than-devices-in-chunks", "as-many", "fewer-under-dp"])
-def test_the_federation_local_round_equals_the_spread_round(sizes, chunk, dp):
+@pytest.mark.parametrize("sizes,chunk,dp,aggregator", [([2] * 12, 1, False, "mean"),
+                                                       ([2, 3, 2, 1, 2, 2, 3, 2], 0, False, "mean"),
+                                                       ([3, 2], 0, True, "mean"),
+                                                       ([3, 2, 2, 3, 1, 2, 2, 3, 2, 2, 3, 2, 2, 3, 2, 2], 0, False,
+                                                        "median")],
+                         ids=["more-federations-than-devices-in-chunks", "as-many", "fewer-under-dp",
+                              "a-stacked-aggregator"])
+def test_the_federation_local_round_equals_the_spread_round(sizes, chunk, dp, aggregator):
     # (under DP the clipped sums of a federation's group of devices add up outside the map;
     # the noise is drawn per federation from the same keys in both layouts)
     n_feds = len(sizes)
-    spread, local = tree(sizes, "spread", dp=dp), tree(sizes, "local", dp=dp)
+    # (a stacked aggregator, the median, sees each device's own federations and their slots)
+    spread, local = (tree(sizes, layout, dp=dp, aggregator=aggregator) for layout in ("spread", "local"))
     # the same clients in the same rounds: batches are drawn per client, so re-laid out by slot
     batches = make_batches(spread, 2, seed=3)
     moved = [relaid(b, spread, local) for b in batches]

@@ -160,7 +160,7 @@ class Residuals(NamedTuple):
     themselves and with the nodes' K and query, embedded alike; `mix(a_PxMxG)`
     -> {path: (P, ...)}: each node's sum_m a_m R_m. `dense_residuals` holds every
     candidate in one array; a federation-local leaf level passes its candidates
-    round its devices instead (`local_keys`)."""
+    round its devices instead (`local_aggregation`)."""
 
     dots: Callable
     mix: Callable
@@ -253,7 +253,7 @@ def attend_keys(
     residual candidates and the children's pairs are read: by default from
     `residual_K_M` and `delta_N` whole (`dense_residuals`, `_dense_pairs`); a
     federation-local leaf level reads its own rows and passes the others round
-    its devices (`local_keys`).
+    its devices (`local_aggregation`).
     """
     paths = sorted(node_K_P)
     if not paths:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from worldlm_jax import tree_ops
-from worldlm_jax.engine import aggregation, local_keys, parallel, partial_sync
+from worldlm_jax.engine import aggregation, local_aggregation, parallel, partial_sync
 from worldlm_jax.engine.plan import PARTS, Params, split_parts
 from worldlm_jax.engine.round_policies import RoundPolicies
 from worldlm_jax.engine.state import Children, EngineState, LevelState
@@ -268,20 +268,20 @@ def aggregate_backbone(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelSt
     DP federations). Returns (level state, metrics)."""
     P = rs.topo.levels[d].size
     metrics = {}
+    # where the leaf federations live, a stacked rule sees one device's federations and their slots
+    local = d == rs.topo.depth - 1 and local_aggregation.applies(rs.device_rows)
     for k, name in enumerate(rs.aggregator_kinds[d]):
         rule = aggregators.get(name)
         if rule.combine is not None and mean_B:
-            combined = rule.combine(kids.B_N, kids.weight_N, kids.parent_N, P, st.aggregator_args[d])
-            contract.check_like(_aggregator(name, rule.combine, "combine"), combined, contract.with_rows(kids.B_N, P),
-                                "delta_P", f"combine returns one row per federation (n_parents = {P}), not one "
-                                f"per child ({kids.weight_N.shape[0]}), each leaf in the dtype of delta_N")
-            mean_B = tree_ops.where_rows(st.aggregator_choice[d] == k, combined, mean_B)
+            combine, report = _checked_combine(name, rule), _checked_stacked_metrics(name, rule)
+            if local:
+                run = lambda fn: local_aggregation.combine(rs.spec.mesh, rs.device_rows, jnp.asarray(rs.topo.slot_row),
+                                                           fn, kids.B_N, kids.weight_N, st.aggregator_args[d], P)
+            else:
+                run = lambda fn: fn(kids.B_N, kids.weight_N, kids.parent_N, P, st.aggregator_args[d])
+            mean_B = tree_ops.where_rows(st.aggregator_choice[d] == k, run(combine), mean_B)
             if rule.metrics is not None:
-                reported = contract.check_metrics(
-                    _aggregator(name, rule.metrics, "metrics"),
-                    rule.metrics(kids.B_N, kids.weight_N, kids.parent_N, P, st.aggregator_args[d]), (P,),
-                    f"{STACKED_METRICS_RULE} (n_parents = {P})")
-                metrics.update(plugin_metrics("aggregator", name, reported,
+                metrics.update(plugin_metrics("aggregator", name, run(report),
                                               shown_at(rs, st, d, active_P) & (st.aggregator_choice[d] == k)))
     if dp is not None:
         mean_B = tree_ops.where_rows(dp.is_dp_P, dp.mean["B"], mean_B)
@@ -310,6 +310,26 @@ def aggregate_backbone(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelSt
     return lvl._replace(B=new_B, server=new_server), metrics
 
 
+def _checked_combine(name: str, rule):
+    """A stacked rule's combine, its result checked where it is traced (one row per federation)."""
+    def combine(delta_N, weight_N, parent_N, n_parents, args_P):
+        combined = rule.combine(delta_N, weight_N, parent_N, n_parents, args_P)
+        contract.check_like(_aggregator(name, rule.combine, "combine"), combined, contract.with_rows(delta_N, n_parents),
+                            "delta_P", f"combine returns one row per federation (n_parents = {n_parents}), not one "
+                            f"per child ({weight_N.shape[0]}), each leaf in the dtype of delta_N")
+        return combined
+    return combine
+
+
+def _checked_stacked_metrics(name: str, rule):
+    """A stacked rule's metrics, checked where they are traced (one value per federation)."""
+    def report(delta_N, weight_N, parent_N, n_parents, args_P):
+        return contract.check_metrics(_aggregator(name, rule.metrics, "metrics"),
+                                      rule.metrics(delta_N, weight_N, parent_N, n_parents, args_P), (n_parents,),
+                                      f"{STACKED_METRICS_RULE} (n_parents = {n_parents})")
+    return report
+
+
 def aggregate_keys(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelState, kids: Children, mean_K,
                    total_P, active_P, dp, parent_K):
     """K by attention over the children's K (plus residual candidates and the
@@ -326,15 +346,15 @@ def aggregate_keys(rs: RoundStatics, st: RoundPolicies, d: int, lvl: LevelState,
                     residual_mask_PxM=jnp.asarray(res_mask) if res_mask is not None else None,
                     parent_K_P=parent_K, residual_dim=rs.plan.residual_dim, robust=rs.robust_keys[d],
                     split=parallel.model_size(rs.spec.mesh) > 1)
-        if d == rs.topo.depth - 1 and local_keys.applies(rs.device_rows):  # where the federations live
-            attended, info = local_keys.attend_keys(
+        if d == rs.topo.depth - 1 and local_aggregation.applies(rs.device_rows):  # where the federations live
+            attended, info = local_aggregation.attend_keys(
                 rs.spec.mesh, rs.device_rows, jnp.asarray(rs.topo.slot_row), lvl.K, kids.K_N, kids.weight_N,
                 st.attention[d], rs.spec.key_groups, rs.plan.similarity, **args)
         else:
             mesh = rs.spec.mesh
             if mesh is not None and kids.weight_N.shape[0] >= mesh.shape[parallel.AXIS] > 1:
                 # the children's rows are sharded: their pairwise cosines round the devices, not gathered
-                args["child_pairs"] = local_keys.sharded_pairs(mesh, args["split"])
+                args["child_pairs"] = local_aggregation.sharded_pairs(mesh, args["split"])
             attended, info = aggregation.attend_keys(lvl.K, kids.K_N, kids.weight_N, kids.parent_N, st.attention[d],
                                                      rs.spec.key_groups, rs.plan.similarity, **args)
     keeps_own = st.attention[d].mode == K_AGG_MODES.index("local")

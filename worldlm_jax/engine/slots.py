@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from worldlm_jax import tree_ops
-from worldlm_jax.engine import aggregation, links, local_keys, parallel
+from worldlm_jax.engine import aggregation, links, local_aggregation, parallel
 from worldlm_jax.engine.client import make_local_update
 from worldlm_jax.engine.federation import aggregated_parts, clip_norm, sum_children
 from worldlm_jax.engine.plan import PARTS, split_parts
@@ -281,8 +281,8 @@ def personalize(rs: RoundStatics, st: RoundPolicies, state: EngineState, kids: C
     parent = st.slot_parent
     policy = st.attention[d]
     split = parallel.model_size(rs.spec.mesh) > 1
-    if local_keys.applies(rs.device_rows):  # on each device's own slots and federation rows
-        offset = local_keys.personal_keys(rs.spec.mesh, rs.device_rows, jnp.asarray(rs.topo.slot_row), kids.K_N,
+    if local_aggregation.applies(rs.device_rows):  # on each device's own slots and federation rows
+        offset = local_aggregation.personal_keys(rs.spec.mesh, rs.device_rows, jnp.asarray(rs.topo.slot_row), kids.K_N,
                                           state.levels[d].K, new_K_P, kids.weight_N, policy.tau[parent],
                                           policy.eta[parent], rs.spec.key_groups, split)
     else:

@@ -2,7 +2,7 @@
 
 On a federation-local layout attention runs on each device's own rows and slots,
 the residual candidates and the children's pairwise cosines go round the devices
-(`engine.local_keys`); that is the level-wide computation (`aggregation`) with
+(`engine.local_aggregation`); that is the level-wide computation (`aggregation`) with
 its sums in another order: equal up to float32 summation order, NaN rows of
 absent children and of candidates nobody may use masked as before. And the
 round no longer gathers the leaf level: XLA's temporaries of a wide WorldLM
@@ -16,7 +16,8 @@ import pytest
 from engine_helpers import (assert_close_up_to_summation_order, change, make_batches, make_spec,
                             summation_order_excess, to_device, topo, tree2, ulp_perturbed)
 from worldlm_jax import engine
-from worldlm_jax.engine import aggregation, local_keys, parallel, strategies
+from worldlm_jax.engine import aggregation, local_aggregation, parallel, strategies
+from worldlm_jax.plugins import aggregators
 from worldlm_jax.engine.plan import residual_mask
 from worldlm_jax.tree.topology import federation_rows
 
@@ -65,7 +66,7 @@ def both(F: int, residual_dim: int, similarity: str, inputs=None):
               robust=True)
     dense = jax.jit(lambda K_, c, w: aggregation.attend_keys(K_, c, w, jnp.asarray(t.slot_parent), policy, GROUPS,
                                                              similarity, **kw))(K, child, weight)
-    local = jax.jit(lambda K_, c, w: local_keys.attend_keys(mesh, rows, jnp.asarray(t.slot_row), K_, c, w, policy,
+    local = jax.jit(lambda K_, c, w: local_aggregation.attend_keys(mesh, rows, jnp.asarray(t.slot_row), K_, c, w, policy,
                                                             GROUPS, similarity, **kw))(K, child, weight)
     return jax.tree.map(np.asarray, (dense, local))
 
@@ -104,7 +105,7 @@ def test_pairwise_cosines_round_the_devices_equal_the_gathered_ones():
                  "b": jnp.asarray(rng.normal(size=(N, 7)), jnp.float32)}
         live = jnp.asarray(rng.uniform(size=N) > 0.2, jnp.float32)
         want = np.asarray(aggregation._dense_pairs(delta, live, onehot))
-        got = np.asarray(jax.jit(lambda d, l: local_keys.sharded_pairs(parallel.make_mesh(M), False)(d, l, onehot))(
+        got = np.asarray(jax.jit(lambda d, l: local_aggregation.sharded_pairs(parallel.make_mesh(M), False)(d, l, onehot))(
             delta, live))
         # a cosine of two 30-term dot products: a few float32 roundings of values <= 1
         np.testing.assert_allclose(got, want, rtol=0, atol=30 * np.finfo(np.float32).eps)
@@ -124,7 +125,7 @@ def test_personal_keys_where_the_federations_live_equal_the_level_wide_ones():
         return jax.tree.map(lambda m, n: m - n[parent], mixed, new_K)
 
     def local(K_, c):
-        return local_keys.personal_keys(parallel.make_mesh(M), (M, *federation_rows(F, M)), jnp.asarray(t.slot_row),
+        return local_aggregation.personal_keys(parallel.make_mesh(M), (M, *federation_rows(F, M)), jnp.asarray(t.slot_row),
                                         c, K_, new_K, weight, tau, eta, GROUPS)
 
     want, got = (jax.tree.map(np.asarray, jax.jit(f)(K, child)) for f in (dense, local))
@@ -165,3 +166,28 @@ def test_a_wide_worldlm_round_no_longer_grows_with_the_federations_on_a_device()
     worldlm = {m: round_temporaries(m, "worldlm") for m in (2, 8)}
     assert worldlm[8] <= worldlm[2] / 3
     assert worldlm[8] <= 1.5 * round_temporaries(8, "hierfavg")
+
+
+STACKED = [name for name in aggregators.AGGREGATORS.names() if aggregators.get(name).combine is not None]
+
+
+@pytest.mark.parametrize("name", STACKED)
+def test_every_stacked_aggregator_where_the_federations_live_equals_the_level_wide_rule(name):
+    # a registered rule is covered without a test of its own: its combine (and metrics) on each
+    # device's own federations and slots, absent slots NaN, equal the rule over the whole level
+    F = 12
+    t, _, child, weight, *_ = level(F, seed=4)
+    rule = aggregators.get(name)
+    args = {a: jnp.full((F,), v, jnp.float32) for a, v in rule.args.items()}
+    rows = (M, *federation_rows(F, M))
+    mesh = parallel.make_mesh(M)
+    for fn in filter(None, (rule.combine, rule.metrics)):
+        level_wide = jax.jit(lambda c, w: fn(c, w, jnp.asarray(t.slot_parent), F, args))
+        want, noisy = (jax.tree.map(np.asarray, level_wide(c, weight)) for c in (child, ulp_perturbed(child)))
+        got = jax.tree.map(np.asarray, jax.jit(lambda c, w: local_aggregation.combine(
+            mesh, rows, jnp.asarray(t.slot_row), fn, c, w, args, F))(child, weight))
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(got))  # the NaN slots were masked
+        # the same children per federation, summed in another order (an iterative rule such as
+        # the geometric median magnifies that: measured on ulp-perturbed inputs)
+        assert_close_up_to_summation_order(got, want, jax.tree.map(np.abs, want), t.n_slots * 30,
+                                           sensitivity=change(noisy, want), err=name)

@@ -1,11 +1,14 @@
-"""The leaf level's key layers where its federations live: attention over K and
-personal keys on a federation-local slot layout.
+"""The leaf level's aggregation where its federations live: attention over K,
+personal keys and stacked aggregators on a federation-local slot layout.
 
 Under `run.slot_layout: local` with at least as many leaf federations as
 devices (`statics.device_rows`: L rows on each of M devices, every federation's
 slots on its own device), a federation's children, its K, its query and its
-attention weights all sit on one device, so attention runs there, on the
-device's own rows and slots (`jax.shard_map` over `clients`, local indices).
+attention weights all sit on one device, so attention, personal keys and a stacked aggregator's combine
+(`aggregators`: median, trimmed mean, which see every child's backbone update)
+run there, on the device's own rows and slots (`jax.shard_map` over `clients`,
+local indices): a device holds its own federations' children, never every
+federation's (a median over P federations x N children, per leaf, before).
 Two things cross devices: the residual candidates (the related federations'
 residual K) and the children's pairwise cosines (a diagnostic over every pair
 of slots). Both go round the devices (`ring`: each device's block passed on
@@ -29,11 +32,11 @@ from worldlm_jax import tree_ops
 from worldlm_jax.engine import aggregation, parallel
 from worldlm_jax.engine.parallel import AXIS, P
 
-__all__ = ["applies", "attend_keys", "personal_keys", "sharded_pairs"]
+__all__ = ["applies", "attend_keys", "combine", "personal_keys", "sharded_pairs"]
 
 
 def applies(device_rows: tuple | None) -> bool:
-    """Whether the leaf level's key layers run where they live: a federation-local
+    """Whether the leaf level's aggregation runs where it lives: a federation-local
     layout in which every federation sits on one device (`statics.device_rows`)."""
     return device_rows is not None and device_rows[2] == 1
 
@@ -210,3 +213,14 @@ def personal_keys(mesh, device_rows: tuple, slot_row_N, K_N, node_K_P, new_K_P, 
         return tree_ops.sub(mixed, tree_ops.gather(new_L, row_n))
 
     return _on_devices(on_device, mesh, K_N, rows(node_K_P), rows(new_K_P), w_N, slot_row_N, tau_N, eta_N)
+
+
+def combine(mesh, device_rows: tuple, slot_row_N, fn, delta_N, weight_N, args_P: dict, n_federations: int):
+    """`fn(delta_n, weight_n, row_n, n_rows, args_L)` (a stacked aggregator's
+    combine or metrics, its contract checked inside against the device's rows) on
+    each device's own slots and federation rows; returns its per-federation
+    result for the level's F federations."""
+    M, L, _ = device_rows
+    out = _on_devices(lambda d, w, r, a: fn(d, w, r, L, a), mesh, delta_N, weight_N, slot_row_N,
+                      parallel.to_device_rows(args_P, M, L, 1))
+    return jax.tree.map(lambda x: x[:n_federations], out)
