@@ -6,9 +6,14 @@ and reads XLA's figure (arguments + outputs - aliased + temporaries per device).
 Part 2 is `worldlm plan`'s estimate (no compilation) for the paper presets on
 16 to 256 devices, planned for an 80 GB GPU: the federation working copy and the
 aggregation sums per device, in model copies.
+Part 3 compiles paper-125m itself, 64 federations x 2 clients on 64 fake CPU
+devices (abstract inputs, nothing allocated), and reads XLA's figure beside the
+plan's CPU estimate, with the attention kernel keeping its probabilities for the
+backward and recomputing them (`model.attention=recompute`).
 
-    .venv/bin/python benchmarks/slot_layout.py            # both parts, a table and a JSON line
+    .venv/bin/python benchmarks/slot_layout.py            # parts 1 and 2, a table and a JSON line
     .venv/bin/python benchmarks/slot_layout.py --part 2   # the estimate only (seconds)
+    .venv/bin/python benchmarks/slot_layout.py --part 3   # paper-125m on 64 fake devices (a few minutes)
 """
 from __future__ import annotations
 
@@ -27,12 +32,12 @@ def tree(n_federations: int) -> dict:
 
 
 def plan_of(preset: str, n_federations: int, devices: int, layout: str, compile_: bool, algorithm: str | None = None,
-            platform: str | None = None):
+            platform: str | None = None, extra: tuple[str, ...] = ()):
     import dataclasses
 
     from worldlm_jax.config import apply_overrides, presets
     from worldlm_jax.run import memory_plan
-    overrides = [f"run.devices={devices}", f"run.slot_layout={layout}"]
+    overrides = [f"run.devices={devices}", f"run.slot_layout={layout}", *extra]
     if algorithm:
         overrides.append(f"algorithm.name={algorithm}")
     config = dataclasses.replace(apply_overrides(presets.get(preset), overrides), tree=tree(n_federations))
@@ -41,9 +46,9 @@ def plan_of(preset: str, n_federations: int, devices: int, layout: str, compile_
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", type=int, choices=(0, 1, 2), default=0, help="0: both")
+    ap.add_argument("--part", type=int, choices=(0, 1, 2, 3), default=0, help="0: parts 1 and 2")
     args = ap.parse_args()
-    configure(devices=8)
+    configure(devices=64 if args.part == 3 else 8)
     out = {"compiled": [], "estimated": []}
     MiB, GiB = 2 ** 20, 2 ** 30
     if args.part in (0, 1):
@@ -71,6 +76,16 @@ def main():
                                              "total_gib": p.estimate / GiB, "fits": p.fits})
                     print(f"{preset:>11} {F:>4} {layout:>7} {work / model:>12.1f}x {sums / model:>5.1f}x "
                           f"{p.estimate / GiB:>10.1f} {str(p.fits):>5}", flush=True)
+    if args.part == 3:
+        print("Part 3: XLA's figure per device, paper-125m, 64 federations x 2 clients on 64 devices, WorldLM, local")
+        print(f"{'attention':>10} {'XLA GiB':>8} {'estimate GiB':>13} {'estimate/XLA':>13}")
+        out["paper"] = []
+        for attention in ("explicit", "recompute"):
+            p = plan_of("paper-125m", 64, 64, "local", True, extra=(f"model.attention={attention}",))
+            out["paper"].append({"attention": attention, "xla_bytes": p.xla["total"], "estimate_bytes": p.estimate,
+                                 "components": p.components})
+            print(f"{attention:>10} {p.xla['total'] / GiB:>8.2f} {p.estimate / GiB:>13.2f} "
+                  f"{p.estimate / p.xla['total']:>13.2f}", flush=True)
     print(json.dumps({"benchmark": "slot_layout", **out}))
 
 

@@ -64,7 +64,8 @@ def test_plan_exits_non_zero_with_one_table_of_knobs_and_one_set_line_that_fits(
     assert "DOES NOT FIT" in out and "planned for cpu: each device runs 2 client(s) at once (run.chunk: -1" in out
     for knob in ("run.chunk", "model.matmul_dtype", "run.devices", "policy.clients_per_round"):
         assert out.count(f"  {knob}: ") == 1, knob  # listed once, in the table
-    assert "model.remat" not in out  # XLA:CPU keeps the activations anyway: no saving to promise on CPU
+    # XLA:CPU keeps the activations anyway: no saving to promise on CPU
+    assert "model.remat" not in out and "model.attention" not in out
     [line] = err.strip().splitlines()  # one line, without the table's knobs again
     assert line.startswith("worldlm plan: error: the round needs") and "knobs that lower it" not in line
     fit = line.split("to fit (estimate): ")[1].split()
@@ -86,12 +87,21 @@ def test_a_gpu_plan_from_a_cpu_host_assumes_the_gpu_layout(capsys):
     cpu = memory_plan.plan(config, compile=False, device_memory_gib=0.5, platform="cpu")
     gpu = memory_plan.plan(config, compile=False, device_memory_gib=0.5, platform="gpu")
     assert (cpu.chunk, gpu.chunk) == (2, gpu.slots_per_device) and gpu.slots_per_device > 2  # all at once on a GPU
-    per_client = cpu.components["activations"] / 2
+    # a GPU's fused attention keeps no probabilities for the backward, as `recompute` keeps none
+    recompute = memory_plan.plan(apply_overrides(config, ["model.attention=recompute"]), compile=False,
+                                 device_memory_gib=0.5, platform="cpu")
+    assert recompute.components["activations"] < cpu.components["activations"]
+    per_client = recompute.components["activations"] / 2
     assert abs(gpu.components["activations"] - gpu.chunk * per_client) <= gpu.chunk  # rounded to bytes
     assert cpu.fits and not gpu.fits
     assert gpu.xla is None and "planned for gpu on a cpu host" in gpu.xla_note
     assert "all its client slots at once" in gpu.layout
     assert "model.remat" in [k.knob for k in gpu.knobs]
+    # the explicit kernel on a GPU keeps the probabilities: recomputing them is a knob there
+    explicit = memory_plan.plan(apply_overrides(config, ["model.attention=explicit"]), compile=False,
+                                device_memory_gib=0.5, platform="gpu")
+    assert explicit.components["activations"] > gpu.components["activations"]
+    assert "model.attention" in [k.knob for k in explicit.knobs] and "model.attention" not in [k.knob for k in gpu.knobs]
     fixed = memory_plan.plan(apply_overrides(config, gpu.fit), compile=False, device_memory_gib=0.5,
                              platform="gpu")
     assert fixed.fits and fixed.estimate < gpu.estimate

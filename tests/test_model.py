@@ -200,16 +200,30 @@ def test_causal_attention_matches_jax_reference():
                                jax.nn.dot_product_attention(q, k, v, is_causal=True), atol=1e-5)
 
 
-def test_causal_attention_gradient_matches_autodiff_of_the_reference():
+@pytest.mark.parametrize("recompute", [False, True], ids=["probabilities-stored", "recomputed"])
+def test_causal_attention_gradient_matches_autodiff_of_the_reference(recompute):
     """The hand-written softmax backward (custom VJP) against JAX's autodiff of
-    jax.nn.dot_product_attention, for q, k and v."""
+    jax.nn.dot_product_attention, for q, k and v; with the probabilities read
+    stored, or recomputed from each row's log-sum-exp."""
     rng = np.random.default_rng(1)
     q, k, v, w = (jnp.asarray(rng.normal(size=(2, 16, 4, 8)), jnp.float32) for _ in range(4))
-    ours = jax.grad(lambda *a: jnp.sum(kernels.causal_attention(*a) * w), argnums=(0, 1, 2))(q, k, v)
+    ours = jax.grad(lambda *a: jnp.sum(kernels.causal_attention(*a, recompute=recompute) * w),
+                    argnums=(0, 1, 2))(q, k, v)
     ref = jax.grad(lambda *a: jnp.sum(jax.nn.dot_product_attention(*a, is_causal=True) * w),
                    argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(ours, ref):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_recomputed_attention_keeps_no_square_residual():
+    """`recompute` keeps q, k, v, the output and one value per row for the
+    backward: no (L, L) array, the probabilities' (B*H) L^2 floats gone."""
+    B, L, H, K = 2, 64, 4, 8
+    q = jnp.zeros((B, L, H, K), jnp.float32)
+    for recompute, square in ((False, 1), (True, 0)):
+        _, vjp = jax.vjp(lambda *a: kernels.causal_attention(*a, recompute=recompute), q, q, q)
+        shapes = [x.shape for x in jax.tree.leaves(vjp)]
+        assert sum(s[-2:] == (L, L) for s in shapes) == square, shapes
 
 
 def test_fused_attention_kernel_gives_the_same_model():
@@ -217,12 +231,14 @@ def test_fused_attention_kernel_gives_the_same_model():
     explicit kernel are the same function of the parameters: loss and gradients."""
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 17)), jnp.int32)
     out = {}
-    for kind in ('explicit', 'fused'):
+    for kind in ('explicit', 'fused', 'recompute'):
         model_def, params = M.init(M.preset('tiny', attention=kind), jax.random.PRNGKey(0))
         out[kind] = jax.value_and_grad(lambda p: model_def.loss(p, tokens)[0])(params)
     np.testing.assert_allclose(out['explicit'][0], out['fused'][0], rtol=1e-5)
-    for k in out['explicit'][1]:
-        np.testing.assert_allclose(out['explicit'][1][k], out['fused'][1][k], atol=1e-5, rtol=1e-4)
+    for kind in ('fused', 'recompute'):
+        np.testing.assert_allclose(out['explicit'][0], out[kind][0], rtol=1e-5)
+        for k in out['explicit'][1]:
+            np.testing.assert_allclose(out['explicit'][1][k], out[kind][1][k], atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="attention must be one of"):
         M.preset('tiny', attention='flash')
 

@@ -9,7 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 
 _POSITIONS = ('learned', 'rotary')
-_ATTENTION = ('auto', 'explicit', 'fused')
+_ATTENTION = ('auto', 'explicit', 'fused', 'recompute')
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -33,7 +33,10 @@ class ModelConfig:
     # Attention kernel: 'explicit' = `kernels.causal_attention` (hand-written backward,
     # the fastest on CPU), 'fused' = jax.nn.dot_product_attention (cuDNN's fused
     # flash attention on GPUs that have it, XLA otherwise), 'auto' = fused on
-    # GPU, explicit elsewhere.
+    # GPU, explicit elsewhere, 'recompute' = the explicit kernel keeping only each
+    # row's log-sum-exp, its backward recomputing the probabilities (flash
+    # attention's memory: O(L) per row, not the (L, L) probabilities; one more
+    # q k^T product in the backward).
     attention: str = 'auto'
     # Operands of the dense products (projections, MLP, head) in this dtype, products
     # accumulated in float32, everything else float32 (`kernels.bf16_dense`). 'bfloat16' uses the

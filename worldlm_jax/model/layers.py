@@ -60,7 +60,8 @@ class Attention(nnx.Module):
         if c.positions == 'rotary':
             q, k = rotary(q, c.rope_base), rotary(k, c.rope_base)
         fused = c.attention == 'fused' or (c.attention == 'auto' and jax.default_backend() == 'gpu')
-        y_BxLxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=True) if fused else causal_attention(q, k, v)
+        y_BxLxHxK = (jax.nn.dot_product_attention(q, k, v, is_causal=True) if fused
+                     else causal_attention(q, k, v, recompute=c.attention == 'recompute'))
         return _project(c, self.out, y_BxLxHxK.reshape(B * L, D)).reshape(B, L, D)
 
 

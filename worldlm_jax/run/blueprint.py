@@ -137,6 +137,10 @@ def abstract_run(config: Config, mesh=None, *, topology: Topology | None = None,
     vocab = vocab_size(config) if vocab is None else int(vocab)
     if model_config.vocab_size != vocab:
         model_config = dataclasses.replace(model_config, vocab_size=vocab)
+    if platform == "gpu" != jax.default_backend() and model_config.attention in ("auto", "fused"):
+        # cuDNN's fused kernel, which this host cannot trace, keeps for the backward what
+        # `recompute` keeps (the output and a statistic per row, not the probabilities)
+        model_config = dataclasses.replace(model_config, attention="recompute")
     model_def, params = model_lib.abstract_init(model_config)
 
     algo = config.algorithm

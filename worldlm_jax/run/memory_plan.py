@@ -222,6 +222,11 @@ def knobs(config: Config, result: PlanResult) -> list[Knob]:
     if not config.model.remat and result.platform != "cpu":  # XLA:CPU keeps the activations anyway (jax#19822)
         trials.append(("model.remat", "false -> true (recompute block activations in the backward)",
                        ("model.remat=true",)))
+    attention = config.model.attention
+    # a kernel that keeps the probabilities (not on CPU: XLA:CPU keeps them anyway, as with remat)
+    if result.platform != "cpu" and (attention == "explicit" or (attention != "recompute" and result.platform != "gpu")):
+        trials.append(("model.attention", f"{attention} -> recompute (the backward recomputes the attention "
+                       "probabilities from a statistic per row)", ("model.attention=recompute",)))
     if config.model.matmul_dtype == "float32" and config.model.dtype == "float32":
         trials.append(("model.matmul_dtype", "float32 -> bfloat16 (the backward keeps bf16 operands)",
                        ("model.matmul_dtype=bfloat16",)))
