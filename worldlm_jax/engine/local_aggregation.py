@@ -20,6 +20,15 @@ number of federations. What it computes equals the level-wide attention
 
 Where federations span device groups (fewer federations than devices) the
 level-wide form stays: few federations are cheap to gather.
+
+How it composes: DP changes nothing here (a federation whose K is released
+replaces the attended K with its release afterwards, `federation.aggregate_keys`);
+NaN rows of absent slots and padding rows are masked before any product, as in
+`aggregation` (padding federations may use no candidate); a model axis stays
+automatic inside the map; across processes the ring's `ppermute`s are
+collectives like the others (gloo on CPU); a vectorised sweep maps the round,
+and so this, within each point's device group; the state and its layout on
+disk are unchanged, so a resume is too.
 """
 from __future__ import annotations
 
